@@ -1,0 +1,110 @@
+"""CLIP tokenisation to int32 [N, context_length] with start/end tokens and EOT positions.
+
+Backed by transformers' `CLIPTokenizer`, loaded from a hub id or a local directory holding
+`vocab.json` and `merges.txt` (or `tokenizer.json`). Sequences are padded with 0 as OpenAI's
+`clip.tokenize` does, so the EOT token (the largest id) is also `argmax(ids)`.
+`write_vocab_from_openai_bpe` turns OpenAI's `bpe_simple_vocab_16e6.txt.gz` into those two files.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+
+START_TOKEN = "<|startoftext|>"
+END_TOKEN = "<|endoftext|>"
+
+
+class Tokenizer:
+    """CLIP BPE tokenizer producing fixed-length id arrays and EOT indices."""
+
+    def __init__(self, hf_tokenizer, context_length: int = 77):
+        self.hf = hf_tokenizer
+        self.context_length = context_length
+        self.sot_token_id = hf_tokenizer.convert_tokens_to_ids(START_TOKEN)
+        self.eot_token_id = hf_tokenizer.convert_tokens_to_ids(END_TOKEN)
+
+    @classmethod
+    def from_pretrained(cls, source: str, context_length: int = 77) -> "Tokenizer":
+        """`source`: a local directory (vocab.json + merges.txt, or tokenizer.json) or a hub id."""
+        from transformers import CLIPTokenizer
+
+        if os.path.isdir(source):
+            present = set(os.listdir(source))
+            if not ({"vocab.json", "merges.txt"} <= present or "tokenizer.json" in present):
+                raise FileNotFoundError(
+                    f"tokenizer directory {source!r} holds neither vocab.json + merges.txt nor "
+                    f"tokenizer.json (found: {sorted(present)})")
+        elif os.path.exists(source):
+            raise NotADirectoryError(f"tokenizer source {source!r} is a file; expected a "
+                                     f"directory with vocab.json and merges.txt, or a hub id")
+        return cls(CLIPTokenizer.from_pretrained(source), context_length)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    def encode(self, text: str) -> list:
+        """BPE ids of `text` without start/end tokens."""
+        return list(self.hf(text, add_special_tokens=False)["input_ids"])
+
+    def __call__(self, texts: Sequence[str] | str):
+        """Returns (ids int32 [N, context_length], eot_indices int32 [N])."""
+        if isinstance(texts, str):
+            texts = [texts]
+        ids = np.zeros((len(texts), self.context_length), np.int32)
+        eot = np.zeros((len(texts),), np.int32)
+        for i, text in enumerate(texts):
+            seq = [self.sot_token_id] + self.encode(text) + [self.eot_token_id]
+            if len(seq) > self.context_length:
+                raise ValueError(
+                    f"Input {text!r} is too long for context length {self.context_length} "
+                    f"({len(seq)} tokens with start and end tokens)")
+            ids[i, :len(seq)] = seq
+            eot[i] = len(seq) - 1
+        return ids, eot
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of one id sequence (padding and special tokens dropped)."""
+        keep = [int(t) for t in ids if t not in (0, self.sot_token_id, self.eot_token_id)]
+        return self.hf.decode(keep).strip()
+
+
+def bytes_to_unicode() -> dict:
+    """GPT-2/CLIP's reversible byte -> printable unicode character table."""
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
+    cs = bs[:]
+    n = 0
+    for b in range(2 ** 8):
+        if b not in bs:
+            bs.append(b)
+            cs.append(2 ** 8 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def write_vocab_from_openai_bpe(bpe_gz_path: str, out_dir: str) -> str:
+    """Write vocab.json and merges.txt equivalent to OpenAI's SimpleTokenizer(bpe_gz_path).
+
+    OpenAI builds its vocabulary as: the 256 byte symbols, the same with '</w>', one token per
+    merge (the first 49152 - 256 - 2 merge lines), then the start and end tokens.
+    """
+    with gzip.open(bpe_gz_path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    merges = lines[1:49152 - 256 - 2 + 1]
+    merges = [tuple(m.split()) for m in merges]
+    symbols = list(bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    vocab += [START_TOKEN, END_TOKEN]
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f, ensure_ascii=False)
+    with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+        f.write("\n".join(" ".join(m) for m in merges) + "\n")
+    return out_dir
