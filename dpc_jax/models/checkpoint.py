@@ -1,0 +1,73 @@
+"""dpc_jax's own CLIP checkpoint: a directory with `clip_config.json` and `clip_params.msgpack`.
+
+This is what `python -m dpc_jax.convert` writes and what training loads quickly (one file read,
+no torch). A tokenizer (vocab.json + merges.txt) may sit in the same directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+from flax import serialization
+
+from dpc_jax.models.clip import CLIPConfig, abstract_params
+
+CONFIG_FILE = "clip_config.json"
+PARAMS_FILE = "clip_params.msgpack"
+
+
+def is_clip_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isfile(
+        os.path.join(path, PARAMS_FILE))
+
+
+def save_clip_checkpoint(path: str, config: CLIPConfig, params) -> str:
+    """Write the config and float32 parameters; the parameter file is written atomically."""
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, CONFIG_FILE), "w") as f:
+        f.write(config.to_json())
+    host = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
+    tmp = os.path.join(path, PARAMS_FILE + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(serialization.msgpack_serialize(host))
+    os.replace(tmp, os.path.join(path, PARAMS_FILE))
+    return path
+
+
+def load_clip_checkpoint(path: str, **config_overrides):
+    """(config, params) from a directory written by `save_clip_checkpoint`.
+
+    `config_overrides` change run-time fields such as `dtype` or `precision`.
+    The stored tree is checked against the architecture's tree (names and shapes).
+    """
+    if not is_clip_checkpoint(path):
+        raise FileNotFoundError(
+            f"{path!r} is not a dpc_jax CLIP checkpoint: expected {CONFIG_FILE} and {PARAMS_FILE} "
+            f"there (write one with `python -m dpc_jax.convert SOURCE OUT_DIR`)")
+    with open(os.path.join(path, CONFIG_FILE)) as f:
+        config = CLIPConfig.from_dict(json.load(f)).replace(**config_overrides)
+    with open(os.path.join(path, PARAMS_FILE), "rb") as f:
+        params = serialization.msgpack_restore(f.read())
+    check_tree(params, abstract_params(config), source=path)
+    return config, params
+
+
+def check_tree(params, expected, source: str = "checkpoint") -> None:
+    """Raise with the missing, unexpected and mis-shaped keys if `params` does not fit `expected`."""
+    flat = {"/".join(str(getattr(k, "key", k)) for k in path): v
+            for path, v in jax.tree_util.tree_leaves_with_path(params)}
+    want = {"/".join(str(getattr(k, "key", k)) for k in path): v
+            for path, v in jax.tree_util.tree_leaves_with_path(expected)}
+    missing = sorted(set(want) - set(flat))
+    unexpected = sorted(set(flat) - set(want))
+    misshaped = sorted(f"{k}: got {tuple(np.shape(flat[k]))}, expected {tuple(want[k].shape)}"
+                       for k in set(want) & set(flat)
+                       if tuple(np.shape(flat[k])) != tuple(want[k].shape))
+    if missing or unexpected or misshaped:
+        raise ValueError(
+            f"parameters from {source} do not fit the CLIP architecture:\n"
+            f"  missing keys: {missing}\n  unexpected keys: {unexpected}\n"
+            f"  mis-shaped keys: {misshaped}")
