@@ -1,0 +1,439 @@
+"""The embedded world: a procedural base-to-new benchmark that needs no downloads.
+
+Each image shows one object whose class is a colour x shape composition named in plain words
+("red triangle"): 8 colours x 8 shapes = 64 classes. Images are rendered on the fly with numpy
+and PIL, deterministically: item i of split s in world w is drawn from the RNG seeded by
+(w, s, i), so a split is a pure function of its indices and nothing is stored on disk.
+
+Two distributions:
+- pretraining (`render_pretrain_batch`): plain backgrounds, the object alone, neutral lighting,
+  paired with captions from many templates (both attribute orders, partial captions such as
+  "a red object" or "a photo of a star"). A small CLIP is trained on it by `dpc_jax.pretrain`.
+- downstream (`load_world`): a different style (textured backgrounds, smaller clutter objects,
+  coloured and uneven lighting, pixel noise) with train/val/test splits served through the
+  `dpc_jax.data.base` interface, CoOp's few-shot protocol and Dassl's base/new rule.
+
+Class order (= label order): the 32 compositions with (colour + shape) even come first, then the
+32 with (colour + shape) odd. Dassl's rule puts the first half in "base", so base and new
+each contain every colour and every shape, and the new classes are unseen *combinations* of
+attributes seen during prompt tuning (the pretrained CLIP has seen all 64).
+
+The tokenizer vocabulary of the shipped CLIP is learnt here (`build_tokenizer_files`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from dpc_jax.data import base
+
+NATIVE_SIZE = 32  # images are rendered at this resolution
+_SUPERSAMPLE = 4  # shape masks are drawn at 4x and box-filtered down (anti-aliased edges)
+
+COLOURS = collections.OrderedDict([
+    ("red", (215, 35, 35)),
+    ("orange", (245, 135, 20)),
+    ("yellow", (240, 215, 35)),
+    ("green", (40, 165, 55)),
+    ("cyan", (40, 200, 215)),
+    ("blue", (35, 70, 215)),
+    ("purple", (135, 55, 185)),
+    ("pink", (245, 135, 190)),
+])
+SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "ring", "crescent")
+
+
+def _class_order() -> list:
+    even = [(c, s) for c in range(len(COLOURS)) for s in range(len(SHAPES)) if (c + s) % 2 == 0]
+    odd = [(c, s) for c in range(len(COLOURS)) for s in range(len(SHAPES)) if (c + s) % 2 == 1]
+    return even + odd
+
+
+CLASS_ATTRIBUTES = _class_order()  # label -> (colour index, shape index)
+CLASSNAMES = [f"{list(COLOURS)[c]} {SHAPES[s]}" for c, s in CLASS_ATTRIBUTES]
+NUM_CLASSES = len(CLASSNAMES)
+TEMPLATES = ["a photo of a {}."]  # zero-shot template, as CoOp uses for generic datasets
+
+# Split ids feed the RNG key; items per class of each downstream split.
+SPLIT_IDS = {"pretrain": 0, "train": 1, "val": 2, "test": 3}
+SPLIT_SIZES = {"train": 32, "val": 8, "test": 25}
+
+# Pretraining captions. Full captions name both attributes; partial ones name one of them.
+FULL_CAPTIONS = (
+    "a {c} {s}.", "a photo of a {c} {s}.", "a picture of a {c} {s}.", "a {c} {s} shape.",
+    "a drawing of a {c} {s}.", "the {c} {s}.", "{c} {s}", "a {s} that is {c}.",
+    "a {s} colored {c}.", "the {s} is {c}.", "a photo of a {s}, it is {c}.",
+    "a {c} colored {s}.",
+)
+PARTIAL_CAPTIONS = (
+    "a {c} object.", "something {c}.", "a photo of something {c}.", "a {c} shape.",
+    "a {s}.", "a photo of a {s}.", "a {s} shape.", "the {s}.",
+)
+PARTIAL_PROB = 0.25
+
+
+def caption_table() -> list:
+    """Every pretraining caption, in a fixed order (indices are what the batches carry)."""
+    out = []
+    for c in COLOURS:
+        for s in SHAPES:
+            out += [t.format(c=c, s=s) for t in FULL_CAPTIONS]
+    for c in COLOURS:
+        out += [t.format(c=c) for t in PARTIAL_CAPTIONS if "{s}" not in t]
+    for s in SHAPES:
+        out += [t.format(s=s) for t in PARTIAL_CAPTIONS if "{c}" not in t]
+    return out
+
+
+_CAPTIONS = caption_table()
+_CAPTION_INDEX = {c: i for i, c in enumerate(_CAPTIONS)}
+_PARTIAL_COLOUR = [t for t in PARTIAL_CAPTIONS if "{s}" not in t]
+_PARTIAL_SHAPE = [t for t in PARTIAL_CAPTIONS if "{c}" not in t]
+
+
+# ----------------------------------------------------------------------------------------------
+# Styles
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Style:
+    """Nuisance ranges of one distribution (scales are fractions of the image side)."""
+
+    scale: tuple  # object size range
+    rotation: float  # max |rotation| in degrees
+    textured: bool  # textured (noise / stripes / checks) instead of plain backgrounds
+    clutter: tuple  # (min, max) number of small distractor objects
+    clutter_scale: tuple
+    colour_jitter: float  # per-channel jitter of the object colour (0-255 units)
+    tint: float  # per-channel lighting gain in [1 - tint, 1 + tint]
+    brightness: tuple  # global lighting gain range
+    gradient: float  # strength of a linear illumination ramp
+    noise: float  # std of Gaussian pixel noise (0-255 units)
+
+
+PRETRAIN_STYLE = Style(scale=(0.4, 0.75), rotation=30.0, textured=False, clutter=(0, 0),
+                       clutter_scale=(0.0, 0.0), colour_jitter=12.0, tint=0.0,
+                       brightness=(0.9, 1.1), gradient=0.0, noise=0.0)
+DOWNSTREAM_STYLE = Style(scale=(0.35, 0.65), rotation=45.0, textured=True, clutter=(1, 3),
+                         clutter_scale=(0.14, 0.24), colour_jitter=20.0, tint=0.15,
+                         brightness=(0.7, 1.2), gradient=0.35, noise=10.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering
+# ----------------------------------------------------------------------------------------------
+
+
+def _rng(world_seed: int, split: str, index: int) -> np.random.Generator:
+    return np.random.default_rng([int(world_seed), SPLIT_IDS[split], int(index)])
+
+
+def _shape_polygons(shape: str, cx: float, cy: float, r: float, angle: float):
+    """Polygons (lists of (x, y)) and circles ((cx, cy, r), fill) that draw `shape` in a mask."""
+    def rot(points):
+        ca, sa = math.cos(angle), math.sin(angle)
+        return [(cx + x * ca - y * sa, cy + x * sa + y * ca) for x, y in points]
+
+    if shape == "circle":
+        return [("ellipse", (cx, cy, r), 255)]
+    if shape == "ring":
+        return [("ellipse", (cx, cy, r), 255), ("ellipse", (cx, cy, 0.55 * r), 0)]
+    if shape == "crescent":
+        dx, dy = 0.5 * r * math.cos(angle), 0.5 * r * math.sin(angle)
+        return [("ellipse", (cx, cy, r), 255), ("ellipse", (cx + dx, cy + dy, 0.85 * r), 0)]
+    if shape == "square":
+        s = 0.82 * r
+        pts = [(-s, -s), (s, -s), (s, s), (-s, s)]
+    elif shape == "diamond":  # a tall rhombus, so no rotation in range turns a square into it
+        pts = [(0, -r), (0.55 * r, 0), (0, r), (-0.55 * r, 0)]
+    elif shape == "triangle":
+        pts = [(r * math.cos(a), r * math.sin(a)) for a in
+               (-math.pi / 2, -math.pi / 2 + 2 * math.pi / 3, -math.pi / 2 + 4 * math.pi / 3)]
+        pts = [(x, y + 0.15 * r) for x, y in pts]
+    elif shape == "star":
+        pts = []
+        for k in range(10):
+            a = -math.pi / 2 + k * math.pi / 5
+            rr = r if k % 2 == 0 else 0.42 * r
+            pts.append((rr * math.cos(a), rr * math.sin(a)))
+    elif shape == "cross":
+        w = 0.33 * r
+        pts = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w),
+               (-r, w), (-r, -w), (-w, -w)]
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    return [("polygon", rot(pts), 255)]
+
+
+def _mask(shape: str, cx: float, cy: float, r: float, angle: float, size: int) -> np.ndarray:
+    """Anti-aliased float32 [size, size] coverage of one shape (coordinates in pixels)."""
+    k = _SUPERSAMPLE
+    img = Image.new("L", (size * k, size * k), 0)
+    draw = ImageDraw.Draw(img)
+    for kind, geom, fill in _shape_polygons(shape, cx * k, cy * k, r * k, angle):
+        if kind == "ellipse":
+            x, y, rr = geom
+            draw.ellipse((x - rr, y - rr, x + rr, y + rr), fill=fill)
+        else:
+            draw.polygon(geom, fill=fill)
+    return np.asarray(img.resize((size, size), Image.BOX), np.float32) / 255.0
+
+
+def _background(rng: np.random.Generator, style: Style, size: int) -> np.ndarray:
+    """float32 [size, size, 3] in 0-255."""
+    if not style.textured:
+        grey = rng.uniform(25, 235)
+        return np.broadcast_to(grey + rng.uniform(-12, 12, 3), (size, size, 3)).astype(np.float32)
+    # Two random, partly desaturated colours mixed by a random pattern.
+    cols = rng.uniform(0, 255, (2, 3))
+    cols = 0.5 * cols + 0.5 * cols.mean(axis=1, keepdims=True)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    kind = rng.integers(3)
+    if kind == 0:  # smooth noise: a coarse random grid, bilinearly upsampled
+        g = int(rng.integers(2, 6))
+        coarse = Image.fromarray((rng.uniform(0, 255, (g, g))).astype(np.uint8))
+        t = np.asarray(coarse.resize((size, size), Image.BILINEAR), np.float32) / 255.0
+    elif kind == 1:  # stripes at a random angle and frequency
+        a = rng.uniform(0, math.pi)
+        f = rng.uniform(2, 6)
+        t = 0.5 + 0.5 * np.sin(2 * math.pi * f * (xx * math.cos(a) + yy * math.sin(a))
+                               + rng.uniform(0, 2 * math.pi))
+    else:  # checks
+        f = int(rng.integers(2, 6))
+        t = ((np.floor(xx * f) + np.floor(yy * f)) % 2).astype(np.float32)
+    t = t[..., None]
+    return (cols[0] * (1 - t) + cols[1] * t).astype(np.float32)
+
+
+def _paint(img: np.ndarray, rng: np.random.Generator, shape: str, rgb, scale: tuple,
+           rotation: float, jitter: float) -> None:
+    size = img.shape[0]
+    r = 0.5 * size * rng.uniform(*scale)
+    cx, cy = rng.uniform(r, size - r, 2)
+    angle = math.radians(rng.uniform(-rotation, rotation))
+    alpha = _mask(shape, cx, cy, r, angle, size)[..., None]
+    colour = np.clip(np.asarray(rgb, np.float32) + rng.uniform(-jitter, jitter, 3), 0, 255)
+    img *= 1 - alpha
+    img += alpha * colour
+
+
+def render(rng: np.random.Generator, label: int, style: Style,
+           size: int = NATIVE_SIZE) -> np.ndarray:
+    """uint8 [size, size, 3]: an image of class `label` in `style`, drawn from `rng`."""
+    if not 0 <= label < NUM_CLASSES:
+        raise ValueError(f"label {label} out of range; expected 0 <= label < {NUM_CLASSES}")
+    ci, si = CLASS_ATTRIBUTES[label]
+    img = _background(rng, style, size).copy()
+    palette = list(COLOURS.values())
+    for _ in range(int(rng.integers(style.clutter[0], style.clutter[1] + 1))):
+        # Distractors are much smaller than the object and drawn first (under it).
+        _paint(img, rng, SHAPES[rng.integers(len(SHAPES))], palette[rng.integers(len(palette))],
+               style.clutter_scale, 180.0, style.colour_jitter)
+    _paint(img, rng, SHAPES[si], palette[ci], style.scale, style.rotation, style.colour_jitter)
+    gain = rng.uniform(*style.brightness) * rng.uniform(1 - style.tint, 1 + style.tint, 3)
+    if style.gradient:
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
+        a = rng.uniform(0, 2 * math.pi)
+        ramp = 1 + style.gradient * (xx * math.cos(a) + yy * math.sin(a))
+        img *= ramp[..., None]
+    img *= gain.astype(np.float32)
+    if style.noise:
+        img += rng.normal(0, style.noise, img.shape).astype(np.float32)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Bicubic resize of a square uint8 image (the CLIP test transform of a square image)."""
+    if image.shape[0] == size:
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pretraining stream
+# ----------------------------------------------------------------------------------------------
+
+
+def pretrain_example(world_seed: int, index: int, size: int = NATIVE_SIZE):
+    """(image uint8 [size, size, 3], caption index into `caption_table()`, label)."""
+    rng = _rng(world_seed, "pretrain", index)
+    label = int(rng.integers(NUM_CLASSES))
+    ci, si = CLASS_ATTRIBUTES[label]
+    c, s = list(COLOURS)[ci], SHAPES[si]
+    if rng.uniform() < PARTIAL_PROB:
+        if rng.uniform() < 0.5:
+            caption = _PARTIAL_COLOUR[rng.integers(len(_PARTIAL_COLOUR))].format(c=c)
+        else:
+            caption = _PARTIAL_SHAPE[rng.integers(len(_PARTIAL_SHAPE))].format(s=s)
+    else:
+        caption = FULL_CAPTIONS[rng.integers(len(FULL_CAPTIONS))].format(c=c, s=s)
+    image = render(rng, label, PRETRAIN_STYLE, NATIVE_SIZE)
+    return resize(image, size), _CAPTION_INDEX[caption], label
+
+
+def render_pretrain_batch(world_seed: int, start: int, batch_size: int,
+                          size: int = NATIVE_SIZE):
+    """Items start .. start+batch_size-1 of the pretraining stream.
+
+    Returns (images uint8 [B, size, size, 3], caption indices int32 [B], labels int32 [B]).
+    """
+    images = np.empty((batch_size, size, size, 3), np.uint8)
+    captions = np.empty((batch_size,), np.int32)
+    labels = np.empty((batch_size,), np.int32)
+    for j in range(batch_size):
+        images[j], captions[j], labels[j] = pretrain_example(world_seed, start + j, size)
+    return images, captions, labels
+
+
+# ----------------------------------------------------------------------------------------------
+# Downstream benchmark (dataset interface)
+# ----------------------------------------------------------------------------------------------
+
+
+class WorldSplit(base.ImageSplit):
+    """A downstream split: `per_class` items per class, in class blocks (item i has label
+    i // per_class), rendered on demand in `DOWNSTREAM_STYLE`."""
+
+    def __init__(self, split: str, world_seed: int = 0, per_class: Optional[int] = None):
+        if split not in SPLIT_SIZES:
+            raise ValueError(f"world split {split!r}; expected one of {sorted(SPLIT_SIZES)}")
+        per_class = SPLIT_SIZES[split] if per_class is None else per_class
+        if per_class < 1:
+            raise ValueError(f"per_class={per_class}; expected a positive number of items")
+        self.split = split
+        self.world_seed = int(world_seed)
+        self.per_class = int(per_class)
+        self._labels = np.repeat(np.arange(NUM_CLASSES, dtype=np.int32), self.per_class)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._labels
+
+    def load_image(self, index: int, size: int) -> np.ndarray:
+        if not 0 <= index < len(self._labels):
+            raise IndexError(f"world {self.split} item {index} out of range "
+                             f"(the split has {len(self._labels)} items)")
+        rng = _rng(self.world_seed, self.split, index)
+        return resize(render(rng, int(self._labels[index]), DOWNSTREAM_STYLE, NATIVE_SIZE), size)
+
+    def describe(self, index: int) -> str:
+        return (f"world(seed={self.world_seed}) {self.split} item {index} "
+                f"({CLASSNAMES[int(self._labels[index])]})")
+
+
+def load_world_full(world_seed: int = 0) -> base.BaseToNewData:
+    """All 64 classes and complete splits (no few-shot sampling, no class subsampling)."""
+    return base.BaseToNewData(
+        name="world", classnames=list(CLASSNAMES), templates=list(TEMPLATES),
+        train=WorldSplit("train", world_seed), val=WorldSplit("val", world_seed),
+        test=WorldSplit("test", world_seed))
+
+
+def load_world(seed: int = 1, shots: int = 16, subsample: str = "all",
+               world_seed: int = 0) -> base.BaseToNewData:
+    """The world benchmark under CoOp's protocol.
+
+    `seed` is the few-shot sampling seed (Dassl: train gets `shots` per class, val
+    min(shots, 4)); sampling happens before the base/new halving, as in Dassl. `shots` < 1
+    keeps the full train/val splits. `world_seed` selects the rendered images (keep the default
+    0 for the benchmark: the shipped CLIP's recorded accuracies are for world 0).
+    """
+    if subsample not in base.SUBSAMPLES:
+        raise ValueError(f"subsample={subsample!r}; expected one of {base.SUBSAMPLES}")
+    if shots > SPLIT_SIZES["train"]:
+        raise ValueError(f"shots={shots}; the world's train split has {SPLIT_SIZES['train']} "
+                         f"images per class")
+    data = base.fewshot(load_world_full(world_seed), shots, seed)
+    return base.subsample_classes(data, subsample)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------
+
+# Words a user is likely to put in prompts about this world beyond the captions.
+_EXTRA_TEXT = [t.format(c) for t in TEMPLATES for c in CLASSNAMES] + [
+    "a photo of a", "an image of a", "X X X X", "this is a photo of a", "object", "objects",
+    "shape", "shapes", "color", "colour", "type", "kind", "with", "and", "on", "in", "background",
+]
+
+
+def _words(text: str) -> list:
+    """CLIP's pre-tokenisation of plain lower-case ASCII text: letters runs, digits,
+    punctuation marks as separate words."""
+    import re
+
+    return re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", text.lower())
+
+
+def learn_bpe_merges(texts: Sequence[str]) -> list:
+    """Byte-pair merges learnt on `texts` until every word is a single symbol.
+
+    Standard BPE: words are split into characters with '</w>' on the last one, and the most
+    frequent adjacent pair (ties: the lexicographically smallest) is merged, repeatedly. Run to
+    completion, so each world word becomes one token, and applying the merges in rank order (as
+    CLIP's tokenizer does) reproduces that segmentation.
+    """
+    counts = collections.Counter(w for t in texts for w in _words(t))
+    words = {tuple(w[:-1]) + (w[-1] + "</w>",): n for w, n in counts.items()}
+    merges = []
+    while True:
+        pairs = collections.Counter()
+        for symbols, n in words.items():
+            for a, b in zip(symbols, symbols[1:]):
+                pairs[a, b] += n
+        if not pairs:
+            return merges
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        merged = {}
+        for symbols, n in words.items():
+            out, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    out.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + n
+        words = merged
+
+
+def build_tokenizer_files(out_dir: str) -> str:
+    """Write vocab.json and merges.txt (CLIP format) for the world's language.
+
+    Layout as OpenAI's: the 256 byte symbols, the same with '</w>', one token per merge, then
+    <|startoftext|> and <|endoftext|> as the last two ids. Any text still tokenises (unknown
+    words fall back to byte symbols); the world's words are single tokens.
+    """
+    from dpc_jax.models.tokenizer import END_TOKEN, START_TOKEN, bytes_to_unicode
+
+    merges = learn_bpe_merges(caption_table() + _EXTRA_TEXT)
+    symbols = list(bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    vocab += [START_TOKEN, END_TOKEN]
+    if len(set(vocab)) != len(vocab):
+        raise RuntimeError("the learnt BPE vocabulary has duplicate tokens")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f, ensure_ascii=False)
+    with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+        f.write("\n".join(" ".join(m) for m in merges) + "\n")
+    return out_dir
+
+
+def asset_dir() -> str:
+    """The directory of the shipped world CLIP checkpoint and tokenizer."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "assets", "world")

@@ -1,0 +1,27 @@
+"""`python -m dpc_jax.train --config configs/dpc_coop.py[:key=val,...] --workdir W`.
+
+Runs the stages in `config.stages` (zero-shot, the stage-1 backbone, DPC) for every seed in
+`config.seeds`, writes W/results.json and prints the base/new/H table. Override any field with
+`--config.field=value` (e.g. `--config.seeds=1,2,3 --config.dhno.policy=hardest`);
+`--config.mode=eval` re-evaluates the checkpoints saved in W.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from dpc_jax.training import train_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs, results.json")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

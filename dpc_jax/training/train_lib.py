@@ -1,0 +1,741 @@
+"""Two-stage DPC training and evaluation: `train_and_evaluate(config, workdir)`.
+
+Sections: config checks | mesh | CLIP and data | per-device steps | checkpoints | evaluation |
+stage runners | the loop over seeds and stages.
+
+The training step is a per-device function (it computes exactly the released code's single-GPU
+batch of B anchors, DHNO included) mapped over a 1-D ('data',) mesh of all devices with
+`jax.shard_map`; gradients are averaged with `lax.pmean`. One code path serves 1 device, N
+devices and N hosts (`config.distributed`). Per-step keys are `fold_in(key, step)`, per-device
+keys `fold_in(step_key, device)`, and the epoch order depends only on (seed, stage, epoch), so a
+resumed run computes exactly the numbers of an uninterrupted one.
+
+The converted CLIP is loaded once per run and passed to the steps as a constant; run
+checkpoints hold only the prompt parameters and the optimiser state.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+from dpc_jax.data import augment
+from dpc_jax.data.base import BaseToNewData, ImageSplit
+from dpc_jax.models.clip import CLIP, CLIPConfig, normalize
+from dpc_jax.models.tokenizer import Tokenizer
+from dpc_jax.prompts import get_learner
+from dpc_jax.prompts import dpc as dpc_lib
+from dpc_jax.training import dhno, optim
+
+STAGES = ("zeroshot", "backbone", "dpc")
+MODES = ("train", "eval")
+POLICIES = ("reference", "hardest")
+
+
+# ----------------------------------------------------------------------------------------------
+# Config checks
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_list(value: str, field: str, allowed=None, cast=str) -> list:
+    items = [s.strip() for s in str(value).split(",") if s.strip()]
+    if not items:
+        raise ValueError(f"config.{field}={value!r} is empty; expected a comma-separated list")
+    out = []
+    for s in items:
+        try:
+            v = cast(s)
+        except ValueError:
+            raise ValueError(f"config.{field}: {s!r} is not a valid {cast.__name__}") from None
+        if allowed is not None and v not in allowed:
+            raise ValueError(f"config.{field}: unknown entry {s!r}; expected some of {allowed}")
+        out.append(v)
+    return out
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Fail early, naming the field, on values the run cannot use."""
+    if config.mode not in MODES:
+        raise ValueError(f"config.mode={config.mode!r}; expected one of {MODES}")
+    parse_list(config.stages, "stages", STAGES)
+    parse_list(config.seeds, "seeds", cast=int)
+    if config.dhno.policy not in POLICIES:
+        raise ValueError(f"config.dhno.policy={config.dhno.policy!r}; expected one of {POLICIES}")
+    for field in ("batch_size", "backbone.batch_size", "dhno.top_k", "eval_batch_size"):
+        value = config
+        for part in field.split("."):
+            value = value[part]
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"config.{field}={value!r}; expected a positive integer")
+    for field in ("backbone.epochs", "dpc.epochs"):
+        stage, key = field.split(".")
+        if config[stage][key] < 1:
+            raise ValueError(f"config.{field}={config[stage][key]!r}; expected >= 1")
+    dpc_lib.check_weights(config.dpc.mode, config.dpc.w_base, config.dpc.w_new)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mesh
+# ----------------------------------------------------------------------------------------------
+
+
+def make_mesh() -> Mesh:
+    """A 1-D ('data',) mesh over all devices of all hosts."""
+    return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def replicate(tree, mesh: Mesh):
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def shard_batch(x, mesh: Mesh):
+    return jax.device_put(x, NamedSharding(mesh, P("data")))
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP and data
+# ----------------------------------------------------------------------------------------------
+
+
+def world_assets_dir() -> str:
+    return os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "world")
+
+
+def load_clip_and_tokenizer(config) -> tuple[CLIPConfig, Any, Tokenizer]:
+    overrides = dict(dtype=config.clip.dtype, precision=config.clip.precision)
+    source = config.clip.source
+    if source == "world":
+        source = world_assets_dir()
+    from dpc_jax.convert import load_clip  # torch is imported there only for torch files
+
+    clip_config, params = load_clip(source, **overrides)
+    tok_source = config.clip.tokenizer
+    if tok_source == "world":
+        tok_source = world_assets_dir()
+    tokenizer = Tokenizer.from_pretrained(tok_source, context_length=clip_config.context_length)
+    if tokenizer.vocab_size > clip_config.vocab_size:
+        raise ValueError(f"tokenizer {config.clip.tokenizer!r} has {tokenizer.vocab_size} tokens; "
+                         f"the CLIP from {config.clip.source!r} embeds only "
+                         f"{clip_config.vocab_size}")
+    return clip_config, params, tokenizer
+
+
+def load_benchmark(config, seed: int, subsample: str) -> BaseToNewData:
+    """The few-shot benchmark for one seed, base or new half (few-shot before halving, Dassl)."""
+    if config.dataset == "world":
+        from dpc_jax.data import world
+
+        return world.load_world(seed=seed, shots=config.shots, subsample=subsample)
+    from dpc_jax.data import sources
+
+    return sources.build_dataset(config.dataset, config.root, source=config.source,
+                                 shots=config.shots, seed=seed, subsample=subsample,
+                                 skip_bad=config.skip_bad_images)
+
+
+def _map_images(split: ImageSplit, indices, size: int, workers: int):
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+        return list(pool.map(lambda i: split.load_image(int(i), size), indices))
+
+
+def decode_split(split: ImageSplit, size: int, workers: int, desc: str, progress: bool):
+    """Decode a whole (few-shot) split once: uint8 [N, size, size, 3]."""
+    out = np.empty((len(split), size, size, 3), np.uint8)
+    chunk = 64
+    bar = tqdm(total=len(split), desc=desc, disable=not progress, leave=False)
+    for start in range(0, len(split), chunk):
+        idx = range(start, min(start + chunk, len(split)))
+        out[start:start + len(idx)] = np.stack(_map_images(split, idx, size, workers))
+        bar.update(len(idx))
+    bar.close()
+    return out
+
+
+@dataclasses.dataclass
+class TrainSet:
+    """The few-shot training set, resident on every device."""
+
+    images: Any  # uint8 [N, S, S, 3]
+    labels: Any  # int32 [N]
+    class_table: Any  # int32 [C, M]
+    class_counts: Any  # int32 [C]
+    num_classes: int
+
+    @property
+    def size(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def make_train_set(split: ImageSplit, num_classes: int, size: int, mesh: Mesh, config) -> TrainSet:
+    images = decode_split(split, size, config.num_workers, "decode train", config.progress)
+    labels = np.asarray(split.labels, np.int32)
+    table, counts = dhno.build_class_table(labels, num_classes)
+    return TrainSet(*replicate((images, labels, table, counts), mesh), num_classes=num_classes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-device steps
+# ----------------------------------------------------------------------------------------------
+
+
+def map_step(per_device: Callable, mesh: Mesh, donate: bool = True):
+    """jit(shard_map(per_device)) with params/opt_state/consts replicated and the batch sharded.
+
+    per_device(params, opt_state, consts, batch, key) -> (params, opt_state, loss [1], aux)
+    """
+    mapped = jax.shard_map(per_device, mesh=mesh,
+                           in_specs=(P(), P(), P(), P("data"), P()),
+                           out_specs=(P(), P(), P("data"), P("data")))
+    return jax.jit(mapped, donate_argnums=(0, 1) if donate else ())
+
+
+def make_per_device_step(loss_fn: Callable, optimizer: optax.GradientTransformation):
+    """The update of one device: local loss, gradients averaged over 'data', optimiser step."""
+
+    def per_device(params, opt_state, consts, batch, key):
+        key = jax.random.fold_in(key, jax.lax.axis_index("data"))
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, consts, batch, key)
+        grads = jax.lax.pmean(grads, "data")
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, loss[None], jax.tree_util.tree_map(lambda a: a[None], aux)
+
+    return per_device
+
+
+def logit_scale(clip_params):
+    return jnp.exp(clip_params["logit_scale"].astype(jnp.float32))
+
+
+def make_backbone_loss(learner, res: int, num_classes: int):
+    """Stage 1: CE over all base classes (CoOp's loss)."""
+
+    def loss_fn(prompt, consts, batch, key):
+        clip_params, train = consts["clip"], consts["train"]
+        idx = batch["index"]
+        images = augment.random_resized_crop_flip(key, train["images"][idx], res)
+        labels = train["labels"][idx]
+        img = learner.image_features(clip_params, prompt, images)
+        all_ids = jnp.arange(num_classes)
+        txt = learner.text_features(clip_params, prompt, consts["class_texts"], all_ids)
+        logits = logit_scale(clip_params) * normalize(img) @ normalize(txt).T
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, {"acc": jnp.mean(jnp.argmax(logits, -1) == labels)}
+
+    return loss_fn
+
+
+def make_dpc_loss(learner, dpc: "dpc_lib.DPC", res: int, top_k: int, policy: str):
+    """Stage 2: DHNO inside the step (DPC_PROTOCOL.md §3), on B anchors of this device."""
+
+    def loss_fn(params, consts, batch, key):
+        clip_params, train = consts["clip"], consts["train"]
+        k_aug, k_sel, k_sample, k_neg_aug = jax.random.split(key, 4)
+        idx = batch["index"]
+        labels = train["labels"][idx]
+        anchors = augment.random_resized_crop_flip(k_aug, train["images"][idx], res)
+        prompt = dpc.train_prompt(params)
+        backbone = jax.lax.stop_gradient(params["backbone"])
+        # 1. Score with the frozen stage-1 model. For learners without image prompts (CoOp) the
+        #    scorer's image features are the anchors' own features.
+        anchor_feats = jax.lax.stop_gradient(learner.image_features(clip_params, prompt, anchors))
+        if learner.uses_image_prompts:
+            scorer_feats = learner.image_features(clip_params, backbone, anchors)
+        else:
+            scorer_feats = anchor_feats
+        scores = jax.nn.softmax(
+            logit_scale(clip_params) * normalize(scorer_feats) @ consts["scorer_text"].T, axis=-1)
+        # 2. Hard negatives: vectorised top-k + the non-repeat rule, static [B, K] slots.
+        negatives, valid = dhno.select_hard_negatives(scores, labels, top_k, k_sel, policy)
+        neg_idx = dhno.sample_negative_images(k_sample, train["class_table"],
+                                              train["class_counts"], negatives, valid)
+        b = idx.shape[0]
+        neg_images = augment.random_resized_crop_flip(
+            k_neg_aug, train["images"][neg_idx.reshape(-1)], res)
+        neg_feats = learner.image_features(clip_params, prompt, neg_images)
+        neg_feats = jax.lax.stop_gradient(neg_feats).reshape(b, top_k, -1)
+        # 3. The enlarged batch [anchor_i, negatives_i] and its symmetric contrastive loss; text
+        #    features only for the slot labels (the cost does not depend on the class count).
+        slot_labels, slot_valid = dhno.assemble_batch(labels, negatives, valid)
+        slot_images = jnp.concatenate([anchor_feats[:, None], neg_feats], axis=1)
+        slot_images = slot_images.reshape(b * (top_k + 1), -1)
+        txt = learner.text_features(clip_params, prompt, consts["class_texts"], slot_labels)
+        loss = dhno.contrastive_loss(slot_images, txt, slot_valid, logit_scale(clip_params))
+        return loss, {"valid_negatives": jnp.sum(valid).astype(jnp.float32)}
+
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def checkpoint_manager(directory: str) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                                 item_names=("params", "opt_state"))
+
+
+def _host(tree):
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+def save_state(mngr: ocp.CheckpointManager, step: int, params, opt_state) -> None:
+    mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(_host(params)),
+                                            opt_state=ocp.args.StandardSave(_host(opt_state))),
+              force=True)
+    mngr.wait_until_finished()
+
+
+def restore_state(mngr: ocp.CheckpointManager, step: int, params_like, opt_state_like):
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(_host(params_like)),
+        opt_state=ocp.args.StandardRestore(_host(opt_state_like))))
+    return restored["params"], restored["opt_state"]
+
+
+def write_stage_meta(stage_dir: str, meta: dict) -> None:
+    tmp = os.path.join(stage_dir, "stage.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(tmp, os.path.join(stage_dir, "stage.json"))
+
+
+def read_stage_meta(stage_dir: str) -> Optional[dict]:
+    path = os.path.join(stage_dir, "stage.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_final_params(stage_dir: str, params_like):
+    """The prompt parameters at the end of a finished stage (stage 2's P; the eval mode)."""
+    meta = read_stage_meta(stage_dir)
+    if meta is None:
+        raise FileNotFoundError(
+            f"no finished stage in {stage_dir!r} (expected stage.json, written at the end of "
+            f"training): run that stage first, or for stage 2 set config.backbone.init_from")
+    mngr = checkpoint_manager(os.path.join(stage_dir, "checkpoints"))
+    step = meta["final_step"]
+    if step not in mngr.all_steps():
+        raise FileNotFoundError(f"checkpoint step {step} named in {stage_dir}/stage.json is "
+                                f"missing from {stage_dir}/checkpoints (found {mngr.all_steps()})")
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(_host(params_like))))
+    return restored["params"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+class Evaluator:
+    """Accuracy of a prompt on a test split. Image features are cached per split when the
+    prompt cannot change them (plain CLIP, or learners without image prompts such as CoOp), so
+    zero-shot, stage 1 and stage 2 encode each test image once."""
+
+    def __init__(self, learner, clip_params, res: int, mesh: Mesh, config):
+        self.learner, self.clip_params, self.res, self.mesh = learner, clip_params, res, mesh
+        self.batch = int(math.ceil(config.eval_batch_size / mesh.size) * mesh.size)
+        self.workers, self.progress = config.num_workers, config.progress
+        self._cache = {}
+        model = CLIP(learner.clip_config)
+        self._prompted = jax.jit(lambda cp, prompt, x: normalize(
+            learner.image_features(cp, prompt, augment.center_normalize(x, res))))
+        self._plain = jax.jit(lambda cp, x: normalize(model.apply(
+            {"params": cp}, augment.center_normalize(x, res), method="encode_image")))
+
+    def image_features(self, split: ImageSplit, prompt, key: str, plain: bool = False):
+        cacheable = plain or not self.learner.uses_image_prompts
+        if cacheable and key in self._cache:
+            return self._cache[key]
+        n = len(split)
+        feats = []
+        bar = tqdm(total=n, desc=f"encode {key} test", disable=not self.progress, leave=False)
+        starts = list(range(0, n, self.batch))
+
+        def load(s):
+            return np.stack([split.load_image(i, self.res)
+                             for i in range(s, min(s + self.batch, n))])
+
+        with concurrent.futures.ThreadPoolExecutor(max(1, self.workers)) as pool:
+            futures = [pool.submit(load, s) for s in starts[:2]]  # prefetch two batches
+            for j in range(len(starts)):
+                images = futures[j].result()
+                if j + 2 < len(starts):
+                    futures.append(pool.submit(load, starts[j + 2]))
+                count = images.shape[0]
+                if count < self.batch:  # static shapes: pad the last batch
+                    pad = np.zeros((self.batch - count,) + images.shape[1:], images.dtype)
+                    images = np.concatenate([images, pad])
+                images = shard_batch(images, self.mesh)
+                out = (self._plain(self.clip_params, images) if plain
+                       else self._prompted(self.clip_params, prompt, images))
+                feats.append(np.asarray(out)[:count])
+                bar.update(count)
+        bar.close()
+        feats = np.concatenate(feats)
+        if cacheable:
+            self._cache[key] = feats
+        return feats
+
+    def accuracy(self, split: ImageSplit, prompt, class_texts, key: str) -> float:
+        text = class_text_features(self.learner, self.clip_params, prompt, class_texts)
+        img = self.image_features(split, prompt, key)
+        pred = np.argmax(img @ np.asarray(text).T, axis=-1)
+        return float(100.0 * np.mean(pred == np.asarray(split.labels)))
+
+
+def class_text_features(learner, clip_params, prompt, class_texts, chunk: int = 256):
+    """Normalised text features of every class, in chunks (ImageNet has 1000 classes)."""
+    n = int(jax.tree_util.tree_leaves(class_texts)[0].shape[0])
+    fn = _text_fn(learner)
+    out = []
+    for s in range(0, n, chunk):
+        ids = np.arange(s, s + chunk) % n  # a static chunk shape; the wrap is cut below
+        out.append(np.asarray(fn(clip_params, prompt, class_texts, ids))[: min(chunk, n - s)])
+    return np.concatenate(out)
+
+
+_TEXT_FNS = {}
+
+
+def _text_fn(learner):
+    if id(learner) not in _TEXT_FNS:
+        _TEXT_FNS[id(learner)] = jax.jit(
+            lambda cp, prompt, ct, ids: normalize(learner.text_features(cp, prompt, ct, ids)))
+    return _TEXT_FNS[id(learner)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage runners
+# ----------------------------------------------------------------------------------------------
+
+
+class Interrupted(RuntimeError):
+    """Raised by `config.interrupt_after_steps` (a testing aid that simulates a crash)."""
+
+
+def epoch_order(seed: int, stage_id: int, epoch: int, n: int) -> np.ndarray:
+    """Dassl's RandomSampler order for one epoch, a pure function of (seed, stage, epoch)."""
+    return np.random.default_rng([seed, stage_id, epoch]).permutation(n)
+
+
+def train_loop(*, name: str, stage_id: int, stage_dir: str, loss_fn: Callable, params, optimizer,
+               schedule: Callable, consts, train_set: TrainSet, batch_size: int,
+               batch_field: str, epochs: int, seed: int, mesh: Mesh, config):
+    """Run (or resume) one training stage; returns the final parameters (host arrays)."""
+    global_batch = batch_size * mesh.size
+    n = train_set.size
+    if n < global_batch:
+        raise ValueError(
+            f"config.{batch_field}={batch_size} x {mesh.size} device(s) = {global_batch} "
+            f"anchors per step exceeds the few-shot training set ({n} images); lower the batch "
+            f"size or use more shots")
+    steps_per_epoch = n // global_batch  # drop_last, as Dassl's sampler when n >= B
+    total = epochs * steps_per_epoch
+    os.makedirs(stage_dir, exist_ok=True)
+    mngr = checkpoint_manager(os.path.join(stage_dir, "checkpoints"))
+    opt_state = optimizer.init(params)
+    start = 0
+    latest = mngr.latest_step()
+    if latest is not None:
+        params, opt_state = restore_state(mngr, latest, params, opt_state)
+        start = int(latest)
+    if start >= total:
+        write_stage_meta(stage_dir, {"final_step": total, "steps_per_epoch": steps_per_epoch})
+        return params
+    params, opt_state = replicate((params, opt_state), mesh)
+    step_fn = map_step(make_per_device_step(loss_fn, optimizer), mesh)
+    key = jax.random.fold_in(jax.random.key(seed), stage_id)
+    log = MetricLog(stage_dir)
+    bar = tqdm(total=total, initial=start, desc=name, disable=not config.progress,
+               dynamic_ncols=True)
+    order, order_epoch = None, -1
+    t0 = time.time()
+    try:
+        for step in range(start, total):
+            epoch, i = divmod(step, steps_per_epoch)
+            if epoch != order_epoch:
+                order, order_epoch = epoch_order(seed, stage_id, epoch, n), epoch
+            index = order[i * global_batch:(i + 1) * global_batch].astype(np.int32)
+            params, opt_state, loss, aux = step_fn(params, opt_state, consts,
+                                                   {"index": shard_batch(index, mesh)},
+                                                   jax.random.fold_in(key, step))
+            loss = np.asarray(loss)
+            if not np.all(np.isfinite(loss)):
+                raise FloatingPointError(
+                    f"{name}: non-finite loss {loss.tolist()} at step {step} (epoch {epoch}, "
+                    f"seed {seed}); nothing after step {mngr.latest_step()} was saved")
+            bar.update(1)
+            if (step + 1) % config.log_every_steps == 0 or step + 1 == total:
+                record = {"step": step + 1, "epoch": epoch, "lr": float(schedule(step)),
+                          "loss": float(loss.mean()), "per_device_loss": loss.tolist(),
+                          "seconds": round(time.time() - t0, 3)}
+                record.update({k: float(np.mean(v)) for k, v in jax.device_get(aux).items()})
+                log.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            if (step + 1) % config.checkpoint_every_steps == 0 or step + 1 == total:
+                save_state(mngr, step + 1, params, opt_state)
+            if config.get("interrupt_after_steps", 0) and step + 1 - start >= \
+                    config.interrupt_after_steps and step + 1 < total:
+                raise Interrupted(f"{name}: interrupted after step {step + 1} "
+                                  f"(config.interrupt_after_steps)")
+    finally:
+        bar.close()
+        log.close()
+    write_stage_meta(stage_dir, {"final_step": total, "steps_per_epoch": steps_per_epoch,
+                                 "global_batch": global_batch, "devices": mesh.size})
+    return _host(params)
+
+
+class MetricLog:
+    """One JSON line per logged step (log.jsonl) and TensorBoard events (tensorboardX)."""
+
+    def __init__(self, directory: str):
+        self.file = open(os.path.join(directory, "log.jsonl"), "a")
+        self.writer = None
+        if jax.process_index() == 0:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(directory, "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.writer.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def harmonic_mean(base: float, new: float) -> float:
+    return 0.0 if base + new == 0 else 2 * base * new / (base + new)
+
+
+@dataclasses.dataclass
+class SeedContext:
+    """What every stage of one seed shares."""
+
+    config: Any
+    seed: int
+    seed_dir: str
+    mesh: Mesh
+    clip_config: CLIPConfig
+    clip_params: Any  # replicated
+    tokenizer: Tokenizer
+    base: BaseToNewData
+    new: BaseToNewData
+    learner: Any
+    base_texts: Any
+    new_texts: Any
+    evaluator: Evaluator
+    res: int
+    _train_set: Optional[TrainSet] = None
+
+    def train_set(self) -> TrainSet:
+        if self._train_set is None:
+            size = self.config.stored_size or self.res
+            self._train_set = make_train_set(self.base.train, self.base.num_classes, size,
+                                             self.mesh, self.config)
+        return self._train_set
+
+    def train_consts(self) -> dict:
+        ts = self.train_set()
+        return {"clip": self.clip_params,
+                "train": {"images": ts.images, "labels": ts.labels,
+                          "class_table": ts.class_table, "class_counts": ts.class_counts},
+                "class_texts": self.base_texts}
+
+    def scores(self, base_prompt, new_prompt) -> dict:
+        ev = self.evaluator
+        base = ev.accuracy(self.base.test, base_prompt, self.base_texts, "base")
+        new = ev.accuracy(self.new.test, new_prompt, self.new_texts, "new")
+        return {"base": base, "new": new, "hm": harmonic_mean(base, new)}
+
+
+def run_zeroshot(ctx: SeedContext) -> dict:
+    from dpc_jax.evaluation import zeroshot
+
+    model = CLIP(ctx.clip_config)
+    out = {}
+    for half, data in (("base", ctx.base), ("new", ctx.new)):
+        weights = np.asarray(zeroshot.zeroshot_classifier(
+            model, ctx.clip_params, ctx.tokenizer, data.classnames, data.templates))
+        feats = ctx.evaluator.image_features(data.test, None, half, plain=True)
+        pred = np.argmax(feats @ weights.T, axis=-1)
+        out[half] = float(100.0 * np.mean(pred == np.asarray(data.test.labels)))
+    out["hm"] = harmonic_mean(out["base"], out["new"])
+    return out
+
+
+def backbone_prompt(ctx: SeedContext, train: bool):
+    """Stage 1's tuned prompt P: trained here, restored, or read from a PyTorch CoOp file."""
+    cfg = ctx.config
+    if cfg.backbone.init_from:
+        return ctx.learner.load_torch_checkpoint(cfg.backbone.init_from)
+    stage_dir = os.path.join(ctx.seed_dir, "backbone")
+    init = ctx.learner.init(jax.random.fold_in(jax.random.key(ctx.seed), 101), ctx.clip_params)
+    init = _host(init)
+    if not train:
+        return load_final_params(stage_dir, init)
+    optimizer, schedule = _optimizer(cfg, cfg.backbone.lr, cfg.backbone.epochs,
+                                     ctx.train_set().size, cfg.backbone.batch_size,
+                                     ctx.mesh, mask=None)
+    return train_loop(
+        name=f"seed {ctx.seed} backbone ({cfg.backbone.name})", stage_id=1, stage_dir=stage_dir,
+        loss_fn=make_backbone_loss(ctx.learner, ctx.res, ctx.base.num_classes),
+        params=init, optimizer=optimizer, schedule=schedule, consts=ctx.train_consts(),
+        train_set=ctx.train_set(), batch_size=cfg.backbone.batch_size,
+        batch_field="backbone.batch_size", epochs=cfg.backbone.epochs, seed=ctx.seed,
+        mesh=ctx.mesh, config=cfg)
+
+
+def _optimizer(cfg, lr, epochs, n, batch_size, mesh, mask):
+    steps_per_epoch = max(1, n // (batch_size * mesh.size))
+    return optim.make_optimizer(
+        lr=lr, max_epoch=epochs, steps_per_epoch=steps_per_epoch, momentum=cfg.optim.momentum,
+        weight_decay=cfg.optim.weight_decay, warmup_epochs=cfg.optim.warmup_epochs,
+        warmup_lr=cfg.optim.warmup_lr, mask=mask)
+
+
+def run_backbone(ctx: SeedContext, train: bool = True) -> dict:
+    prompt = replicate(backbone_prompt(ctx, train), ctx.mesh)
+    return ctx.scores(prompt, prompt)
+
+
+def run_dpc(ctx: SeedContext, train: bool = True) -> dict:
+    cfg = ctx.config
+    top_k = cfg.dhno.top_k
+    if top_k >= ctx.base.num_classes:
+        raise ValueError(
+            f"config.dhno.top_k={top_k} needs more than {top_k} base classes; {cfg.dataset} has "
+            f"{ctx.base.num_classes} (e.g. EuroSAT has 5: use top_k <= 4)")
+    dpc = dpc_lib.DPC(mode=cfg.dpc.mode, w_base=cfg.dpc.w_base, w_new=cfg.dpc.w_new)
+    backbone = _host(backbone_prompt(ctx, train=False))
+    init = dpc.init(backbone)
+    stage_dir = os.path.join(ctx.seed_dir, "dpc")
+    if train:
+        mask = dpc.trainable_mask(init)
+        optimizer, schedule = _optimizer(cfg, cfg.dpc.lr, cfg.dpc.epochs, ctx.train_set().size,
+                                         cfg.batch_size, ctx.mesh, mask=mask)
+        consts = ctx.train_consts()
+        rep_backbone = replicate(backbone, ctx.mesh)
+        consts["scorer_text"] = replicate(class_text_features(
+            ctx.learner, ctx.clip_params, rep_backbone, ctx.base_texts), ctx.mesh)
+        params = train_loop(
+            name=f"seed {ctx.seed} dpc ({cfg.dpc.mode}, {cfg.dhno.policy})", stage_id=2,
+            stage_dir=stage_dir,
+            loss_fn=make_dpc_loss(ctx.learner, dpc, ctx.res, top_k, cfg.dhno.policy),
+            params=init, optimizer=optimizer, schedule=schedule, consts=consts,
+            train_set=ctx.train_set(), batch_size=cfg.batch_size, batch_field="batch_size",
+            epochs=cfg.dpc.epochs, seed=ctx.seed, mesh=ctx.mesh, config=cfg)
+    else:
+        params = load_final_params(stage_dir, init)
+    params = replicate(params, ctx.mesh)
+    return ctx.scores(dpc.eval_prompt(params, "base"), dpc.eval_prompt(params, "new"))
+
+
+STAGE_RUNNERS = {"zeroshot": lambda ctx, train: run_zeroshot(ctx),
+                 "backbone": run_backbone, "dpc": run_dpc}
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop over seeds and stages
+# ----------------------------------------------------------------------------------------------
+
+
+def make_seed_context(config, seed, workdir, mesh, clip_config, clip_params, tokenizer):
+    base = load_benchmark(config, seed, "base")
+    new = load_benchmark(config, seed, "new")
+    learner = get_learner(config.backbone.name)(clip_config, tokenizer, config.backbone)
+    base_texts = replicate(learner.prepare(clip_params, base.classnames), mesh)
+    new_texts = replicate(learner.prepare(clip_params, new.classnames), mesh)
+    res = clip_config.image_resolution
+    evaluator = Evaluator(learner, clip_params, res, mesh, config)
+    return SeedContext(config=config, seed=seed, seed_dir=os.path.join(workdir, f"seed_{seed}"),
+                       mesh=mesh, clip_config=clip_config, clip_params=clip_params,
+                       tokenizer=tokenizer, base=base, new=new, learner=learner,
+                       base_texts=base_texts, new_texts=new_texts, evaluator=evaluator, res=res)
+
+
+def summarize(per_seed: dict) -> dict:
+    """Mean over seeds of base and new, H of the means (as the papers report), std, per seed."""
+    out = {}
+    for stage, by_seed in per_seed.items():
+        base = np.array([r["base"] for r in by_seed.values()])
+        new = np.array([r["new"] for r in by_seed.values()])
+        out[stage] = {"base": float(base.mean()), "new": float(new.mean()),
+                      "hm": harmonic_mean(float(base.mean()), float(new.mean())),
+                      "base_std": float(base.std()), "new_std": float(new.std()),
+                      "per_seed": {str(s): r for s, r in by_seed.items()}}
+    return out
+
+
+def format_table(results: dict, backbone_name: str = "coop") -> str:
+    names = {"zeroshot": "zero-shot CLIP", "backbone": backbone_name,
+             "dpc": f"{backbone_name}+DPC"}
+    lines = [f"{'method':<20} {'base':>7} {'new':>7} {'H':>7}"]
+    for stage, r in results.items():
+        lines.append(f"{names.get(stage, stage):<20} {r['base']:7.2f} {r['new']:7.2f} "
+                     f"{r['hm']:7.2f}")
+    return "\n".join(lines)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Run the configured stages for every seed, write workdir/results.json, return it."""
+    check_config(config)
+    if config.distributed:
+        jax.distributed.initialize()
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    mesh = make_mesh()
+    stages = parse_list(config.stages, "stages", STAGES)
+    seeds = parse_list(config.seeds, "seeds", cast=int)
+    clip_config, clip_params, tokenizer = load_clip_and_tokenizer(config)
+    clip_params = replicate(clip_params, mesh)
+    train = config.mode == "train"
+    per_seed = {stage: {} for stage in stages}
+    for seed in seeds:
+        ctx = make_seed_context(config, seed, workdir, mesh, clip_config, clip_params, tokenizer)
+        for stage in stages:
+            result = STAGE_RUNNERS[stage](ctx, train)
+            per_seed[stage][seed] = result
+            os.makedirs(os.path.join(ctx.seed_dir, stage), exist_ok=True)
+            with open(os.path.join(ctx.seed_dir, stage, "results.json"), "w") as f:
+                json.dump(result, f, indent=2)
+            tqdm.write(f"seed {seed} {stage}: base {result['base']:.2f} new {result['new']:.2f} "
+                       f"H {result['hm']:.2f}")
+    results = summarize(per_seed)
+    if jax.process_index() == 0:
+        tmp = os.path.join(workdir, "results.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=2)
+        os.replace(tmp, os.path.join(workdir, "results.json"))
+    print(format_table(results, config.backbone.name), flush=True)
+    return results
