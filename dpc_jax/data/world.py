@@ -6,7 +6,7 @@ and PIL, deterministically: item i of split s in world w is drawn from the RNG s
 (w, s, i), so a split is a pure function of its indices and nothing is stored on disk.
 
 Two distributions:
-- pretraining (`render_pretrain_batch`): plain backgrounds, the object alone, neutral lighting,
+- pretraining (`pretrain_example`): plain backgrounds, the object alone, neutral lighting,
   paired with captions from many templates (both attribute orders, partial captions such as
   "a red object" or "a photo of a star"). A small CLIP is trained on it by `dpc_jax.pretrain`.
 - downstream (`load_world`): a different style (textured backgrounds, smaller clutter objects,
@@ -263,10 +263,10 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
-def pretrain_example(world_seed: int, index: int, size: int = NATIVE_SIZE):
-    """(image uint8 [size, size, 3], caption index into `caption_table()`, label)."""
+def pretrain_example(world_seed: int, index: int, label: int, size: int = NATIVE_SIZE):
+    """Item `index` of the pretraining stream, showing class `label` (the caller balances
+    classes): (image uint8 [size, size, 3], caption index into `caption_table()`)."""
     rng = _rng(world_seed, "pretrain", index)
-    label = int(rng.integers(NUM_CLASSES))
     ci, si = CLASS_ATTRIBUTES[label]
     c, s = list(COLOURS)[ci], SHAPES[si]
     if rng.uniform() < PARTIAL_PROB:
@@ -277,21 +277,7 @@ def pretrain_example(world_seed: int, index: int, size: int = NATIVE_SIZE):
     else:
         caption = FULL_CAPTIONS[rng.integers(len(FULL_CAPTIONS))].format(c=c, s=s)
     image = render(rng, label, PRETRAIN_STYLE, NATIVE_SIZE)
-    return resize(image, size), _CAPTION_INDEX[caption], label
-
-
-def render_pretrain_batch(world_seed: int, start: int, batch_size: int,
-                          size: int = NATIVE_SIZE):
-    """Items start .. start+batch_size-1 of the pretraining stream.
-
-    Returns (images uint8 [B, size, size, 3], caption indices int32 [B], labels int32 [B]).
-    """
-    images = np.empty((batch_size, size, size, 3), np.uint8)
-    captions = np.empty((batch_size,), np.int32)
-    labels = np.empty((batch_size,), np.int32)
-    for j in range(batch_size):
-        images[j], captions[j], labels[j] = pretrain_example(world_seed, start + j, size)
-    return images, captions, labels
+    return resize(image, size), _CAPTION_INDEX[caption]
 
 
 # ----------------------------------------------------------------------------------------------

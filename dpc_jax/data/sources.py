@@ -1,0 +1,63 @@
+"""`build_dataset`: one benchmark of the base-to-new protocol, from CoOp folders or from TFDS.
+
+The order is CoOp's: full splits -> few-shot subset (Dassl, run seed; a Dassl few-shot pickle is
+used when present) -> base/new class halving with re-labelling (`base.subsample_classes`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from dpc_jax.data import base, coop, registry
+
+SOURCES = ("coop", "tfds")
+_KEEP_DEFAULT = object()
+
+
+def load_dataset(name: str, root: Optional[str], source: str = "coop", shots: int = 16,
+                 seed: int = 1, subsample: str = "all", *, use_fewshot_pickle: bool = True,
+                 cache_dir=_KEEP_DEFAULT, decode: str = "bytes",
+                 classnames_file: Optional[str] = None) -> tuple:
+    """(BaseToNewData, provenance dict); see `build_dataset`."""
+    info = registry.get(name)
+    if source not in SOURCES:
+        raise ValueError(f"source={source!r}; expected one of {SOURCES}")
+    if subsample not in base.SUBSAMPLES:
+        raise ValueError(f"subsample={subsample!r}; expected one of {base.SUBSAMPLES}")
+    if isinstance(shots, bool) or not isinstance(shots, int):
+        raise ValueError(f"shots={shots!r}; expected an int (< 1 = the full training split)")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed={seed!r}; expected an int")
+    if subsample != "all" and info.test_only and info.num_classes != 1000:
+        raise ValueError(
+            f"{info.name} has {info.num_classes} of ImageNet's classes; halving its own label "
+            f"range would not give ImageNet's base/new classes, so only subsample='all' is "
+            f"supported")
+    if source == "coop":
+        if root is None:
+            raise ValueError("root is required for source='coop' (the CoOp data folder)")
+        data, prov = coop.load(info, root, shots, seed, use_pickle=use_fewshot_pickle)
+    else:
+        from dpc_jax.data import tfds_source
+
+        if cache_dir is _KEEP_DEFAULT:
+            cache_dir = tfds_source.default_cache_dir()
+        data, prov = tfds_source.load(info, root, shots, seed, cache_dir=cache_dir,
+                                      decode=decode, classnames_file=classnames_file)
+    prov.update(shots=shots, seed=seed, subsample=subsample)
+    return base.subsample_classes(data, subsample), prov
+
+
+def build_dataset(name: str, root: Optional[str], source: str = "coop", shots: int = 16,
+                  seed: int = 1, subsample: str = "all", **kwargs) -> base.BaseToNewData:
+    """A benchmark as the training code uses it.
+
+    name: a registry key ('oxford_pets', ...) or CoOp's class name ('OxfordPets').
+    root: the CoOp data folder (source='coop') or the TFDS data_dir (source='tfds'; None = the
+      TFDS default).
+    shots, seed: Dassl few-shot sampling (< 1 keeps the full training split); train gets
+      `shots` per class and val min(shots, 4); ImageNet's val is its test set.
+    subsample: 'all' | 'base' | 'new' (Dassl's halving of the sorted labels, re-numbered).
+    kwargs: use_fewshot_pickle (coop), cache_dir / decode / classnames_file (tfds).
+    """
+    return load_dataset(name, root, source, shots, seed, subsample, **kwargs)[0]

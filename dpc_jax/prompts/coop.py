@@ -1,0 +1,253 @@
+"""CoOp (Zhou et al., "Learning to Prompt for Vision-Language Models"): learned text context.
+
+The prompt is `{'ctx': [n_ctx, W]}` (generic context) or `{'ctx': [C, n_ctx, W]}` (class-specific
+context, `csc=True`). Class texts are "X X X X {name}." with the class token at the end; the
+placeholders at positions 1..n_ctx are replaced by ctx. The image encoder is CLIP's, unprompted.
+
+`config.backbone` fields (see `CoOp.default_config`):
+- name: 'coop'
+- n_ctx: number of context tokens. With `ctx_init` it must equal the number of BPE tokens of
+  ctx_init (4 for "a photo of a").
+- ctx_init: words whose token embeddings initialise ctx ("" -> N(0, 0.02) init). CoOp takes
+  n_ctx = the number of space-separated words and then the first n_ctx BPE tokens; we count BPE
+  tokens instead, which is the same for every released config ("a photo of a" is 4 words and 4
+  tokens) and, for words split into several tokens, makes the initial prompt equal the text.
+- csc: class-specific contexts. CoOp ignores CSC when CTX_INIT is set (generic context); here
+  csc with ctx_init gives every class a copy of the initial words. Class-specific contexts exist
+  only for the training classes, so new-class evaluation with csc raises.
+- class_token_position: only 'end' (the only position DPC's configs use).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import types
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dpc_jax.prompts.base import (PLACEHOLDER, ClassTexts, Prompt, PromptLearner,
+                                  check_class_ids, class_texts_from_names, config_field,
+                                  insert_context)
+
+_WHERE = "config.backbone"
+
+
+class CoOp(PromptLearner):
+    """Context Optimization: a learned text context shared by all classes (or one per class)."""
+
+    name = "coop"
+    uses_image_prompts = False
+
+    def __init__(self, clip_config, tokenizer, config: ml_collections.ConfigDict):
+        super().__init__(clip_config, tokenizer, config)
+        n_ctx = config_field(config, "n_ctx", _WHERE)
+        ctx_init = config_field(config, "ctx_init", _WHERE)
+        csc = config_field(config, "csc", _WHERE)
+        position = config_field(config, "class_token_position", _WHERE)
+        if not isinstance(ctx_init, str):
+            raise ValueError(f"{_WHERE}.ctx_init={ctx_init!r}; expected a string ('' for random "
+                             f"initialisation)")
+        if not isinstance(csc, bool):
+            raise ValueError(f"{_WHERE}.csc={csc!r}; expected True or False")
+        if position != "end":
+            raise ValueError(f"{_WHERE}.class_token_position={position!r}; allowed values: "
+                             f"['end'] (CoOp's 'middle'/'front' are not implemented)")
+        if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < 1:
+            raise ValueError(f"{_WHERE}.n_ctx={n_ctx!r}; expected a positive integer")
+        if 1 + n_ctx + 1 > clip_config.context_length:
+            raise ValueError(f"{_WHERE}.n_ctx={n_ctx} leaves no room for a class name in "
+                             f"{clip_config.context_length} tokens")
+        self.ctx_init = ctx_init.replace("_", " ").strip()
+        if self.ctx_init:
+            n_init = len(tokenizer.encode(self.ctx_init))
+            if n_ctx != n_init:
+                raise ValueError(
+                    f"{_WHERE}.n_ctx={n_ctx} but {_WHERE}.ctx_init={ctx_init!r} has {n_init} "
+                    f"tokens; set n_ctx={n_init} (the context is initialised from those tokens)")
+        # The placeholder must tokenize to exactly one token per context vector, or the class
+        # tokens would not start at position 1 + n_ctx.
+        placeholder_ids = tokenizer.encode(" ".join([PLACEHOLDER] * n_ctx))
+        if len(placeholder_ids) != n_ctx:
+            raise ValueError(f"the tokenizer splits {n_ctx} placeholder words {PLACEHOLDER!r} "
+                             f"into {len(placeholder_ids)} tokens; expected {n_ctx}")
+        self.n_ctx = n_ctx
+        self.csc = csc
+
+    @classmethod
+    def default_config(cls) -> ml_collections.ConfigDict:
+        config = ml_collections.ConfigDict()
+        config.name = cls.name
+        config.n_ctx = 4
+        config.ctx_init = "a photo of a"
+        config.csc = False
+        config.class_token_position = "end"
+        return config
+
+    @property
+    def supports_new_classes(self) -> bool:
+        return not self.csc
+
+    def ctx_shape(self, num_classes: Optional[int] = None) -> tuple:
+        width = self.clip_config.transformer_width
+        if self.csc:
+            if num_classes is None or num_classes < 1:
+                raise ValueError(f"{_WHERE}.csc=True (class-specific contexts) needs the number "
+                                 f"of training classes; got num_classes={num_classes!r}")
+            return (num_classes, self.n_ctx, width)
+        return (self.n_ctx, width)
+
+    def init(self, key: jax.Array, clip_params, num_classes: Optional[int] = None) -> Prompt:
+        shape = self.ctx_shape(num_classes)
+        if self.ctx_init:
+            ids, _ = self.tokenizer(self.ctx_init)
+            emb = self.model.apply({"params": clip_params}, jnp.asarray(ids), method="embed_tokens")
+            ctx = jnp.asarray(emb[0, 1:1 + self.n_ctx], jnp.float32)
+            ctx = jnp.broadcast_to(ctx, shape)
+        else:
+            ctx = 0.02 * jax.random.normal(key, shape, jnp.float32)
+        return {"ctx": ctx}
+
+    def prepare(self, clip_params, classnames: Sequence[str], *,
+                new_classes: bool = False) -> ClassTexts:
+        if new_classes and self.csc:
+            raise ValueError(
+                f"{_WHERE}.csc=True: class-specific contexts exist only for the training classes, "
+                f"so CoOp-CSC cannot be evaluated on new classes; use csc=False for base-to-new")
+        return class_texts_from_names(self.model, clip_params, self.tokenizer, classnames,
+                                      self.n_ctx)
+
+    def text_features(self, clip_params, prompt: Prompt, class_texts: ClassTexts,
+                      class_ids) -> jax.Array:
+        class_ids = check_class_ids(class_ids)
+        ctx = prompt["ctx"]
+        if ctx.shape[-2:] != (self.n_ctx, self.clip_config.transformer_width):
+            raise ValueError(f"prompt['ctx'] of shape {ctx.shape}; expected [..., {self.n_ctx}, "
+                             f"{self.clip_config.transformer_width}] (n_ctx, text width)")
+        if self.csc:
+            if ctx.ndim != 3 or ctx.shape[0] != class_texts.num_classes:
+                raise ValueError(
+                    f"class-specific prompt['ctx'] of shape {ctx.shape} does not fit "
+                    f"{class_texts.num_classes} classes (csc contexts exist only for the "
+                    f"training classes)")
+            ctx = ctx[class_ids]
+        elif ctx.ndim != 2:
+            raise ValueError(f"prompt['ctx'] of shape {ctx.shape}; {_WHERE}.csc=False expects "
+                             f"[{self.n_ctx}, {self.clip_config.transformer_width}]")
+        embeddings = insert_context(class_texts.embeddings[class_ids], ctx)
+        return self.model.apply({"params": clip_params}, embeddings,
+                                class_texts.eot_indices[class_ids],
+                                method="encode_text_embeddings")
+
+    def image_features(self, clip_params, prompt: Prompt, images) -> jax.Array:
+        del prompt  # CoOp does not prompt the image encoder
+        return self.model.apply({"params": clip_params}, images, method="encode_image")
+
+    def load_torch_prompt(self, path: str, num_classes: Optional[int] = None) -> Prompt:
+        """The prompt of a PyTorch CoOp checkpoint, checked against this learner's shape."""
+        ctx = load_coop_torch_checkpoint(path, expected_shape=self.ctx_shape(num_classes))
+        return {"ctx": jnp.asarray(ctx)}
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch CoOp checkpoints
+# ----------------------------------------------------------------------------------------------
+
+# Globals a Dassl checkpoint may hold that are safe to build: tensors and plain containers.
+# Anything else (the pickled optimizer and LR-scheduler objects Dassl stores beside the state
+# dict) is replaced by an inert stand-in, so loading neither imports nor runs foreign code and
+# does not need dassl installed.
+_SAFE_GLOBALS = {
+    ("collections", "OrderedDict"),
+    ("collections", "defaultdict"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_tensor_v3"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"),
+} | {(module, name) for module in ("builtins", "__builtin__")  # protocol 2 says __builtin__
+     for name in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "bool", "str",
+                  "bytes", "complex", "slice")}
+
+
+class _Opaque:
+    """Stand-in for a pickled object of a class that is not loaded (accepts any state)."""
+
+    source = "?"
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __setitem__(self, key, value):
+        self.__dict__.setdefault("items", {})[key] = value
+
+    def append(self, value):
+        self.__dict__.setdefault("list", []).append(value)
+
+    def extend(self, values):
+        self.__dict__.setdefault("list", []).extend(values)
+
+    def __repr__(self):
+        return f"<unloaded {self.source}>"
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        return type(name, (_Opaque,), {"source": f"{module}.{name}"})
+
+
+def _restricted_pickle_module() -> types.ModuleType:
+    module = types.ModuleType("dpc_jax_restricted_pickle")
+    module.Unpickler = _RestrictedUnpickler
+    module.load = lambda f, **kwargs: _RestrictedUnpickler(f, **kwargs).load()
+    return module
+
+
+def load_coop_torch_checkpoint(path: str, key: str = "ctx",
+                               expected_shape: Optional[Sequence[int]] = None) -> np.ndarray:
+    """The context vectors (float32) of a PyTorch CoOp checkpoint.
+
+    `path`: a Dassl `prompt_learner/model.pth.tar-N` file (torch.save of a dict whose
+    'state_dict' holds 'ctx' and the token_prefix/token_suffix buffers, beside pickled optimizer
+    and scheduler objects, which are not loaded). fp16 contexts (CoOp's default precision) are
+    cast to float32. `expected_shape`, when given, is checked.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"CoOp checkpoint {path!r} does not exist; expected a Dassl "
+                                f"checkpoint such as <output_dir>/prompt_learner/model.pth.tar-50")
+    import torch  # only needed to read PyTorch files
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False,
+                                pickle_module=_restricted_pickle_module())
+    except Exception as e:  # noqa: BLE001 -- report which file could not be read, and why
+        raise ValueError(f"could not read {path!r} as a PyTorch checkpoint: {e}") from e
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"{path!r} is not a Dassl checkpoint: expected a dict with 'state_dict'; "
+                         f"found {found}")
+    state_dict = checkpoint["state_dict"]
+    if not isinstance(state_dict, dict) or key not in state_dict:
+        found = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+        raise ValueError(f"{path!r}: state_dict has no {key!r} (the CoOp context); found keys "
+                         f"{found}")
+    ctx = state_dict[key]
+    if not isinstance(ctx, torch.Tensor):
+        raise ValueError(f"{path!r}: state_dict[{key!r}] is a {type(ctx).__name__}; expected a "
+                         f"tensor")
+    ctx = ctx.detach().to(torch.float32).cpu().numpy()
+    if expected_shape is not None and tuple(ctx.shape) != tuple(expected_shape):
+        raise ValueError(f"{path!r}: state_dict[{key!r}] has shape {tuple(ctx.shape)}; expected "
+                         f"{tuple(expected_shape)} ([classes,] n_ctx, text width)")
+    return ctx

@@ -1,0 +1,80 @@
+"""Which parameters train: big_vision-style rule lists compiled to boolean masks.
+
+A rule is `(regex, trainable)`; a leaf's path is its keys joined by '/' (e.g.
+'prompt/parallel/ctx', 'clip/visual/conv1/kernel'). The first rule whose regex matches the whole
+path (`re.fullmatch`) decides. Every leaf must be decided by some rule: a leaf that no rule
+covers is an error, so a new parameter can never be trained or frozen by accident.
+
+    rules = [('clip/.*', False)] + DualPrompt.trainable_rules('prompt/')
+    mask = trainable_mask(params, rules)        # pytree of bools, True = trainable
+    tx = dpc_jax.training.optim.make_optimizer(..., mask=mask)
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, List, Sequence, Tuple
+
+import jax
+
+Rules = Sequence[Tuple[str, bool]]
+TRAINABLE, FROZEN = "trainable", "frozen"
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def leaf_paths(tree) -> List[str]:
+    """'/'-joined paths of the leaves of `tree`, in `tree_leaves` order."""
+    return ["/".join(_key_name(k) for k in path)
+            for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def _compile(rules: Rules) -> List[Tuple[re.Pattern, bool]]:
+    if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
+        raise ValueError(f"mask rules must be a list of (regex, bool) pairs; got {rules!r}")
+    compiled = []
+    for i, rule in enumerate(rules):
+        if (not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str)
+                or not isinstance(rule[1], bool)):
+            raise ValueError(f"mask rule #{i} is {rule!r}; expected a (regex string, bool) pair")
+        try:
+            compiled.append((re.compile(rule[0]), rule[1]))
+        except re.error as e:
+            raise ValueError(f"mask rule #{i}: invalid regex {rule[0]!r}: {e}") from e
+    return compiled
+
+
+def trainable_mask(tree, rules: Rules):
+    """A pytree of bools shaped like `tree` (True = trainable); raises listing the leaves that no
+    rule covers."""
+    compiled = _compile(rules)
+    paths = leaf_paths(tree)
+    decisions, uncovered = [], []
+    for path in paths:
+        decision = next((trainable for pattern, trainable in compiled
+                         if pattern.fullmatch(path)), None)
+        if decision is None:
+            uncovered.append(path)
+        decisions.append(decision)
+    if uncovered:
+        shown = uncovered[:20] + ([f"... ({len(uncovered) - 20} more)"] if len(uncovered) > 20
+                                  else [])
+        raise ValueError(f"no mask rule matches {len(uncovered)} parameter(s): {shown}; rules: "
+                         f"{[r for r, _ in rules]}. Every parameter must be matched by a rule "
+                         f"(re.fullmatch on '/'-joined paths)")
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tree), decisions)
+
+
+def optax_labels(mask) -> Any:
+    """`mask` as optax.multi_transform labels: 'trainable' / 'frozen'."""
+    return jax.tree_util.tree_map(lambda m: TRAINABLE if m else FROZEN, mask)
+
+
+def trainable_paths(tree, mask) -> List[str]:
+    """Paths of the trainable leaves (for logging what a run optimises)."""
+    return [p for p, m in zip(leaf_paths(tree), jax.tree_util.tree_leaves(mask)) if m]
