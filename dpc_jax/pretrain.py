@@ -215,7 +215,7 @@ def pretrain(cfg: PretrainConfig, command: str = "") -> dict:
                          f"caption ({caption_eot.max() + 1} tokens)")
     caption_ids = caption_ids[:, :cfg.text_context]
 
-    params = init_params(config, cfg.seed)
+    params = jax.jit(init_params, static_argnums=(0, 1))(config, cfg.seed)  # eager init is slow
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
     tx = make_optimizer(cfg)
     opt_state = tx.init(params)

@@ -189,7 +189,8 @@ def test_mock_data_end_to_end(tmp_path):
 
 
 def test_errors(tmp_path):
-    with pytest.raises(tfds_source.TfdsDatasetError, match="(?s)not prepared.*tfds build dtd.*array_record"):
+    with pytest.raises(tfds_source.TfdsDatasetError,
+                       match="(?s)not prepared.*tfds build dtd.*array_record"):
         build_dataset("dtd", str(tmp_path), source="tfds", cache_dir=None)
     with pytest.raises(tfds_source.TfdsDatasetError, match="no TFDS source.*coop"):
         build_dataset("fgvc_aircraft", str(tmp_path), source="tfds")

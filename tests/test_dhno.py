@@ -1,7 +1,5 @@
 """DHNO (dpc_jax.training.dhno) against plain-Python transcriptions of DPC_PROTOCOL.md §3."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,11 +67,15 @@ def as_lists(negatives, valid):
     return [[int(c) for c, v in zip(n, m) if v] for n, m in zip(negatives, valid)]
 
 
-@functools.partial(jax.jit, static_argnames=("k", "policy"))
-def select_many(scores, labels, keys, k, policy):
-    """select_hard_negatives over a leading axis of independent cases (one compile per shape)."""
-    return jax.vmap(lambda s, y, key: dhno.select_hard_negatives(s, y, k, key, policy))(
-        scores, labels, keys)
+select = jax.jit(dhno.select_hard_negatives, static_argnames=("k", "policy"))
+
+
+@jax.jit(static_argnames="k")
+def select_reference_and_draws(scores, labels, key, k):
+    """'reference' selection and the fallback draws it used, in one compile per shape."""
+    b, c = scores.shape
+    return (*dhno.select_hard_negatives(scores, labels, k, key, "reference"),
+            dhno.fallback_draws(key, b, c))
 
 
 def random_cases(rng, n, b, c):
@@ -88,8 +90,7 @@ def random_cases(rng, n, b, c):
 
 
 # (B, C, K): small class counts and K = 2 mostly reach the fallback, large K mostly not.
-SHAPES = [(1, 3, 2), (2, 5, 2), (4, 5, 4), (4, 10, 8), (3, 12, 3), (8, 12, 2), (1, 6, 4),
-          (2, 20, 6), (4, 37, 8), (3, 40, 5), (16, 60, 4)]
+SHAPES = [(2, 5, 2), (4, 5, 4), (8, 12, 3), (2, 20, 6), (4, 37, 8), (3, 40, 5)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -99,33 +100,31 @@ SHAPES = [(1, 3, 2), (2, 5, 2), (4, 5, 4), (4, 10, 8), (3, 12, 3), (8, 12, 2), (
 
 def test_reference_equals_python_rule():
     rng = np.random.default_rng(0)
-    n = 50
+    n = 60
     counts = {"no_fallback": 0, "fallback": 0}
     for b, c, k in SHAPES:
         scores, labels = random_cases(rng, n, b, c)
-        keys = jax.random.split(jax.random.key(b * 1000 + c * 10 + k), n)
-        negatives, valid = select_many(jnp.asarray(scores), jnp.asarray(labels), keys, k,
-                                       "reference")
-        assert negatives.shape == (n, b, k) and negatives.dtype == jnp.int32
-        assert valid.shape == (n, b, k) and valid.dtype == jnp.bool_
-        all_draws = np.asarray(jax.vmap(lambda key: dhno.fallback_draws(key, b, c))(keys))
-        negatives, valid = np.asarray(negatives), np.asarray(valid)
         for case in range(n):
+            key = jax.random.key(case)
+            negatives, valid, draws = select_reference_and_draws(scores[case], labels[case],
+                                                                 key, k=k)
+            assert negatives.shape == (b, k) and negatives.dtype == jnp.int32
+            assert valid.shape == (b, k) and valid.dtype == jnp.bool_
+            negatives, valid = np.asarray(negatives), np.asarray(valid)
             want, n_top, used = py_reference(scores[case].tolist(), labels[case].tolist(), k,
-                                             all_draws[case].tolist())
-            got = as_lists(negatives[case], valid[case])
+                                             np.asarray(draws).tolist())
+            got = as_lists(negatives, valid)
             # The deterministic top-K part always matches, the whole rule with the same draws too.
             assert [g[:t] for g, t in zip(got, n_top)] == [w[:t] for w, t in zip(want, n_top)]
             assert got == want, (b, c, k, case)
             counts["fallback" if any(used) else "no_fallback"] += 1
             # Layout: valid slots first, invalid slots hold class 0.
-            v = valid[case]
-            assert (np.sort(~v, axis=1) == ~v).all()
-            assert (negatives[case][~v] == 0).all()
+            assert (np.sort(~valid, axis=1) == ~valid).all()
+            assert (negatives[~valid] == 0).all()
             if any(used):
                 check_fallback_invariants(got, n_top, labels[case].tolist(), c)
     # Both regimes were exercised.
-    assert counts["no_fallback"] > 100 and counts["fallback"] > 100, counts
+    assert counts["no_fallback"] > 80 and counts["fallback"] > 80, counts
 
 
 def check_fallback_invariants(got, n_top, labels, c):
@@ -169,30 +168,32 @@ def test_ties_go_to_the_lower_class_index():
 
 def test_reference_worked_example():
     # Anchor 0 (y=0): top-3 = 1, 2, 0 -> keeps 1, 2. Anchor 1 (y=3): top-3 = 1, 4, 2 -> 1 and 2
-    # are taken by anchor 0, keeps 4 only -> fallback adds one class of [1, C-2] not yet used.
+    # are taken by anchor 0, keeps 4 only -> the fallback's C-2 = 5 draws from [1, 5] can only
+    # add class 5 (the rest is in 'objects'), if one of them hits it; class 6 = C-1 never.
     scores = jnp.asarray([[0.5, 0.9, 0.8, 0.0, 0.1, 0.0, 0.0],
                           [0.0, 0.9, 0.7, 0.1, 0.8, 0.0, 0.0]])
-    negatives, valid = dhno.select_hard_negatives(scores, jnp.asarray([0, 3]), 3,
-                                                  jax.random.key(1))
-    got = as_lists(negatives, valid)
-    assert got[0] == [1, 2] and got[1][0] == 4 and len(got[1]) == 2
-    assert got[1][1] == 5  # the only class in [1, 5] not in {0, 3, 1, 2, 4}
-    np.testing.assert_array_equal(valid, [[True, True, False], [True, True, False]])
+    outcomes = set()
+    for seed in range(20):
+        negatives, valid = select(scores, jnp.asarray([0, 3]), k=3, key=jax.random.key(seed),
+                                  policy="reference")
+        got = as_lists(negatives, valid)
+        assert got[0] == [1, 2] and got[1] in ([4], [4, 5])
+        outcomes.add(len(got[1]))
+    assert outcomes == {1, 2}  # P(no draw hits 5) = (4/5)^5
 
 
 def test_hardest_equals_python_rule():
     rng = np.random.default_rng(1)
     n = 40
+    key = jax.random.key(0)
     for b, c, k in SHAPES:
         scores, labels = random_cases(rng, n, b, c)
-        keys = jax.random.split(jax.random.key(0), n)
-        negatives, valid = select_many(jnp.asarray(scores), jnp.asarray(labels), keys, k,
-                                       "hardest")
-        negatives, valid = np.asarray(negatives), np.asarray(valid)
-        assert not valid[..., k - 1].any()  # slot K is never used
         for case in range(n):
+            negatives, valid = select(scores[case], labels[case], k=k, key=key, policy="hardest")
+            negatives, valid = np.asarray(negatives), np.asarray(valid)
+            assert not valid[:, k - 1].any()  # slot K is never used
             want = py_hardest(scores[case].tolist(), labels[case].tolist(), k)
-            assert as_lists(negatives[case], valid[case]) == want, (b, c, k, case)
+            assert as_lists(negatives, valid) == want, (b, c, k, case)
             # Always K-1 negatives while enough classes are left.
             left = c - len(set(labels[case].tolist()))
             for negs in want:
@@ -326,6 +327,9 @@ def released_loss_torch(v, t, scale):
     return loss.item(), v.grad.numpy(), t.grad.numpy()
 
 
+loss_and_grad = jax.jit(jax.value_and_grad(dhno.contrastive_loss, argnums=(0, 1)))
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_contrastive_loss_equals_released_on_compacted_batch(seed):
     rng = np.random.default_rng(seed)
@@ -338,8 +342,7 @@ def test_contrastive_loss_equals_released_on_compacted_batch(seed):
     valid[:: k + 1] = True  # anchors are always valid
     keep = np.flatnonzero(valid)
 
-    loss, (gv, gt) = jax.value_and_grad(dhno.contrastive_loss, argnums=(0, 1))(
-        jnp.asarray(v), jnp.asarray(t), jnp.asarray(valid), 100.0)
+    loss, (gv, gt) = loss_and_grad(jnp.asarray(v), jnp.asarray(t), jnp.asarray(valid), 100.0)
     want = released_loss_numpy(v[keep].astype(np.float64), t[keep].astype(np.float64), 100.0)
     assert abs(float(loss) - want) <= 1e-6 * max(1.0, abs(want)), (float(loss), want)
     want_t, gv_t, gt_t = released_loss_torch(v[keep], t[keep], 100.0)
@@ -352,7 +355,7 @@ def test_contrastive_loss_equals_released_on_compacted_batch(seed):
     v2, t2 = v.copy(), t.copy()
     v2[~valid] = rng.normal(size=v2[~valid].shape) * 50
     t2[~valid] = v[0]
-    loss2 = dhno.contrastive_loss(jnp.asarray(v2), jnp.asarray(t2), jnp.asarray(valid), 100.0)
+    loss2, _ = loss_and_grad(jnp.asarray(v2), jnp.asarray(t2), jnp.asarray(valid), 100.0)
     assert float(loss2) == float(loss)
 
 

@@ -68,14 +68,14 @@ def random_clip_params(config, seed=0):
 
 @pytest.fixture(scope="module")
 def clip_setup():
-    config = clip_lib.get_config("tiny")
+    # One block per tower keeps compilation short; CoOp's text path does not depend on depth.
+    config = clip_lib.get_config("tiny", vision_layers=1, transformer_layers=1)
     return config, random_clip_params(config)
 
 
 def coop_config(**changes):
-    config = CoOp.default_config()
-    config.update(changes)
-    return config
+    # A fresh ConfigDict, so fields may take values of other types (to test their errors).
+    return ml_collections.ConfigDict({**CoOp.default_config().to_dict(), **changes})
 
 
 def encode_plain_text(config, params, tokenizer, texts):
@@ -111,7 +111,8 @@ def test_ctx_init_counts_bpe_tokens(tokenizer, clip_setup):
         CoOp(config, tokenizer, coop_config(ctx_init="a big photo", n_ctx=3))
     learner = CoOp(config, tokenizer, coop_config(ctx_init="a big photo", n_ctx=5))
     prompt = learner.init(jax.random.key(0), params)
-    got = jax.jit(learner.text_features)(params, prompt, learner.prepare(params, ["dog"]), jnp.array([0]))
+    class_texts = learner.prepare(params, ["dog"])
+    got = jax.jit(learner.text_features)(params, prompt, class_texts, jnp.array([0]))
     expected = encode_plain_text(config, params, tokenizer, ["a big photo dog."])
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-6)
 

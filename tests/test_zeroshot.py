@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -13,6 +14,9 @@ from dpc_jax.models.clip import CLIP, CLIP_MEAN, CLIP_STD, get_config, init_para
 from dpc_jax.models.tokenizer import Tokenizer
 
 ASSETS = world.asset_dir()
+
+# Eager Flax init compiles op by op (slow on 2 shared cores); one jitted program is faster.
+fast_init = jax.jit(init_params, static_argnums=(0, 1))
 
 
 class ArraySplit(base.ImageSplit):
@@ -33,7 +37,12 @@ class ArraySplit(base.ImageSplit):
 @pytest.fixture(scope="module")
 def tiny():
     config = get_config("tiny")
-    return CLIP(config), init_params(config, 3), Tokenizer.from_pretrained(ASSETS)
+    return CLIP(config), fast_init(config, 3), Tokenizer.from_pretrained(ASSETS)
+
+
+def _apply(model, params, x, method):
+    """Raw features from the model (jitted only for speed); everything after is numpy."""
+    return jax.jit(lambda p, x: model.apply({"params": p}, x, method=method))(params, x)
 
 
 def _unit(x):
@@ -49,7 +58,7 @@ def test_zeroshot_classifier_matches_numpy(tiny):
     want = []
     for name in names:
         ids, _ = tok([t.format(name.replace("_", " ")) for t in templates])
-        feats = np.asarray(model.apply({"params": params}, ids, method="encode_text"))
+        feats = np.asarray(_apply(model, params, ids, "encode_text"))
         want.append(_unit(_unit(feats).mean(axis=0)))
     np.testing.assert_allclose(weights, np.stack(want), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(weights, axis=1), 1.0, rtol=1e-6)
@@ -61,8 +70,7 @@ def test_evaluate_matches_numpy_with_padded_last_batch(tiny):
     images = rng.integers(0, 256, (13, 32, 32, 3), dtype=np.uint8)
     weights = _unit(rng.normal(size=(4, model.config.embed_dim))).astype(np.float32)
     x = (images / 255.0 - np.asarray(CLIP_MEAN)) / np.asarray(CLIP_STD)
-    feats = _unit(np.asarray(model.apply({"params": params}, x.astype(np.float32),
-                                         method="encode_image")))
+    feats = _unit(np.asarray(_apply(model, params, x.astype(np.float32), "encode_image")))
     want_pred = np.argmax(feats @ weights.T, axis=1)
     # Labels: right for the first 9 items, wrong for the last 4 -> 9/13 correct.
     labels = np.concatenate([want_pred[:9], (want_pred[9:] + 1) % 4])

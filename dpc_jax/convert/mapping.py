@@ -43,7 +43,7 @@ class Entry:
     def to_ours(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         pieces = [a if self.perm is None else np.transpose(a, self.perm) for a in arrays]
         if len(pieces) == 1:
-            return _contiguous(pieces[0])
+            return pieces[0] if self.perm is None else _contiguous(pieces[0])
         return np.concatenate(pieces, axis=self.concat_axis)
 
     def to_theirs(self, x: np.ndarray) -> list:

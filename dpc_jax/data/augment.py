@@ -10,10 +10,11 @@ BICUBIC)`: PIL's bicubic kernel (a = -0.5), widened by the scale factor when dow
 antialiasing), kernel taps restricted to the crop box and renormalised at its edges, the
 horizontal pass first, and a round-to-uint8 after each pass as PIL does for 8-bit images. PIL
 stores its coefficients in 22-bit fixed point and we use float32, so results can differ from
-PIL by one grey level on a few pixels. (Pillow's `ImagingResampleInner` source runs the
-horizontal pass first, and so do we; the Pillow 13.0 installed here runs the vertical pass first
-for some shapes, apparently when that gives the smaller intermediate image, which moves about a
-quarter of the pixels by one grey level.) Each pass is a matmul with a per-image [out, in]
+PIL by one grey level on a few pixels. (Pillow resampled horizontally first until 2026; newer
+releases, such as the 13.0 installed here, run the vertical pass first when the height shrinks
+much more than the width (python-pillow/Pillow#9549), which moves about a quarter of those
+images' pixels by a grey level or more where the bicubic overshoot is clipped. We keep the
+order of the Pillow the released code ran on.) Each pass is a matmul with a per-image [out, in]
 weight matrix (no gathers, so crops of any size share one static shape); the flip reverses the
 rows of the horizontal weight matrix.
 """

@@ -224,13 +224,15 @@ class ResidualAttentionBlock(nn.Module):
         return x
 
 
-def _broadcast_prompt(prompt, batch: int, dtype):
+def _broadcast_prompt(prompt, batch: int, dtype, width: Optional[int] = None):
     """[n, W] -> [N, n, W]; a prompt that already has the batch axis is kept."""
     prompt = jnp.asarray(prompt).astype(dtype)
     if prompt.ndim == 2:
         prompt = jnp.broadcast_to(prompt[None], (batch,) + prompt.shape)
-    if prompt.ndim != 3 or prompt.shape[0] != batch:
-        raise ValueError(f"prompt of shape {prompt.shape}; expected [n, W] or [{batch}, n, W]")
+    expected_width = prompt.shape[-1] if width is None else width
+    if prompt.ndim != 3 or prompt.shape[0] != batch or prompt.shape[-1] != expected_width:
+        raise ValueError(f"prompt of shape {prompt.shape}; expected [n, {expected_width}] or "
+                         f"[{batch}, n, {expected_width}]")
     return prompt
 
 
@@ -256,8 +258,12 @@ class Transformer(nn.Module):
                              f"{self.layers} blocks, so at most {self.layers - 1} can be replaced")
         for i in range(self.layers):
             if 1 <= i <= n_deep:
-                p = _broadcast_prompt(deep_prompts[i - 1], x.shape[0], x.dtype)
+                p = _broadcast_prompt(deep_prompts[i - 1], x.shape[0], x.dtype, self.width)
                 n = p.shape[1]
+                if n > x.shape[1] - 1:
+                    raise ValueError(f"deep prompt for block {i} has {n} tokens; the sequence "
+                                     f"has {x.shape[1]} positions (at most {x.shape[1] - 1} "
+                                     f"can be replaced)")
                 if prompt_slot == "front":
                     x = jnp.concatenate([x[:, :1], p, x[:, 1 + n:]], axis=1)
                 else:
@@ -292,11 +298,20 @@ class VisionTransformer(nn.Module):
         cls = jnp.broadcast_to(class_embedding.astype(dtype), (n, 1, width))
         x = jnp.concatenate([cls, x], axis=1) + positional_embedding.astype(dtype)
         if prompts is not None:
-            x = jnp.concatenate([x, _broadcast_prompt(prompts, n, dtype)], axis=1)
+            x = jnp.concatenate([x, _broadcast_prompt(prompts, n, dtype, width)], axis=1)
         x = LayerNorm(dtype, name="ln_pre")(x)
         if deep_prompts is not None and prompts is None:
             raise ValueError("deep visual prompts need shallow visual prompts (the slots they "
                              "replace are the appended prompt tokens)")
+        if deep_prompts is not None:
+            # Deep prompts replace the last n tokens: any other n would overwrite patch tokens.
+            n_prompt = jnp.shape(prompts)[-2]
+            for i in range(len(deep_prompts)):
+                if jnp.shape(deep_prompts[i])[-2] != n_prompt:
+                    raise ValueError(
+                        f"deep visual prompt for block {i + 1} has shape "
+                        f"{tuple(jnp.shape(deep_prompts[i]))}; its token count must equal the "
+                        f"{n_prompt} shallow visual prompt tokens")
         x = Transformer(width, cfg.vision_layers, cfg.vision_heads, dtype, precision,
                         name="transformer")(x, None, deep_prompts, prompt_slot="back")
         x = LayerNorm(dtype, name="ln_post")(x[:, 0])

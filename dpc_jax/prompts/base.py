@@ -91,10 +91,8 @@ def clip_logits(image_features: Array, text_features: Array, logit_scale: Array,
 
 
 def cross_entropy(logits: Array, labels: Array, weights: Optional[Array] = None) -> Array:
-    """Mean softmax cross-entropy with integer labels; `weights` (0/1 validity mask) optional.
-
-    Computed in float32 (log-softmax) like torch's F.cross_entropy.
-    """
+    """Mean softmax cross-entropy (in float32) with integer labels; `weights` (a 0/1 validity
+    mask) restricts the mean to the valid rows."""
     logits = logits.astype(jnp.float32)
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]

@@ -18,7 +18,7 @@ Mixing weights of exactly 0 or 1 return the corresponding prompt itself (the sam
 the arithmetic: 0*Q + 1*P differs from P where Q holds inf/nan and turns -0.0 into +0.0. With
 w_n = 0 the new-class prompt is therefore bitwise P, which the method promises ("new-class
 accuracy stays exactly the backbone's"); the released code's arithmetic gives P only up to
-rounding (its map divides (1-(1-w_b))*P by w_b).
+rounding (it evaluates (P - (1-w_b)*P) * (1/w_b)).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The Dynamic Hard Negative Optimizer (DHNO) of DPC stage 2, with static shapes (DPC_PROTOCOL.md §3).
+"""DPC stage 2: the Dynamic Hard Negative Optimizer (DHNO) with static shapes (DPC_PROTOCOL.md §3).
 
 Everything here runs inside the jitted per-device step. The released code builds a batch whose
 size changes every step; here every anchor owns K negative slots and a validity mask, so the
@@ -144,7 +144,7 @@ def select_hard_negatives(scores: Array, labels: Array, k: int, key: Array,
             count = jnp.sum(take)
             return _mark(present, order_i, take), (negs, slot_pos < count)
 
-        _, (negatives, valid) = jax.lax.scan(body, present, order, unroll=_UNROLL)
+        _, (negatives, valid) = jax.lax.scan(body, present, order)
         return negatives, valid
 
     draws = fallback_draws(key, b, c)
@@ -169,7 +169,7 @@ def select_hard_negatives(scores: Array, labels: Array, k: int, key: Array,
         count = n_top + jnp.sum(take)
         return _mark(present, draws_i, take), (negs, slot_pos < count)
 
-    _, (negatives, valid) = jax.lax.scan(body, present, (order, draws), unroll=_UNROLL)
+    _, (negatives, valid) = jax.lax.scan(body, present, (order, draws))
     return negatives, valid
 
 

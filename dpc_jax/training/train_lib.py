@@ -16,7 +16,6 @@ checkpoints hold only the prompt parameters and the optimiser state.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
 import math
@@ -34,13 +33,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from dpc_jax.data import augment
+from dpc_jax.data import augment, transforms
 from dpc_jax.data.base import BaseToNewData, ImageSplit
 from dpc_jax.models.clip import CLIP, CLIPConfig, normalize
 from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import get_learner
 from dpc_jax.prompts import dpc as dpc_lib
-from dpc_jax.training import dhno, optim
+from dpc_jax.training import dhno, masks, optim
 
 STAGES = ("zeroshot", "backbone", "dpc")
 MODES = ("train", "eval")
@@ -86,7 +85,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         stage, key = field.split(".")
         if config[stage][key] < 1:
             raise ValueError(f"config.{field}={config[stage][key]!r}; expected >= 1")
-    dpc_lib.check_weights(config.dpc.mode, config.dpc.w_base, config.dpc.w_new)
+    dpc_lib.DualPrompt(config.dpc)  # validates mode, w_base, w_new
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,26 +143,23 @@ def load_benchmark(config, seed: int, subsample: str) -> BaseToNewData:
     from dpc_jax.data import sources
 
     return sources.build_dataset(config.dataset, config.root, source=config.source,
-                                 shots=config.shots, seed=seed, subsample=subsample,
-                                 skip_bad=config.skip_bad_images)
+                                 shots=config.shots, seed=seed, subsample=subsample)
 
 
-def _map_images(split: ImageSplit, indices, size: int, workers: int):
-    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-        return list(pool.map(lambda i: split.load_image(int(i), size), indices))
-
-
-def decode_split(split: ImageSplit, size: int, workers: int, desc: str, progress: bool):
-    """Decode a whole (few-shot) split once: uint8 [N, size, size, 3]."""
-    out = np.empty((len(split), size, size, 3), np.uint8)
-    chunk = 64
-    bar = tqdm(total=len(split), desc=desc, disable=not progress, leave=False)
-    for start in range(0, len(split), chunk):
-        idx = range(start, min(start + chunk, len(split)))
-        out[start:start + len(idx)] = np.stack(_map_images(split, idx, size, workers))
-        bar.update(len(idx))
-    bar.close()
-    return out
+def decode_split(split: ImageSplit, size: int, config, desc: str):
+    """Decode a whole (few-shot) split once: (uint8 [N, size, size, 3], labels [N]); with
+    `config.skip_bad_images` unreadable images are dropped (and reported), else they raise."""
+    batches = transforms.iterate_batches(split, size, 64, num_threads=config.num_workers,
+                                         progress=config.progress,
+                                         skip_bad=config.skip_bad_images, desc=desc)
+    images, labels, valid = zip(*list(batches))
+    valid = np.concatenate(valid)[:len(split)]
+    if batches.num_skipped:
+        tqdm.write(f"{desc}: dropped {batches.num_skipped} unreadable image(s), e.g. "
+                   f"{batches.skipped[0][1]} ({batches.skipped[0][2]})")
+    images = np.concatenate(images)[:len(split)][valid]
+    labels = np.asarray(split.labels, np.int32)[valid]
+    return images, labels
 
 
 @dataclasses.dataclass
@@ -182,8 +178,7 @@ class TrainSet:
 
 
 def make_train_set(split: ImageSplit, num_classes: int, size: int, mesh: Mesh, config) -> TrainSet:
-    images = decode_split(split, size, config.num_workers, "decode train", config.progress)
-    labels = np.asarray(split.labels, np.int32)
+    images, labels = decode_split(split, size, config, "decode few-shot train")
     table, counts = dhno.build_class_table(labels, num_classes)
     return TrainSet(*replicate((images, labels, table, counts), mesh), num_classes=num_classes)
 
@@ -240,7 +235,7 @@ def make_backbone_loss(learner, res: int, num_classes: int):
     return loss_fn
 
 
-def make_dpc_loss(learner, dpc: "dpc_lib.DPC", res: int, top_k: int, policy: str):
+def make_dpc_loss(learner, dpc: "dpc_lib.DualPrompt", res: int, top_k: int, policy: str):
     """Stage 2: DHNO inside the step (DPC_PROTOCOL.md §3), on B anchors of this device."""
 
     def loss_fn(params, consts, batch, key):
@@ -357,6 +352,7 @@ class Evaluator:
         self.learner, self.clip_params, self.res, self.mesh = learner, clip_params, res, mesh
         self.batch = int(math.ceil(config.eval_batch_size / mesh.size) * mesh.size)
         self.workers, self.progress = config.num_workers, config.progress
+        self.skip_bad = config.skip_bad_images
         self._cache = {}
         model = CLIP(learner.clip_config)
         self._prompted = jax.jit(lambda cp, prompt, x: normalize(
@@ -365,44 +361,38 @@ class Evaluator:
             {"params": cp}, augment.center_normalize(x, res), method="encode_image")))
 
     def image_features(self, split: ImageSplit, prompt, key: str, plain: bool = False):
+        """(normalised features [N, E], valid [N]); invalid = skipped unreadable images."""
         cacheable = plain or not self.learner.uses_image_prompts
         if cacheable and key in self._cache:
             return self._cache[key]
+        batches = transforms.iterate_batches(
+            split, self.res, self.batch, num_threads=self.workers, progress=self.progress,
+            skip_bad=self.skip_bad, desc=f"encode {key} test")
+        feats, valid = [], []
+        for images, _, ok in batches:
+            images = shard_batch(images, self.mesh)
+            out = (self._plain(self.clip_params, images) if plain
+                   else self._prompted(self.clip_params, prompt, images))
+            feats.append(np.asarray(out))
+            valid.append(ok)
         n = len(split)
-        feats = []
-        bar = tqdm(total=n, desc=f"encode {key} test", disable=not self.progress, leave=False)
-        starts = list(range(0, n, self.batch))
-
-        def load(s):
-            return np.stack([split.load_image(i, self.res)
-                             for i in range(s, min(s + self.batch, n))])
-
-        with concurrent.futures.ThreadPoolExecutor(max(1, self.workers)) as pool:
-            futures = [pool.submit(load, s) for s in starts[:2]]  # prefetch two batches
-            for j in range(len(starts)):
-                images = futures[j].result()
-                if j + 2 < len(starts):
-                    futures.append(pool.submit(load, starts[j + 2]))
-                count = images.shape[0]
-                if count < self.batch:  # static shapes: pad the last batch
-                    pad = np.zeros((self.batch - count,) + images.shape[1:], images.dtype)
-                    images = np.concatenate([images, pad])
-                images = shard_batch(images, self.mesh)
-                out = (self._plain(self.clip_params, images) if plain
-                       else self._prompted(self.clip_params, prompt, images))
-                feats.append(np.asarray(out)[:count])
-                bar.update(count)
-        bar.close()
-        feats = np.concatenate(feats)
+        if batches.num_skipped:
+            tqdm.write(f"{key} test: skipped {batches.num_skipped} unreadable image(s), e.g. "
+                       f"{batches.skipped[0][1]} ({batches.skipped[0][2]})")
+        out = (np.concatenate(feats)[:n], np.concatenate(valid)[:n])
         if cacheable:
-            self._cache[key] = feats
-        return feats
+            self._cache[key] = out
+        return out
+
+    def accuracy_from_features(self, split: ImageSplit, features, text) -> float:
+        img, valid = features
+        pred = np.argmax(img @ np.asarray(text).T, axis=-1)
+        correct = (pred == np.asarray(split.labels)) & valid
+        return float(100.0 * correct.sum() / max(1, valid.sum()))
 
     def accuracy(self, split: ImageSplit, prompt, class_texts, key: str) -> float:
         text = class_text_features(self.learner, self.clip_params, prompt, class_texts)
-        img = self.image_features(split, prompt, key)
-        pred = np.argmax(img @ np.asarray(text).T, axis=-1)
-        return float(100.0 * np.mean(pred == np.asarray(split.labels)))
+        return self.accuracy_from_features(split, self.image_features(split, prompt, key), text)
 
 
 def class_text_features(learner, clip_params, prompt, class_texts, chunk: int = 256):
@@ -587,8 +577,7 @@ def run_zeroshot(ctx: SeedContext) -> dict:
         weights = np.asarray(zeroshot.zeroshot_classifier(
             model, ctx.clip_params, ctx.tokenizer, data.classnames, data.templates))
         feats = ctx.evaluator.image_features(data.test, None, half, plain=True)
-        pred = np.argmax(feats @ weights.T, axis=-1)
-        out[half] = float(100.0 * np.mean(pred == np.asarray(data.test.labels)))
+        out[half] = ctx.evaluator.accuracy_from_features(data.test, feats, weights)
     out["hm"] = harmonic_mean(out["base"], out["new"])
     return out
 
@@ -597,15 +586,16 @@ def backbone_prompt(ctx: SeedContext, train: bool):
     """Stage 1's tuned prompt P: trained here, restored, or read from a PyTorch CoOp file."""
     cfg = ctx.config
     if cfg.backbone.init_from:
-        return ctx.learner.load_torch_checkpoint(cfg.backbone.init_from)
+        return ctx.learner.load_torch_prompt(cfg.backbone.init_from, ctx.base.num_classes)
     stage_dir = os.path.join(ctx.seed_dir, "backbone")
-    init = ctx.learner.init(jax.random.fold_in(jax.random.key(ctx.seed), 101), ctx.clip_params)
+    init = ctx.learner.init(jax.random.fold_in(jax.random.key(ctx.seed), 101), ctx.clip_params,
+                            ctx.base.num_classes)
     init = _host(init)
     if not train:
         return load_final_params(stage_dir, init)
     optimizer, schedule = _optimizer(cfg, cfg.backbone.lr, cfg.backbone.epochs,
                                      ctx.train_set().size, cfg.backbone.batch_size,
-                                     ctx.mesh, mask=None)
+                                     ctx.mesh, mask=all_trainable(init))
     return train_loop(
         name=f"seed {ctx.seed} backbone ({cfg.backbone.name})", stage_id=1, stage_dir=stage_dir,
         loss_fn=make_backbone_loss(ctx.learner, ctx.res, ctx.base.num_classes),
@@ -616,11 +606,22 @@ def backbone_prompt(ctx: SeedContext, train: bool):
 
 
 def _optimizer(cfg, lr, epochs, n, batch_size, mesh, mask):
+    """The stage's SGD (Dassl schedule) and its learning-rate schedule (for logging)."""
     steps_per_epoch = max(1, n // (batch_size * mesh.size))
-    return optim.make_optimizer(
-        lr=lr, max_epoch=epochs, steps_per_epoch=steps_per_epoch, momentum=cfg.optim.momentum,
-        weight_decay=cfg.optim.weight_decay, warmup_epochs=cfg.optim.warmup_epochs,
-        warmup_lr=cfg.optim.warmup_lr, mask=mask)
+    kw = dict(warmup_epochs=cfg.optim.warmup_epochs, warmup_lr=cfg.optim.warmup_lr)
+    optimizer = optim.make_optimizer(lr, epochs, steps_per_epoch, mask=mask,
+                                     momentum=cfg.optim.momentum,
+                                     weight_decay=cfg.optim.weight_decay, **kw)
+    return optimizer, optim.dassl_schedule(lr, epochs, steps_per_epoch, **kw)
+
+
+def all_trainable(params):
+    return masks.trainable_mask(params, [(".*", True)])
+
+
+def dpc_mask(params):
+    """P frozen, the parallel prompt trained; every leaf must be covered by a rule."""
+    return masks.trainable_mask(params, dpc_lib.DualPrompt.trainable_rules())
 
 
 def run_backbone(ctx: SeedContext, train: bool = True) -> dict:
@@ -631,16 +632,12 @@ def run_backbone(ctx: SeedContext, train: bool = True) -> dict:
 def run_dpc(ctx: SeedContext, train: bool = True) -> dict:
     cfg = ctx.config
     top_k = cfg.dhno.top_k
-    if top_k >= ctx.base.num_classes:
-        raise ValueError(
-            f"config.dhno.top_k={top_k} needs more than {top_k} base classes; {cfg.dataset} has "
-            f"{ctx.base.num_classes} (e.g. EuroSAT has 5: use top_k <= 4)")
-    dpc = dpc_lib.DPC(mode=cfg.dpc.mode, w_base=cfg.dpc.w_base, w_new=cfg.dpc.w_new)
+    dpc = dpc_lib.DualPrompt(cfg.dpc)
     backbone = _host(backbone_prompt(ctx, train=False))
     init = dpc.init(backbone)
     stage_dir = os.path.join(ctx.seed_dir, "dpc")
     if train:
-        mask = dpc.trainable_mask(init)
+        mask = dpc_mask(init)
         optimizer, schedule = _optimizer(cfg, cfg.dpc.lr, cfg.dpc.epochs, ctx.train_set().size,
                                          cfg.batch_size, ctx.mesh, mask=mask)
         consts = ctx.train_consts()
@@ -674,13 +671,35 @@ def make_seed_context(config, seed, workdir, mesh, clip_config, clip_params, tok
     new = load_benchmark(config, seed, "new")
     learner = get_learner(config.backbone.name)(clip_config, tokenizer, config.backbone)
     base_texts = replicate(learner.prepare(clip_params, base.classnames), mesh)
-    new_texts = replicate(learner.prepare(clip_params, new.classnames), mesh)
+    new_texts = replicate(learner.prepare(clip_params, new.classnames, new_classes=True), mesh)
     res = clip_config.image_resolution
     evaluator = Evaluator(learner, clip_params, res, mesh, config)
     return SeedContext(config=config, seed=seed, seed_dir=os.path.join(workdir, f"seed_{seed}"),
                        mesh=mesh, clip_config=clip_config, clip_params=clip_params,
                        tokenizer=tokenizer, base=base, new=new, learner=learner,
                        base_texts=base_texts, new_texts=new_texts, evaluator=evaluator, res=res)
+
+
+def preflight(ctx: SeedContext, stages, train: bool) -> None:
+    """Checks that need the data, run before any stage trains (nothing is half-done on error)."""
+    cfg, n, devices = ctx.config, len(ctx.base.train), ctx.mesh.size
+    if "dpc" in stages and cfg.dhno.top_k >= ctx.base.num_classes:
+        raise ValueError(
+            f"config.dhno.top_k={cfg.dhno.top_k} needs more than {cfg.dhno.top_k} base classes; "
+            f"{cfg.dataset} has {ctx.base.num_classes} (e.g. EuroSAT has 5: use top_k <= 4)")
+    if not train:
+        return
+    checks = []
+    if "backbone" in stages and not cfg.backbone.init_from:
+        checks.append(("backbone.batch_size", cfg.backbone.batch_size))
+    if "dpc" in stages:
+        checks.append(("batch_size", cfg.batch_size))
+    for field, b in checks:
+        if b * devices > n:
+            raise ValueError(
+                f"config.{field}={b} x {devices} device(s) = {b * devices} anchors per step "
+                f"exceeds the few-shot training set of {cfg.dataset} ({n} images at "
+                f"{cfg.shots} shots); lower the batch size or use more shots")
 
 
 def summarize(per_seed: dict) -> dict:
@@ -723,6 +742,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     per_seed = {stage: {} for stage in stages}
     for seed in seeds:
         ctx = make_seed_context(config, seed, workdir, mesh, clip_config, clip_params, tokenizer)
+        preflight(ctx, stages, train)
         for stage in stages:
             result = STAGE_RUNNERS[stage](ctx, train)
             per_seed[stage][seed] = result

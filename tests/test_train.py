@@ -1,0 +1,195 @@
+"""End-to-end tests of the two-stage training on the embedded world (tiny schedules)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from dpc_jax.training import train_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "configs"))
+import dpc_coop  # noqa: E402
+
+
+def small_config(**changes):
+    c = dpc_coop.get_config()
+    c.shots = 2
+    c.progress = False
+    c.backbone.epochs = 2
+    c.backbone.batch_size = 16
+    c.batch_size = 4
+    c.dhno.top_k = 4
+    c.dpc.epochs = 1
+    c.log_every_steps = 1
+    c.checkpoint_every_steps = 4
+    for key, value in changes.items():
+        target = c
+        *path, last = key.split(".")
+        for part in path:
+            target = target[part]
+        target[last] = value
+    return c
+
+
+def read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def tree_equal(a, b):
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    return len(la) == len(lb) and all(
+        np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("run"))
+    results = train_lib.train_and_evaluate(small_config(), workdir)
+    return workdir, results
+
+
+def test_results_table_and_files(full_run):
+    workdir, results = full_run
+    with open(os.path.join(workdir, "results.json")) as f:
+        on_disk = json.load(f)
+    assert set(on_disk) == {"zeroshot", "backbone", "dpc"}
+    for stage, r in on_disk.items():
+        assert 0.0 <= r["base"] <= 100.0 and 0.0 <= r["new"] <= 100.0
+        assert r["hm"] == pytest.approx(2 * r["base"] * r["new"] / (r["base"] + r["new"]))
+        assert set(r["per_seed"]) == {"1"}
+    for stage in ("backbone", "dpc"):
+        log = read_log(os.path.join(workdir, "seed_1", stage, "log.jsonl"))
+        assert log and all(np.isfinite(rec["loss"]) for rec in log)
+        assert os.listdir(os.path.join(workdir, "seed_1", stage, "tensorboard"))
+
+
+def test_new_classes_keep_backbone_accuracy(full_run):
+    # w_new = 0: the new-class prompt is P itself, so new accuracy equals stage 1's exactly.
+    _, results = full_run
+    assert results["dpc"]["new"] == results["backbone"]["new"]
+
+
+def test_stage2_leaves_backbone_prompt_bitwise(full_run):
+    workdir, _ = full_run
+    p_stage1 = _restore(os.path.join(workdir, "seed_1", "backbone"))
+    dpc_params = _restore(os.path.join(workdir, "seed_1", "dpc"))
+    assert tree_equal(dpc_params["backbone"], p_stage1)
+    assert not tree_equal(dpc_params["parallel"], p_stage1)  # the parallel prompt did train
+
+
+def _restore(stage_dir):
+    import orbax.checkpoint as ocp
+
+    meta = train_lib.read_stage_meta(stage_dir)
+    mngr = train_lib.checkpoint_manager(os.path.join(stage_dir, "checkpoints"))
+    return mngr.restore(meta["final_step"], args=ocp.args.Composite(
+        params=ocp.args.StandardRestore()))["params"]
+
+
+def test_eval_mode_reproduces_results(full_run):
+    workdir, results = full_run
+    again = train_lib.train_and_evaluate(small_config(mode="eval"), workdir)
+    for stage in results:
+        assert again[stage]["base"] == results[stage]["base"]
+        assert again[stage]["new"] == results[stage]["new"]
+
+
+def test_resume_equals_uninterrupted(tmp_path, full_run):
+    reference_dir, _ = full_run
+    workdir = str(tmp_path)
+    with pytest.raises(train_lib.Interrupted):
+        train_lib.train_and_evaluate(small_config(interrupt_after_steps=5), workdir)
+    train_lib.train_and_evaluate(small_config(), workdir)
+    for stage in ("backbone", "dpc"):
+        resumed = _restore(os.path.join(workdir, "seed_1", stage))
+        straight = _restore(os.path.join(reference_dir, "seed_1", stage))
+        assert tree_equal(resumed, straight), stage
+        # The logged losses of the steps after the restart match the uninterrupted run's.
+        got = {r["step"]: r["loss"] for r in read_log(os.path.join(workdir, "seed_1", stage,
+                                                                    "log.jsonl"))}
+        want = {r["step"]: r["loss"] for r in read_log(os.path.join(reference_dir, "seed_1",
+                                                                     stage, "log.jsonl"))}
+        assert all(got[s] == want[s] for s in want if s in got)
+        assert set(want) <= set(got)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"dhno.top_k": 32}, "top_k=32"),
+    ({"batch_size": 100}, "batch_size=100"),
+    ({"backbone.name": "cocoop_typo"}, "backbone.name"),
+    ({"dpc.mode": "converse"}, "dpc.mode"),
+    ({"dhno.policy": "easiest"}, "dhno.policy"),
+    ({"stages": "backbone,dcp"}, "stages"),
+])
+def test_bad_config_values_fail_clearly(tmp_path, changes, message):
+    # All of these fail before any training starts.
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        train_lib.train_and_evaluate(small_config(**changes), str(tmp_path))
+    assert not os.path.exists(os.path.join(str(tmp_path), "seed_1", "backbone", "checkpoints"))
+
+
+def test_config_typo_on_command_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpc_jax.train", "--config", "configs/dpc_coop.py",
+         "--workdir", str(tmp_path), "--config.dhno.topk=3"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "topk" in proc.stderr
+
+
+def test_one_and_four_devices_give_the_same_per_device_losses(tmp_path):
+    """The shard_map step on 4 emulated devices equals the per-device function run for each
+    shard on one device (vmap with the same axis name): same losses, same averaged update."""
+    script = textwrap.dedent("""
+        import json, sys
+        import jax, jax.numpy as jnp, numpy as np
+        sys.path.insert(0, "configs")
+        import dpc_coop
+        from dpc_jax.training import train_lib as T
+        assert jax.device_count() == 4, jax.devices()
+        c = dpc_coop.get_config(); c.shots = 2; c.progress = False; c.dhno.top_k = 4
+        mesh = T.make_mesh()
+        cc, cp, tok = T.load_clip_and_tokenizer(c)
+        ctx = T.make_seed_context(c, 1, "unused", mesh, cc, T.replicate(cp, mesh), tok)
+        from dpc_jax.prompts.dpc import DualPrompt
+        dpc = DualPrompt(c.dpc)
+        p = ctx.learner.init(jax.random.key(0), cp)
+        params = dpc.init(jax.tree_util.tree_map(lambda x: x + 0.01, p))
+        opt, _ = T._optimizer(c, 0.002, 2, ctx.train_set().size, c.batch_size, mesh,
+                              mask=T.dpc_mask(params))
+        consts = ctx.train_consts()
+        consts["scorer_text"] = jnp.asarray(T.class_text_features(
+            ctx.learner, cp, p, ctx.base_texts))
+        loss_fn = T.make_dpc_loss(ctx.learner, dpc, cc.image_resolution, 4, "reference")
+        per_device = T.make_per_device_step(loss_fn, opt)
+        index = np.arange(16, dtype=np.int32)
+        key = jax.random.key(3)
+        opt_state = opt.init(params)
+        step = T.map_step(per_device, mesh, donate=False)
+        p4, _, l4, _ = step(params, opt_state, consts, {"index": T.shard_batch(index, mesh)}, key)
+        one = jax.devices()[0]
+        host = lambda t: jax.device_put(jax.device_get(t), one)
+        vm = jax.vmap(per_device, in_axes=(None, None, None, 0, None), axis_name="data")
+        p1, _, l1, _ = jax.jit(vm)(host(params), host(opt_state), host(consts),
+                                   {"index": index.reshape(4, 4)}, key)
+        diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b[0]))))
+                   for a, b in zip(jax.tree_util.tree_leaves(p4), jax.tree_util.tree_leaves(p1)))
+        print(json.dumps({"l4": np.asarray(l4).tolist(),
+                          "l1": np.asarray(l1)[:, 0].tolist(), "param_diff": diff}))
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(out["l4"], out["l1"], rtol=1e-5, atol=1e-6)
+    assert len(set(round(x, 6) for x in out["l4"])) > 1  # the shards really differ
+    assert out["param_diff"] < 1e-6
