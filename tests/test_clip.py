@@ -282,4 +282,5 @@ def test_bfloat16_compute_runs_and_stays_close(tiny_config, tiny_params):
     for a, b in ((img16, img32), (txt16, txt32)):
         cos = np.sum(np.asarray(normalize(a)) * np.asarray(normalize(b)), -1)
         assert np.all(cos > 0.999), cos
-    assert np.max(np.abs(np.asarray(logits16) - np.asarray(logits32))) < 0.5  # logit scale 1/0.07 here
+    # Logits carry the scale exp(logit_scale) = 1/0.07 here.
+    assert np.max(np.abs(np.asarray(logits16) - np.asarray(logits32))) < 0.5

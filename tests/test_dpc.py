@@ -43,7 +43,7 @@ def assert_tree_close(a, b, rtol, atol=0.0):
                                        ("reference", 1.0), ("reference", 0.2)])
 def test_init_training_prompt_is_backbone(mode, w_b):
     P = random_prompt()
-    dpc = DualPrompt(dpc_config(mode=mode, weight_base=w_b))
+    dpc = DualPrompt(dpc_config(mode=mode, w_base=w_b))
     params = dpc.init(P)
     assert set(params) == {"backbone", "parallel"}
     assert params["backbone"] is P
@@ -58,9 +58,9 @@ def test_init_training_prompt_is_backbone(mode, w_b):
 
 
 @pytest.mark.parametrize("mode", ["paper", "reference"])
-def test_new_prompt_is_exactly_backbone_when_weight_new_is_zero(mode):
+def test_new_prompt_is_exactly_backbone_when_w_new_is_zero(mode):
     P = {"ctx": jnp.array([[-0.0, 1.0, np.inf], [np.nan, -2.0, 3.0]], jnp.float32)}
-    dpc = DualPrompt(dpc_config(mode=mode, weight_base=0.2, weight_new=0.0))
+    dpc = DualPrompt(dpc_config(mode=mode, w_base=0.2, w_new=0.0))
     params = dpc.init(P)
     params["parallel"] = {"ctx": params["parallel"]["ctx"] + 1.0}  # trained away from P
     new = dpc.eval_prompt(params, "new")
@@ -71,8 +71,8 @@ def test_evaluation_prompts_follow_the_formulas():
     P = random_prompt(0)
     theta = random_prompt(1)
     w_b, w_n = 0.2, 0.3
-    ref = DualPrompt(dpc_config(mode="reference", weight_base=w_b, weight_new=w_n))
-    paper = DualPrompt(dpc_config(mode="paper", weight_base=w_b, weight_new=w_n))
+    ref = DualPrompt(dpc_config(mode="reference", w_base=w_b, w_new=w_n))
+    paper = DualPrompt(dpc_config(mode="paper", w_base=w_b, w_new=w_n))
     params = {"backbone": P, "parallel": theta}
     mix = lambda w, a, b: jax.tree_util.tree_map(lambda x, y: w * x + (1 - w) * y, a, b)  # noqa
     # paper: train P'; base w_b P' + (1-w_b) P; new w_n P' + (1-w_n) P.
@@ -87,7 +87,7 @@ def test_evaluation_prompts_follow_the_formulas():
     # The stored theta is the paper's base prompt with P' = Q.
     assert_tree_close(mix(w_b, ref.train_prompt(params), P), theta, rtol=1e-5, atol=1e-8)
     # w_n = 1 gives the trained prompt itself.
-    ref1 = DualPrompt(dpc_config(mode="reference", weight_base=w_b, weight_new=1.0))
+    ref1 = DualPrompt(dpc_config(mode="reference", w_base=w_b, w_new=1.0))
     assert_tree_bitwise(ref1.eval_prompt(params, "new"), ref1.train_prompt(params))
     with pytest.raises(ValueError, match=r"eval split 'all'; allowed values: \['base', 'new'\]"):
         ref.eval_prompt(params, "all")
@@ -99,13 +99,13 @@ def test_evaluation_prompts_follow_the_formulas():
 @pytest.mark.parametrize("changes, match", [
     (dict(mode="converse"), r"config\.dpc\.mode='converse'; allowed values: "
                             r"\['reference', 'paper'\]"),
-    (dict(weight_base=0.0), r"config\.dpc\.weight_base=0\.0; expected a number in \(0, 1\] "
+    (dict(w_base=0.0), r"config\.dpc\.w_base=0\.0; expected a number in \(0, 1\] "
                             r"\(reference mode divides by it\)"),
-    (dict(weight_base=1.5), r"config\.dpc\.weight_base=1\.5"),
-    (dict(weight_base="half"), r"config\.dpc\.weight_base='half'"),
-    (dict(weight_new=-0.1), r"config\.dpc\.weight_new=-0\.1; expected a number in \[0, 1\]"),
-    (dict(weight_new=float("nan")), r"config\.dpc\.weight_new=nan"),
-    (dict(mode="paper", weight_base=1.01), r"config\.dpc\.weight_base=1\.01; expected a number "
+    (dict(w_base=1.5), r"config\.dpc\.w_base=1\.5"),
+    (dict(w_base="half"), r"config\.dpc\.w_base='half'"),
+    (dict(w_new=-0.1), r"config\.dpc\.w_new=-0\.1; expected a number in \[0, 1\]"),
+    (dict(w_new=float("nan")), r"config\.dpc\.w_new=nan"),
+    (dict(mode="paper", w_base=1.01), r"config\.dpc\.w_base=1\.01; expected a number "
                                            r"in \[0, 1\]"),
 ])
 def test_bad_config_values_name_the_field(changes, match):
@@ -114,10 +114,10 @@ def test_bad_config_values_name_the_field(changes, match):
 
 
 def test_config_edge_values():
-    DualPrompt(dpc_config(mode="paper", weight_base=0.0))  # paper mode does not divide
+    DualPrompt(dpc_config(mode="paper", w_base=0.0))  # paper mode does not divide
     incomplete = dpc_config()
-    del incomplete["weight_new"]
-    with pytest.raises(ValueError, match=r"config\.dpc\.weight_new is missing"):
+    del incomplete["w_new"]
+    with pytest.raises(ValueError, match=r"config\.dpc\.w_new is missing"):
         DualPrompt(incomplete)
 
 
@@ -216,14 +216,14 @@ def run_sgd(dpc, P, clip_params, loss, lr):
 @pytest.fixture(scope="module")
 def reference_run(coop_problem):
     clip_params, P, loss = coop_problem
-    dpc = DualPrompt(dpc_config(mode="reference", weight_base=W_B))
+    dpc = DualPrompt(dpc_config(mode="reference", w_base=W_B))
     return run_sgd(dpc, P, clip_params, loss, LR_PAPER * W_B ** 2)
 
 
 def test_reference_sgd_equals_paper_sgd_at_lr_over_wb_squared(coop_problem, reference_run):
     clip_params, P, loss = coop_problem
     ref_traj, _, _ = reference_run
-    paper = DualPrompt(dpc_config(mode="paper", weight_base=W_B))
+    paper = DualPrompt(dpc_config(mode="paper", w_base=W_B))
     paper_traj, _, _ = run_sgd(paper, P, clip_params, loss, LR_PAPER)
     moved = float(jnp.abs(ref_traj[-1]["ctx"] - P["ctx"]).max())
     scale = float(jnp.abs(ref_traj[-1]["ctx"]).max())

@@ -323,6 +323,11 @@ def test_load_coop_torch_checkpoint(tmp_path, tokenizer, clip_setup):
     learner = CoOp(config, tokenizer, coop_config())
     prompt = learner.load_torch_prompt(str(path))
     np.testing.assert_array_equal(np.asarray(prompt["ctx"]), ctx.float().numpy())
+    # torch's pre-1.6 (non-zip) format reads the same way.
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"state_dict": collections.OrderedDict(ctx=ctx)}, legacy,
+               _use_new_zipfile_serialization=False)
+    np.testing.assert_array_equal(load_coop_torch_checkpoint(str(legacy)), ctx.float().numpy())
     with pytest.raises(ValueError, match=r"model\.pth\.tar-50.*shape \(4, 48\); expected "
                                          r"\(5, 4, 48\)"):
         CoOp(config, tokenizer, coop_config(csc=True)).load_torch_prompt(str(path), 5)

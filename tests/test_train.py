@@ -162,13 +162,13 @@ def test_one_and_four_devices_give_the_same_per_device_losses(tmp_path):
         dpc = DualPrompt(c.dpc)
         p = ctx.learner.init(jax.random.key(0), cp)
         params = dpc.init(jax.tree_util.tree_map(lambda x: x + 0.01, p))
-        opt, _ = T._optimizer(c, 0.002, 2, ctx.train_set().size, c.batch_size, mesh,
-                              mask=T.dpc_mask(params))
+        mask = T.dpc_mask(params)
+        opt, _ = T._optimizer(c, 0.002, 2, ctx.train_set().size, c.batch_size, mesh, mask=mask)
         consts = ctx.train_consts()
         consts["scorer_text"] = jnp.asarray(T.class_text_features(
             ctx.learner, cp, p, ctx.base_texts))
         loss_fn = T.make_dpc_loss(ctx.learner, dpc, cc.image_resolution, 4, "reference")
-        per_device = T.make_per_device_step(loss_fn, opt)
+        per_device = T.make_per_device_step(loss_fn, opt, mask)
         index = np.arange(16, dtype=np.int32)
         key = jax.random.key(3)
         opt_state = opt.init(params)

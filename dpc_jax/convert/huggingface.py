@@ -72,7 +72,8 @@ def huggingface_layout(config: CLIPConfig) -> list:
     entries = [
         Entry("visual/conv1/kernel", ("vision_model.embeddings.patch_embedding.weight",), _CONV),
         Entry("visual/class_embedding", ("vision_model.embeddings.class_embedding",)),
-        Entry("visual/positional_embedding", ("vision_model.embeddings.position_embedding.weight",)),
+        Entry("visual/positional_embedding",
+              ("vision_model.embeddings.position_embedding.weight",)),
         Entry("visual/ln_pre/scale", ("vision_model.pre_layrnorm.weight",)),  # (sic) in HF
         Entry("visual/ln_pre/bias", ("vision_model.pre_layrnorm.bias",)),
         Entry("visual/ln_post/scale", ("vision_model.post_layernorm.weight",)),

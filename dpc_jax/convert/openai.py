@@ -21,6 +21,7 @@ from dpc_jax.convert.mapping import Entry, as_float32, export_params, import_par
 from dpc_jax.models.clip import CLIPConfig
 
 # OpenAI's clip/clip.py `_MODELS`; the second-to-last URL component is the file's SHA256.
+# (URLs are kept whole, over the line limit.)
 OPENAI_MODELS = {
     "RN50": "https://openaipublic.azureedge.net/clip/models/afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
     "RN101": "https://openaipublic.azureedge.net/clip/models/8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599/RN101.pt",

@@ -120,7 +120,7 @@ class Style:
     noise: float  # std of Gaussian pixel noise (0-255 units)
 
 
-PRETRAIN_STYLE = Style(scale=(0.4, 0.75), rotation=30.0, textured=False, clutter=(0, 0),
+PRETRAIN_STYLE = Style(scale=(0.45, 0.8), rotation=20.0, textured=False, clutter=(0, 0),
                        clutter_scale=(0.0, 0.0), colour_jitter=12.0, tint=0.0,
                        brightness=(0.9, 1.1), gradient=0.0, noise=0.0)
 DOWNSTREAM_STYLE = Style(scale=(0.35, 0.65), rotation=45.0, textured=True, clutter=(1, 3),

@@ -1,7 +1,8 @@
 """CLIP tokenisation to int32 [N, context_length] with start/end tokens and EOT positions.
 
 Backed by transformers' `CLIPTokenizer`, loaded from a hub id or a local directory holding
-`vocab.json` and `merges.txt` (or `tokenizer.json`). Sequences are padded with 0 as OpenAI's
+`vocab.json` and `merges.txt` (or `tokenizer.json`). Text is first cleaned as OpenAI's tokenizer
+does (`basic_clean`: ftfy, HTML unescaping; needs `ftfy`). Sequences are padded with 0 as OpenAI's
 `clip.tokenize` does, so the EOT token (the largest id) is also `argmax(ids)`.
 `write_vocab_from_openai_bpe` turns OpenAI's `bpe_simple_vocab_16e6.txt.gz` into those two files.
 """
@@ -9,6 +10,7 @@ Backed by transformers' `CLIPTokenizer`, loaded from a hub id or a local directo
 from __future__ import annotations
 
 import gzip
+import html
 import json
 import os
 from typing import Sequence
@@ -49,8 +51,8 @@ class Tokenizer:
         return len(self.hf)
 
     def encode(self, text: str) -> list:
-        """BPE ids of `text` without start/end tokens."""
-        return list(self.hf(text, add_special_tokens=False)["input_ids"])
+        """BPE ids of `text` without start/end tokens (after OpenAI's `basic_clean`)."""
+        return list(self.hf(basic_clean(text), add_special_tokens=False)["input_ids"])
 
     def __call__(self, texts: Sequence[str] | str):
         """Returns (ids int32 [N, context_length], eot_indices int32 [N])."""
@@ -72,6 +74,21 @@ class Tokenizer:
         """Text of one id sequence (padding and special tokens dropped)."""
         keep = [int(t) for t in ids if t not in (0, self.sot_token_id, self.eot_token_id)]
         return self.hf.decode(keep).strip()
+
+
+def basic_clean(text: str) -> str:
+    """OpenAI's `simple_tokenizer.basic_clean`: ftfy repairs, HTML unescaped twice, stripped.
+
+    transformers' CLIPTokenizer (tokenizers backend) skips this step, so without it mojibake,
+    ligatures, full-width letters, curly quotes and HTML entities tokenise differently from
+    OpenAI's `clip.tokenize`, which the reference code uses.
+    """
+    try:
+        import ftfy
+    except ImportError as e:
+        raise ImportError("dpc_jax's tokenizer needs the `ftfy` package (pip install ftfy) to "
+                          "tokenise exactly as OpenAI's CLIP does") from e
+    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
 
 
 def bytes_to_unicode() -> dict:

@@ -15,7 +15,7 @@ placeholders at positions 1..n_ctx are replaced by ctx. The image encoder is CLI
 - csc: class-specific contexts. CoOp ignores CSC when CTX_INIT is set (generic context); here
   csc with ctx_init gives every class a copy of the initial words. Class-specific contexts exist
   only for the training classes, so new-class evaluation with csc raises.
-- class_token_position: only 'end' (the only position DPC's configs use).
+- class_token_position (optional, default 'end'): only 'end' (the only position DPC uses).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class CoOp(PromptLearner):
         n_ctx = config_field(config, "n_ctx", _WHERE)
         ctx_init = config_field(config, "ctx_init", _WHERE)
         csc = config_field(config, "csc", _WHERE)
-        position = config_field(config, "class_token_position", _WHERE)
+        position = config.get("class_token_position", "end")
         if not isinstance(ctx_init, str):
             raise ValueError(f"{_WHERE}.ctx_init={ctx_init!r}; expected a string ('' for random "
                              f"initialisation)")
@@ -169,8 +169,7 @@ _SAFE_GLOBALS = {
     ("torch._utils", "_rebuild_parameter"),
     ("torch._utils", "_rebuild_parameter_with_state"),
 } | {(module, name) for module in ("builtins", "__builtin__")  # protocol 2 says __builtin__
-     for name in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "bool", "str",
-                  "bytes", "complex", "slice")}
+     for name in ("dict", "list", "tuple", "set", "frozenset")}
 
 
 class _Opaque:

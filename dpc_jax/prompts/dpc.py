@@ -7,7 +7,7 @@ both initialised to P. Every leaf of the learner's prompt pytree is doubled and 
 `config.dpc` fields (see `default_config`):
 - mode: 'reference' (default) reproduces the released code ('converse' mode of sple_coop.py);
   'paper' follows the paper's equations.
-- weight_base (w_b, released SPLE.STACK.WEIGHT), weight_new (w_n, SPLE.STACK.WEIGHT_FOR_NEW).
+- w_base (w_b, released SPLE.STACK.WEIGHT), w_new (w_n, SPLE.STACK.WEIGHT_FOR_NEW).
 
 paper:     training uses P'; base eval uses w_b*P' + (1-w_b)*P; new eval w_n*P' + (1-w_n)*P.
 reference: every forward (training and base eval) uses Q = (theta - (1-w_b)*P) * (1/w_b); new
@@ -41,8 +41,8 @@ _WHERE = "config.dpc"
 def default_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.mode = "reference"
-    config.weight_base = 0.5
-    config.weight_new = 0.0
+    config.w_base = 0.5
+    config.w_new = 0.0
     return config
 
 
@@ -75,10 +75,10 @@ class DualPrompt:
         if mode not in MODES:
             raise ValueError(f"{_WHERE}.mode={mode!r}; allowed values: {list(MODES)}")
         self.mode = mode
-        self.weight_base = _check_weight(config_field(config, "weight_base", _WHERE),
-                                         "weight_base", low_open=(mode == "reference"))
-        self.weight_new = _check_weight(config_field(config, "weight_new", _WHERE),
-                                        "weight_new", low_open=False)
+        self.w_base = _check_weight(config_field(config, "w_base", _WHERE), "w_base",
+                                         low_open=(mode == "reference"))
+        self.w_new = _check_weight(config_field(config, "w_new", _WHERE), "w_new",
+                                        low_open=False)
 
     def init(self, backbone_prompt: Prompt) -> dict:
         """{'backbone': P, 'parallel': copy of P}. The copy has its own buffers, so donating
@@ -95,7 +95,7 @@ class DualPrompt:
 
     def _unmix(self, theta: Prompt, backbone: Prompt) -> Prompt:
         """Reference mode's map theta -> Q, written as the released code computes it."""
-        w = self.weight_base
+        w = self.w_base
         return jax.tree_util.tree_map(lambda t, p: (t - (1.0 - w) * p) * (1.0 / w), theta,
                                       backbone)
 
@@ -112,13 +112,13 @@ class DualPrompt:
             raise ValueError(f"eval split {split!r}; allowed values: ['base', 'new']")
         backbone, parallel = self._split(params)
         if self.mode == "paper":
-            w = self.weight_base if split == "base" else self.weight_new
+            w = self.w_base if split == "base" else self.w_new
             return _mix(w, parallel, backbone)
         if split == "base":
             return self._unmix(parallel, backbone)
-        if self.weight_new == 0.0:
+        if self.w_new == 0.0:
             return backbone
-        return self._unmix(_mix(self.weight_new, parallel, backbone), backbone)
+        return self._unmix(_mix(self.w_new, parallel, backbone), backbone)
 
     @staticmethod
     def trainable_rules(prefix: str = "") -> List[Tuple[str, bool]]:

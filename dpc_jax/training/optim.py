@@ -26,30 +26,14 @@ would turn -0.0 into +0.0, so optax.apply_updates is not bitwise for them.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Dict, Optional
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
 from dpc_jax.training.masks import FROZEN, TRAINABLE, optax_labels
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """`config.optim`, named after Dassl's OPTIM fields (stage-2 CoOp values)."""
-    config = ml_collections.ConfigDict()
-    config.name = "sgd"
-    config.lr = 0.002
-    config.max_epoch = 10
-    config.momentum = 0.9
-    config.weight_decay = 5e-4
-    config.lr_scheduler = "cosine"
-    config.warmup_type = "constant"
-    config.warmup_epoch = 1
-    config.warmup_cons_lr = 1e-5
-    return config
 
 
 def _is_int(x) -> bool:
@@ -105,10 +89,15 @@ def dassl_schedule(lr: float, max_epoch: int, steps_per_epoch: int, warmup_epoch
 
 def make_optimizer(lr: float, max_epoch: int, steps_per_epoch: int, *, mask,
                    momentum: float = 0.9, weight_decay: float = 5e-4, warmup_epochs: int = 1,
-                   warmup_lr: float = 1e-5) -> optax.GradientTransformation:
+                   warmup_lr: float = 1e-5, field_names: Optional[Dict[str, str]] = None
+                   ) -> optax.GradientTransformation:
     """SGD with L2 weight decay and Dassl's schedule; leaves where `mask` is False (see
-    `dpc_jax.training.masks.trainable_mask`) get zero updates and no optimiser state."""
-    _validate({}, lr, max_epoch, steps_per_epoch, momentum, weight_decay,
+    `dpc_jax.training.masks.trainable_mask`) get zero updates and no optimiser state.
+
+    field_names: the config field each argument came from (e.g. {'lr': 'config.dpc.lr',
+      'warmup_epochs': 'config.optim.warmup_epochs'}), so that errors name it.
+    """
+    _validate(field_names or {}, lr, max_epoch, steps_per_epoch, momentum, weight_decay,
               warmup_epochs, warmup_lr)
     schedule = dassl_schedule(lr, max_epoch, steps_per_epoch, warmup_epochs, warmup_lr)
     parts = []
@@ -117,27 +106,6 @@ def make_optimizer(lr: float, max_epoch: int, steps_per_epoch: int, *, mask,
     parts.append(optax.sgd(schedule, momentum=momentum or None, nesterov=False))
     return optax.multi_transform({TRAINABLE: optax.chain(*parts), FROZEN: optax.set_to_zero()},
                                  optax_labels(mask))
-
-
-def optimizer_from_config(config: ml_collections.ConfigDict, steps_per_epoch: int, mask,
-                          where: str = "config.optim") -> optax.GradientTransformation:
-    """`make_optimizer` from `config.optim` (fields of `default_config`)."""
-    for field in ("name", "lr", "max_epoch", "momentum", "weight_decay", "lr_scheduler",
-                  "warmup_type", "warmup_epoch", "warmup_cons_lr"):
-        if field not in config:
-            raise ValueError(f"{where}.{field} is missing; fields present: {sorted(config.keys())}")
-    for field, allowed in (("name", ["sgd"]), ("lr_scheduler", ["cosine"]),
-                           ("warmup_type", ["constant"])):
-        if config[field] not in allowed:
-            raise ValueError(f"{where}.{field}={config[field]!r}; allowed values: {allowed}")
-    names = {"lr": f"{where}.lr", "max_epoch": f"{where}.max_epoch",
-             "momentum": f"{where}.momentum", "weight_decay": f"{where}.weight_decay",
-             "warmup_epochs": f"{where}.warmup_epoch", "warmup_lr": f"{where}.warmup_cons_lr"}
-    _validate(names, config.lr, config.max_epoch, steps_per_epoch, config.momentum,
-              config.weight_decay, config.warmup_epoch, config.warmup_cons_lr)
-    return make_optimizer(config.lr, config.max_epoch, steps_per_epoch, mask=mask,
-                          momentum=config.momentum, weight_decay=config.weight_decay,
-                          warmup_epochs=config.warmup_epoch, warmup_lr=config.warmup_cons_lr)
 
 
 def apply_updates(params, updates, mask):

@@ -81,6 +81,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             value = value[part]
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"config.{field}={value!r}; expected a positive integer")
+    if config.dhno.top_k < 2:
+        raise ValueError(f"config.dhno.top_k={config.dhno.top_k}; expected >= 2 (the released "
+                         f"rule keeps K-1 candidates and its fallback adds 2 negatives)")
     for field in ("backbone.epochs", "dpc.epochs"):
         stage, key = field.split(".")
         if config[stage][key] < 1:
@@ -199,15 +202,16 @@ def map_step(per_device: Callable, mesh: Mesh, donate: bool = True):
     return jax.jit(mapped, donate_argnums=(0, 1) if donate else ())
 
 
-def make_per_device_step(loss_fn: Callable, optimizer: optax.GradientTransformation):
-    """The update of one device: local loss, gradients averaged over 'data', optimiser step."""
+def make_per_device_step(loss_fn: Callable, optimizer: optax.GradientTransformation, mask):
+    """The update of one device: local loss, gradients averaged over 'data', optimiser step.
+    Frozen leaves (mask False) are returned as they are, so they stay bitwise unchanged."""
 
     def per_device(params, opt_state, consts, batch, key):
         key = jax.random.fold_in(key, jax.lax.axis_index("data"))
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, consts, batch, key)
         grads = jax.lax.pmean(grads, "data")
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        params = optim.apply_updates(params, updates, mask)
         return params, opt_state, loss[None], jax.tree_util.tree_map(lambda a: a[None], aux)
 
     return per_device
@@ -431,7 +435,7 @@ def epoch_order(seed: int, stage_id: int, epoch: int, n: int) -> np.ndarray:
 
 
 def train_loop(*, name: str, stage_id: int, stage_dir: str, loss_fn: Callable, params, optimizer,
-               schedule: Callable, consts, train_set: TrainSet, batch_size: int,
+               mask, schedule: Callable, consts, train_set: TrainSet, batch_size: int,
                batch_field: str, epochs: int, seed: int, mesh: Mesh, config):
     """Run (or resume) one training stage; returns the final parameters (host arrays)."""
     global_batch = batch_size * mesh.size
@@ -455,7 +459,7 @@ def train_loop(*, name: str, stage_id: int, stage_dir: str, loss_fn: Callable, p
         write_stage_meta(stage_dir, {"final_step": total, "steps_per_epoch": steps_per_epoch})
         return params
     params, opt_state = replicate((params, opt_state), mesh)
-    step_fn = map_step(make_per_device_step(loss_fn, optimizer), mesh)
+    step_fn = map_step(make_per_device_step(loss_fn, optimizer, mask), mesh)
     key = jax.random.fold_in(jax.random.key(seed), stage_id)
     log = MetricLog(stage_dir)
     bar = tqdm(total=total, initial=start, desc=name, disable=not config.progress,
@@ -593,13 +597,15 @@ def backbone_prompt(ctx: SeedContext, train: bool):
     init = _host(init)
     if not train:
         return load_final_params(stage_dir, init)
+    mask = all_trainable(init)
     optimizer, schedule = _optimizer(cfg, cfg.backbone.lr, cfg.backbone.epochs,
                                      ctx.train_set().size, cfg.backbone.batch_size,
-                                     ctx.mesh, mask=all_trainable(init))
+                                     ctx.mesh, mask=mask)
     return train_loop(
         name=f"seed {ctx.seed} backbone ({cfg.backbone.name})", stage_id=1, stage_dir=stage_dir,
         loss_fn=make_backbone_loss(ctx.learner, ctx.res, ctx.base.num_classes),
-        params=init, optimizer=optimizer, schedule=schedule, consts=ctx.train_consts(),
+        params=init, optimizer=optimizer, mask=mask, schedule=schedule,
+        consts=ctx.train_consts(),
         train_set=ctx.train_set(), batch_size=cfg.backbone.batch_size,
         batch_field="backbone.batch_size", epochs=cfg.backbone.epochs, seed=ctx.seed,
         mesh=ctx.mesh, config=cfg)
@@ -648,7 +654,7 @@ def run_dpc(ctx: SeedContext, train: bool = True) -> dict:
             name=f"seed {ctx.seed} dpc ({cfg.dpc.mode}, {cfg.dhno.policy})", stage_id=2,
             stage_dir=stage_dir,
             loss_fn=make_dpc_loss(ctx.learner, dpc, ctx.res, top_k, cfg.dhno.policy),
-            params=init, optimizer=optimizer, schedule=schedule, consts=consts,
+            params=init, optimizer=optimizer, mask=mask, schedule=schedule, consts=consts,
             train_set=ctx.train_set(), batch_size=cfg.batch_size, batch_field="batch_size",
             epochs=cfg.dpc.epochs, seed=ctx.seed, mesh=ctx.mesh, config=cfg)
     else:

