@@ -16,7 +16,7 @@ from dpc_jax.models import clip as clip_lib
 from dpc_jax.models.tokenizer import END_TOKEN, START_TOKEN, Tokenizer, bytes_to_unicode
 from dpc_jax.prompts import CoOp, build_learner, get_learner
 from dpc_jax.prompts.base import cross_entropy
-from dpc_jax.prompts.coop import load_coop_torch_checkpoint
+from dpc_jax.convert.coop_torch import load_coop_torch_checkpoint
 
 CLASSNAMES = ["dog", "cat", "golden_retriever", "photo", "big cat"]
 

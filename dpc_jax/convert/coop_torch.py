@@ -1,0 +1,109 @@
+"""PyTorch CoOp checkpoints (Dassl `prompt_learner/model.pth.tar-N`) -> context vectors.
+
+Used to start DPC's stage 2 from a stage-1 prompt trained by the PyTorch code
+(`config.backbone.init_from`). torch is imported only when such a file is read.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import types
+from typing import Optional, Sequence
+
+import numpy as np
+
+
+# Globals a Dassl checkpoint may hold that are safe to build: tensors and plain containers.
+# Anything else (the pickled optimizer and LR-scheduler objects Dassl stores beside the state
+# dict) is replaced by an inert stand-in, so loading neither imports nor runs foreign code and
+# does not need dassl installed.
+_SAFE_GLOBALS = {
+    ("collections", "OrderedDict"),
+    ("collections", "defaultdict"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_tensor_v3"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"),
+} | {(module, name) for module in ("builtins", "__builtin__")  # protocol 2 says __builtin__
+     for name in ("dict", "list", "tuple", "set", "frozenset")}
+
+
+class _Opaque:
+    """Stand-in for a pickled object of a class that is not loaded (accepts any state)."""
+
+    source = "?"
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __setitem__(self, key, value):
+        self.__dict__.setdefault("items", {})[key] = value
+
+    def append(self, value):
+        self.__dict__.setdefault("list", []).append(value)
+
+    def extend(self, values):
+        self.__dict__.setdefault("list", []).extend(values)
+
+    def __repr__(self):
+        return f"<unloaded {self.source}>"
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        return type(name, (_Opaque,), {"source": f"{module}.{name}"})
+
+
+def _restricted_pickle_module() -> types.ModuleType:
+    module = types.ModuleType("dpc_jax_restricted_pickle")
+    module.Unpickler = _RestrictedUnpickler
+    module.load = lambda f, **kwargs: _RestrictedUnpickler(f, **kwargs).load()
+    return module
+
+
+def load_coop_torch_checkpoint(path: str, key: str = "ctx",
+                               expected_shape: Optional[Sequence[int]] = None) -> np.ndarray:
+    """The context vectors (float32) of a PyTorch CoOp checkpoint.
+
+    `path`: a Dassl `prompt_learner/model.pth.tar-N` file (torch.save of a dict whose
+    'state_dict' holds 'ctx' and the token_prefix/token_suffix buffers, beside pickled optimizer
+    and scheduler objects, which are not loaded). fp16 contexts (CoOp's default precision) are
+    cast to float32. `expected_shape`, when given, is checked.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"CoOp checkpoint {path!r} does not exist; expected a Dassl "
+                                f"checkpoint such as <output_dir>/prompt_learner/model.pth.tar-50")
+    import torch  # only needed to read PyTorch files
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False,
+                                pickle_module=_restricted_pickle_module())
+    except Exception as e:  # noqa: BLE001 -- report which file could not be read, and why
+        raise ValueError(f"could not read {path!r} as a PyTorch checkpoint: {e}") from e
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"{path!r} is not a Dassl checkpoint: expected a dict with 'state_dict'; "
+                         f"found {found}")
+    state_dict = checkpoint["state_dict"]
+    if not isinstance(state_dict, dict) or key not in state_dict:
+        found = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+        raise ValueError(f"{path!r}: state_dict has no {key!r} (the CoOp context); found keys "
+                         f"{found}")
+    ctx = state_dict[key]
+    if not isinstance(ctx, torch.Tensor):
+        raise ValueError(f"{path!r}: state_dict[{key!r}] is a {type(ctx).__name__}; expected a "
+                         f"tensor")
+    ctx = ctx.detach().to(torch.float32).cpu().numpy()
+    if expected_shape is not None and tuple(ctx.shape) != tuple(expected_shape):
+        raise ValueError(f"{path!r}: state_dict[{key!r}] has shape {tuple(ctx.shape)}; expected "
+                         f"{tuple(expected_shape)} ([classes,] n_ctx, text width)")
+    return ctx
