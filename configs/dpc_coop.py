@@ -49,6 +49,8 @@ def get_config(arg=None):
     # Model input size is the CLIP's resolution; the few-shot set is kept on device at
     # stored_size (0: the CLIP's resolution) and augmented there.
     c.stored_size = 224
+    # Area range of the training RandomResizedCrop (CoOp/DPC: torchvision's default 0.08-1).
+    c.crop_scale = (0.08, 1.0)
     c.skip_bad_images = False
     c.eval_batch_size = 100
     c.num_workers = 8  # image decoding threads

@@ -1,6 +1,6 @@
 """Pretrain the small world CLIP shipped in `dpc_jax/assets/world` (contrastive, from scratch).
 
-    python -m dpc_jax.pretrain --out dpc_jax/assets/world --steps 1500 --seed 0
+    python -m dpc_jax.pretrain --out dpc_jax/assets/world --steps 6000 --seed 0
 
 Trains `dpc_jax.models.clip.CLIP` with the symmetric InfoNCE loss of CLIP on image-caption
 pairs of the world's pretraining distribution (all 64 classes, plain style; see
@@ -51,22 +51,22 @@ EVAL_SUBSET_PER_CLASS = 10
 @dataclasses.dataclass
 class PretrainConfig:
     out: str
-    steps: int = 1500
-    batch_size: int = 128
+    steps: int = 6000
+    batch_size: int = 32
     seed: int = 0
     lr: float = 1e-3
-    warmup_steps: int = 100
+    warmup_steps: int = 200
     weight_decay: float = 0.05
-    text_context: int = 16
+    text_context: int = 12
     embed_dim: int = 128
     vision_width: int = 128
-    vision_layers: int = 4
-    vision_patch_size: int = 4
+    vision_layers: int = 3
+    vision_patch_size: int = 8
     vision_head_width: int = 32
     text_width: int = 128
     text_heads: int = 4
-    text_layers: int = 3
-    log_every: int = 50
+    text_layers: int = 2
+    log_every: int = 500
 
 
 def model_config(cfg: PretrainConfig, vocab_size: int) -> CLIPConfig:
@@ -107,16 +107,22 @@ def batches(seed: int, steps: int, batch_size: int, start: int = 0, prefetch: in
     stop = threading.Event()
 
     def produce():
-        for step in range(start, steps):
-            if stop.is_set():
-                return
-            q.put(render_batch(seed, step, batch_size))
+        try:
+            for step in range(start, steps):
+                if stop.is_set():
+                    return
+                q.put(render_batch(seed, step, batch_size))
+        except BaseException as e:  # hand the error to the consumer instead of hanging it
+            q.put(e)
 
     thread = threading.Thread(target=produce, daemon=True)
     thread.start()
     try:
         for _ in range(start, steps):
-            yield q.get()
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise RuntimeError("rendering a pretraining batch failed") from item
+            yield item
     finally:
         stop.set()
 

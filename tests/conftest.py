@@ -1,10 +1,13 @@
 """Shared fixtures: the tiny CLIP architecture and random parameters for it."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
 
 from dpc_jax.models.clip import abstract_params, get_config
+from dpc_jax.models.tokenizer import END_TOKEN, START_TOKEN, bytes_to_unicode
 
 
 def random_clip_params(config, seed=0):
@@ -35,3 +38,25 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def tiny_params(tiny_config):
     return random_clip_params(tiny_config, seed=0)
+
+
+def write_tiny_vocab(out_dir, merged_words):
+    """A CLIP-style BPE vocabulary (< 1000 tokens): byte symbols, one merge chain per word."""
+    symbols = list(bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols]
+    merges = []
+    for word in merged_words:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        current = parts[0]
+        for part in parts[1:]:
+            if (current, part) not in merges:
+                merges.append((current, part))
+            if current + part not in vocab:
+                vocab.append(current + part)
+            current += part
+    vocab += [START_TOKEN, END_TOKEN]
+    with open(out_dir / "vocab.json", "w") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f)
+    with open(out_dir / "merges.txt", "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return out_dir

@@ -2,7 +2,6 @@
 loading PyTorch CoOp checkpoints."""
 
 import collections
-import json
 import sys
 import types
 
@@ -13,34 +12,14 @@ import numpy as np
 import pytest
 
 from dpc_jax.models import clip as clip_lib
-from dpc_jax.models.tokenizer import END_TOKEN, START_TOKEN, Tokenizer, bytes_to_unicode
+from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import CoOp, build_learner, get_learner
 from dpc_jax.prompts.base import cross_entropy
 from dpc_jax.convert.coop_torch import load_coop_torch_checkpoint
 
+from conftest import random_clip_params, write_tiny_vocab
+
 CLASSNAMES = ["dog", "cat", "golden_retriever", "photo", "big cat"]
-
-
-def write_tiny_vocab(out_dir, merged_words):
-    """A CLIP-style BPE vocabulary (< 1000 tokens): byte symbols, one merge chain per word."""
-    symbols = list(bytes_to_unicode().values())
-    vocab = symbols + [s + "</w>" for s in symbols]
-    merges = []
-    for word in merged_words:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        current = parts[0]
-        for part in parts[1:]:
-            if (current, part) not in merges:
-                merges.append((current, part))
-            if current + part not in vocab:
-                vocab.append(current + part)
-            current += part
-    vocab += [START_TOKEN, END_TOKEN]
-    with open(out_dir / "vocab.json", "w") as f:
-        json.dump({t: i for i, t in enumerate(vocab)}, f)
-    with open(out_dir / "merges.txt", "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    return out_dir
 
 
 @pytest.fixture(scope="module")
@@ -49,21 +28,6 @@ def tokenizer(tmp_path_factory):
     out = write_tiny_vocab(tmp_path_factory.mktemp("vocab"), ["photo", "of", "dog", "cat",
                                                               "golden"])
     return Tokenizer.from_pretrained(str(out))
-
-
-def random_clip_params(config, seed=0):
-    """Random CLIP parameters without compiling `model.init` (slow on a loaded CPU)."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = str(getattr(path[-1], "key", path[-1]))
-        if name == "logit_scale":
-            return jnp.asarray(np.log(1 / 0.07), jnp.float32)
-        base = 1.0 if name == "scale" else 0.0
-        std = 0.02 if name in ("bias", "scale") else 0.05
-        return jnp.asarray(base + rng.normal(0, std, leaf.shape), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, clip_lib.abstract_params(config))
 
 
 @pytest.fixture(scope="module")

@@ -111,6 +111,8 @@ class Style:
     scale: tuple  # object size range
     rotation: float  # max |rotation| in degrees
     textured: bool  # textured (noise / stripes / checks) instead of plain backgrounds
+    texture_contrast: float  # how far the pattern's second colour is from the first (0-1)
+    background_saturation: float  # 0: grey backgrounds, 1: fully random colours
     clutter: tuple  # (min, max) number of small distractor objects
     clutter_scale: tuple
     colour_jitter: float  # per-channel jitter of the object colour (0-255 units)
@@ -120,12 +122,14 @@ class Style:
     noise: float  # std of Gaussian pixel noise (0-255 units)
 
 
-PRETRAIN_STYLE = Style(scale=(0.45, 0.8), rotation=20.0, textured=False, clutter=(0, 0),
-                       clutter_scale=(0.0, 0.0), colour_jitter=12.0, tint=0.0,
-                       brightness=(0.9, 1.1), gradient=0.0, noise=0.0)
-DOWNSTREAM_STYLE = Style(scale=(0.35, 0.65), rotation=45.0, textured=True, clutter=(1, 3),
-                         clutter_scale=(0.14, 0.24), colour_jitter=20.0, tint=0.15,
-                         brightness=(0.7, 1.2), gradient=0.35, noise=10.0)
+PRETRAIN_STYLE = Style(scale=(0.45, 0.8), rotation=20.0, textured=False, texture_contrast=0.0,
+                       background_saturation=0.0, clutter=(0, 0), clutter_scale=(0.0, 0.0),
+                       colour_jitter=12.0, tint=0.0, brightness=(0.9, 1.1), gradient=0.0,
+                       noise=0.0)
+DOWNSTREAM_STYLE = Style(scale=(0.4, 0.7), rotation=30.0, textured=True, texture_contrast=0.4,
+                         background_saturation=0.4, clutter=(0, 2), clutter_scale=(0.1, 0.18),
+                         colour_jitter=16.0, tint=0.1, brightness=(0.75, 1.15), gradient=0.25,
+                         noise=6.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,9 +197,11 @@ def _background(rng: np.random.Generator, style: Style, size: int) -> np.ndarray
     if not style.textured:
         grey = rng.uniform(25, 235)
         return np.broadcast_to(grey + rng.uniform(-12, 12, 3), (size, size, 3)).astype(np.float32)
-    # Two random, partly desaturated colours mixed by a random pattern.
+    # Two partly desaturated colours, the second pulled towards the first, mixed by a pattern.
     cols = rng.uniform(0, 255, (2, 3))
-    cols = 0.5 * cols + 0.5 * cols.mean(axis=1, keepdims=True)
+    sat = style.background_saturation
+    cols = sat * cols + (1 - sat) * cols.mean(axis=1, keepdims=True)
+    cols[1] = cols[0] + style.texture_contrast * (cols[1] - cols[0])
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     kind = rng.integers(3)
     if kind == 0:  # smooth noise: a coarse random grid, bilinearly upsampled

@@ -81,6 +81,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             value = value[part]
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"config.{field}={value!r}; expected a positive integer")
+    scale = tuple(config.crop_scale)
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"config.crop_scale={scale}; expected (min, max) with "
+                         f"0 < min <= max <= 1")
     if config.dhno.top_k < 2:
         raise ValueError(f"config.dhno.top_k={config.dhno.top_k}; expected >= 2 (the released "
                          f"rule keeps K-1 candidates and its fallback adds 2 negatives)")
@@ -221,13 +225,13 @@ def logit_scale(clip_params):
     return jnp.exp(clip_params["logit_scale"].astype(jnp.float32))
 
 
-def make_backbone_loss(learner, res: int, num_classes: int):
+def make_backbone_loss(learner, res: int, num_classes: int, crop_scale=(0.08, 1.0)):
     """Stage 1: CE over all base classes (CoOp's loss)."""
 
     def loss_fn(prompt, consts, batch, key):
         clip_params, train = consts["clip"], consts["train"]
         idx = batch["index"]
-        images = augment.random_resized_crop_flip(key, train["images"][idx], res)
+        images = augment.random_resized_crop_flip(key, train["images"][idx], res, crop_scale)
         labels = train["labels"][idx]
         img = learner.image_features(clip_params, prompt, images)
         all_ids = jnp.arange(num_classes)
@@ -239,7 +243,8 @@ def make_backbone_loss(learner, res: int, num_classes: int):
     return loss_fn
 
 
-def make_dpc_loss(learner, dpc: "dpc_lib.DualPrompt", res: int, top_k: int, policy: str):
+def make_dpc_loss(learner, dpc: "dpc_lib.DualPrompt", res: int, top_k: int, policy: str,
+                  crop_scale=(0.08, 1.0)):
     """Stage 2: DHNO inside the step (DPC_PROTOCOL.md §3), on B anchors of this device."""
 
     def loss_fn(params, consts, batch, key):
@@ -247,7 +252,7 @@ def make_dpc_loss(learner, dpc: "dpc_lib.DualPrompt", res: int, top_k: int, poli
         k_aug, k_sel, k_sample, k_neg_aug = jax.random.split(key, 4)
         idx = batch["index"]
         labels = train["labels"][idx]
-        anchors = augment.random_resized_crop_flip(k_aug, train["images"][idx], res)
+        anchors = augment.random_resized_crop_flip(k_aug, train["images"][idx], res, crop_scale)
         prompt = dpc.train_prompt(params)
         backbone = jax.lax.stop_gradient(params["backbone"])
         # 1. Score with the frozen stage-1 model. For learners without image prompts (CoOp) the
@@ -265,7 +270,7 @@ def make_dpc_loss(learner, dpc: "dpc_lib.DualPrompt", res: int, top_k: int, poli
                                               train["class_counts"], negatives, valid)
         b = idx.shape[0]
         neg_images = augment.random_resized_crop_flip(
-            k_neg_aug, train["images"][neg_idx.reshape(-1)], res)
+            k_neg_aug, train["images"][neg_idx.reshape(-1)], res, crop_scale)
         neg_feats = learner.image_features(clip_params, prompt, neg_images)
         neg_feats = jax.lax.stop_gradient(neg_feats).reshape(b, top_k, -1)
         # 3. The enlarged batch [anchor_i, negatives_i] and its symmetric contrastive loss; text
@@ -603,7 +608,8 @@ def backbone_prompt(ctx: SeedContext, train: bool):
                                      ctx.mesh, mask=mask)
     return train_loop(
         name=f"seed {ctx.seed} backbone ({cfg.backbone.name})", stage_id=1, stage_dir=stage_dir,
-        loss_fn=make_backbone_loss(ctx.learner, ctx.res, ctx.base.num_classes),
+        loss_fn=make_backbone_loss(ctx.learner, ctx.res, ctx.base.num_classes,
+                                   tuple(cfg.crop_scale)),
         params=init, optimizer=optimizer, mask=mask, schedule=schedule,
         consts=ctx.train_consts(),
         train_set=ctx.train_set(), batch_size=cfg.backbone.batch_size,
@@ -653,7 +659,8 @@ def run_dpc(ctx: SeedContext, train: bool = True) -> dict:
         params = train_loop(
             name=f"seed {ctx.seed} dpc ({cfg.dpc.mode}, {cfg.dhno.policy})", stage_id=2,
             stage_dir=stage_dir,
-            loss_fn=make_dpc_loss(ctx.learner, dpc, ctx.res, top_k, cfg.dhno.policy),
+            loss_fn=make_dpc_loss(ctx.learner, dpc, ctx.res, top_k, cfg.dhno.policy,
+                                  tuple(cfg.crop_scale)),
             params=init, optimizer=optimizer, mask=mask, schedule=schedule, consts=consts,
             train_set=ctx.train_set(), batch_size=cfg.batch_size, batch_field="batch_size",
             epochs=cfg.dpc.epochs, seed=ctx.seed, mesh=ctx.mesh, config=cfg)
