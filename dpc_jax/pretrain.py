@@ -171,7 +171,7 @@ def make_optimizer(cfg: PretrainConfig):
         end_value=cfg.lr * 0.01)
 
     def decay_mask(params):
-        # No decay on gains, biases, embeddings' temperature (ndim < 2), as in CLIP.
+        # No decay on LayerNorm gains, biases, the class embedding and the logit scale (ndim < 2).
         return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
 
     return optax.chain(optax.clip_by_global_norm(1.0),
