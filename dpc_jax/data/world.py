@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import math
 import os
 from typing import Optional, Sequence
@@ -408,21 +407,9 @@ def build_tokenizer_files(out_dir: str) -> str:
     <|startoftext|> and <|endoftext|> as the last two ids. Any text still tokenises (unknown
     words fall back to byte symbols); the world's words are single tokens.
     """
-    from dpc_jax.models.tokenizer import END_TOKEN, START_TOKEN, bytes_to_unicode
+    from dpc_jax.models.tokenizer import write_bpe_files
 
-    merges = learn_bpe_merges(caption_table() + _EXTRA_TEXT)
-    symbols = list(bytes_to_unicode().values())
-    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
-    vocab += [START_TOKEN, END_TOKEN]
-    if len(set(vocab)) != len(vocab):
-        raise RuntimeError("the learnt BPE vocabulary has duplicate tokens")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump({t: i for i, t in enumerate(vocab)}, f, ensure_ascii=False)
-    with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n")
-        f.write("\n".join(" ".join(m) for m in merges) + "\n")
-    return out_dir
+    return write_bpe_files(learn_bpe_merges(caption_table() + _EXTRA_TEXT), out_dir)
 
 
 def asset_dir() -> str:

@@ -399,7 +399,8 @@ def init_params(config: CLIPConfig, seed: int = 0):
     res = config.image_resolution
     images = jnp.zeros((1, res, res, 3), jnp.float32)
     tokens = jnp.zeros((1, config.context_length), jnp.int32)
-    return model.init(jax.random.key(seed), images, tokens)["params"]
+    # Jitted: an eager Flax init dispatches op by op (tens of seconds on a small CPU).
+    return jax.jit(model.init)(jax.random.key(seed), images, tokens)["params"]
 
 
 def abstract_params(config: CLIPConfig):

@@ -114,10 +114,17 @@ def write_vocab_from_openai_bpe(bpe_gz_path: str, out_dir: str) -> str:
     with gzip.open(bpe_gz_path, "rt", encoding="utf-8") as f:
         lines = f.read().split("\n")
     merges = lines[1:49152 - 256 - 2 + 1]
-    merges = [tuple(m.split()) for m in merges]
+    return write_bpe_files([tuple(m.split()) for m in merges], out_dir)
+
+
+def write_bpe_files(merges: Sequence[tuple], out_dir: str) -> str:
+    """vocab.json + merges.txt of a CLIP BPE vocabulary built as OpenAI builds it: the 256 byte
+    symbols, the same with '</w>', one token per merge, then the start and end tokens."""
     symbols = list(bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     vocab += [START_TOKEN, END_TOKEN]
+    if len(set(vocab)) != len(vocab):
+        raise ValueError("the BPE merges produce duplicate tokens")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
         json.dump({t: i for i, t in enumerate(vocab)}, f, ensure_ascii=False)
