@@ -176,12 +176,16 @@ def test_one_and_four_devices_give_the_same_per_device_losses(tmp_path):
         p4, _, l4, _ = step(params, opt_state, consts, {"index": T.shard_batch(index, mesh)}, key)
         one = jax.devices()[0]
         host = lambda t: jax.device_put(jax.device_get(t), one)
-        vm = jax.vmap(per_device, in_axes=(None, None, None, 0, None), axis_name="data")
+        emulated = T.make_per_device_step(loss_fn, opt, mask, under_shard_map=False)
+        vm = jax.vmap(emulated, in_axes=(None, None, None, 0, None), axis_name="data")
         p1, _, l1, _ = jax.jit(vm)(host(params), host(opt_state), host(consts),
                                    {"index": index.reshape(4, 4)}, key)
         diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b[0]))))
                    for a, b in zip(jax.tree_util.tree_leaves(p4), jax.tree_util.tree_leaves(p1)))
-        print(json.dumps({"l4": np.asarray(l4).tolist(),
+        update = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                     for a, b in zip(jax.tree_util.tree_leaves(p4),
+                                     jax.tree_util.tree_leaves(params)))
+        print(json.dumps({"l4": np.asarray(l4).tolist(), "update": update,
                           "l1": np.asarray(l1)[:, 0].tolist(), "param_diff": diff}))
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
@@ -192,4 +196,6 @@ def test_one_and_four_devices_give_the_same_per_device_losses(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(out["l4"], out["l1"], rtol=1e-5, atol=1e-6)
     assert len(set(round(x, 6) for x in out["l4"])) > 1  # the shards really differ
-    assert out["param_diff"] < 1e-6
+    # The same averaged update (to float rounding of the mean over shards).
+    assert out["update"] > 0
+    assert out["param_diff"] <= 1e-3 * out["update"], out

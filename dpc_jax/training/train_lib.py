@@ -206,13 +206,21 @@ def map_step(per_device: Callable, mesh: Mesh, donate: bool = True):
     return jax.jit(mapped, donate_argnums=(0, 1) if donate else ())
 
 
-def make_per_device_step(loss_fn: Callable, optimizer: optax.GradientTransformation, mask):
+def make_per_device_step(loss_fn: Callable, optimizer: optax.GradientTransformation, mask,
+                         under_shard_map: bool = True):
     """The update of one device: local loss, gradients averaged over 'data', optimiser step.
-    Frozen leaves (mask False) are returned as they are, so they stay bitwise unchanged."""
+    Frozen leaves (mask False) are returned as they are, so they stay bitwise unchanged.
+    `under_shard_map=False` is for running the same function under `jax.vmap(axis_name='data')`
+    (the tests' one-device emulation), where there is no varying/invariant distinction."""
 
     def per_device(params, opt_state, consts, batch, key):
         key = jax.random.fold_in(key, jax.lax.axis_index("data"))
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, consts, batch, key)
+        # Differentiate a device-varying view of the replicated parameters: the gradient of an
+        # invariant input inside shard_map would otherwise arrive already summed over devices
+        # (the transpose of the implicit cast to varying is a psum), and pmean of that sum
+        # would give B x devices times the per-device mean.
+        local = jax.lax.pcast(params, "data", to="varying") if under_shard_map else params
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(local, consts, batch, key)
         grads = jax.lax.pmean(grads, "data")
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optim.apply_updates(params, updates, mask)
