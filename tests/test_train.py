@@ -199,3 +199,31 @@ def test_one_and_four_devices_give_the_same_per_device_losses(tmp_path):
     # The same averaged update (to float rounding of the mean over shards).
     assert out["update"] > 0
     assert out["param_diff"] <= 1e-3 * out["update"], out
+
+
+def test_real_dataset_source_end_to_end(tmp_path):
+    """The CoOp-layout source wired through the config (`dataset=eurosat,root=...`): EuroSAT's
+    5 base classes get K = 4 from the per-dataset settings, and K = 8 is refused."""
+    from dpc_jax.data import registry
+    from test_data_coop import make_split_tree
+
+    names = list(registry.EUROSAT_RENAMED.values())
+    make_split_tree(tmp_path / "data", "eurosat", names, {"train": 4, "val": 1, "test": 2})
+    config = dpc_coop.get_config(f"dataset=eurosat,root={tmp_path / 'data'},clip=world")
+    assert config.dhno.top_k == 4
+    config.clip.tokenizer = "world"
+    config.stored_size = 0
+    config.shots = 4
+    config.progress = False
+    config.backbone.epochs = 2
+    config.backbone.batch_size = 4
+    config.batch_size = 2
+    config.dpc.epochs = 2
+    results = train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+    assert results["dpc"]["new"] == results["backbone"]["new"]
+    for r in results.values():
+        # 5 classes x 2 test images per half: accuracies are multiples of 10%.
+        assert r["base"] % 10 == pytest.approx(0) and r["new"] % 10 == pytest.approx(0)
+    config.dhno.top_k = 8
+    with pytest.raises(ValueError, match="top_k=8.*5"):
+        train_lib.train_and_evaluate(config, str(tmp_path / "run_k8"))
