@@ -737,8 +737,8 @@ def summarize(per_seed: dict) -> dict:
 
 
 def format_table(results: dict, backbone_name: str = "coop") -> str:
-    names = {"zeroshot": "zero-shot CLIP", "backbone": backbone_name,
-             "dpc": f"{backbone_name}+DPC"}
+    pretty = {"coop": "CoOp"}.get(backbone_name, backbone_name)
+    names = {"zeroshot": "zero-shot CLIP", "backbone": pretty, "dpc": f"{pretty}+DPC"}
     lines = [f"{'method':<20} {'base':>7} {'new':>7} {'H':>7}"]
     for stage, r in results.items():
         lines.append(f"{names.get(stage, stage):<20} {r['base']:7.2f} {r['new']:7.2f} "
