@@ -227,3 +227,10 @@ def test_real_dataset_source_end_to_end(tmp_path):
     config.dhno.top_k = 8
     with pytest.raises(ValueError, match="top_k=8.*5"):
         train_lib.train_and_evaluate(config, str(tmp_path / "run_k8"))
+
+
+def test_resuming_with_other_settings_is_refused(full_run):
+    workdir, _ = full_run
+    with pytest.raises(ValueError, match=r"config\.dpc\.lr 0\.002 -> 0\.01"):
+        train_lib.train_and_evaluate(small_config(stages="backbone,dpc", **{"dpc.lr": 0.01}),
+                                     workdir)

@@ -338,8 +338,10 @@ def read_stage_meta(stage_dir: str) -> Optional[dict]:
         return json.load(f)
 
 
-def load_final_params(stage_dir: str, params_like):
+def load_final_params(stage_dir: str, params_like, stage_id: Optional[int] = None, config=None):
     """The prompt parameters at the end of a finished stage (stage 2's P; the eval mode)."""
+    if stage_id is not None and os.path.isfile(os.path.join(stage_dir, "settings.json")):
+        check_stage_settings(stage_dir, stage_id, config)
     meta = read_stage_meta(stage_dir)
     if meta is None:
         raise FileNotFoundError(
@@ -447,6 +449,40 @@ def epoch_order(seed: int, stage_id: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, stage_id, epoch]).permutation(n)
 
 
+# Config fields that decide what a stage computes; a workdir resumed with other values is refused.
+STAGE_FIELDS = {
+    1: ("seed", "dataset", "root", "source", "shots", "stored_size", "crop_scale", "clip",
+        "backbone", "optim"),
+    2: ("seed", "dataset", "root", "source", "shots", "stored_size", "crop_scale", "clip",
+        "backbone", "optim", "batch_size", "dpc", "dhno"),
+}
+
+
+def check_stage_settings(stage_dir: str, stage_id: int, config) -> None:
+    """Record the settings a stage trains with; refuse to resume it with different ones."""
+    flat = {}
+    for field in STAGE_FIELDS[stage_id]:
+        value = config[field]
+        if isinstance(value, ml_collections.ConfigDict):
+            flat.update({f"{field}.{k}": v for k, v in value.to_dict().items()})
+        else:
+            flat[field] = value
+    flat = json.loads(json.dumps(flat, default=str))  # tuples -> lists, as stored
+    path = os.path.join(stage_dir, "settings.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            stored = json.load(f)
+        changed = sorted(k for k in set(stored) | set(flat) if stored.get(k) != flat.get(k))
+        if changed:
+            raise ValueError(
+                f"{stage_dir} was trained with other settings; changed: "
+                + ", ".join(f"config.{k} {stored.get(k)!r} -> {flat.get(k)!r}" for k in changed)
+                + ". Use a new --workdir (or restore the old values to resume or re-evaluate).")
+        return
+    with open(path, "w") as f:
+        json.dump(flat, f, indent=2, sort_keys=True)
+
+
 def train_loop(*, name: str, stage_id: int, stage_dir: str, loss_fn: Callable, params, optimizer,
                mask, schedule: Callable, consts, train_set: TrainSet, batch_size: int,
                batch_field: str, epochs: int, seed: int, mesh: Mesh, config):
@@ -461,6 +497,7 @@ def train_loop(*, name: str, stage_id: int, stage_dir: str, loss_fn: Callable, p
     steps_per_epoch = n // global_batch  # drop_last, as Dassl's sampler when n >= B
     total = epochs * steps_per_epoch
     os.makedirs(stage_dir, exist_ok=True)
+    check_stage_settings(stage_dir, stage_id, config)
     mngr = checkpoint_manager(os.path.join(stage_dir, "checkpoints"))
     opt_state = optimizer.init(params)
     start = 0
@@ -609,7 +646,7 @@ def backbone_prompt(ctx: SeedContext, train: bool):
                             ctx.base.num_classes)
     init = _host(init)
     if not train:
-        return load_final_params(stage_dir, init)
+        return load_final_params(stage_dir, init, 1, cfg)
     mask = all_trainable(init)
     optimizer, schedule = _optimizer(cfg, cfg.backbone.lr, cfg.backbone.epochs,
                                      ctx.train_set().size, cfg.backbone.batch_size,
@@ -673,7 +710,7 @@ def run_dpc(ctx: SeedContext, train: bool = True) -> dict:
             train_set=ctx.train_set(), batch_size=cfg.batch_size, batch_field="batch_size",
             epochs=cfg.dpc.epochs, seed=ctx.seed, mesh=ctx.mesh, config=cfg)
     else:
-        params = load_final_params(stage_dir, init)
+        params = load_final_params(stage_dir, init, 2, cfg)
     params = replicate(params, ctx.mesh)
     return ctx.scores(dpc.eval_prompt(params, "base"), dpc.eval_prompt(params, "new"))
 
