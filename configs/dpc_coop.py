@@ -33,16 +33,24 @@ def _parse(arg):
     return out
 
 
+def _dataset_key(name):
+    """The registry key of a dataset named by key or CoOp class name ('EuroSAT' -> 'eurosat')."""
+    if name == "world":
+        return name
+    from dpc_jax.data import registry
+
+    return registry.get(name).name
+
+
 def get_config(arg=None):
     args = _parse(arg)
     c = ml_collections.ConfigDict()
     c.mode = "train"  # train | eval (re-evaluate saved checkpoints)
     c.stages = "zeroshot,backbone,dpc"
     c.seeds = "1"
-    c.seed = 0  # extra seed folded into the per-run seed (dataset seed = the run seed)
 
     # Data.
-    c.dataset = args.get("dataset", "world")
+    c.dataset = _dataset_key(args.get("dataset", "world"))
     c.root = args.get("root", "")
     c.source = args.get("source", "coop")  # coop | tfds (ignored for the world)
     c.shots = 16

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -118,6 +119,9 @@ def test_resume_equals_uninterrupted(tmp_path, full_run):
                                                                      stage, "log.jsonl"))}
         assert all(got[s] == want[s] for s in want if s in got)
         assert set(want) <= set(got)
+        steps = [r["step"] for r in read_log(os.path.join(workdir, "seed_1", stage,
+                                                          "log.jsonl"))]
+        assert steps == sorted(set(steps))  # no step logged twice across the restart
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -127,6 +131,8 @@ def test_resume_equals_uninterrupted(tmp_path, full_run):
     ({"dpc.mode": "converse"}, "dpc.mode"),
     ({"dhno.policy": "easiest"}, "dhno.policy"),
     ({"stages": "backbone,dcp"}, "stages"),
+    ({"dataset": "oxford_pets"}, "world CLIP"),
+    ({"dpc.lr": 0.0}, "dpc.lr"),
 ])
 def test_bad_config_values_fail_clearly(tmp_path, changes, message):
     # All of these fail before any training starts.
@@ -186,7 +192,7 @@ def test_one_and_four_devices_give_the_same_per_device_losses(tmp_path):
                      for a, b in zip(jax.tree_util.tree_leaves(p4),
                                      jax.tree_util.tree_leaves(params)))
         print(json.dumps({"l4": np.asarray(l4).tolist(), "update": update,
-                          "l1": np.asarray(l1)[:, 0].tolist(), "param_diff": diff}))
+                          "l1": np.asarray(l1)[0].tolist(), "param_diff": diff}))
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu")
@@ -209,9 +215,12 @@ def test_real_dataset_source_end_to_end(tmp_path):
 
     names = list(registry.EUROSAT_RENAMED.values())
     make_split_tree(tmp_path / "data", "eurosat", names, {"train": 4, "val": 1, "test": 2})
-    config = dpc_coop.get_config(f"dataset=eurosat,root={tmp_path / 'data'},clip=world")
-    assert config.dhno.top_k == 4
-    config.clip.tokenizer = "world"
+    # A small CLIP converted beforehand (here: a copy of the world's, any CLIP directory works).
+    clip_dir = tmp_path / "clip"
+    shutil.copytree(train_lib.world_assets_dir(), clip_dir)
+    config = dpc_coop.get_config(f"dataset=EuroSAT,root={tmp_path / 'data'},clip={clip_dir}")
+    assert config.dataset == "eurosat" and config.dhno.top_k == 4
+    config.clip.tokenizer = str(clip_dir)
     config.stored_size = 0
     config.shots = 4
     config.progress = False

@@ -73,6 +73,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.mode={config.mode!r}; expected one of {MODES}")
     parse_list(config.stages, "stages", STAGES)
     parse_list(config.seeds, "seeds", cast=int)
+    if (config.clip.source == "world") != (config.dataset == "world"):
+        raise ValueError(
+            f"config.dataset={config.dataset!r} with config.clip.source={config.clip.source!r}: "
+            f"the shipped world CLIP belongs to dataset 'world' only. Choose a dataset with "
+            f"`--config configs/dpc_coop.py:dataset=NAME,root=DIR` (which also sets the CLIP "
+            f"and schedules), not with --config.dataset")
     if config.dhno.policy not in POLICIES:
         raise ValueError(f"config.dhno.policy={config.dhno.policy!r}; expected one of {POLICIES}")
     for field in ("batch_size", "backbone.batch_size", "dhno.top_k", "eval_batch_size"):
@@ -88,6 +94,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.dhno.top_k < 2:
         raise ValueError(f"config.dhno.top_k={config.dhno.top_k}; expected >= 2 (the released "
                          f"rule keeps K-1 candidates and its fallback adds 2 negatives)")
+    for field in ("backbone.lr", "dpc.lr", "optim.warmup_lr"):
+        stage, key = field.split(".")
+        value = config[stage][key]
+        if not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"config.{field}={value!r}; expected a positive number")
     for field in ("backbone.epochs", "dpc.epochs"):
         stage, key = field.split(".")
         if config[stage][key] < 1:
@@ -198,11 +209,12 @@ def make_train_set(split: ImageSplit, num_classes: int, size: int, mesh: Mesh, c
 def map_step(per_device: Callable, mesh: Mesh, donate: bool = True):
     """jit(shard_map(per_device)) with params/opt_state/consts replicated and the batch sharded.
 
-    per_device(params, opt_state, consts, batch, key) -> (params, opt_state, loss [1], aux)
+    per_device(params, opt_state, consts, batch, key) -> (params, opt_state, losses [devices],
+    aux [devices]), all replicated.
     """
     mapped = jax.shard_map(per_device, mesh=mesh,
                            in_specs=(P(), P(), P(), P("data"), P()),
-                           out_specs=(P(), P(), P("data"), P("data")))
+                           out_specs=(P(), P(), P(), P()))
     return jax.jit(mapped, donate_argnums=(0, 1) if donate else ())
 
 
@@ -224,9 +236,18 @@ def make_per_device_step(loss_fn: Callable, optimizer: optax.GradientTransformat
         grads = jax.lax.pmean(grads, "data")
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optim.apply_updates(params, updates, mask)
-        return params, opt_state, loss[None], jax.tree_util.tree_map(lambda a: a[None], aux)
+        # Every device's loss, gathered (replicated), so any host can read and log them all.
+        return params, opt_state, _gather(loss), jax.tree_util.tree_map(_gather, aux)
 
     return per_device
+
+
+def _gather(x):
+    """[devices] vector of a per-device scalar, replicated (a psum of one-hot placements, whose
+    result shard_map knows to be the same on every device)."""
+    n = jax.lax.axis_size("data")
+    placed = jax.nn.one_hot(jax.lax.axis_index("data"), n, dtype=jnp.float32)
+    return jax.lax.psum(placed * x.astype(jnp.float32), "data")
 
 
 def logit_scale(clip_params):
@@ -265,11 +286,12 @@ def make_dpc_loss(learner, dpc: "dpc_lib.DualPrompt", res: int, top_k: int, poli
         backbone = jax.lax.stop_gradient(params["backbone"])
         # 1. Score with the frozen stage-1 model. For learners without image prompts (CoOp) the
         #    scorer's image features are the anchors' own features.
-        anchor_feats = jax.lax.stop_gradient(learner.image_features(clip_params, prompt, anchors))
+        anchor_feats = learner.image_features(clip_params, prompt, anchors)
         if learner.uses_image_prompts:
             scorer_feats = learner.image_features(clip_params, backbone, anchors)
         else:
             scorer_feats = anchor_feats
+        scorer_feats = jax.lax.stop_gradient(scorer_feats)
         scores = jax.nn.softmax(
             logit_scale(clip_params) * normalize(scorer_feats) @ consts["scorer_text"].T, axis=-1)
         # 2. Hard negatives: vectorised top-k + the non-repeat rule, static [B, K] slots.
@@ -280,7 +302,7 @@ def make_dpc_loss(learner, dpc: "dpc_lib.DualPrompt", res: int, top_k: int, poli
         neg_images = augment.random_resized_crop_flip(
             k_neg_aug, train["images"][neg_idx.reshape(-1)], res, crop_scale)
         neg_feats = learner.image_features(clip_params, prompt, neg_images)
-        neg_feats = jax.lax.stop_gradient(neg_feats).reshape(b, top_k, -1)
+        neg_feats = neg_feats.reshape(b, top_k, -1)
         # 3. The enlarged batch [anchor_i, negatives_i] and its symmetric contrastive loss; text
         #    features only for the slot labels (the cost does not depend on the class count).
         slot_labels, slot_valid = dhno.assemble_batch(labels, negatives, valid)
@@ -374,10 +396,14 @@ class Evaluator:
         self.skip_bad = config.skip_bad_images
         self._cache = {}
         model = CLIP(learner.clip_config)
+        # Batch-sharded inputs, replicated outputs: readable on every host.
+        out = NamedSharding(mesh, P())
         self._prompted = jax.jit(lambda cp, prompt, x: normalize(
-            learner.image_features(cp, prompt, augment.center_normalize(x, res))))
+            learner.image_features(cp, prompt, augment.center_normalize(x, res))),
+            out_shardings=out)
         self._plain = jax.jit(lambda cp, x: normalize(model.apply(
-            {"params": cp}, augment.center_normalize(x, res), method="encode_image")))
+            {"params": cp}, augment.center_normalize(x, res), method="encode_image")),
+            out_shardings=out)
 
     def image_features(self, split: ImageSplit, prompt, key: str, plain: bool = False):
         """(normalised features [N, E], valid [N]); invalid = skipped unreadable images."""
@@ -451,9 +477,9 @@ def epoch_order(seed: int, stage_id: int, epoch: int, n: int) -> np.ndarray:
 
 # Config fields that decide what a stage computes; a workdir resumed with other values is refused.
 STAGE_FIELDS = {
-    1: ("seed", "dataset", "root", "source", "shots", "stored_size", "crop_scale", "clip",
+    1: ("dataset", "root", "source", "shots", "stored_size", "crop_scale", "clip",
         "backbone", "optim"),
-    2: ("seed", "dataset", "root", "source", "shots", "stored_size", "crop_scale", "clip",
+    2: ("dataset", "root", "source", "shots", "stored_size", "crop_scale", "clip",
         "backbone", "optim", "batch_size", "dpc", "dhno"),
 }
 
@@ -467,6 +493,11 @@ def check_stage_settings(stage_dir: str, stage_id: int, config) -> None:
             flat.update({f"{field}.{k}": v for k, v in value.to_dict().items()})
         else:
             flat[field] = value
+    # Weights that act only at evaluation may change between runs (the w_b / w_n ablation).
+    flat.pop("dpc.w_new", None)
+    if stage_id == 2 and config.dpc.mode == "paper":
+        flat.pop("dpc.w_base", None)
+    flat["devices"] = jax.device_count()  # the global batch and epoch length depend on it
     flat = json.loads(json.dumps(flat, default=str))  # tuples -> lists, as stored
     path = os.path.join(stage_dir, "settings.json")
     if os.path.isfile(path):
@@ -511,7 +542,7 @@ def train_loop(*, name: str, stage_id: int, stage_dir: str, loss_fn: Callable, p
     params, opt_state = replicate((params, opt_state), mesh)
     step_fn = map_step(make_per_device_step(loss_fn, optimizer, mask), mesh)
     key = jax.random.fold_in(jax.random.key(seed), stage_id)
-    log = MetricLog(stage_dir)
+    log = MetricLog(stage_dir, resume_step=start)
     bar = tqdm(total=total, initial=start, desc=name, disable=not config.progress,
                dynamic_ncols=True)
     order, order_epoch = None, -1
@@ -555,15 +586,25 @@ def train_loop(*, name: str, stage_id: int, stage_dir: str, loss_fn: Callable, p
 class MetricLog:
     """One JSON line per logged step (log.jsonl) and TensorBoard events (tensorboardX)."""
 
-    def __init__(self, directory: str):
-        self.file = open(os.path.join(directory, "log.jsonl"), "a")
-        self.writer = None
-        if jax.process_index() == 0:
-            from tensorboardX import SummaryWriter
+    def __init__(self, directory: str, resume_step: int = 0):
+        self.file = self.writer = None
+        if jax.process_index() != 0:
+            return
+        path = os.path.join(directory, "log.jsonl")
+        if os.path.isfile(path):  # drop lines of steps after the checkpoint being resumed
+            with open(path) as f:
+                keep = [line for line in f if json.loads(line)["step"] <= resume_step]
+            with open(path, "w") as f:
+                f.writelines(keep)
+        self.file = open(path, "a")
+        from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(directory, "tensorboard"))
+        self.writer = SummaryWriter(os.path.join(directory, "tensorboard"),
+                                    purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, record: dict) -> None:
+        if self.file is None:
+            return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.writer is not None:
@@ -572,7 +613,8 @@ class MetricLog:
                     self.writer.add_scalar(k, v, record["step"])
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.writer is not None:
             self.writer.close()
 
@@ -650,7 +692,7 @@ def backbone_prompt(ctx: SeedContext, train: bool):
     mask = all_trainable(init)
     optimizer, schedule = _optimizer(cfg, cfg.backbone.lr, cfg.backbone.epochs,
                                      ctx.train_set().size, cfg.backbone.batch_size,
-                                     ctx.mesh, mask=mask)
+                                     ctx.mesh, mask=mask, stage="backbone")
     return train_loop(
         name=f"seed {ctx.seed} backbone ({cfg.backbone.name})", stage_id=1, stage_dir=stage_dir,
         loss_fn=make_backbone_loss(ctx.learner, ctx.res, ctx.base.num_classes,
@@ -662,13 +704,16 @@ def backbone_prompt(ctx: SeedContext, train: bool):
         mesh=ctx.mesh, config=cfg)
 
 
-def _optimizer(cfg, lr, epochs, n, batch_size, mesh, mask):
+def _optimizer(cfg, lr, epochs, n, batch_size, mesh, mask, stage: str = "dpc"):
     """The stage's SGD (Dassl schedule) and its learning-rate schedule (for logging)."""
     steps_per_epoch = max(1, n // (batch_size * mesh.size))
     kw = dict(warmup_epochs=cfg.optim.warmup_epochs, warmup_lr=cfg.optim.warmup_lr)
+    names = {"lr": f"config.{stage}.lr", "max_epoch": f"config.{stage}.epochs",
+             **{k: f"config.optim.{k}" for k in ("momentum", "weight_decay", "warmup_epochs",
+                                                 "warmup_lr")}}
     optimizer = optim.make_optimizer(lr, epochs, steps_per_epoch, mask=mask,
                                      momentum=cfg.optim.momentum,
-                                     weight_decay=cfg.optim.weight_decay, **kw)
+                                     weight_decay=cfg.optim.weight_decay, field_names=names, **kw)
     return optimizer, optim.dassl_schedule(lr, epochs, steps_per_epoch, **kw)
 
 
@@ -804,9 +849,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         for stage in stages:
             result = STAGE_RUNNERS[stage](ctx, train)
             per_seed[stage][seed] = result
-            os.makedirs(os.path.join(ctx.seed_dir, stage), exist_ok=True)
-            with open(os.path.join(ctx.seed_dir, stage, "results.json"), "w") as f:
-                json.dump(result, f, indent=2)
+            if jax.process_index() == 0:
+                os.makedirs(os.path.join(ctx.seed_dir, stage), exist_ok=True)
+                with open(os.path.join(ctx.seed_dir, stage, "results.json"), "w") as f:
+                    json.dump(result, f, indent=2)
             tqdm.write(f"seed {seed} {stage}: base {result['base']:.2f} new {result['new']:.2f} "
                        f"H {result['hm']:.2f}")
     results = summarize(per_seed)
