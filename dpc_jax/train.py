@@ -6,7 +6,7 @@ Runs the stages in `config.stages` (zero-shot, the stage-1 backbone, DPC) for ev
 `--config.mode=eval` re-evaluates the checkpoints saved in W.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dpc_jax.training import train_lib
@@ -20,6 +20,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO; --verbosity=0 shows it
+        logging.set_verbosity(logging.WARNING)
     train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
