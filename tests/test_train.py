@@ -29,12 +29,7 @@ def small_config(**changes):
     c.dpc.epochs = 1
     c.log_every_steps = 1
     c.checkpoint_every_steps = 4
-    for key, value in changes.items():
-        target = c
-        *path, last = key.split(".")
-        for part in path:
-            target = target[part]
-        target[last] = value
+    c.update_from_flattened_dict(changes)
     return c
 
 
@@ -220,14 +215,10 @@ def test_real_dataset_source_end_to_end(tmp_path):
     shutil.copytree(train_lib.world_assets_dir(), clip_dir)
     config = dpc_coop.get_config(f"dataset=EuroSAT,root={tmp_path / 'data'},clip={clip_dir}")
     assert config.dataset == "eurosat" and config.dhno.top_k == 4
-    config.clip.tokenizer = str(clip_dir)
-    config.stored_size = 0
-    config.shots = 4
-    config.progress = False
-    config.backbone.epochs = 2
-    config.backbone.batch_size = 4
-    config.batch_size = 2
-    config.dpc.epochs = 2
+    config.update_from_flattened_dict({"clip.tokenizer": str(clip_dir), "stored_size": 0, "shots": 4,
+                                       "progress": False, "backbone.epochs": 2,
+                                       "backbone.batch_size": 4, "batch_size": 2,
+                                       "dpc.epochs": 2})
     results = train_lib.train_and_evaluate(config, str(tmp_path / "run"))
     assert results["dpc"]["new"] == results["backbone"]["new"]
     for r in results.values():

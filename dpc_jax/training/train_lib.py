@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from dpc_jax.data import augment, transforms
-from dpc_jax.data.base import BaseToNewData, ImageSplit
+from dpc_jax.data.base import BaseToNewData, ImageSplit, subsample_classes
 from dpc_jax.models.clip import CLIP, CLIPConfig, normalize
 from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import get_learner
@@ -152,16 +152,19 @@ def load_clip_and_tokenizer(config) -> tuple[CLIPConfig, Any, Tokenizer]:
     return clip_config, params, tokenizer
 
 
-def load_benchmark(config, seed: int, subsample: str) -> BaseToNewData:
-    """The few-shot benchmark for one seed, base or new half (few-shot before halving, Dassl)."""
+def load_benchmark(config, seed: int) -> tuple[BaseToNewData, BaseToNewData]:
+    """The (base, new) halves of the few-shot benchmark for one seed: the dataset is read and
+    few-shot sampled once over all classes, then halved (Dassl's order)."""
     if config.dataset == "world":
         from dpc_jax.data import world
 
-        return world.load_world(seed=seed, shots=config.shots, subsample=subsample)
-    from dpc_jax.data import sources
+        data = world.load_world(seed=seed, shots=config.shots, subsample="all")
+    else:
+        from dpc_jax.data import sources
 
-    return sources.build_dataset(config.dataset, config.root, source=config.source,
-                                 shots=config.shots, seed=seed, subsample=subsample)
+        data = sources.build_dataset(config.dataset, config.root, source=config.source,
+                                     shots=config.shots, seed=seed, subsample="all")
+    return subsample_classes(data, "base"), subsample_classes(data, "new")
 
 
 def decode_split(split: ImageSplit, size: int, config, desc: str):
@@ -514,19 +517,30 @@ def check_stage_settings(stage_dir: str, stage_id: int, config) -> None:
         json.dump(flat, f, indent=2, sort_keys=True)
 
 
+def check_batch_fits(field: str, batch_size: int, devices: int, n: int, dataset: str,
+                     shots: int) -> None:
+    """The global batch (per-device B x devices) must fit in the few-shot set (drop_last)."""
+    if batch_size * devices > n:
+        raise ValueError(
+            f"config.{field}={batch_size} x {devices} device(s) = {batch_size * devices} "
+            f"anchors per step exceeds the few-shot training set of {dataset} ({n} images at "
+            f"{shots} shots); lower the batch size or use more shots")
+
+
+def steps_per_epoch(n: int, batch_size: int, mesh: Mesh) -> int:
+    """Dassl's sampler drops the last incomplete batch (`check_batch_fits` leaves at least one)."""
+    return n // (batch_size * mesh.size)
+
+
 def train_loop(*, name: str, stage_id: int, stage_dir: str, loss_fn: Callable, params, optimizer,
                mask, schedule: Callable, consts, train_set: TrainSet, batch_size: int,
                batch_field: str, epochs: int, seed: int, mesh: Mesh, config):
     """Run (or resume) one training stage; returns the final parameters (host arrays)."""
     global_batch = batch_size * mesh.size
-    n = train_set.size
-    if n < global_batch:
-        raise ValueError(
-            f"config.{batch_field}={batch_size} x {mesh.size} device(s) = {global_batch} "
-            f"anchors per step exceeds the few-shot training set ({n} images); lower the batch "
-            f"size or use more shots")
-    steps_per_epoch = n // global_batch  # drop_last, as Dassl's sampler when n >= B
-    total = epochs * steps_per_epoch
+    n = train_set.size  # after any unreadable images were dropped
+    check_batch_fits(batch_field, batch_size, mesh.size, n, config.dataset, config.shots)
+    epoch_steps = steps_per_epoch(n, batch_size, mesh)
+    total = epochs * epoch_steps
     os.makedirs(stage_dir, exist_ok=True)
     check_stage_settings(stage_dir, stage_id, config)
     mngr = checkpoint_manager(os.path.join(stage_dir, "checkpoints"))
@@ -537,7 +551,7 @@ def train_loop(*, name: str, stage_id: int, stage_dir: str, loss_fn: Callable, p
         params, opt_state = restore_state(mngr, latest, params, opt_state)
         start = int(latest)
     if start >= total:
-        write_stage_meta(stage_dir, {"final_step": total, "steps_per_epoch": steps_per_epoch})
+        write_stage_meta(stage_dir, {"final_step": total, "steps_per_epoch": epoch_steps})
         return params
     params, opt_state = replicate((params, opt_state), mesh)
     step_fn = map_step(make_per_device_step(loss_fn, optimizer, mask), mesh)
@@ -549,7 +563,7 @@ def train_loop(*, name: str, stage_id: int, stage_dir: str, loss_fn: Callable, p
     t0 = time.time()
     try:
         for step in range(start, total):
-            epoch, i = divmod(step, steps_per_epoch)
+            epoch, i = divmod(step, epoch_steps)
             if epoch != order_epoch:
                 order, order_epoch = epoch_order(seed, stage_id, epoch, n), epoch
             index = order[i * global_batch:(i + 1) * global_batch].astype(np.int32)
@@ -578,7 +592,7 @@ def train_loop(*, name: str, stage_id: int, stage_dir: str, loss_fn: Callable, p
     finally:
         bar.close()
         log.close()
-    write_stage_meta(stage_dir, {"final_step": total, "steps_per_epoch": steps_per_epoch,
+    write_stage_meta(stage_dir, {"final_step": total, "steps_per_epoch": epoch_steps,
                                  "global_batch": global_batch, "devices": mesh.size})
     return _host(params)
 
@@ -706,15 +720,16 @@ def backbone_prompt(ctx: SeedContext, train: bool):
 
 def _optimizer(cfg, lr, epochs, n, batch_size, mesh, mask, stage: str = "dpc"):
     """The stage's SGD (Dassl schedule) and its learning-rate schedule (for logging)."""
-    steps_per_epoch = max(1, n // (batch_size * mesh.size))
+    # At least 1 here: a batch that does not fit fails in train_loop, naming its config field.
+    epoch_steps = max(1, steps_per_epoch(n, batch_size, mesh))
     kw = dict(warmup_epochs=cfg.optim.warmup_epochs, warmup_lr=cfg.optim.warmup_lr)
     names = {"lr": f"config.{stage}.lr", "max_epoch": f"config.{stage}.epochs",
              **{k: f"config.optim.{k}" for k in ("momentum", "weight_decay", "warmup_epochs",
                                                  "warmup_lr")}}
-    optimizer = optim.make_optimizer(lr, epochs, steps_per_epoch, mask=mask,
+    optimizer = optim.make_optimizer(lr, epochs, epoch_steps, mask=mask,
                                      momentum=cfg.optim.momentum,
                                      weight_decay=cfg.optim.weight_decay, field_names=names, **kw)
-    return optimizer, optim.dassl_schedule(lr, epochs, steps_per_epoch, **kw)
+    return optimizer, optim.dassl_schedule(lr, epochs, epoch_steps, **kw)
 
 
 def all_trainable(params):
@@ -770,8 +785,7 @@ STAGE_RUNNERS = {"zeroshot": lambda ctx, train: run_zeroshot(ctx),
 
 
 def make_seed_context(config, seed, workdir, mesh, clip_config, clip_params, tokenizer):
-    base = load_benchmark(config, seed, "base")
-    new = load_benchmark(config, seed, "new")
+    base, new = load_benchmark(config, seed)
     learner = get_learner(config.backbone.name)(clip_config, tokenizer, config.backbone)
     base_texts = replicate(learner.prepare(clip_params, base.classnames), mesh)
     new_texts = replicate(learner.prepare(clip_params, new.classnames, new_classes=True), mesh)
@@ -798,11 +812,7 @@ def preflight(ctx: SeedContext, stages, train: bool) -> None:
     if "dpc" in stages:
         checks.append(("batch_size", cfg.batch_size))
     for field, b in checks:
-        if b * devices > n:
-            raise ValueError(
-                f"config.{field}={b} x {devices} device(s) = {b * devices} anchors per step "
-                f"exceeds the few-shot training set of {cfg.dataset} ({n} images at "
-                f"{cfg.shots} shots); lower the batch size or use more shots")
+        check_batch_fits(field, b, devices, n, cfg.dataset, cfg.shots)
 
 
 def summarize(per_seed: dict) -> dict:
