@@ -11,15 +11,26 @@ import jax
 import numpy as np
 import pytest
 
-from dpc_jax.training import train_lib
+from dpc_jax.training import checkpoints, train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "configs"))
-import dpc_coop  # noqa: E402
+DPC_COOP = os.path.join(REPO, "configs", "dpc_coop.py")
+
+
+class Interrupted(RuntimeError):
+    """Raised by `interrupt_after` (simulates a crash)."""
+
+
+def interrupt_after(steps):
+    """A training hook that stops a stage after `steps` steps of this run, as if killed."""
+    def hook(name, step, start, total):
+        if step - start >= steps and step < total:
+            raise Interrupted(f"{name}: interrupted after step {step}")
+    return hook
 
 
 def small_config(**changes):
-    c = dpc_coop.get_config()
+    c = train_lib.load_config(DPC_COOP)
     c.shots = 2
     c.progress = False
     c.backbone.epochs = 2
@@ -83,8 +94,8 @@ def test_stage2_leaves_backbone_prompt_bitwise(full_run):
 def _restore(stage_dir):
     import orbax.checkpoint as ocp
 
-    meta = train_lib.read_stage_meta(stage_dir)
-    mngr = train_lib.checkpoint_manager(os.path.join(stage_dir, "checkpoints"))
+    meta = checkpoints.read_stage_meta(stage_dir)
+    mngr = checkpoints.checkpoint_manager(os.path.join(stage_dir, "checkpoints"))
     return mngr.restore(meta["final_step"], args=ocp.args.Composite(
         params=ocp.args.StandardRestore()))["params"]
 
@@ -100,8 +111,8 @@ def test_eval_mode_reproduces_results(full_run):
 def test_resume_equals_uninterrupted(tmp_path, full_run):
     reference_dir, _ = full_run
     workdir = str(tmp_path)
-    with pytest.raises(train_lib.Interrupted):
-        train_lib.train_and_evaluate(small_config(interrupt_after_steps=5), workdir)
+    with pytest.raises(Interrupted):
+        train_lib.train_and_evaluate(small_config(), workdir, hooks=[interrupt_after(5)])
     train_lib.train_and_evaluate(small_config(), workdir)
     for stage in ("backbone", "dpc"):
         resumed = _restore(os.path.join(workdir, "seed_1", stage))
@@ -151,36 +162,37 @@ def test_one_and_four_devices_give_the_same_per_device_losses(tmp_path):
     script = textwrap.dedent("""
         import json, sys
         import jax, jax.numpy as jnp, numpy as np
-        sys.path.insert(0, "configs")
-        import dpc_coop
-        from dpc_jax.training import train_lib as T
+        from dpc_jax.training import train_lib as T, stages as S, step as ST
         assert jax.device_count() == 4, jax.devices()
-        c = dpc_coop.get_config(); c.shots = 2; c.progress = False; c.dhno.top_k = 4
-        mesh = T.make_mesh()
+        c = T.load_config("configs/dpc_coop.py"); c.shots = 2; c.progress = False
+        c.dhno.top_k = 4
+        mesh = ST.make_mesh()
         cc, cp, tok = T.load_clip_and_tokenizer(c)
-        ctx = T.make_seed_context(c, 1, "unused", mesh, cc, T.replicate(cp, mesh), tok)
-        from dpc_jax.prompts.dpc import DualPrompt
-        dpc = DualPrompt(c.dpc)
-        p = ctx.learner.init(jax.random.key(0), cp)
+        run = S.Run(config=c, mesh=mesh, clip_config=cc, clip_params=ST.replicate(cp, mesh),
+                    tokenizer=tok)
+        sr = S.SeedRun.create(run, 1, "unused")
+        dpc = run.dual
+        p = run.learner.init(jax.random.key(0), cp)
         params = dpc.init(jax.tree_util.tree_map(lambda x: x + 0.01, p))
-        mask = T.dpc_mask(params)
-        opt, _ = T._optimizer(c, 0.002, 2, ctx.train_set().size, c.batch_size, mesh, mask=mask)
-        consts = ctx.train_consts()
-        consts["scorer_text"] = jnp.asarray(T.class_text_features(
-            ctx.learner, cp, p, ctx.base_texts))
-        loss_fn = T.make_dpc_loss(ctx.learner, dpc, cc.image_resolution, 4, "reference")
-        per_device = T.make_per_device_step(loss_fn, opt, mask)
+        _, opt, _, mask, _ = run.step(S.DPC, params, sr.train_set().size, c.batch_size,
+                                      "batch_size")
+        consts = sr.train_consts()
+        consts["scorer"] = jnp.asarray(run.evaluator.classifier(run.learner, p, sr.base_texts))
+        loss_fn = S.objectives.dpc_objective(run.learner, dpc, cc.image_resolution, 4,
+                                             "reference")
+        per_device = ST.make_per_device_step(loss_fn, opt, mask)
         index = np.arange(16, dtype=np.int32)
         key = jax.random.key(3)
-        opt_state = opt.init(params)
-        step = T.map_step(per_device, mesh, donate=False)
-        p4, _, l4, _ = step(params, opt_state, consts, {"index": T.shard_batch(index, mesh)}, key)
+        state = {"params": params, "opt_state": opt.init(params), "state": {}}
+        step = ST.map_step(per_device, mesh, donate=False)
+        s4, l4, _ = step(state, consts, {"index": ST.shard_batch(index, mesh)}, key)
+        p4 = s4["params"]
         one = jax.devices()[0]
         host = lambda t: jax.device_put(jax.device_get(t), one)
-        emulated = T.make_per_device_step(loss_fn, opt, mask, under_shard_map=False)
-        vm = jax.vmap(emulated, in_axes=(None, None, None, 0, None), axis_name="data")
-        p1, _, l1, _ = jax.jit(vm)(host(params), host(opt_state), host(consts),
-                                   {"index": index.reshape(4, 4)}, key)
+        emulated = ST.make_per_device_step(loss_fn, opt, mask, under_shard_map=False)
+        vm = jax.vmap(emulated, in_axes=(None, None, 0, None), axis_name="data")
+        s1, l1, _ = jax.jit(vm)(host(state), host(consts), {"index": index.reshape(4, 4)}, key)
+        p1 = s1["params"]
         diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b[0]))))
                    for a, b in zip(jax.tree_util.tree_leaves(p4), jax.tree_util.tree_leaves(p1)))
         update = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
@@ -213,7 +225,8 @@ def test_real_dataset_source_end_to_end(tmp_path):
     # A small CLIP converted beforehand (here: a copy of the world's, any CLIP directory works).
     clip_dir = tmp_path / "clip"
     shutil.copytree(train_lib.world_assets_dir(), clip_dir)
-    config = dpc_coop.get_config(f"dataset=EuroSAT,root={tmp_path / 'data'},clip={clip_dir}")
+    config = train_lib.load_config(f"{DPC_COOP}:dataset=EuroSAT,root={tmp_path / 'data'},"
+                                   f"clip={clip_dir}")
     assert config.dataset == "eurosat" and config.dhno.top_k == 4
     config.update_from_flattened_dict({"clip.tokenizer": str(clip_dir), "stored_size": 0, "shots": 4,
                                        "progress": False, "backbone.epochs": 2,

@@ -18,6 +18,7 @@ import numpy as np
 
 from dpc_jax.models.checkpoint import check_tree
 from dpc_jax.models.clip import CLIPConfig, abstract_params
+from dpc_jax.tree import flatten, unflatten
 
 _MAX_LISTED = 40  # keys listed per category in an error; a wrong file would list thousands
 
@@ -64,23 +65,6 @@ class Entry:
 
 # Tracing the model for its shapes takes seconds at ViT-L; import and export each need them.
 _abstract_params = functools.lru_cache(maxsize=8)(abstract_params)
-
-
-def flatten(tree) -> dict:
-    """{'a/b/c': leaf} of a nested dict of parameters."""
-    return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
-            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def unflatten(flat: Mapping[str, np.ndarray]) -> dict:
-    tree: dict = {}
-    for path, leaf in flat.items():
-        node = tree
-        *parents, name = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[name] = leaf
-    return tree
 
 
 def _listing(items: list) -> str:

@@ -14,6 +14,7 @@ import numpy as np
 from flax import serialization
 
 from dpc_jax.models.clip import CLIPConfig, abstract_params
+from dpc_jax.tree import flatten
 
 CONFIG_FILE = "clip_config.json"
 PARAMS_FILE = "clip_params.msgpack"
@@ -57,10 +58,7 @@ def load_clip_checkpoint(path: str, **config_overrides):
 
 def check_tree(params, expected, source: str = "checkpoint") -> None:
     """Raise with the missing, unexpected and mis-shaped keys if `params` does not fit `expected`."""
-    flat = {"/".join(str(getattr(k, "key", k)) for k in path): v
-            for path, v in jax.tree_util.tree_leaves_with_path(params)}
-    want = {"/".join(str(getattr(k, "key", k)) for k in path): v
-            for path, v in jax.tree_util.tree_leaves_with_path(expected)}
+    flat, want = flatten(params), flatten(expected)
     missing = sorted(set(want) - set(flat))
     unexpected = sorted(set(flat) - set(want))
     misshaped = sorted(f"{k}: got {tuple(np.shape(flat[k]))}, expected {tuple(want[k].shape)}"

@@ -393,6 +393,21 @@ def normalize(x, axis=-1, eps=0.0):
     return x / (norm + eps) if eps else x / norm
 
 
+def logit_scale(clip_params):
+    """CLIP's temperature exp(logit_scale) in float32 (100 for OpenAI's weights)."""
+    return jnp.exp(jnp.asarray(clip_params["logit_scale"]).astype(jnp.float32))
+
+
+def cosine_logits(image_features, classifier, scale, precision=jax.lax.Precision.HIGHEST):
+    """scale * cos(image, class) [N, C]: the one place logits are formed (training, the DHNO
+    scorer, the slot logits, evaluation). `image_features` [N, E] are L2-normalised here; the
+    rows of `classifier` [C, E] are unit vectors already (a classifier is computed once per
+    prompt and class list). The scale multiplies the image side before the matmul, at the
+    stated precision (never the platform default: TF32 on recent GPUs, bf16 passes on TPU)."""
+    img = scale * normalize(image_features)
+    return jnp.matmul(img, jnp.asarray(classifier).astype(jnp.float32).T, precision=precision)
+
+
 def init_params(config: CLIPConfig, seed: int = 0):
     """Random CLIP parameters (float32) for the given architecture."""
     model = CLIP(config)

@@ -1,4 +1,9 @@
-"""Prompt learners, selected by `config.backbone.name`, and DPC's dual-prompt parameterisation."""
+"""Prompt learners, selected by `config.backbone.name`, and DPC's dual-prompt parameterisation.
+
+Adding a learner: a module `dpc_jax/prompts/<name>.py` with a `PromptLearner` subclass, one
+line in `_LEARNERS` below (or `register_learner(cls)` from outside the package) and a config;
+the trainer reads everything else from the learner's hooks.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,23 @@ from typing import Dict, Type
 
 import ml_collections
 
-from dpc_jax.prompts.base import ClassTexts, PromptLearner
+from dpc_jax.prompts.base import ClassTexts, DualRules, PromptLearner
 from dpc_jax.prompts.coop import CoOp
 from dpc_jax.prompts.dpc import DualPrompt
+from dpc_jax.prompts.zsclip import ZeroShotCLIP
 
 _LEARNERS: Dict[str, Type[PromptLearner]] = {CoOp.name: CoOp}
+
+
+def register_learner(cls: Type[PromptLearner]) -> Type[PromptLearner]:
+    """Make `cls` selectable as `config.backbone.name = cls.name` (usable as a decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, PromptLearner)):
+        raise TypeError(f"{cls!r} is not a PromptLearner subclass")
+    if cls.name in _LEARNERS and _LEARNERS[cls.name] is not cls:
+        raise ValueError(f"a learner named {cls.name!r} is already registered "
+                         f"({_LEARNERS[cls.name].__name__})")
+    _LEARNERS[cls.name] = cls
+    return cls
 
 
 def get_learner(name: str) -> Type[PromptLearner]:
@@ -28,4 +45,5 @@ def build_learner(clip_config, tokenizer, backbone_config: ml_collections.Config
     return get_learner(backbone_config.name)(clip_config, tokenizer, backbone_config)
 
 
-__all__ = ["ClassTexts", "CoOp", "DualPrompt", "PromptLearner", "build_learner", "get_learner"]
+__all__ = ["ClassTexts", "CoOp", "DualPrompt", "DualRules", "PromptLearner", "ZeroShotCLIP",
+           "build_learner", "get_learner", "register_learner"]

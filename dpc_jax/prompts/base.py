@@ -16,17 +16,20 @@ labels present in its batch costs the same whatever the number of classes.
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar, Optional, Sequence
+import dataclasses
+from typing import Any, ClassVar, Optional, Sequence, Tuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 
-from dpc_jax.models.clip import CLIP, CLIPConfig, normalize
+from dpc_jax.models.clip import CLIP, CLIPConfig, cosine_logits, logit_scale, normalize
 
 Array = Any
 Prompt = Any  # a pytree (dict) of float32 arrays
+State = Any  # a pytree of non-trainable arrays (`{}` for most learners)
 
 # The placeholder word whose tokens are replaced by context vectors; one BPE token per word.
 PLACEHOLDER = "X"
@@ -81,36 +84,56 @@ def insert_context(embeddings: Array, ctx: Array) -> Array:
     return jnp.concatenate([embeddings[:, :1], ctx, embeddings[:, 1 + n_ctx:]], axis=1)
 
 
-def clip_logits(image_features: Array, text_features: Array, logit_scale: Array,
-                precision=jax.lax.Precision.HIGHEST) -> Array:
-    """exp(logit_scale) * norm(img) @ norm(txt).T: CLIP's cosine logits (exp(logit_scale) is
-    100 for OpenAI's weights)."""
-    img = normalize(image_features)
-    txt = normalize(text_features)
-    return jnp.exp(logit_scale) * jnp.dot(img, txt.T, precision=precision)
-
-
 def cross_entropy(logits: Array, labels: Array, weights: Optional[Array] = None) -> Array:
     """Mean softmax cross-entropy (in float32) with integer labels; `weights` (a 0/1 validity
     mask) restricts the mean to the valid rows."""
     logits = logits.astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    labels = labels.astype(jnp.int32)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     if weights is None:
         return jnp.mean(nll)
     weights = weights.astype(jnp.float32)
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-class PromptLearner(abc.ABC):
-    """Base class of prompt learners. Subclasses set `name` and `uses_image_prompts`.
+@dataclasses.dataclass(frozen=True)
+class DualRules:
+    """Which prompt leaves DPC doubles, and which of those get reference mode's converse map.
 
-    uses_image_prompts: whether `image_features` depends on the prompt. When False (CoOp), image
-      features computed once per image serve every prompt (DHNO reuses the anchors' features).
+    Both are mask rule lists (`dpc_jax.training.masks`: regex on '/'-joined leaf paths, first
+    match decides, every leaf must be matched). A leaf that is not doubled is shared: P's value
+    serves both prompts and it never trains in stage 2. The released trainers apply the converse
+    map (and its lr/w_b^2 amplification) to the layer-0 text context `ctx` only; every other
+    doubled leaf is trained as itself (DPC_PROTOCOL.md §2, BACKBONES.md §8).
+    """
+
+    double: Tuple[Tuple[str, bool], ...] = ((".*", True),)
+    converse: Tuple[Tuple[str, bool], ...] = (("ctx", True), (".*", False))
+
+
+class PromptLearner(abc.ABC):
+    """Base class of prompt learners; every hook below has a default that suits CoOp.
+
+    Declared needs (class attributes), read by the trainer instead of asking what a learner is:
+    - uses_image_prompts: `image_features` depends on the prompt (IVLP, MaPLe, ...). When False
+      (CoOp), image features computed once per image serve every prompt: evaluation caches
+      them and the DHNO scorer reuses the anchors' features.
+    - text_needs_image: the class text depends on the image (CoCoOp): `classify` and
+      `pair_logits` must then be overridden, and nothing caches text per class list.
+    - train_split: what stage 1 trains on: 'fewshot' (the labelled base few-shot set) or
+      'unlabeled' (PromptKD: images of all classes, labels unused).
+
+    The array methods are pure functions of their inputs (the learner object is static
+    configuration), so the trainer jits them once per run. `state` is non-trainable mutable
+    state (e.g. BatchNorm statistics; `{}` by default): threaded through the stage-1 step,
+    averaged over devices, checkpointed, frozen in stage 2. `consts` are frozen per-seed
+    constants from `constants` (template-ensemble features, a teacher): never checkpointed.
     """
 
     name: ClassVar[str]
-    uses_image_prompts: ClassVar[bool]
+    uses_image_prompts: ClassVar[bool] = False
+    text_needs_image: ClassVar[bool] = False
+    train_split: ClassVar[str] = "fewshot"
 
     def __init__(self, clip_config: CLIPConfig, tokenizer, config: ml_collections.ConfigDict):
         if not isinstance(clip_config, CLIPConfig):
@@ -134,10 +157,26 @@ class PromptLearner(abc.ABC):
         """Whether prompts can be applied to classes not seen in training."""
         return True
 
+    # -- parameters and constants -----------------------------------------------------------------
     @abc.abstractmethod
     def init(self, key: jax.Array, clip_params, num_classes: Optional[int] = None) -> Prompt:
         """Initial prompt pytree. `num_classes` is needed only by class-specific prompts."""
 
+    def init_state(self, clip_params) -> State:
+        """Initial non-trainable state (a pytree; `{}`: none)."""
+        return {}
+
+    def constants(self, clip_params, classnames: Sequence[str]) -> dict:
+        """Frozen per-seed constants for the training classes `classnames` (`{}`: none)."""
+        return {}
+
+    def load_torch_prompt(self, path: str, num_classes: Optional[int] = None) -> Prompt:
+        """The stage-1 prompt of a checkpoint written by the released PyTorch code."""
+        raise ValueError(f"config.backbone.init_from={path!r}: the {self.name!r} learner cannot "
+                         f"import PyTorch checkpoints yet; train stage 1 here instead (leave "
+                         f"init_from empty)")
+
+    # -- features ---------------------------------------------------------------------------------
     @abc.abstractmethod
     def prepare(self, clip_params, classnames: Sequence[str], *,
                 new_classes: bool = False) -> ClassTexts:
@@ -150,29 +189,75 @@ class PromptLearner(abc.ABC):
         """Un-normalised text features [len(class_ids), embed_dim] of the requested classes."""
 
     @abc.abstractmethod
-    def image_features(self, clip_params, prompt: Prompt, images: Array) -> Array:
+    def image_features(self, clip_params, prompt: Prompt, images: Array,
+                       state: Optional[State] = None) -> Array:
         """Un-normalised image features [N, embed_dim] of CLIP-normalised NHWC images."""
 
-    # -- shared helpers ---------------------------------------------------------------------------
-    def logits(self, clip_params, image_features: Array, text_features: Array) -> Array:
-        """CLIP logits [N, n] from un-normalised features, with CLIP's exp(logit_scale)."""
-        return clip_logits(image_features, text_features, clip_params["logit_scale"],
-                           self.clip_config.matmul_precision)
+    # -- classification: the class side once per (prompt, class list), the image side per batch --
+    def classifier(self, clip_params, prompt: Prompt, class_texts, class_ids: Array,
+                   consts: Optional[dict] = None) -> Array:
+        """Unit-norm class weights [len(class_ids), E]. Evaluation calls it once per prompt and
+        class list (in chunks of class ids), the DHNO scorer once per stage."""
+        return normalize(self.text_features(clip_params, prompt, class_texts, class_ids))
 
-    def classification_logits(self, clip_params, prompt: Prompt, class_texts: ClassTexts,
-                              images: Array) -> Array:
-        """Logits [N, C] of images against every class of `class_texts` (stage-1 training and
-        evaluation)."""
-        class_ids = jnp.arange(class_texts.num_classes)
-        txt = self.text_features(clip_params, prompt, class_texts, class_ids)
-        img = self.image_features(clip_params, prompt, images)
-        return self.logits(clip_params, img, txt)
+    def classify(self, clip_params, prompt: Prompt, classifier: Array, image_features: Array,
+                 consts: Optional[dict] = None) -> Array:
+        """Logits [N, C] of image features against a classifier."""
+        return cosine_logits(image_features, classifier, logit_scale(clip_params),
+                             self.clip_config.matmul_precision)
 
-    def classification_loss(self, clip_params, prompt: Prompt, class_texts: ClassTexts,
-                            images: Array, labels: Array) -> Array:
-        """Stage-1 loss of CoOp-style learners: cross-entropy over all classes."""
-        return cross_entropy(self.classification_logits(clip_params, prompt, class_texts, images),
-                             labels)
+    def pair_logits(self, clip_params, prompt: Prompt, image_features: Array, class_texts,
+                    class_ids: Array, consts: Optional[dict] = None) -> Array:
+        """Logits [M, M] of slot images against the texts of the slot labels (DHNO's enlarged
+        batch; text features are computed for these labels only)."""
+        txt = self.classifier(clip_params, prompt, class_texts, class_ids, consts)
+        return self.classify(clip_params, prompt, txt, image_features, consts)
+
+    def classification_logits(self, clip_params, prompt: Prompt, class_texts, images: Array,
+                              state: Optional[State] = None,
+                              consts: Optional[dict] = None) -> Array:
+        """Logits [N, C] of images against every class of `class_texts` (stage-1 training)."""
+        ids = jnp.arange(class_texts.num_classes)
+        w = self.classifier(clip_params, prompt, class_texts, ids, consts)
+        img = self.image_features(clip_params, prompt, images, state)
+        return self.classify(clip_params, prompt, w, img, consts)
+
+    def classification_loss(self, clip_params, prompt: Prompt, class_texts, images: Array,
+                            labels: Array, state: Optional[State] = None,
+                            consts: Optional[dict] = None) -> Array:
+        """Cross-entropy over all classes of `class_texts` (CoOp's loss)."""
+        return cross_entropy(self.classification_logits(clip_params, prompt, class_texts, images,
+                                                        state, consts), labels)
+
+    # -- stage 1 ----------------------------------------------------------------------------------
+    def loss(self, clip_params, prompt: Prompt, state: State, consts: dict, class_texts,
+             images: Array, labels: Array, key: jax.Array) -> Tuple[Array, dict, State]:
+        """Stage-1 loss on augmented images: (loss, metrics, new state). Default: CE over all
+        classes, with training accuracy as a metric."""
+        del key
+        logits = self.classification_logits(clip_params, prompt, class_texts, images, state,
+                                            consts)
+        acc = jnp.mean(jnp.argmax(logits, -1) == labels)
+        return cross_entropy(logits, labels), {"acc": acc}, state
+
+    # -- epoch hooks (their carried `extra` is checkpointed with the stage) -----------------------
+    def init_extra(self, prompt: Prompt) -> dict:
+        """What `on_epoch_end` carries between epochs (`{}`: nothing)."""
+        return {}
+
+    def on_epoch_end(self, epoch: int, epochs: int, prompt: Prompt, extra: dict) -> dict:
+        """Called on the host after each stage-1 epoch (0-based); returns the new `extra`."""
+        return extra
+
+    def final_prompt(self, prompt: Prompt, extra: dict) -> Prompt:
+        """Stage 1's result P from the last parameters (e.g. a prompt aggregate)."""
+        return prompt
+
+    # -- DPC ----------------------------------------------------------------------------------------
+    def dual_rules(self) -> DualRules:
+        """Which leaves DPC doubles and which get the converse map (default: double every leaf,
+        converse map on `ctx`)."""
+        return DualRules()
 
 
 def check_class_ids(class_ids: Array) -> Array:

@@ -139,8 +139,8 @@ class CoOp(PromptLearner):
                                 class_texts.eot_indices[class_ids],
                                 method="encode_text_embeddings")
 
-    def image_features(self, clip_params, prompt: Prompt, images) -> jax.Array:
-        del prompt  # CoOp does not prompt the image encoder
+    def image_features(self, clip_params, prompt: Prompt, images, state=None) -> jax.Array:
+        del prompt, state  # CoOp does not prompt the image encoder
         return self.model.apply({"params": clip_params}, images, method="encode_image")
 
     def load_torch_prompt(self, path: str, num_classes: Optional[int] = None) -> Prompt:

@@ -2,7 +2,12 @@
 
 The parameter tree is `{'backbone': P, 'parallel': theta}`: P is the stage-1 prompt (a frozen
 leaf; `trainable_rules` keeps it out of the optimizer) and theta the trainable parallel prompt,
-both initialised to P. Every leaf of the learner's prompt pytree is doubled and mixed alike.
+initialised to P. The learner's `DualRules` (`dpc_jax.prompts.base`) say which leaves of its
+prompt are doubled (theta holds only those; the others are P's, shared and frozen) and which
+doubled leaves get reference mode's converse map below. The default, and CoOp's: every leaf is
+doubled, the converse map acts on `ctx`. Doubled leaves without the map are trained as
+themselves, used as trained for base classes and mixed w_n*P' + (1-w_n)*P for new classes, as
+the released multi-prompt trainers do (DPC_PROTOCOL.md §2).
 
 `config.dpc` fields (see `default_config`):
 - mode: 'reference' (default) reproduces the released code ('converse' mode of sple_coop.py);
@@ -25,13 +30,14 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dpc_jax.prompts.base import config_field
+from dpc_jax import tree as tree_lib
+from dpc_jax.prompts.base import DualRules, config_field
 
 Prompt = Any
 MODES = ("reference", "paper")
@@ -70,20 +76,36 @@ def _mix(w: float, a: Prompt, b: Prompt) -> Prompt:
 class DualPrompt:
     """Parameterisation of DPC's backbone and parallel prompts; see the module docstring."""
 
-    def __init__(self, config: ml_collections.ConfigDict):
+    def __init__(self, config: ml_collections.ConfigDict, rules: Optional[DualRules] = None):
         mode = config_field(config, "mode", _WHERE)
         if mode not in MODES:
             raise ValueError(f"{_WHERE}.mode={mode!r}; allowed values: {list(MODES)}")
         self.mode = mode
         self.w_base = _check_weight(config_field(config, "w_base", _WHERE), "w_base",
-                                         low_open=(mode == "reference"))
+                                    low_open=(mode == "reference"))
         self.w_new = _check_weight(config_field(config, "w_new", _WHERE), "w_new",
-                                        low_open=False)
+                                   low_open=False)
+        # Without a learner's rules every leaf is doubled and mapped alike (the paper's formulas
+        # applied to the whole prompt); the trainer passes `learner.dual_rules()`.
+        self.rules = rules or DualRules(converse=((".*", True),))
+
+    def _decide(self, prompt: Prompt, rules) -> dict:
+        from dpc_jax.training.masks import trainable_mask  # masks compile the same rule lists
+
+        return tree_lib.flatten(trainable_mask(prompt, list(rules)))
 
     def init(self, backbone_prompt: Prompt) -> dict:
-        """{'backbone': P, 'parallel': copy of P}. The copy has its own buffers, so donating
-        the parameters to a jitted step never donates one buffer twice."""
-        parallel = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), backbone_prompt)
+        """{'backbone': P, 'parallel': copy of P's doubled leaves}. The copy has its own buffers,
+        so donating the parameters to a jitted step never donates one buffer twice."""
+        doubled = self._decide(backbone_prompt, self.rules.double)
+        flat = tree_lib.flatten(backbone_prompt)
+        if not any(doubled.values()):
+            raise ValueError(f"the learner's DualRules double no prompt leaf of {sorted(flat)}")
+        if all(doubled.values()):  # P's own structure (lists of deep prompts included)
+            parallel = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), backbone_prompt)
+        else:  # the doubled leaves only, as a nested dict of their paths
+            parallel = tree_lib.unflatten({k: jnp.array(v, copy=True) for k, v in flat.items()
+                                           if doubled[k]})
         return {"backbone": backbone_prompt, "parallel": parallel}
 
     def _split(self, params: dict) -> Tuple[Prompt, Prompt]:
@@ -93,32 +115,52 @@ class DualPrompt:
                              f"found {found}")
         return params["backbone"], params["parallel"]
 
-    def _unmix(self, theta: Prompt, backbone: Prompt) -> Prompt:
+    def _unmix(self, theta, backbone):
         """Reference mode's map theta -> Q, written as the released code computes it."""
         w = self.w_base
-        return jax.tree_util.tree_map(lambda t, p: (t - (1.0 - w) * p) * (1.0 / w), theta,
-                                      backbone)
+        return (theta - (1.0 - w) * backbone) * (1.0 / w)
+
+    def _compose(self, params: dict, leaf_fn) -> Prompt:
+        """The full prompt: P's tree with each doubled leaf replaced by
+        leaf_fn(path, theta_leaf, p_leaf); shared leaves are P's."""
+        backbone, parallel = self._split(params)
+        flat_p, flat_t = tree_lib.flatten(backbone), tree_lib.flatten(parallel)
+        out = {k: (leaf_fn(k, flat_t[k], v) if k in flat_t else v) for k, v in flat_p.items()}
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(backbone),
+                                            [out[k] for k in tree_lib.leaf_paths(backbone)])
+
+    def _converse(self, params: dict) -> dict:
+        return self._decide(self._split(params)[0], self.rules.converse)
 
     def train_prompt(self, params: dict) -> Prompt:
-        """The prompt of the training forward: P' (paper) or Q (reference)."""
-        backbone, parallel = self._split(params)
+        """The prompt of the training forward: P' (paper) or Q (reference; Q = theta on doubled
+        leaves without the converse map)."""
         if self.mode == "paper":
-            return parallel
-        return self._unmix(parallel, backbone)
+            backbone, parallel = self._split(params)
+            if tree_lib.leaf_paths(parallel) == tree_lib.leaf_paths(backbone):
+                return parallel  # every leaf doubled: P' itself
+            return self._compose(params, lambda k, t, p: t)
+        conv = self._converse(params)
+        return self._compose(params, lambda k, t, p: self._unmix(t, p) if conv[k] else t)
 
     def eval_prompt(self, params: dict, split: str) -> Prompt:
         """The prompt for evaluating `split` ('base' or 'new') classes."""
         if split not in ("base", "new"):
             raise ValueError(f"eval split {split!r}; allowed values: ['base', 'new']")
-        backbone, parallel = self._split(params)
+        backbone, _ = self._split(params)
         if self.mode == "paper":
             w = self.w_base if split == "base" else self.w_new
-            return _mix(w, parallel, backbone)
+            if w == 0.0:
+                return backbone
+            return self._compose(params, lambda k, t, p: _mix(w, t, p))
         if split == "base":
-            return self._unmix(parallel, backbone)
+            return self.train_prompt(params)
         if self.w_new == 0.0:
             return backbone
-        return self._unmix(_mix(self.w_new, parallel, backbone), backbone)
+        conv = self._converse(params)
+        w = self.w_new
+        return self._compose(params, lambda k, t, p: (self._unmix(_mix(w, t, p), p) if conv[k]
+                                                      else _mix(w, t, p)))
 
     @staticmethod
     def trainable_rules(prefix: str = "") -> List[Tuple[str, bool]]:

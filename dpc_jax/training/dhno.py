@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpc_jax.models.clip import normalize
+from dpc_jax.models.clip import cosine_logits, normalize
 
 Array = Any
 
@@ -247,24 +247,29 @@ def assemble_batch(anchor_labels: Array, negative_labels: Array,
 
 def contrastive_loss(image_features: Array, text_features: Array, valid: Array,
                      logit_scale: Any = 100.0) -> Array:
-    """Symmetric InfoNCE of the released step, over the valid slots only.
-
-    Both sides are L2-normalised in float32, logits = scale * v @ t^T (float32, 'highest'
-    precision), loss = (CE(logits, arange) + CE(logits^T, arange)) / 2 with each CE averaged
-    over the valid slots. Invalid rows are dropped and invalid columns get -inf before the
-    softmax, so the result equals the released computation on the compacted batch and invalid
-    slots get exactly zero gradient.
-    """
+    """Symmetric InfoNCE of the released step on features: both sides L2-normalised,
+    logits = scale * cos (`cosine_logits`, 'highest' precision), then `symmetric_infonce`."""
     if image_features.ndim != 2 or image_features.shape != text_features.shape:
         raise ValueError(f"image_features {tuple(image_features.shape)} and text_features "
                          f"{tuple(text_features.shape)} must both be [M, E]")
-    if valid.shape != image_features.shape[:1]:
-        raise ValueError(f"valid must be [M]={image_features.shape[0]}; got "
-                         f"{tuple(valid.shape)}")
-    v = normalize(image_features)
-    t = normalize(text_features)
-    logits = jnp.asarray(logit_scale, jnp.float32) * jnp.matmul(
-        v, t.T, precision=jax.lax.Precision.HIGHEST)
+    logits = cosine_logits(image_features, normalize(text_features),
+                           jnp.asarray(logit_scale, jnp.float32))
+    return symmetric_infonce(logits, valid)
+
+
+def symmetric_infonce(logits: Array, valid: Array) -> Array:
+    """(CE(logits, arange) + CE(logits^T, arange)) / 2 over the valid slots of [M, M] logits
+    (slot i's image against slot j's text).
+
+    Each CE is averaged over the valid slots. Invalid rows are dropped and invalid columns get
+    -inf before the softmax, so the result equals the released computation on the compacted
+    batch and invalid slots get exactly zero gradient.
+    """
+    if logits.ndim != 2 or logits.shape[0] != logits.shape[1]:
+        raise ValueError(f"logits must be [M, M]; got {tuple(logits.shape)}")
+    if valid.shape != logits.shape[:1]:
+        raise ValueError(f"valid must be [M]={logits.shape[0]}; got {tuple(valid.shape)}")
+    logits = logits.astype(jnp.float32)
     valid = valid.astype(bool)
     pair = valid[:, None] & valid[None, :]
     masked = jnp.where(pair, logits, -jnp.inf)

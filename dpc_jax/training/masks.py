@@ -17,21 +17,10 @@ from typing import Any, List, Sequence, Tuple
 
 import jax
 
+from dpc_jax.tree import leaf_paths
+
 Rules = Sequence[Tuple[str, bool]]
 TRAINABLE, FROZEN = "trainable", "frozen"
-
-
-def _key_name(key) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def leaf_paths(tree) -> List[str]:
-    """'/'-joined paths of the leaves of `tree`, in `tree_leaves` order."""
-    return ["/".join(_key_name(k) for k in path)
-            for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
 
 def _compile(rules: Rules) -> List[Tuple[re.Pattern, bool]]:

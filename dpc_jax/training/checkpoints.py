@@ -1,0 +1,149 @@
+"""A stage directory: its settings check, Orbax checkpoints, `stage.json`, atomic JSON files.
+
+    W/seed_N/<stage>/settings.json   the config fields that decide what the stage computes
+    W/seed_N/<stage>/checkpoints/    Orbax items: params, opt_state, and `aux` = {state, extra}
+                                     (the learner's mutable state and epoch-hook carry) if any
+    W/seed_N/<stage>/stage.json      written last: the stage finished (final step, batch, ...)
+
+Checkpoints hold the prompt parameters and the optimiser state, never the CLIP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+# Config fields that decide what a stage computes; a workdir resumed with other values is refused.
+STAGE_FIELDS = {
+    1: ("dataset", "root", "source", "shots", "stored_size", "crop_scale", "clip",
+        "backbone", "optim"),
+    2: ("dataset", "root", "source", "shots", "stored_size", "crop_scale", "clip",
+        "backbone", "optim", "batch_size", "dpc", "dhno"),
+}
+
+
+def write_json(path: str, obj, **kw) -> None:
+    """Write `obj` as JSON atomically (a temporary file renamed over `path`); process 0 only."""
+    if jax.process_index() != 0:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, **kw)
+    os.replace(tmp, path)
+
+
+def host(tree):
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+def has_leaves(tree) -> bool:
+    return bool(jax.tree_util.tree_leaves(tree))
+
+
+def checkpoint_manager(directory: str) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                                 item_names=("params", "opt_state", "aux"))
+
+
+def read_stage_meta(stage_dir: str) -> Optional[dict]:
+    path = os.path.join(stage_dir, "stage.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_stage_settings(stage_dir: str, stage_id: int, config) -> None:
+    """Record the settings a stage trains with; refuse to resume it with different ones."""
+    flat = {}
+    for field in STAGE_FIELDS[stage_id]:
+        value = config[field]
+        if isinstance(value, ml_collections.ConfigDict):
+            flat.update({f"{field}.{k}": v for k, v in value.to_dict().items()})
+        else:
+            flat[field] = value
+    # Weights that act only at evaluation may change between runs (the w_b / w_n ablation).
+    flat.pop("dpc.w_new", None)
+    if stage_id == 2 and config.dpc.mode == "paper":
+        flat.pop("dpc.w_base", None)
+    flat["devices"] = jax.device_count()  # the global batch and epoch length depend on it
+    flat = json.loads(json.dumps(flat, default=str))  # tuples -> lists, as stored
+    path = os.path.join(stage_dir, "settings.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            stored = json.load(f)
+        changed = sorted(k for k in set(stored) | set(flat) if stored.get(k) != flat.get(k))
+        if changed:
+            raise ValueError(
+                f"{stage_dir} was trained with other settings; changed: "
+                + ", ".join(f"config.{k} {stored.get(k)!r} -> {flat.get(k)!r}" for k in changed)
+                + ". Use a new --workdir (or restore the old values to resume or re-evaluate).")
+        return
+    os.makedirs(stage_dir, exist_ok=True)
+    write_json(path, flat, sort_keys=True)
+
+
+class StageDir:
+    """One training stage's directory (see the module docstring)."""
+
+    def __init__(self, path: str, stage_id: int, config):
+        self.path, self.stage_id, self.config = path, stage_id, config
+        self._mngr = None
+
+    @property
+    def manager(self) -> ocp.CheckpointManager:
+        if self._mngr is None:
+            self._mngr = checkpoint_manager(os.path.join(self.path, "checkpoints"))
+        return self._mngr
+
+    def check_settings(self) -> None:
+        check_stage_settings(self.path, self.stage_id, self.config)
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def save(self, step: int, train_state: dict) -> None:
+        """train_state: {'params', 'opt_state', 'aux'} (aux saved only if it has leaves)."""
+        items = {k: ocp.args.StandardSave(host(train_state[k])) for k in ("params", "opt_state")}
+        if has_leaves(train_state["aux"]):
+            items["aux"] = ocp.args.StandardSave(host(train_state["aux"]))
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, like: dict, items=("params", "opt_state", "aux")) -> dict:
+        """The items of checkpoint `step`, shaped like `like`; an empty `aux` is not stored."""
+        wanted = [k for k in items if k != "aux" or has_leaves(like["aux"])]
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            **{k: ocp.args.StandardRestore(host(like[k])) for k in wanted}))
+        out = {k: restored[k] for k in wanted}
+        if "aux" in items and "aux" not in out:
+            out["aux"] = like["aux"]
+        return out
+
+    def finish(self, meta: dict) -> None:
+        write_json(os.path.join(self.path, "stage.json"), meta)
+
+    def final(self, like: dict) -> dict:
+        """{'params', 'aux'} at the end of the finished stage (stage 2's P; the eval mode)."""
+        if os.path.isfile(os.path.join(self.path, "settings.json")):
+            self.check_settings()
+        meta = read_stage_meta(self.path)
+        if meta is None:
+            raise FileNotFoundError(
+                f"no finished stage in {self.path!r} (expected stage.json, written at the end "
+                f"of training): run that stage first, or for stage 2 set "
+                f"config.backbone.init_from")
+        step = meta["final_step"]
+        if step not in self.manager.all_steps():
+            raise FileNotFoundError(
+                f"checkpoint step {step} named in {self.path}/stage.json is missing from "
+                f"{self.path}/checkpoints (found {self.manager.all_steps()})")
+        return self.restore(step, like, items=("params", "aux"))

@@ -1,0 +1,147 @@
+"""The epoch loop of one training stage: epoch order, batches, metric log, non-finite guard,
+epoch hooks, checkpoints and resume.
+
+Per-step keys are `fold_in(key, step)` and the epoch order depends only on (seed, stage,
+epoch), so a resumed run computes exactly the numbers of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from dpc_jax.training import checkpoints
+from dpc_jax.training.step import replicate, shard_batch
+
+
+def epoch_order(seed: int, stage_id: int, epoch: int, n: int) -> np.ndarray:
+    """Dassl's RandomSampler order for one epoch, a pure function of (seed, stage, epoch)."""
+    return np.random.default_rng([seed, stage_id, epoch]).permutation(n)
+
+
+def check_batch_fits(field: str, batch_size: int, devices: int, n: int, dataset: str,
+                     shots: int) -> None:
+    """The global batch (per-device B x devices) must fit in the few-shot set (drop_last)."""
+    if batch_size * devices > n:
+        raise ValueError(
+            f"config.{field}={batch_size} x {devices} device(s) = {batch_size * devices} "
+            f"anchors per step exceeds the few-shot training set of {dataset} ({n} images at "
+            f"{shots} shots); lower the batch size or use more shots")
+
+
+def steps_per_epoch(n: int, batch_size: int, devices: int) -> int:
+    """Dassl's sampler drops the last incomplete batch (`check_batch_fits` leaves at least one)."""
+    return n // (batch_size * devices)
+
+
+class MetricLog:
+    """One JSON line per logged step (log.jsonl) and TensorBoard events (tensorboardX)."""
+
+    def __init__(self, directory: str, resume_step: int = 0):
+        self.file = self.writer = None
+        if jax.process_index() != 0:
+            return
+        path = os.path.join(directory, "log.jsonl")
+        if os.path.isfile(path):  # drop lines of steps after the checkpoint being resumed
+            with open(path) as f:
+                keep = [line for line in f if json.loads(line)["step"] <= resume_step]
+            with open(path, "w") as f:
+                f.writelines(keep)
+        self.file = open(path, "a")
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(os.path.join(directory, "tensorboard"),
+                                    purge_step=resume_step + 1 if resume_step else None)
+
+    def write(self, record: dict) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.writer.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def train_loop(*, name: str, stage: checkpoints.StageDir, step_fn: Callable, schedule: Callable,
+               train_state: dict, extra: dict, consts, n: int, global_batch: int,
+               epoch_steps: int, epochs: int,
+               seed: int, mesh: Mesh, config, learner=None, hooks: Sequence[Callable] = ()):
+    """Run (or resume) one training stage. `train_state` {'params', 'opt_state', 'state'} and
+    `extra` (the epoch-hook carry) are host trees; returns their final values (host arrays).
+
+    `learner.on_epoch_end` (if a learner is given) runs after every epoch; each hook in `hooks`
+    is called as hook(name=..., step=..., start=..., total=...) after every step (after its
+    checkpoint), e.g. to stop a run as if it were killed.
+    """
+    total = epochs * epoch_steps
+    os.makedirs(stage.path, exist_ok=True)
+    stage.check_settings()
+    state = {**train_state, "aux": {"state": train_state["state"], "extra": extra}}
+    start = 0
+    latest = stage.latest_step()
+    if latest is not None:
+        restored = stage.restore(latest, state)
+        state.update(restored)
+        start = int(latest)
+    params, opt_state = state["params"], state["opt_state"]
+    lstate, extra = state["aux"]["state"], state["aux"]["extra"]
+    if start >= total:
+        stage.finish({"final_step": total, "steps_per_epoch": epoch_steps})
+        return {"params": params, "opt_state": opt_state, "state": lstate}, extra
+    device_state = replicate({"params": params, "opt_state": opt_state, "state": lstate}, mesh)
+    key = jax.random.fold_in(jax.random.key(seed), stage.stage_id)
+    log = MetricLog(stage.path, resume_step=start)
+    bar = tqdm(total=total, initial=start, desc=name, disable=not config.progress,
+               dynamic_ncols=True)
+    order, order_epoch = None, -1
+    t0 = time.time()
+    try:
+        for step in range(start, total):
+            epoch, i = divmod(step, epoch_steps)
+            if epoch != order_epoch:
+                order, order_epoch = epoch_order(seed, stage.stage_id, epoch, n), epoch
+            index = order[i * global_batch:(i + 1) * global_batch].astype(np.int32)
+            device_state, loss, aux = step_fn(device_state, consts,
+                                              {"index": shard_batch(index, mesh)},
+                                              jax.random.fold_in(key, step))
+            loss = np.asarray(loss)
+            if not np.all(np.isfinite(loss)):
+                raise FloatingPointError(
+                    f"{name}: non-finite loss {loss.tolist()} at step {step} (epoch {epoch}, "
+                    f"seed {seed}); nothing after step {stage.latest_step()} was saved")
+            bar.update(1)
+            if (step + 1) % config.log_every_steps == 0 or step + 1 == total:
+                record = {"step": step + 1, "epoch": epoch, "lr": float(schedule(step)),
+                          "loss": float(loss.mean()), "per_device_loss": loss.tolist(),
+                          "seconds": round(time.time() - t0, 3)}
+                record.update({k: float(np.mean(v)) for k, v in jax.device_get(aux).items()})
+                log.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            if learner is not None and (step + 1) % epoch_steps == 0:
+                extra = learner.on_epoch_end(epoch, epochs, device_state["params"], extra)
+            if (step + 1) % config.checkpoint_every_steps == 0 or step + 1 == total:
+                stage.save(step + 1, {**device_state,
+                                      "aux": {"state": device_state["state"], "extra": extra}})
+            for hook in hooks:
+                hook(name=name, step=step + 1, start=start, total=total)
+    finally:
+        bar.close()
+        log.close()
+    stage.finish({"final_step": total, "steps_per_epoch": epoch_steps,
+                  "global_batch": global_batch, "devices": mesh.size})
+    return checkpoints.host(device_state), checkpoints.host(extra)

@@ -1,0 +1,73 @@
+"""The two training objectives, built once per run from a learner.
+
+objective(params, state, consts, batch, key) -> (loss, (metrics, new_state)); `consts` holds
+'clip' (the CLIP parameters), 'train' (the device-resident few-shot set), 'class_texts' (the
+base classes), 'learner' (the learner's frozen per-seed constants) and, for DPC, 'scorer' (the
+frozen stage-1 classifier over the base classes).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dpc_jax.data import augment
+from dpc_jax.training import dhno
+
+
+def backbone_objective(learner, res: int, crop_scale=(0.08, 1.0)):
+    """Stage 1: the learner's own loss on augmented few-shot images (CoOp: CE over all base
+    classes)."""
+
+    def objective(prompt, state, consts, batch, key):
+        train = consts["train"]
+        idx = batch["index"]
+        images = augment.random_resized_crop_flip(key, train["images"][idx], res, crop_scale)
+        loss, metrics, state = learner.loss(consts["clip"], prompt, state, consts["learner"],
+                                            consts["class_texts"], images, train["labels"][idx],
+                                            jax.random.fold_in(key, 1))
+        return loss, (metrics, state)
+
+    return objective
+
+
+def dpc_objective(learner, dual, res: int, top_k: int, policy: str, crop_scale=(0.08, 1.0)):
+    """Stage 2: DHNO inside the step (DPC_PROTOCOL.md §3), on B anchors of this device. The
+    learner's state is frozen (passed through unchanged)."""
+
+    def objective(params, state, consts, batch, key):
+        clip_params, train, lconsts = consts["clip"], consts["train"], consts["learner"]
+        k_aug, k_sel, k_sample, k_neg_aug = jax.random.split(key, 4)
+        idx = batch["index"]
+        labels = train["labels"][idx]
+        anchors = augment.random_resized_crop_flip(k_aug, train["images"][idx], res, crop_scale)
+        prompt = dual.train_prompt(params)
+        backbone = jax.lax.stop_gradient(params["backbone"])
+        # 1. Score with the frozen stage-1 model. For learners without image prompts (CoOp) the
+        #    scorer's image features are the anchors' own features.
+        anchor_feats = learner.image_features(clip_params, prompt, anchors, state)
+        if learner.uses_image_prompts:
+            scorer_feats = learner.image_features(clip_params, backbone, anchors, state)
+        else:
+            scorer_feats = anchor_feats
+        scorer_feats = jax.lax.stop_gradient(scorer_feats)
+        scores = jax.nn.softmax(learner.classify(clip_params, backbone, consts["scorer"],
+                                                 scorer_feats, lconsts), axis=-1)
+        # 2. Hard negatives: vectorised top-k + the non-repeat rule, static [B, K] slots.
+        negatives, valid = dhno.select_hard_negatives(scores, labels, top_k, k_sel, policy)
+        neg_idx = dhno.sample_negative_images(k_sample, train["class_table"],
+                                              train["class_counts"], negatives, valid)
+        b = idx.shape[0]
+        neg_images = augment.random_resized_crop_flip(
+            k_neg_aug, train["images"][neg_idx.reshape(-1)], res, crop_scale)
+        neg_feats = learner.image_features(clip_params, prompt, neg_images, state)
+        # 3. The enlarged batch [anchor_i, negatives_i] and its symmetric contrastive loss; text
+        #    features only for the slot labels (the cost does not depend on the class count).
+        slot_labels, slot_valid = dhno.assemble_batch(labels, negatives, valid)
+        slot_images = dhno.interleave(anchor_feats, neg_feats.reshape(b, top_k, -1))
+        logits = learner.pair_logits(clip_params, prompt, slot_images, consts["class_texts"],
+                                     slot_labels, lconsts)
+        loss = dhno.symmetric_infonce(logits, slot_valid)
+        return loss, ({"valid_negatives": jnp.sum(valid).astype(jnp.float32)}, state)
+
+    return objective
