@@ -30,7 +30,8 @@ from dpc_jax.models import clip as clip_lib
 from dpc_jax.models.tokenizer import Tokenizer, write_vocab_from_openai_bpe
 from dpc_jax.prompts import get_learner
 from dpc_jax.prompts.dpc import DualPrompt
-from dpc_jax.training import dhno, train_lib
+from dpc_jax.evaluation.evaluator import Evaluator
+from dpc_jax.training import dhno, masks, objectives, stages, step as step_lib
 
 
 def _bpe_tokenizer() -> Tokenizer:
@@ -70,28 +71,30 @@ def run(num_classes: int, batch: int, top_k: int, shots: int, repeats: int, toke
     images = rng.integers(0, 256, (num_classes * shots, res, res, 3), dtype=np.uint8)
     labels = np.repeat(np.arange(num_classes, dtype=np.int32), shots)
     table, counts = dhno.build_class_table(labels, num_classes)
-    scorer_text = train_lib.class_text_features(learner, clip_params, prompt, class_texts)
-    consts = {"clip": clip_params, "class_texts": class_texts,
-              "scorer_text": jnp.asarray(scorer_text),
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    evaluator = Evaluator(clip_params, res, mesh, ml_collections.ConfigDict(dict(
+        eval_batch_size=100, num_workers=1, progress=False, skip_bad_images=False)))
+    scorer = evaluator.classifier(learner, prompt, class_texts)
+    consts = {"clip": clip_params, "class_texts": class_texts, "learner": {},
+              "scorer": jnp.asarray(scorer),
               "train": {"images": jnp.asarray(images), "labels": jnp.asarray(labels),
                         "class_table": jnp.asarray(table), "class_counts": jnp.asarray(counts)}}
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
-    mask = train_lib.dpc_mask(params)
-    optimizer, _ = train_lib._optimizer(_optim_cfg(), 0.002, 20, len(labels), batch, mesh,
-                                        mask=mask)
-    loss_fn = train_lib.make_dpc_loss(learner, dpc, res, top_k, "reference")
-    step = train_lib.map_step(train_lib.make_per_device_step(loss_fn, optimizer, mask), mesh,
-                              donate=False)
-    opt_state = optimizer.init(params)
+    mask = masks.trainable_mask(params, DualPrompt.trainable_rules())
+    epoch_steps = len(labels) // batch
+    optimizer, _ = stages._optimizer(_optim_cfg(), "dpc", 0.002, 20, epoch_steps, mask)
+    loss_fn = objectives.dpc_objective(learner, dpc, res, top_k, "reference")
+    step = step_lib.map_step(step_lib.make_per_device_step(loss_fn, optimizer, mask), mesh,
+                             donate=False)
+    state = {"params": params, "opt_state": optimizer.init(params), "state": {}}
     index = jnp.asarray(rng.choice(len(labels), batch, replace=False).astype(np.int32))
     key = jax.random.key(2)
-    t_step = _time(step, params, opt_state, consts, {"index": index}, key, repeats=repeats)
+    t_step = _time(step, state, consts, {"index": index}, key, repeats=repeats)
 
     feats = jnp.asarray(rng.normal(size=(batch, cfg.embed_dim)).astype(np.float32))
     scale = jnp.float32(100.0)
-    score = jax.jit(lambda f, t: jax.nn.softmax(scale * clip_lib.normalize(f) @ t.T, axis=-1))
-    t_score = _time(score, feats, consts["scorer_text"], repeats=repeats)
-    scores = score(feats, consts["scorer_text"])
+    score = jax.jit(lambda f, t: jax.nn.softmax(clip_lib.cosine_logits(f, t, scale), axis=-1))
+    t_score = _time(score, feats, consts["scorer"], repeats=repeats)
+    scores = score(feats, consts["scorer"])
     batch_labels = consts["train"]["labels"][index]
     select = jax.jit(lambda s, y, k: dhno.select_hard_negatives(s, y, top_k, k, "reference"))
     t_select = _time(select, scores, batch_labels, key, repeats=repeats)

@@ -1,5 +1,6 @@
 """Every config builds and passes the training code's checks, for the world and every dataset."""
 
+import glob
 import os
 
 import pytest
@@ -44,3 +45,47 @@ def test_bad_config_arguments():
         get_config("dtd")
     with pytest.raises(Exception, match="no_such_dataset"):
         get_config("dataset=no_such_dataset")
+
+
+CONFIG_FILES = sorted(glob.glob(os.path.join(os.path.dirname(DPC_COOP), "*.py")))
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_every_config_file_builds_and_shape_checks(path, tiny_config):
+    """Each config file loads, passes the checks, and its learner's init and both objectives
+    trace (jax.eval_shape, nothing computed) on the tiny CLIP."""
+    import jax
+    import jax.numpy as jnp
+
+    from dpc_jax.models.clip import abstract_params
+    from dpc_jax.models.tokenizer import Tokenizer
+    from dpc_jax.prompts import DualPrompt, build_learner
+    from dpc_jax.training import objectives
+
+    c = train_lib.load_config(path)
+    train_lib.check_config(c)
+    tok = Tokenizer.from_pretrained(train_lib.world_assets_dir(), context_length=77)
+    learner = build_learner(tiny_config, tok, c.backbone)
+    clip = abstract_params(tiny_config)
+    names = ["red circle", "blue star", "pink ring", "green cross"]
+    prompt = jax.eval_shape(lambda cp: learner.init(jax.random.key(0), cp, len(names)), clip)
+    texts = jax.eval_shape(lambda cp: learner.prepare(cp, names), clip)
+    state = jax.eval_shape(learner.init_state, clip)
+    n, res = 8, tiny_config.image_resolution
+    consts = {"clip": clip, "class_texts": texts, "learner": {},
+              "train": {"images": jax.ShapeDtypeStruct((n, res, res, 3), jnp.uint8),
+                        "labels": jax.ShapeDtypeStruct((n,), jnp.int32),
+                        "class_table": jax.ShapeDtypeStruct((4, 2), jnp.int32),
+                        "class_counts": jax.ShapeDtypeStruct((4,), jnp.int32)},
+              "scorer": jax.ShapeDtypeStruct((4, tiny_config.embed_dim), jnp.float32)}
+    batch = {"index": jax.ShapeDtypeStruct((2,), jnp.int32)}
+    key = jax.random.key(1)
+    stage1 = objectives.backbone_objective(learner, res, tuple(c.crop_scale))
+    loss, (metrics, _) = jax.eval_shape(stage1, prompt, state, consts, batch, key)
+    assert loss.shape == () and set(metrics) == {"acc"}
+    dual = DualPrompt(c.dpc, learner.dual_rules())
+    params = jax.eval_shape(dual.init, prompt)
+    stage2 = objectives.dpc_objective(learner, dual, res, 3, c.dhno.policy,
+                                      tuple(c.crop_scale))
+    loss, _ = jax.eval_shape(stage2, params, state, consts, batch, key)
+    assert loss.shape == () and loss.dtype == jnp.float32

@@ -7,8 +7,9 @@ import pytest
 from PIL import Image
 
 from dpc_jax.data import base
+from dpc_jax.data.augment import normalize_pixels as normalize
 from dpc_jax.data.transforms import (FileImageSplit, ImageLoadError, clip_test_transform,
-                                     iterate_batches, normalize, read_image)
+                                     iterate_batches, read_image)
 from dpc_jax.models.clip import CLIP_MEAN, CLIP_STD
 
 

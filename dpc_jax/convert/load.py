@@ -77,9 +77,11 @@ def load_clip(source: str, download_root: Optional[str] = None, **overrides):
 
 
 def _tokenizer_files(directory: str) -> list:
-    present = set(os.listdir(directory))
-    if not ({"vocab.json", "merges.txt"} <= present or "tokenizer.json" in present):
+    from dpc_jax.models.tokenizer import is_tokenizer_dir
+
+    if not is_tokenizer_dir(directory):
         return []
+    present = set(os.listdir(directory))
     return [f for f in huggingface.TOKENIZER_FILES if f in present]
 
 

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import functools
 import io
 import math
 import os
-from typing import Any, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -66,20 +65,6 @@ def clip_test_transform(image: Image.Image, size: int) -> np.ndarray:
     image = image.crop(center_crop_box(image.width, image.height, size))
     out = np.asarray(image, dtype=np.uint8)
     return out
-
-
-@functools.lru_cache(maxsize=None)
-def _clip_stats() -> tuple:
-    # Imported on first use: dpc_jax.models.clip pulls in flax, which file checks do not need.
-    from dpc_jax.models.clip import CLIP_MEAN, CLIP_STD
-
-    return np.asarray(CLIP_MEAN, np.float32), np.asarray(CLIP_STD, np.float32)
-
-
-def normalize(images: Any) -> Any:
-    """float32 (x / 255 - CLIP_MEAN) / CLIP_STD over the last (channel) axis; NumPy or JAX."""
-    mean, std = _clip_stats()
-    return (images.astype(np.float32) / np.float32(255.0) - mean) / std
 
 
 # --- decoding --------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Zero-shot CLIP classification: text classifier weights from templates, batched accuracy.
 
-`zeroshot_classifier` follows CLIP's zero-shot notebook: for each class, embed every template
-filled with the class name, L2-normalise each embedding, average over templates and normalise
-again. `evaluate` runs the image tower over any `ImageSplit` in fixed-size batches (the last one
+`zeroshot_classifier` is the classifier of the zero-shot learner (`dpc_jax.prompts.zsclip`,
+CLIP's zero-shot recipe: every template filled with the class name, each embedding
+L2-normalised, averaged over templates, normalised again). `evaluate` runs the image tower over any `ImageSplit` in fixed-size batches (the last one
 padded, so one compiled program serves the whole split) and returns top-1 accuracy in percent.
 Both are deterministic for a given platform: no randomness, no data-dependent shapes.
 """
@@ -15,31 +15,21 @@ from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from dpc_jax.data.augment import normalize_pixels
 from dpc_jax.data.base import ImageSplit
-from dpc_jax.models.clip import CLIP_MEAN, CLIP_STD, normalize
-
-
-@functools.lru_cache(maxsize=8)
-def _text_encoder(model):
-    @jax.jit
-    def encode(params, ids):
-        return normalize(model.apply({"params": params}, ids, method="encode_text"))
-    return encode
+from dpc_jax.models.clip import cosine_logits
 
 
 @functools.lru_cache(maxsize=8)
 def _image_classifier(model):
-    mean = jnp.asarray(CLIP_MEAN, jnp.float32) * 255.0
-    std = jnp.asarray(CLIP_STD, jnp.float32) * 255.0
-
     @jax.jit
     def classify(params, images_uint8, weights):
-        x = (images_uint8.astype(jnp.float32) - mean) / std
-        feats = normalize(model.apply({"params": params}, x, method="encode_image"))
-        return jnp.argmax(jnp.dot(feats, weights.T.astype(jnp.float32),
-                                  precision=jax.lax.Precision.HIGHEST), axis=-1)
+        feats = model.apply({"params": params}, normalize_pixels(images_uint8),
+                            method="encode_image")
+        return jnp.argmax(cosine_logits(feats, weights, 1.0), axis=-1)
     return classify
 
 
@@ -50,30 +40,36 @@ def _pad(x: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([x, np.repeat(x[:1], n - len(x), axis=0)], axis=0)
 
 
+@functools.lru_cache(maxsize=8)
+def _learner_and_classifier(model, tokenizer, templates: tuple):
+    """One zero-shot learner and its jitted classifier per (model, tokenizer, templates)."""
+    from dpc_jax.prompts.zsclip import ZeroShotCLIP
+
+    config = ml_collections.ConfigDict({"name": ZeroShotCLIP.name, "templates": list(templates)})
+    learner = ZeroShotCLIP(model.config, tokenizer, config)
+    return learner, jax.jit(lambda p, texts, ids: learner.classifier(p, {}, texts, ids))
+
+
 def zeroshot_classifier(model, params, tokenizer, classnames: Sequence[str],
                         templates: Sequence[str], batch_size: int = 256) -> jnp.ndarray:
-    """Normalised zero-shot text weights [C, E].
+    """Normalised zero-shot text weights [C, E] (`ZeroShotCLIP`'s template ensemble), encoding
+    at most `batch_size` texts per call.
 
     Class names have '_' replaced by ' ' (as CoOp's zero-shot CLIP does); each template must
     contain one '{}'.
     """
+    from dpc_jax.prompts.zsclip import check_templates
+
     if not classnames:
         raise ValueError("zeroshot_classifier needs at least one class name")
-    if not templates:
-        raise ValueError("zeroshot_classifier needs at least one template")
-    for t in templates:
-        if t.count("{}") != 1:
-            raise ValueError(f"template {t!r} must contain exactly one '{{}}' for the class name")
-    texts = [t.format(c.replace("_", " ")) for c in classnames for t in templates]
-    ids, _ = tokenizer(texts)
-    encode = _text_encoder(model)
-    feats = []
-    for start in range(0, len(ids), batch_size):
-        chunk = ids[start:start + batch_size]
-        out = encode(params, _pad(chunk, min(batch_size, len(ids))))
-        feats.append(np.asarray(out[:len(chunk)]))
-    feats = np.concatenate(feats).reshape(len(classnames), len(templates), -1)
-    return normalize(jnp.asarray(feats.mean(axis=1)))
+    learner, fn = _learner_and_classifier(model, tokenizer, tuple(check_templates(templates)))
+    texts = learner.prepare(params, classnames)
+    per_call = max(1, min(batch_size // len(learner.templates), len(classnames)))
+    n, out = len(classnames), []
+    for s in range(0, n, per_call):
+        ids = np.arange(s, s + per_call) % n  # a static shape; the wrap is cut below
+        out.append(np.asarray(fn(params, texts, ids))[: min(per_call, n - s)])
+    return jnp.asarray(np.concatenate(out))
 
 
 def predict(model, params, weights, split: ImageSplit, image_size: Optional[int] = None,

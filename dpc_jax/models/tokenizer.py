@@ -21,6 +21,13 @@ START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
 
 
+def is_tokenizer_dir(directory: str) -> bool:
+    """Whether `directory` holds a CLIP BPE tokenizer: vocab.json + merges.txt, or
+    tokenizer.json."""
+    present = set(os.listdir(directory))
+    return {"vocab.json", "merges.txt"} <= present or "tokenizer.json" in present
+
+
 class Tokenizer:
     """CLIP BPE tokenizer producing fixed-length id arrays and EOT indices."""
 
@@ -36,11 +43,10 @@ class Tokenizer:
         from transformers import CLIPTokenizer
 
         if os.path.isdir(source):
-            present = set(os.listdir(source))
-            if not ({"vocab.json", "merges.txt"} <= present or "tokenizer.json" in present):
+            if not is_tokenizer_dir(source):
                 raise FileNotFoundError(
                     f"tokenizer directory {source!r} holds neither vocab.json + merges.txt nor "
-                    f"tokenizer.json (found: {sorted(present)})")
+                    f"tokenizer.json (found: {sorted(os.listdir(source))})")
         elif os.path.exists(source):
             raise NotADirectoryError(f"tokenizer source {source!r} is a file; expected a "
                                      f"directory with vocab.json and merges.txt, or a hub id")

@@ -211,7 +211,12 @@ class PromptLearner(abc.ABC):
         """Logits [M, M] of slot images against the texts of the slot labels (DHNO's enlarged
         batch; text features are computed for these labels only)."""
         txt = self.classifier(clip_params, prompt, class_texts, class_ids, consts)
-        return self.classify(clip_params, prompt, txt, image_features, consts)
+        # The scale multiplies the cosines after the matmul here, as the released contrastive
+        # loss computes them (the stage-1 logits of `classify` scale the image side, as CoOp's
+        # `logit_scale * image_features @ text_features.t()` does); kept so both stages
+        # reproduce their earlier numbers bit for bit.
+        return logit_scale(clip_params) * cosine_logits(image_features, txt, 1.0,
+                                                        self.clip_config.matmul_precision)
 
     def classification_logits(self, clip_params, prompt: Prompt, class_texts, images: Array,
                               state: Optional[State] = None,

@@ -248,12 +248,13 @@ def assemble_batch(anchor_labels: Array, negative_labels: Array,
 def contrastive_loss(image_features: Array, text_features: Array, valid: Array,
                      logit_scale: Any = 100.0) -> Array:
     """Symmetric InfoNCE of the released step on features: both sides L2-normalised,
-    logits = scale * cos (`cosine_logits`, 'highest' precision), then `symmetric_infonce`."""
+    logits = scale * cos (`cosine_logits`, 'highest' precision; the scale multiplies after the
+    matmul, as `PromptLearner.pair_logits` does), then `symmetric_infonce`."""
     if image_features.ndim != 2 or image_features.shape != text_features.shape:
         raise ValueError(f"image_features {tuple(image_features.shape)} and text_features "
                          f"{tuple(text_features.shape)} must both be [M, E]")
-    logits = cosine_logits(image_features, normalize(text_features),
-                           jnp.asarray(logit_scale, jnp.float32))
+    logits = jnp.asarray(logit_scale, jnp.float32) * cosine_logits(
+        image_features, normalize(text_features), 1.0)
     return symmetric_infonce(logits, valid)
 
 

@@ -1,0 +1,92 @@
+"""Every matmul of both training steps runs at the configured precision: the jaxpr of the
+mapped step is inspected for its dot_general / conv precisions (on GPU and TPU the platform
+default would be TF32 or bf16 passes)."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from dpc_jax.models.tokenizer import Tokenizer
+from dpc_jax.prompts import CoOp, DualPrompt
+from dpc_jax.training import dhno, objectives, optim, step, train_lib
+from dpc_jax.training.masks import trainable_mask
+
+from conftest import random_clip_params
+
+PRECISION_PRIMITIVES = ("dot_general", "conv_general_dilated")
+
+
+def precisions(jaxpr) -> list:
+    """(primitive, precision) of every matmul-like equation, sub-jaxprs included."""
+    found = []
+
+    def walk(jp):
+        for eqn in jp.eqns:
+            if eqn.primitive.name in PRECISION_PRIMITIVES:
+                found.append((eqn.primitive.name, eqn.params.get("precision")))
+            for value in eqn.params.values():
+                for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                        walk(sub.jaxpr)
+                    elif isinstance(sub, jax.extend.core.Jaxpr):
+                        walk(sub)
+
+    walk(jaxpr.jaxpr)
+    return found
+
+
+def is_highest(precision) -> bool:
+    p = precision if isinstance(precision, tuple) else (precision, precision)
+    return all(x == jax.lax.Precision.HIGHEST for x in p)
+
+
+def step_jaxpr(stage: str, tiny_config, precision: str):
+    config = tiny_config.replace(precision=precision)
+    clip_params = random_clip_params(config)
+    tok = Tokenizer.from_pretrained(train_lib.world_assets_dir(), context_length=77)
+    learner = CoOp(config, tok, CoOp.default_config())
+    names = ["red circle", "blue star", "pink ring", "green cross", "cyan square"]
+    texts = learner.prepare(clip_params, names)
+    labels = np.repeat(np.arange(5, dtype=np.int32), 2)
+    table, counts = dhno.build_class_table(labels, 5)
+    prompt = learner.init(jax.random.key(0), clip_params)
+    consts = {"clip": clip_params, "class_texts": texts, "learner": {},
+              "train": {"images": jnp.zeros((10, 32, 32, 3), jnp.uint8), "labels": labels,
+                        "class_table": table, "class_counts": counts}}
+    if stage == "backbone":
+        params = prompt
+        objective = objectives.backbone_objective(learner, 32)
+        mask = trainable_mask(params, [(".*", True)])
+    else:
+        dual = DualPrompt(ml_collections.ConfigDict(dict(mode="reference", w_base=0.5,
+                                                         w_new=0.0)), learner.dual_rules())
+        params = dual.init(prompt)
+        consts["scorer"] = jnp.zeros((5, config.embed_dim))
+        objective = objectives.dpc_objective(learner, dual, 32, 3, "reference")
+        mask = trainable_mask(params, DualPrompt.trainable_rules())
+    tx = optim.make_optimizer(0.002, 2, 2, mask=mask)
+    mesh = step.make_mesh()
+    fn = step.map_step(step.make_per_device_step(objective, tx, mask), mesh, donate=False)
+    state = {"params": params, "opt_state": tx.init(params), "state": {}}
+    batch = {"index": np.arange(2 * mesh.size, dtype=np.int32)}
+    return jax.make_jaxpr(fn)(state, consts, batch, jax.random.key(1))
+
+
+@pytest.mark.parametrize("stage", ["backbone", "dpc"])
+def test_every_matmul_of_the_step_is_highest(stage, tiny_config):
+    found = precisions(step_jaxpr(stage, tiny_config, "highest"))
+    # Both towers, the logits and (stage 2) the scorer and slot logits: many matmuls.
+    assert len(found) >= 20, found
+    assert [f for f in found if not is_highest(f[1])] == []
+
+
+def test_the_step_follows_the_configured_precision(tiny_config):
+    found = precisions(step_jaxpr("dpc", tiny_config, "default"))
+    # The augmentation's resampling matmuls are exact integer-valued work pinned at highest;
+    # every model and logit matmul follows config.clip.precision.
+    model = [f for f in found if not is_highest(f[1])]
+    assert len(model) >= 20
+    assert all(p in (None, jax.lax.Precision.DEFAULT,
+                     (jax.lax.Precision.DEFAULT, jax.lax.Precision.DEFAULT)) for _, p in model)
