@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from dpc_jax.data.augment import normalize_pixels
-from dpc_jax.data.base import ImageSplit
+from dpc_jax.data.base import ImageSplit, load_images
 from dpc_jax.models.clip import cosine_logits
 
 
@@ -87,8 +87,7 @@ def predict(model, params, weights, split: ImageSplit, image_size: Optional[int]
     weights = jnp.asarray(weights)
 
     def load(start):
-        idx = range(start, min(start + batch_size, n))
-        return np.stack([split.load_image(i, image_size) for i in idx])
+        return load_images(split, range(start, min(start + batch_size, n)), image_size)
 
     preds = []
     # Decode the next batch on a host thread while the device runs the current one.

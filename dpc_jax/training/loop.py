@@ -133,7 +133,9 @@ def train_loop(*, name: str, stage: checkpoints.StageDir, step_fn: Callable, sch
                 log.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
             if learner is not None and (step + 1) % epoch_steps == 0:
-                extra = learner.on_epoch_end(epoch, epochs, device_state["params"], extra)
+                # A host copy: the device buffers are donated to the next step.
+                extra = learner.on_epoch_end(epoch, epochs,
+                                             checkpoints.host(device_state["params"]), extra)
             if (step + 1) % config.checkpoint_every_steps == 0 or step + 1 == total:
                 stage.save(step + 1, {**device_state,
                                       "aux": {"state": device_state["state"], "extra": extra}})

@@ -43,6 +43,10 @@ class Run:
     def __post_init__(self):
         self.learner: PromptLearner = build_learner(self.clip_config, self.tokenizer,
                                                     self.config.backbone)
+        if self.learner.train_split != "fewshot":
+            raise ValueError(f"config.backbone.name={self.learner.name!r} trains on the "
+                             f"{self.learner.train_split!r} split; only 'fewshot' (the labelled "
+                             f"base few-shot set) is supported so far")
         self.dual = DualPrompt(self.config.dpc, self.learner.dual_rules())
         self.res = self.clip_config.image_resolution
         self.evaluator = Evaluator(self.clip_params, self.res, self.mesh, self.config)
