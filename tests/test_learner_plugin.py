@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import dpc_jax.prompts
 from dpc_jax.prompts import CoOp, DualRules, register_learner
 from dpc_jax.prompts.base import cross_entropy
 from dpc_jax.training import checkpoints, train_lib
@@ -18,7 +19,6 @@ from dpc_jax.training import checkpoints, train_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@register_learner
 class BiasedCoOp(CoOp):
     """CoOp plus a learned bias added to every text feature.
 
@@ -63,6 +63,14 @@ class BiasedCoOp(CoOp):
     def dual_rules(self):
         return DualRules(double=(("ctx", True), ("bias", False)),
                          converse=(("ctx", True), (".*", False)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    """Selectable as config.backbone.name='coop_bias' for this module's tests only."""
+    register_learner(BiasedCoOp)
+    yield
+    dpc_jax.prompts._LEARNERS.pop(BiasedCoOp.name)
 
 
 class Interrupted(RuntimeError):
