@@ -66,6 +66,8 @@ class PretrainConfig:
     text_width: int = 128
     text_heads: int = 4
     text_layers: int = 2
+    # > 0: the temperature exp(logit_scale) is fixed at this value (not trained).
+    fixed_logit_scale: float = 100.0
     log_every: int = 500
 
 
@@ -132,7 +134,7 @@ def batches(seed: int, steps: int, batch_size: int, start: int = 0, prefetch: in
 # ----------------------------------------------------------------------------------------------
 
 
-def make_train_step(config: CLIPConfig, text_context: int, tx):
+def make_train_step(config: CLIPConfig, text_context: int, tx, fixed_logit_scale: float = 0.0):
     short = CLIP(config.replace(context_length=text_context))
     mean = jnp.asarray(CLIP_MEAN, jnp.float32) * 255.0
     std = jnp.asarray(CLIP_STD, jnp.float32) * 255.0
@@ -146,7 +148,10 @@ def make_train_step(config: CLIPConfig, text_context: int, tx):
         emb = short.apply({"params": short_params}, ids, method="embed_tokens")
         txt = normalize(short.apply({"params": short_params}, emb, eot,
                                     method="encode_text_embeddings"))
-        scale = jnp.exp(jnp.minimum(params["logit_scale"], max_logit_scale))
+        if fixed_logit_scale > 0:
+            scale = jnp.asarray(fixed_logit_scale, jnp.float32)
+        else:
+            scale = jnp.exp(jnp.minimum(params["logit_scale"], max_logit_scale))
         logits = scale * img @ txt.T
         target = jnp.arange(logits.shape[0])
         loss = 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits, target).mean()
@@ -225,7 +230,10 @@ def pretrain(cfg: PretrainConfig, command: str = "") -> dict:
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
     tx = make_optimizer(cfg)
     opt_state = tx.init(params)
-    step_fn = make_train_step(config, cfg.text_context, tx)
+    if cfg.fixed_logit_scale > 0:  # stored in the checkpoint, which training code reads
+        params = dict(params, logit_scale=jnp.asarray(math.log(cfg.fixed_logit_scale),
+                                                      params["logit_scale"].dtype))
+    step_fn = make_train_step(config, cfg.text_context, tx, cfg.fixed_logit_scale)
     model = CLIP(config)
 
     bar = tqdm(batches(cfg.seed, cfg.steps, cfg.batch_size), total=cfg.steps,
