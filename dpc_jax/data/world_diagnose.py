@@ -18,6 +18,7 @@ shipped one):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from typing import Optional, Sequence
@@ -33,7 +34,7 @@ from dpc_jax.models.checkpoint import load_clip_checkpoint
 from dpc_jax.models.clip import CLIP, CLIP_MEAN, CLIP_STD, normalize
 from dpc_jax.models.tokenizer import Tokenizer
 
-PROBE_WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2)
+PROBE_WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
 
 
 def image_features(model, params, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -60,31 +61,31 @@ def split_images(split: base.ImageSplit, size: int) -> np.ndarray:
     return base.load_images(split, range(len(split)), size)
 
 
-def fit_probe(x: np.ndarray, y: np.ndarray, num_classes: int, weight_decay: float,
-              steps: int = 300) -> np.ndarray:
-    """Multinomial logistic regression [E + 1, C] (bias last), full-batch L-BFGS."""
-    xb = jnp.asarray(np.concatenate([x, np.ones((len(x), 1), np.float32)], 1))
-    yj = jnp.asarray(y)
-
+@functools.partial(jax.jit, static_argnames=("num_classes", "steps"))
+def _fit_probe(xb, y, weight_decay, num_classes: int, steps: int):
     def loss(w):
-        logits = xb @ w
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, yj).mean()
+        ce = optax.softmax_cross_entropy_with_integer_labels(xb @ w, y).mean()
         return ce + 0.5 * weight_decay * jnp.sum(w[:-1] ** 2)
 
     opt = optax.lbfgs()
-    w = jnp.zeros((xb.shape[1], num_classes), jnp.float32)
-    state = opt.init(w)
     value_and_grad = optax.value_and_grad_from_state(loss)
 
-    @jax.jit
-    def step(w, state):
+    def body(_, carry):
+        w, state = carry
         value, grad = value_and_grad(w, state=state)
         updates, state = opt.update(grad, state, w, value=value, grad=grad, value_fn=loss)
         return optax.apply_updates(w, updates), state
 
-    for _ in range(steps):
-        w, state = step(w, state)
-    return np.asarray(w)
+    w = jnp.zeros((xb.shape[1], num_classes), jnp.float32)
+    return jax.lax.fori_loop(0, steps, body, (w, opt.init(w)))[0]
+
+
+def fit_probe(x: np.ndarray, y: np.ndarray, num_classes: int, weight_decay: float,
+              steps: int = 200) -> np.ndarray:
+    """Multinomial logistic regression [E + 1, C] (bias last), full-batch L-BFGS."""
+    xb = jnp.asarray(np.concatenate([x, np.ones((len(x), 1), np.float32)], 1))
+    return np.asarray(_fit_probe(xb, jnp.asarray(y, jnp.int32), jnp.float32(weight_decay),
+                                 num_classes, steps))
 
 
 def probe_accuracy(train, val, test, num_classes: int) -> dict:
