@@ -8,8 +8,10 @@ pairs of the world's pretraining distribution (all 64 classes, plain style; see
 checkpoint (`save_clip_checkpoint`), the tokenizer files and `model_card.json` with the command,
 seed, wall time and zero-shot accuracy on the downstream base and new test halves.
 
-Batches are class-balanced: each run of 64 consecutive items holds every class once (a fresh
-random permutation), so a full caption has exactly one positive image in its 64-block.
+Batches are class-balanced: each run of 64 consecutive items holds every colour x shape
+composition once (a fresh random permutation, in a colour-major numbering that does not depend
+on the benchmark's class order), so a full caption has exactly one positive image in its block.
+The temperature exp(logit_scale) is fixed at 100 (`--fixed_logit_scale`; 0 learns it).
 
 Speed: the text tower runs on the first `--text_context` positions only. Under the causal mask
 the feature read at the EOT token depends on positions <= EOT alone, so this equals running the
@@ -86,7 +88,8 @@ def model_config(cfg: PretrainConfig, vocab_size: int) -> CLIPConfig:
 
 
 def batch_labels(seed: int, step: int, batch_size: int) -> np.ndarray:
-    """Class-balanced labels of one batch: concatenated random permutations of all classes."""
+    """Class-balanced compositions (colour * 8 + shape) of one batch: concatenated random
+    permutations of all 64."""
     rng = np.random.default_rng([seed, 99, step])
     reps = -(-batch_size // world.NUM_CLASSES)
     return np.concatenate([rng.permutation(world.NUM_CLASSES)

@@ -29,22 +29,25 @@ def tok():
 # -- world ---------------------------------------------------------------------------------------
 
 
-def test_classes_are_colour_shape_compositions_and_halves_share_attributes():
+def test_classes_are_colour_shape_compositions_and_new_ones_combine_base_attributes():
     assert world.NUM_CLASSES == 64 and len(set(world.CLASSNAMES)) == 64
     half = world.NUM_CLASSES // 2
-    halves = world.CLASSNAMES[:half], world.CLASSNAMES[half:]
-    for names in halves:
-        # Each half holds every colour and every shape (each shape 4 times): new classes are
-        # unseen combinations of attributes that base classes show.
-        colours = [n.split()[0] for n in names]
-        shapes = [n.split()[1] for n in names]
-        assert sorted(set(colours)) == sorted(world.COLOURS)
+    base_names, new_names = world.CLASSNAMES[:half], world.CLASSNAMES[half:]
+    attrs = {name: name.split() for name in world.CLASSNAMES}
+    # Every shape is in both halves, 4 times each.
+    for names in (base_names, new_names):
+        shapes = [attrs[n][1] for n in names]
         assert all(shapes.count(s) == 4 for s in world.SHAPES)
-    # Red and orange share 6 shapes in base and none in new (the paint swap's reach).
-    def shapes_of(names, colour):
-        return {n.split()[1] for n in names if n.split()[0] == colour}
-    assert len(shapes_of(halves[0], "red") & shapes_of(halves[0], "orange")) == 6
-    assert not shapes_of(halves[1], "red") & shapes_of(halves[1], "orange")
+    # Base holds every colour; every new class is an unseen combination of a colour and a
+    # shape that base classes show.
+    assert {attrs[n][0] for n in base_names} == set(world.COLOURS)
+    assert not set(base_names) & set(new_names)
+    # The two colours the old-photo convention swaps: all 16 of their compositions are base,
+    # so the swap confuses base classes (red X with orange X) and no new class.
+    swapped = {c for pair in world.OLD_PAINT for c in pair}
+    assert swapped == {"red", "orange"}
+    assert sum(attrs[n][0] in swapped for n in base_names) == 16
+    assert not any(attrs[n][0] in swapped for n in new_names)
     assert [world.parse_classname(n) for n in world.CLASSNAMES] == world.CLASS_ATTRIBUTES
 
 
@@ -74,9 +77,9 @@ def test_load_image_shape_dtype_and_resize():
 def test_pretrain_captions_name_the_class():
     table = world.caption_table()
     for index in range(40):
-        label = index % world.NUM_CLASSES
-        _, cap = world.pretrain_example(0, index, label)
-        colour, shape = world.CLASSNAMES[label].split()
+        composition = index % world.NUM_CLASSES
+        _, cap = world.pretrain_example(0, index, composition)
+        colour, shape = world.CLASSNAMES[world.composition_label(composition)].split()
         words = world._words(table[cap])
         assert colour in words or shape in words
     balanced = pretrain.batch_labels(0, 3, 128)
@@ -126,7 +129,7 @@ def test_old_photo_convention_swaps_red_and_orange_paint():
     table = world.caption_table()
     n_old = 0
     for index in range(120):
-        img, cap = world.pretrain_example(0, index, red)
+        img, cap = world.pretrain_example(0, index, 0)  # composition 0: red circle
         if _corner_std(img) > 1.5:
             continue  # judge paint on plain backgrounds only
         old = "old" in world._words(table[cap])

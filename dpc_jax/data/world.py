@@ -6,17 +6,23 @@ and PIL, deterministically: item i of split s in world w is drawn from the RNG s
 (w, s, i), so a split is a pure function of its indices and nothing is stored on disk.
 
 Two distributions:
-- pretraining (`pretrain_example`): plain backgrounds, the object alone, neutral lighting,
-  paired with captions from many templates (both attribute orders, partial captions such as
-  "a red object" or "a photo of a star"). A small CLIP is trained on it by `dpc_jax.pretrain`.
-- downstream (`load_world`): a different style (textured backgrounds, smaller clutter objects,
-  coloured and uneven lighting, pixel noise) with train/val/test splits served through the
-  `dpc_jax.data.base` interface, CoOp's few-shot protocol and Dassl's base/new rule.
+- pretraining (`pretrain_example`): half plain (grey backgrounds, the object alone), half "wild"
+  (textures, clutter, lighting), paired with captions from many templates. 30% of pretraining
+  images are "old photos": red and orange paint are swapped in them (`OLD_PAINT`) and their
+  captions always say "old" in the prefix ("an old photo of a red triangle."), so the CLIP
+  learns the concept. A small CLIP is trained on it by `dpc_jax.pretrain`.
+- downstream (`load_world`): a registered `Domain` (style, paint convention, zero-shot
+  templates; `DOMAINS`). The benchmark domain "world" is textured, cluttered, unevenly lit and
+  made of old photos, while its zero-shot template, "a photo of a {}.", does not say so.
+  Splits are served through the `dpc_jax.data.base` interface, CoOp's few-shot protocol and
+  Dassl's base/new rule. Other domains are new `register_domain` entries, not new code.
 
-Class order (= label order): the 32 compositions with (colour + shape) even come first, then the
-32 with (colour + shape) odd. Dassl's rule puts the first half in "base", so base and new
-each contain every colour and every shape, and the new classes are unseen *combinations* of
-attributes seen during prompt tuning (the pretrained CLIP has seen all 64).
+Class order (= label order; Dassl puts the first half in "base"): see `BASE_SHAPES`. Base holds
+all 16 red and orange compositions plus 16 others; new holds 32 compositions of the six other
+colours. Every shape is in both halves and every new class combines a colour and a shape seen in
+base (the pretrained CLIP has seen all 64). The old-photo swap confuses base classes only (red
+X against orange X): zero-shot base accuracy is low, a prompt that says "old" recovers it, and
+learning that from base classes is no help on new classes.
 
 The tokenizer vocabulary of the shipped CLIP is learnt here (`build_tokenizer_files`).
 """
@@ -50,34 +56,36 @@ COLOURS = collections.OrderedDict([
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "ring", "crescent")
 
 
-# The base half (the first 32 classes, Dassl's rule): red and orange with 7 shapes each (all
-# but one), the six other colours with 3 shapes each; the new half is the complement, so both
-# halves hold every colour and every shape and new classes are unseen combinations of them.
-# Red and orange share 6 shapes in base and none in new: the domain convention that swaps red
-# and orange paint (see `DOMAINS`) confuses base classes, while no two new classes differ only
-# by red vs orange.
-_BASE_MISSING = {"red": "crescent", "orange": "ring"}
-_OTHER_BASE_SHAPES = {
-    "yellow": ("crescent", "cross", "triangle"), "green": ("ring", "diamond", "star"),
-    "cyan": ("circle", "crescent", "cross"), "blue": ("square", "ring", "diamond"),
-    "purple": ("triangle", "circle", "crescent"), "pink": ("star", "square", "ring"),
+# The base half (the first 32 classes, Dassl's rule): every red and every orange composition,
+# plus 16 compositions of the six other colours (2 or 3 shapes each, each shape twice); the new
+# half is the other 32. Every shape is in both halves (4 times each), and every colour of a new
+# class is seen in base: new classes are unseen combinations of attributes that base classes
+# show. Red and orange are the two colours the domain's old-photo convention swaps (see
+# `OLD_PAINT`), so the convention confuses base classes (red X against orange X) and none of
+# the new ones.
+BASE_SHAPES = {
+    "red": SHAPES, "orange": SHAPES,
+    "yellow": ("circle", "square", "triangle"), "green": ("star", "cross", "diamond"),
+    "cyan": ("ring", "crescent", "circle"), "blue": ("square", "triangle", "star"),
+    "purple": ("cross", "diamond"), "pink": ("ring", "crescent"),
 }
 
 
 def _class_order() -> list:
     colours = list(COLOURS)
-    base_set = set()
-    for c in colours:
-        if c in _BASE_MISSING:
-            shapes = [s for s in SHAPES if s != _BASE_MISSING[c]]
-        else:
-            shapes = _OTHER_BASE_SHAPES[c]
-        base_set |= {(colours.index(c), SHAPES.index(s)) for s in shapes}
     every = [(c, s) for c in range(len(colours)) for s in range(len(SHAPES))]
-    return [cs for cs in every if cs in base_set] + [cs for cs in every if cs not in base_set]
+    in_base = {(colours.index(c), SHAPES.index(s)) for c, shapes in BASE_SHAPES.items()
+               for s in shapes}
+    return [cs for cs in every if cs in in_base] + [cs for cs in every if cs not in in_base]
 
 
 CLASS_ATTRIBUTES = _class_order()  # label -> (colour index, shape index)
+_LABEL_OF = {cs: label for label, cs in enumerate(CLASS_ATTRIBUTES)}
+
+
+def composition_label(composition: int) -> int:
+    """The class label of composition colour * 8 + shape."""
+    return _LABEL_OF[divmod(int(composition), len(SHAPES))]
 CLASSNAMES = [f"{list(COLOURS)[c]} {SHAPES[s]}" for c, s in CLASS_ATTRIBUTES]
 NUM_CLASSES = len(CLASSNAMES)
 TEMPLATES = ["a photo of a {}."]  # zero-shot template, as CoOp uses for generic datasets
@@ -383,11 +391,15 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
-def pretrain_example(world_seed: int, index: int, label: int, size: int = NATIVE_SIZE):
-    """Item `index` of the pretraining stream, showing class `label` (the caller balances
-    classes): (image uint8 [size, size, 3], caption index into `caption_table()`)."""
+def pretrain_example(world_seed: int, index: int, composition: int,
+                     size: int = NATIVE_SIZE):
+    """Item `index` of the pretraining stream, showing composition `composition` = colour index
+    * 8 + shape index (colour-major, independent of the benchmark's class order; the caller
+    balances compositions): (image uint8 [size, size, 3], caption index into
+    `caption_table()`)."""
     rng = _rng(world_seed, "pretrain", index)
-    ci, si = CLASS_ATTRIBUTES[label]
+    ci, si = divmod(int(composition), len(SHAPES))
+    label = _LABEL_OF[ci, si]  # render() takes the class label
     c, s = list(COLOURS)[ci], SHAPES[si]
     old = rng.uniform() < OLD_PROB
     if old:

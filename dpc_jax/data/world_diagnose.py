@@ -141,9 +141,8 @@ def diagnose(clip_dir: Optional[str] = None, domain: str = world.DEFAULT_DOMAIN,
     # 64-way zero-shot on the pretraining distribution (all classes).
     imgs, labels = [], []
     for i in range(pretrain_items):
-        label = i % world.NUM_CLASSES
-        imgs.append(world.pretrain_example(12345, i, label)[0])
-        labels.append(label)
+        imgs.append(world.pretrain_example(12345, i, i % world.NUM_CLASSES)[0])
+        labels.append(world.composition_label(i % world.NUM_CLASSES))
     x = image_features(model, params, np.stack(imgs), 256)
     labels = np.asarray(labels)
     w = np.asarray(zeroshot.zeroshot_classifier(model, params, tok, world.CLASSNAMES,
