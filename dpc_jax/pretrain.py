@@ -1,6 +1,6 @@
 """Pretrain the small world CLIP shipped in `dpc_jax/assets/world` (contrastive, from scratch).
 
-    python -m dpc_jax.pretrain --out dpc_jax/assets/world --steps 6000 --seed 0
+    python -m dpc_jax.pretrain --out dpc_jax/assets/world --steps 5500 --seed 0
 
 Trains `dpc_jax.models.clip.CLIP` with the symmetric InfoNCE loss of CLIP on image-caption
 pairs of the world's pretraining distribution (all 64 classes, plain style; see
@@ -53,7 +53,7 @@ EVAL_SUBSET_PER_CLASS = 10
 @dataclasses.dataclass
 class PretrainConfig:
     out: str
-    steps: int = 6000
+    steps: int = 5500
     batch_size: int = 32
     seed: int = 0
     lr: float = 1e-3
