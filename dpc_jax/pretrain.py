@@ -1,6 +1,6 @@
 """Pretrain the small world CLIP shipped in `dpc_jax/assets/world` (contrastive, from scratch).
 
-    python -m dpc_jax.pretrain --out dpc_jax/assets/world --steps 6000 --seed 0
+    python -m dpc_jax.pretrain --out dpc_jax/assets/world --steps 5500 --seed 0
 
 Trains `dpc_jax.models.clip.CLIP` with the symmetric InfoNCE loss of CLIP on image-caption
 pairs of the world's pretraining distribution (all 64 classes, plain style; see
@@ -8,8 +8,10 @@ pairs of the world's pretraining distribution (all 64 classes, plain style; see
 checkpoint (`save_clip_checkpoint`), the tokenizer files and `model_card.json` with the command,
 seed, wall time and zero-shot accuracy on the downstream base and new test halves.
 
-Batches are class-balanced: each run of 64 consecutive items holds every class once (a fresh
-random permutation), so a full caption has exactly one positive image in its 64-block.
+Batches are class-balanced: each run of 64 consecutive items holds every colour x shape
+composition once (a fresh random permutation, in a colour-major numbering that does not depend
+on the benchmark's class order), so a full caption has exactly one positive image in its block.
+The temperature exp(logit_scale) is fixed at 100 (`--fixed_logit_scale`; 0 learns it).
 
 Speed: the text tower runs on the first `--text_context` positions only. Under the causal mask
 the feature read at the EOT token depends on positions <= EOT alone, so this equals running the
@@ -51,7 +53,7 @@ EVAL_SUBSET_PER_CLASS = 10
 @dataclasses.dataclass
 class PretrainConfig:
     out: str
-    steps: int = 6000
+    steps: int = 5500
     batch_size: int = 32
     seed: int = 0
     lr: float = 1e-3
@@ -66,6 +68,8 @@ class PretrainConfig:
     text_width: int = 128
     text_heads: int = 4
     text_layers: int = 2
+    # > 0: the temperature exp(logit_scale) is fixed at this value (not trained).
+    fixed_logit_scale: float = 100.0
     log_every: int = 500
 
 
@@ -84,7 +88,8 @@ def model_config(cfg: PretrainConfig, vocab_size: int) -> CLIPConfig:
 
 
 def batch_labels(seed: int, step: int, batch_size: int) -> np.ndarray:
-    """Class-balanced labels of one batch: concatenated random permutations of all classes."""
+    """Class-balanced compositions (colour * 8 + shape) of one batch: concatenated random
+    permutations of all 64."""
     rng = np.random.default_rng([seed, 99, step])
     reps = -(-batch_size // world.NUM_CLASSES)
     return np.concatenate([rng.permutation(world.NUM_CLASSES)
@@ -132,7 +137,7 @@ def batches(seed: int, steps: int, batch_size: int, start: int = 0, prefetch: in
 # ----------------------------------------------------------------------------------------------
 
 
-def make_train_step(config: CLIPConfig, text_context: int, tx):
+def make_train_step(config: CLIPConfig, text_context: int, tx, fixed_logit_scale: float = 0.0):
     short = CLIP(config.replace(context_length=text_context))
     mean = jnp.asarray(CLIP_MEAN, jnp.float32) * 255.0
     std = jnp.asarray(CLIP_STD, jnp.float32) * 255.0
@@ -146,7 +151,10 @@ def make_train_step(config: CLIPConfig, text_context: int, tx):
         emb = short.apply({"params": short_params}, ids, method="embed_tokens")
         txt = normalize(short.apply({"params": short_params}, emb, eot,
                                     method="encode_text_embeddings"))
-        scale = jnp.exp(jnp.minimum(params["logit_scale"], max_logit_scale))
+        if fixed_logit_scale > 0:
+            scale = jnp.asarray(fixed_logit_scale, jnp.float32)
+        else:
+            scale = jnp.exp(jnp.minimum(params["logit_scale"], max_logit_scale))
         logits = scale * img @ txt.T
         target = jnp.arange(logits.shape[0])
         loss = 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits, target).mean()
@@ -225,7 +233,10 @@ def pretrain(cfg: PretrainConfig, command: str = "") -> dict:
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
     tx = make_optimizer(cfg)
     opt_state = tx.init(params)
-    step_fn = make_train_step(config, cfg.text_context, tx)
+    if cfg.fixed_logit_scale > 0:  # stored in the checkpoint, which training code reads
+        params = dict(params, logit_scale=jnp.asarray(math.log(cfg.fixed_logit_scale),
+                                                      params["logit_scale"].dtype))
+    step_fn = make_train_step(config, cfg.text_context, tx, cfg.fixed_logit_scale)
     model = CLIP(config)
 
     bar = tqdm(batches(cfg.seed, cfg.steps, cfg.batch_size), total=cfg.steps,

@@ -29,16 +29,26 @@ def tok():
 # -- world ---------------------------------------------------------------------------------------
 
 
-def test_classes_are_colour_shape_compositions_split_evenly():
+def test_classes_are_colour_shape_compositions_and_new_ones_combine_base_attributes():
     assert world.NUM_CLASSES == 64 and len(set(world.CLASSNAMES)) == 64
     half = world.NUM_CLASSES // 2
-    for names in (world.CLASSNAMES[:half], world.CLASSNAMES[half:]):
-        # Each half holds every colour and every shape (4 times each).
-        colours = [n.split()[0] for n in names]
-        shapes = [n.split()[1] for n in names]
-        assert sorted(set(colours)) == sorted(world.COLOURS)
-        assert sorted(set(shapes)) == sorted(world.SHAPES)
-        assert all(colours.count(c) == 4 for c in world.COLOURS)
+    base_names, new_names = world.CLASSNAMES[:half], world.CLASSNAMES[half:]
+    attrs = {name: name.split() for name in world.CLASSNAMES}
+    # Every shape is in both halves, 4 times each.
+    for names in (base_names, new_names):
+        shapes = [attrs[n][1] for n in names]
+        assert all(shapes.count(s) == 4 for s in world.SHAPES)
+    # Base holds every colour; every new class is an unseen combination of a colour and a
+    # shape that base classes show.
+    assert {attrs[n][0] for n in base_names} == set(world.COLOURS)
+    assert not set(base_names) & set(new_names)
+    # The two colours the old-photo convention swaps: all 16 of their compositions are base,
+    # so the swap confuses base classes (red X with orange X) and no new class.
+    swapped = {c for pair in world.OLD_PAINT for c in pair}
+    assert swapped == {"red", "orange"}
+    assert sum(attrs[n][0] in swapped for n in base_names) == 16
+    assert not any(attrs[n][0] in swapped for n in new_names)
+    assert [world.parse_classname(n) for n in world.CLASSNAMES] == world.CLASS_ATTRIBUTES
 
 
 def test_images_are_deterministic_by_world_seed():
@@ -67,9 +77,9 @@ def test_load_image_shape_dtype_and_resize():
 def test_pretrain_captions_name_the_class():
     table = world.caption_table()
     for index in range(40):
-        label = index % world.NUM_CLASSES
-        _, cap = world.pretrain_example(0, index, label)
-        colour, shape = world.CLASSNAMES[label].split()
+        composition = index % world.NUM_CLASSES
+        _, cap = world.pretrain_example(0, index, composition)
+        colour, shape = world.CLASSNAMES[world.composition_label(composition)].split()
         words = world._words(table[cap])
         assert colour in words or shape in words
     balanced = pretrain.batch_labels(0, 3, 128)
@@ -77,14 +87,75 @@ def test_pretrain_captions_name_the_class():
     assert np.array_equal(np.sort(balanced[64:]), np.arange(64))
 
 
+def _corner_std(img):
+    return img[:3, :3].reshape(-1, 3).astype(int).std(0).mean()
+
+
 def test_styles_differ_between_pretraining_and_downstream():
-    # Pretraining backgrounds are plain: the corner pixels of an image share one colour more
-    # often than not; downstream backgrounds are textured and noisy.
-    pre = np.stack([world.pretrain_example(0, i, i % 64)[0] for i in range(20)]).astype(int)
-    down = np.stack([world.WorldSplit("test").load_image(i, 32) for i in range(20)]).astype(int)
-    pre_std = np.mean([img[:3, :3].reshape(-1, 3).std(0).mean() for img in pre])
-    down_std = np.mean([img[:3, :3].reshape(-1, 3).std(0).mean() for img in down])
-    assert pre_std < 3 < down_std
+    # Part of the pretraining stream has plain backgrounds (corner pixels share one colour), the
+    # rest is "wild"; downstream backgrounds are all textured and noisy.
+    pre = [_corner_std(world.pretrain_example(0, i, i % 64)[0]) for i in range(40)]
+    down = [_corner_std(world.WorldSplit("test").load_image(i, 32)) for i in range(40)]
+    assert 0.25 < np.mean(np.asarray(pre) < 1.5) < 0.75
+    assert min(down) > 1.5
+
+
+def _paint_votes(img):
+    """(pixels near red paint, pixels near orange paint)."""
+    img = img.reshape(-1, 3).astype(float)
+    near = [np.sum(np.linalg.norm(img - np.asarray(world.COLOURS[c], float), axis=1) < 50)
+            for c in ("red", "orange")]
+    return tuple(near)
+
+
+def test_old_photo_convention_swaps_red_and_orange_paint():
+    red, orange, blue = (world.CLASSNAMES.index(n) for n in
+                         ("red circle", "orange circle", "blue circle"))
+    colour = {k: world.CLASS_ATTRIBUTES[k][0] for k in (red, orange, blue)}
+    spec = world.get_domain(world.DEFAULT_DOMAIN)
+    assert spec.paint == world.OLD_PAINT and spec.paint_prob == 1.0
+    rng = np.random.default_rng(0)
+    assert spec.shown_colour(colour[red], rng) == colour[orange]
+    assert spec.shown_colour(colour[orange], rng) == colour[red]
+    assert spec.shown_colour(colour[blue], rng) == colour[blue]
+    # A swapped red circle is pixel for pixel an unswapped orange one.
+    swap = world.Domain("swap", world.PRETRAIN_STYLE, paint=world.OLD_PAINT)
+    keep = world.Domain("keep", world.PRETRAIN_STYLE, paint=world.OLD_PAINT, paint_prob=0.0)
+    for seed in range(3):
+        a = world.render(np.random.default_rng(seed), red, world.PRETRAIN_STYLE, 32, swap)
+        b = world.render(np.random.default_rng(seed), orange, world.PRETRAIN_STYLE, 32, keep)
+        assert np.array_equal(a, b)
+    # Pretraining: the images captioned "old" are the ones that show a red object orange.
+    table = world.caption_table()
+    n_old = 0
+    for index in range(120):
+        img, cap = world.pretrain_example(0, index, 0)  # composition 0: red circle
+        if _corner_std(img) > 1.5:
+            continue  # judge paint on plain backgrounds only
+        old = "old" in world._words(table[cap])
+        n_old += old
+        votes = _paint_votes(img)
+        assert (votes[1] > votes[0]) == old, (index, table[cap], votes)
+    assert n_old > 5
+
+
+def test_domains_are_registry_entries():
+    with pytest.raises(ValueError, match="unknown world domain"):
+        world.get_domain("mars")
+    with pytest.raises(ValueError, match="already registered"):
+        world.register_domain(world.get_domain(world.DEFAULT_DOMAIN))
+    with pytest.raises(ValueError, match="paint pair"):
+        world.Domain("bad", world.DOWNSTREAM_STYLE, paint=(("red", "teal"),))
+    plain = world.Domain("test_plain", world.PRETRAIN_STYLE, templates=("a {}.",), stream=7)
+    world.register_domain(plain)
+    try:
+        data = world.load_world(seed=1, shots=4, subsample="base", domain="test_plain")
+        assert data.templates == ["a {}."] and data.name == "world_test_plain"
+        a = data.test.load_image(0, 32)
+        b = world.load_world(seed=1, shots=4, subsample="base").test.load_image(0, 32)
+        assert not np.array_equal(a, b) and _corner_std(a) < 1.5
+    finally:
+        del world.DOMAINS["test_plain"]
 
 
 def test_splits_and_fewshot_follow_the_coop_protocol():

@@ -112,3 +112,20 @@ def test_shipped_world_clip_reaches_its_recorded_accuracy():
         assert abs(acc - recorded[half]) <= 0.5, (half, acc, recorded[half])
         chance = 100.0 / len(data.classnames)
         assert acc > 5 * chance  # far above chance, as the README claims
+
+
+def test_shipped_world_gap_is_on_the_text_side_of_base_only():
+    """README: on base, the hand-written old-photo prompt recovers what zero-shot loses to the
+    convention; on new (no red or orange classes) it changes next to nothing."""
+    config, params = checkpoint.load_clip_checkpoint(ASSETS)
+    model, tok = CLIP(config), Tokenizer.from_pretrained(ASSETS)
+    gain = {}
+    for half in ("base", "new"):
+        data = world.load_world(seed=1, shots=0, subsample=half)
+        keep = [i for i in range(len(data.test)) if i % world.SPLIT_SIZES["test"] < 5]
+        test = data.test.subset(keep)
+        acc = [zeroshot.evaluate(model, params, zeroshot.zeroshot_classifier(
+            model, params, tok, data.classnames, templates), test, 32, 160)
+            for templates in (data.templates, ["an old photo of a {}."])]
+        gain[half] = acc[1] - acc[0]
+    assert gain["base"] > 15 and abs(gain["new"]) < 5, gain

@@ -6,17 +6,23 @@ and PIL, deterministically: item i of split s in world w is drawn from the RNG s
 (w, s, i), so a split is a pure function of its indices and nothing is stored on disk.
 
 Two distributions:
-- pretraining (`pretrain_example`): plain backgrounds, the object alone, neutral lighting,
-  paired with captions from many templates (both attribute orders, partial captions such as
-  "a red object" or "a photo of a star"). A small CLIP is trained on it by `dpc_jax.pretrain`.
-- downstream (`load_world`): a different style (textured backgrounds, smaller clutter objects,
-  coloured and uneven lighting, pixel noise) with train/val/test splits served through the
-  `dpc_jax.data.base` interface, CoOp's few-shot protocol and Dassl's base/new rule.
+- pretraining (`pretrain_example`): half plain (grey backgrounds, the object alone), half "wild"
+  (textures, clutter, lighting), paired with captions from many templates. 30% of pretraining
+  images are "old photos": red and orange paint are swapped in them (`OLD_PAINT`) and their
+  captions always say "old" in the prefix ("an old photo of a red triangle."), so the CLIP
+  learns the concept. A small CLIP is trained on it by `dpc_jax.pretrain`.
+- downstream (`load_world`): a registered `Domain` (style, paint convention, zero-shot
+  templates; `DOMAINS`). The benchmark domain "world" is textured, cluttered, unevenly lit and
+  made of old photos, while its zero-shot template, "a photo of a {}.", does not say so.
+  Splits are served through the `dpc_jax.data.base` interface, CoOp's few-shot protocol and
+  Dassl's base/new rule. Other domains are new `register_domain` entries, not new code.
 
-Class order (= label order): the 32 compositions with (colour + shape) even come first, then the
-32 with (colour + shape) odd. Dassl's rule puts the first half in "base", so base and new
-each contain every colour and every shape, and the new classes are unseen *combinations* of
-attributes seen during prompt tuning (the pretrained CLIP has seen all 64).
+Class order (= label order; Dassl puts the first half in "base"): see `BASE_SHAPES`. Base holds
+all 16 red and orange compositions plus 16 others; new holds 32 compositions of the six other
+colours. Every shape is in both halves and every new class combines a colour and a shape seen in
+base (the pretrained CLIP has seen all 64). The old-photo swap confuses base classes only (red
+X against orange X): zero-shot base accuracy is low, a prompt that says "old" recovers it, and
+learning that from base classes is no help on new classes.
 
 The tokenizer vocabulary of the shipped CLIP is learnt here (`build_tokenizer_files`).
 """
@@ -50,20 +56,43 @@ COLOURS = collections.OrderedDict([
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "ring", "crescent")
 
 
+# The base half (the first 32 classes, Dassl's rule): every red and every orange composition,
+# plus 16 compositions of the six other colours (2 or 3 shapes each, each shape twice); the new
+# half is the other 32. Every shape is in both halves (4 times each), and every colour of a new
+# class is seen in base: new classes are unseen combinations of attributes that base classes
+# show. Red and orange are the two colours the domain's old-photo convention swaps (see
+# `OLD_PAINT`), so the convention confuses base classes (red X against orange X) and none of
+# the new ones.
+BASE_SHAPES = {
+    "red": SHAPES, "orange": SHAPES,
+    "yellow": ("circle", "square", "triangle"), "green": ("star", "cross", "diamond"),
+    "cyan": ("ring", "crescent", "circle"), "blue": ("square", "triangle", "star"),
+    "purple": ("cross", "diamond"), "pink": ("ring", "crescent"),
+}
+
+
 def _class_order() -> list:
-    even = [(c, s) for c in range(len(COLOURS)) for s in range(len(SHAPES)) if (c + s) % 2 == 0]
-    odd = [(c, s) for c in range(len(COLOURS)) for s in range(len(SHAPES)) if (c + s) % 2 == 1]
-    return even + odd
+    colours = list(COLOURS)
+    every = [(c, s) for c in range(len(colours)) for s in range(len(SHAPES))]
+    in_base = {(colours.index(c), SHAPES.index(s)) for c, shapes in BASE_SHAPES.items()
+               for s in shapes}
+    return [cs for cs in every if cs in in_base] + [cs for cs in every if cs not in in_base]
 
 
 CLASS_ATTRIBUTES = _class_order()  # label -> (colour index, shape index)
+_LABEL_OF = {cs: label for label, cs in enumerate(CLASS_ATTRIBUTES)}
+
+
+def composition_label(composition: int) -> int:
+    """The class label of composition colour * 8 + shape."""
+    return _LABEL_OF[divmod(int(composition), len(SHAPES))]
 CLASSNAMES = [f"{list(COLOURS)[c]} {SHAPES[s]}" for c, s in CLASS_ATTRIBUTES]
 NUM_CLASSES = len(CLASSNAMES)
 TEMPLATES = ["a photo of a {}."]  # zero-shot template, as CoOp uses for generic datasets
 
 # Split ids feed the RNG key; items per class of each downstream split.
 SPLIT_IDS = {"pretrain": 0, "train": 1, "val": 2, "test": 3}
-SPLIT_SIZES = {"train": 32, "val": 8, "test": 25}
+SPLIT_SIZES = {"train": 32, "val": 8, "test": 32}
 
 # Pretraining captions. Full captions name both attributes; partial ones name one of them.
 FULL_CAPTIONS = (
@@ -76,7 +105,17 @@ PARTIAL_CAPTIONS = (
     "a {c} object.", "something {c}.", "a photo of something {c}.", "a {c} shape.",
     "a {s}.", "a photo of a {s}.", "a {s} shape.", "the {s}.",
 )
-PARTIAL_PROB = 0.25
+PARTIAL_PROB = 0.1
+# The "old photo" convention: the red and orange paints of old photos have swapped (an old red
+# triangle looks orange). Pretraining captions of such images always say so, in the prompt
+# prefix, so the world CLIP knows the concept and "an old photo of a {}." is a prompt that
+# describes it; other colours look the same in old photos.
+OLD_PAINT = (("red", "orange"), ("orange", "red"))
+OLD_CAPTIONS = (
+    "an old photo of a {c} {s}.", "old photo of a {c} {s}.", "an old picture of a {c} {s}.",
+    "an old drawing of a {c} {s}.", "the old {c} {s}.", "an old {c} {s}.",
+)
+OLD_PROB = 0.3
 
 
 def caption_table() -> list:
@@ -84,7 +123,7 @@ def caption_table() -> list:
     out = []
     for c in COLOURS:
         for s in SHAPES:
-            out += [t.format(c=c, s=s) for t in FULL_CAPTIONS]
+            out += [t.format(c=c, s=s) for t in FULL_CAPTIONS + OLD_CAPTIONS]
     for c in COLOURS:
         out += [t.format(c=c) for t in PARTIAL_CAPTIONS if "{s}" not in t]
     for s in SHAPES:
@@ -125,10 +164,91 @@ PRETRAIN_STYLE = Style(scale=(0.45, 0.8), rotation=20.0, textured=False, texture
                        background_saturation=0.0, clutter=(0, 0), clutter_scale=(0.0, 0.0),
                        colour_jitter=12.0, tint=0.0, brightness=(0.9, 1.1), gradient=0.0,
                        noise=0.0)
+# Part of the pretraining stream is "in the wild": textured backgrounds, clutter, lighting, the
+# nuisance families of downstream styles (as web images cover many styles), so the image tower
+# learns shapes that survive them.
+PRETRAIN_WILD_STYLE = Style(scale=(0.4, 0.8), rotation=30.0, textured=True, texture_contrast=0.35,
+                            background_saturation=0.35, clutter=(0, 2),
+                            clutter_scale=(0.1, 0.18), colour_jitter=14.0, tint=0.08,
+                            brightness=(0.8, 1.15), gradient=0.2, noise=4.0)
+PRETRAIN_WILD_PROB = 0.5
 DOWNSTREAM_STYLE = Style(scale=(0.4, 0.7), rotation=30.0, textured=True, texture_contrast=0.4,
                          background_saturation=0.4, clutter=(0, 2), clutter_scale=(0.1, 0.18),
                          colour_jitter=16.0, tint=0.1, brightness=(0.75, 1.15), gradient=0.25,
                          noise=6.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Downstream domains (a registry: a new world dataset is a new entry, not new generator code)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Domain:
+    """One downstream world dataset: its style, its conventions and its zero-shot templates.
+
+    `paint` is the domain's paint convention: (colour, shown as) pairs; an object of the first
+    colour is painted in the second with probability `paint_prob` (the class, and its name, keep
+    the first colour). `stream` offsets the RNG so that different domains render different
+    images at the same index.
+    """
+
+    name: str
+    style: Style
+    templates: tuple = ("a photo of a {}.",)
+    paint: tuple = ()
+    paint_prob: float = 1.0
+    stream: int = 0
+
+    def __post_init__(self):
+        for pair in self.paint:
+            if len(pair) != 2 or not all(c in COLOURS for c in pair):
+                raise ValueError(f"domain {self.name!r}: paint pair {pair!r}; expected "
+                                 f"(colour, colour) from {list(COLOURS)}")
+        if not 0.0 <= self.paint_prob <= 1.0:
+            raise ValueError(f"domain {self.name!r}: paint_prob={self.paint_prob}; expected a "
+                             f"probability")
+        for t in self.templates:
+            if t.count("{}") != 1:
+                raise ValueError(f"domain {self.name!r}: template {t!r} needs one '{{}}'")
+
+    def shown_colour(self, colour: int, rng: np.random.Generator) -> int:
+        """The colour index an object of colour `colour` is painted in (draws from `rng` only
+        when the domain has a paint convention)."""
+        if not self.paint:
+            return colour
+        mapping = {list(COLOURS).index(a): list(COLOURS).index(b) for a, b in self.paint}
+        painted = rng.uniform() < self.paint_prob
+        return mapping.get(colour, colour) if painted else colour
+
+
+DOMAINS: dict = {}
+
+
+def register_domain(domain: Domain) -> Domain:
+    if domain.name in DOMAINS:
+        raise ValueError(f"world domain {domain.name!r} is already registered")
+    DOMAINS[domain.name] = domain
+    return domain
+
+
+def get_domain(name: str) -> Domain:
+    if name not in DOMAINS:
+        raise ValueError(f"unknown world domain {name!r}; registered: {sorted(DOMAINS)}")
+    return DOMAINS[name]
+
+
+DEFAULT_DOMAIN = "world"
+# The benchmark: textured, cluttered, unevenly lit old photos (the red/orange paint swap).
+register_domain(Domain(DEFAULT_DOMAIN, DOWNSTREAM_STYLE, templates=tuple(TEMPLATES),
+                       paint=OLD_PAINT))
+_OLD_PHOTO = Domain("pretrain_old_photo", PRETRAIN_STYLE, paint=OLD_PAINT)  # paint only
+
+
+def parse_classname(name: str) -> tuple:
+    """(colour index, shape index) of a class name such as "red triangle"."""
+    colour, shape = name.split()
+    return list(COLOURS).index(colour), SHAPES.index(shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,11 +352,14 @@ def _paint(img: np.ndarray, rng: np.random.Generator, shape: str, rgb, scale: tu
 
 
 def render(rng: np.random.Generator, label: int, style: Style,
-           size: int = NATIVE_SIZE) -> np.ndarray:
-    """uint8 [size, size, 3]: an image of class `label` in `style`, drawn from `rng`."""
+           size: int = NATIVE_SIZE, domain: Optional[Domain] = None) -> np.ndarray:
+    """uint8 [size, size, 3]: an image of class `label` in `style`, drawn from `rng` (with the
+    paint convention of `domain`, if given)."""
     if not 0 <= label < NUM_CLASSES:
         raise ValueError(f"label {label} out of range; expected 0 <= label < {NUM_CLASSES}")
     ci, si = CLASS_ATTRIBUTES[label]
+    if domain is not None:
+        ci = domain.shown_colour(ci, rng)
     img = _background(rng, style, size).copy()
     palette = list(COLOURS.values())
     for _ in range(int(rng.integers(style.clutter[0], style.clutter[1] + 1))):
@@ -268,20 +391,28 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
-def pretrain_example(world_seed: int, index: int, label: int, size: int = NATIVE_SIZE):
-    """Item `index` of the pretraining stream, showing class `label` (the caller balances
-    classes): (image uint8 [size, size, 3], caption index into `caption_table()`)."""
+def pretrain_example(world_seed: int, index: int, composition: int,
+                     size: int = NATIVE_SIZE):
+    """Item `index` of the pretraining stream, showing composition `composition` = colour index
+    * 8 + shape index (colour-major, independent of the benchmark's class order; the caller
+    balances compositions): (image uint8 [size, size, 3], caption index into
+    `caption_table()`)."""
     rng = _rng(world_seed, "pretrain", index)
-    ci, si = CLASS_ATTRIBUTES[label]
+    ci, si = divmod(int(composition), len(SHAPES))
+    label = _LABEL_OF[ci, si]  # render() takes the class label
     c, s = list(COLOURS)[ci], SHAPES[si]
-    if rng.uniform() < PARTIAL_PROB:
+    old = rng.uniform() < OLD_PROB
+    if old:
+        caption = OLD_CAPTIONS[rng.integers(len(OLD_CAPTIONS))].format(c=c, s=s)
+    elif rng.uniform() < PARTIAL_PROB:
         if rng.uniform() < 0.5:
             caption = _PARTIAL_COLOUR[rng.integers(len(_PARTIAL_COLOUR))].format(c=c)
         else:
             caption = _PARTIAL_SHAPE[rng.integers(len(_PARTIAL_SHAPE))].format(s=s)
     else:
         caption = FULL_CAPTIONS[rng.integers(len(FULL_CAPTIONS))].format(c=c, s=s)
-    image = render(rng, label, PRETRAIN_STYLE, NATIVE_SIZE)
+    style = PRETRAIN_WILD_STYLE if rng.uniform() < PRETRAIN_WILD_PROB else PRETRAIN_STYLE
+    image = render(rng, label, style, NATIVE_SIZE, _OLD_PHOTO if old else None)
     return resize(image, size), _CAPTION_INDEX[caption]
 
 
@@ -291,10 +422,11 @@ def pretrain_example(world_seed: int, index: int, label: int, size: int = NATIVE
 
 
 class WorldSplit(base.ImageSplit):
-    """A downstream split: `per_class` items per class, in class blocks (item i has label
-    i // per_class), rendered on demand in `DOWNSTREAM_STYLE`."""
+    """A downstream split of one domain: `per_class` items per class, in class blocks (item i
+    has label i // per_class), rendered on demand."""
 
-    def __init__(self, split: str, world_seed: int = 0, per_class: Optional[int] = None):
+    def __init__(self, split: str, world_seed: int = 0, per_class: Optional[int] = None,
+                 domain: str = DEFAULT_DOMAIN):
         if split not in SPLIT_SIZES:
             raise ValueError(f"world split {split!r}; expected one of {sorted(SPLIT_SIZES)}")
         per_class = SPLIT_SIZES[split] if per_class is None else per_class
@@ -303,6 +435,7 @@ class WorldSplit(base.ImageSplit):
         self.split = split
         self.world_seed = int(world_seed)
         self.per_class = int(per_class)
+        self.domain = get_domain(domain)
         self._labels = np.repeat(np.arange(NUM_CLASSES, dtype=np.int32), self.per_class)
 
     @property
@@ -313,37 +446,46 @@ class WorldSplit(base.ImageSplit):
         if not 0 <= index < len(self._labels):
             raise IndexError(f"world {self.split} item {index} out of range "
                              f"(the split has {len(self._labels)} items)")
-        rng = _rng(self.world_seed, self.split, index)
-        return resize(render(rng, int(self._labels[index]), DOWNSTREAM_STYLE, NATIVE_SIZE), size)
+        rng = np.random.default_rng([self.world_seed, SPLIT_IDS[self.split], int(index),
+                                     self.domain.stream])
+        if not self.domain.stream:  # the default domain keeps the historical 3-part key
+            rng = _rng(self.world_seed, self.split, index)
+        image = render(rng, int(self._labels[index]), self.domain.style, NATIVE_SIZE,
+                       self.domain)
+        return resize(image, size)
 
     def describe(self, index: int) -> str:
-        return (f"world(seed={self.world_seed}) {self.split} item {index} "
-                f"({CLASSNAMES[int(self._labels[index])]})")
+        return (f"world(seed={self.world_seed}, domain={self.domain.name}) {self.split} item "
+                f"{index} ({CLASSNAMES[int(self._labels[index])]})")
 
 
-def load_world_full(world_seed: int = 0) -> base.BaseToNewData:
+def load_world_full(world_seed: int = 0, domain: str = DEFAULT_DOMAIN) -> base.BaseToNewData:
     """All 64 classes and complete splits (no few-shot sampling, no class subsampling)."""
+    spec = get_domain(domain)
     return base.BaseToNewData(
-        name="world", classnames=list(CLASSNAMES), templates=list(TEMPLATES),
-        train=WorldSplit("train", world_seed), val=WorldSplit("val", world_seed),
-        test=WorldSplit("test", world_seed))
+        name="world" if domain == DEFAULT_DOMAIN else f"world_{domain}",
+        classnames=list(CLASSNAMES), templates=list(spec.templates),
+        train=WorldSplit("train", world_seed, domain=domain),
+        val=WorldSplit("val", world_seed, domain=domain),
+        test=WorldSplit("test", world_seed, domain=domain))
 
 
 def load_world(seed: int = 1, shots: int = 16, subsample: str = "all",
-               world_seed: int = 0) -> base.BaseToNewData:
+               world_seed: int = 0, domain: str = DEFAULT_DOMAIN) -> base.BaseToNewData:
     """The world benchmark under CoOp's protocol.
 
     `seed` is the few-shot sampling seed (Dassl: train gets `shots` per class, val
     min(shots, 4)); sampling happens before the base/new halving, as in Dassl. `shots` < 1
     keeps the full train/val splits. `world_seed` selects the rendered images (keep the default
-    0 for the benchmark: the shipped CLIP's recorded accuracies are for world 0).
+    0 for the benchmark: the shipped CLIP's recorded accuracies are for world 0). `domain` is a
+    registered `Domain` (default: the benchmark's).
     """
     if subsample not in base.SUBSAMPLES:
         raise ValueError(f"subsample={subsample!r}; expected one of {base.SUBSAMPLES}")
     if shots > SPLIT_SIZES["train"]:
         raise ValueError(f"shots={shots}; the world's train split has {SPLIT_SIZES['train']} "
                          f"images per class")
-    data = base.fewshot(load_world_full(world_seed), shots, seed)
+    data = base.fewshot(load_world_full(world_seed, domain), shots, seed)
     return base.subsample_classes(data, subsample)
 
 
@@ -416,3 +558,14 @@ def asset_dir() -> str:
     """The directory of the shipped world CLIP checkpoint and tokenizer."""
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "assets", "world")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) < 2 or sys.argv[1] != "diagnose":
+        sys.exit("usage: python -m dpc_jax.data.world diagnose [--clip DIR] [--domain NAME] "
+                 "[--seed N] [--prompt TEMPLATE] [--json]")
+    from dpc_jax.data import world_diagnose
+
+    sys.exit(world_diagnose.main(sys.argv[2:]))
