@@ -86,6 +86,8 @@ _LABEL_OF = {cs: label for label, cs in enumerate(CLASS_ATTRIBUTES)}
 def composition_label(composition: int) -> int:
     """The class label of composition colour * 8 + shape."""
     return _LABEL_OF[divmod(int(composition), len(SHAPES))]
+
+
 CLASSNAMES = [f"{list(COLOURS)[c]} {SHAPES[s]}" for c, s in CLASS_ATTRIBUTES]
 NUM_CLASSES = len(CLASSNAMES)
 TEMPLATES = ["a photo of a {}."]  # zero-shot template, as CoOp uses for generic datasets
@@ -446,9 +448,10 @@ class WorldSplit(base.ImageSplit):
         if not 0 <= index < len(self._labels):
             raise IndexError(f"world {self.split} item {index} out of range "
                              f"(the split has {len(self._labels)} items)")
-        rng = np.random.default_rng([self.world_seed, SPLIT_IDS[self.split], int(index),
-                                     self.domain.stream])
-        if not self.domain.stream:  # the default domain keeps the historical 3-part key
+        if self.domain.stream:
+            rng = np.random.default_rng([self.world_seed, SPLIT_IDS[self.split], int(index),
+                                         self.domain.stream])
+        else:  # the default domain keeps the historical 3-part key
             rng = _rng(self.world_seed, self.split, index)
         image = render(rng, int(self._labels[index]), self.domain.style, NATIVE_SIZE,
                        self.domain)

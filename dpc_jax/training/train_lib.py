@@ -23,6 +23,7 @@ from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import dpc as dpc_lib
 from dpc_jax.training import stages as stages_lib
 from dpc_jax.training.checkpoints import write_json
+from dpc_jax.training.loop import check_batch_fits
 from dpc_jax.training.step import make_mesh, replicate
 
 STAGES = tuple(stages_lib.STAGE_RUNNERS)
@@ -116,8 +117,6 @@ def load_clip_and_tokenizer(config) -> tuple[CLIPConfig, Any, Tokenizer]:
 
 def preflight(sr: stages_lib.SeedRun, stages, train: bool) -> None:
     """Checks that need the data, run before any stage trains (nothing is half-done on error)."""
-    from dpc_jax.training.loop import check_batch_fits
-
     cfg, n, devices = sr.run.config, len(sr.base.train), sr.run.mesh.size
     if "dpc" in stages and cfg.dhno.top_k >= sr.base.num_classes:
         raise ValueError(
