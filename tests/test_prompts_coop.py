@@ -223,9 +223,9 @@ def test_bad_config_values_name_the_field(tokenizer, clip_setup, changes, match)
 def test_registry_and_missing_fields(tokenizer, clip_setup):
     config, _ = clip_setup
     assert get_learner("coop") is CoOp
-    with pytest.raises(ValueError, match=r"config\.backbone\.name='maple'; allowed values: "
-                                         r"\['coop'\]"):
-        get_learner("maple")
+    with pytest.raises(ValueError, match=r"config\.backbone\.name='mapel'; allowed values: "
+                                         r"\['coop', 'ivlp', 'maple'\]"):
+        get_learner("mapel")
     incomplete = ml_collections.ConfigDict({"name": "coop", "n_ctx": 4, "ctx_init": "",
                                             "class_token_position": "end"})
     with pytest.raises(ValueError, match=r"config\.backbone\.csc is missing"):

@@ -32,6 +32,11 @@ METHOD_SETTINGS = {
     # The world's CoOp at LR 0.003: at 0.002 (the paper's value) CoOp does not move base
     # accuracy off zero-shot in 10 epochs; README "Results on the embedded world".
     ("world", "coop"): {"backbone.epochs": 10, "backbone.batch_size": 32, "backbone.lr": 0.003},
+    # The world CLIP has 2 text and 3 image blocks: the deepest prompts it can take.
+    ("world", "ivlp"): {"backbone.depth_text": 2, "backbone.depth_vision": 3,
+                        "backbone.epochs": 10, "backbone.batch_size": 32, "backbone.lr": 0.003},
+    ("world", "maple"): {"backbone.depth": 2, "backbone.epochs": 10, "backbone.batch_size": 32,
+                         "backbone.lr": 0.003},
 }
 
 

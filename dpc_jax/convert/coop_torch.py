@@ -1,7 +1,9 @@
 """PyTorch CoOp checkpoints (Dassl `prompt_learner/model.pth.tar-N`) -> context vectors.
 
 Used to start DPC's stage 2 from a stage-1 prompt trained by the PyTorch code
-(`config.backbone.init_from`). torch is imported only when such a file is read.
+(`config.backbone.init_from`). `read_dassl_state_dict` is the one Dassl-file reader (restricted
+unpickler, state dict only), also used by `dpc_jax.convert.vlp_torch` for IVLP, PromptSRC and
+MaPLe. torch is imported only when such a file is read.
 """
 
 from __future__ import annotations
@@ -70,18 +72,17 @@ def _restricted_pickle_module() -> types.ModuleType:
     return module
 
 
-def load_coop_torch_checkpoint(path: str, key: str = "ctx",
-                               expected_shape: Optional[Sequence[int]] = None) -> np.ndarray:
-    """The context vectors (float32) of a PyTorch CoOp checkpoint.
+def read_dassl_state_dict(path: str, what: str, example: str) -> dict:
+    """The 'state_dict' of a Dassl checkpoint file, opened with the restricted unpickler.
 
-    `path`: a Dassl `prompt_learner/model.pth.tar-N` file (torch.save of a dict whose
-    'state_dict' holds 'ctx' and the token_prefix/token_suffix buffers, beside pickled optimizer
-    and scheduler objects, which are not loaded). fp16 contexts (CoOp's default precision) are
-    cast to float32. `expected_shape`, when given, is checked.
+    Shared by the CoOp and the IVLP/PromptSRC/MaPLe readers. `what` names the checkpoint in
+    errors ("CoOp checkpoint"), `example` is a path of the usual form, shown when the file does
+    not exist. Only the state dict is returned; the optimizer and scheduler entries are read as
+    inert stand-ins and dropped. Keys and values are returned as stored (no renaming, no cast).
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"CoOp checkpoint {path!r} does not exist; expected a Dassl "
-                                f"checkpoint such as <output_dir>/prompt_learner/model.pth.tar-50")
+        raise FileNotFoundError(f"{what} {path!r} does not exist; expected a Dassl checkpoint "
+                                f"such as {example}")
     import torch  # only needed to read PyTorch files
 
     try:
@@ -94,10 +95,28 @@ def load_coop_torch_checkpoint(path: str, key: str = "ctx",
         raise ValueError(f"{path!r} is not a Dassl checkpoint: expected a dict with 'state_dict'; "
                          f"found {found}")
     state_dict = checkpoint["state_dict"]
-    if not isinstance(state_dict, dict) or key not in state_dict:
-        found = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{path!r}: 'state_dict' is a {type(state_dict).__name__}; expected a "
+                         f"dict of tensors")
+    return state_dict
+
+
+def load_coop_torch_checkpoint(path: str, key: str = "ctx",
+                               expected_shape: Optional[Sequence[int]] = None) -> np.ndarray:
+    """The context vectors (float32) of a PyTorch CoOp checkpoint.
+
+    `path`: a Dassl `prompt_learner/model.pth.tar-N` file (torch.save of a dict whose
+    'state_dict' holds 'ctx' and the token_prefix/token_suffix buffers, beside pickled optimizer
+    and scheduler objects, which are not loaded). fp16 contexts (CoOp's default precision) are
+    cast to float32. `expected_shape`, when given, is checked.
+    """
+    state_dict = read_dassl_state_dict(
+        path, "CoOp checkpoint", "<output_dir>/prompt_learner/model.pth.tar-50")
+    import torch  # read_dassl_state_dict has imported it already
+
+    if key not in state_dict:
         raise ValueError(f"{path!r}: state_dict has no {key!r} (the CoOp context); found keys "
-                         f"{found}")
+                         f"{sorted(state_dict)}")
     ctx = state_dict[key]
     if not isinstance(ctx, torch.Tensor):
         raise ValueError(f"{path!r}: state_dict[{key!r}] is a {type(ctx).__name__}; expected a "

@@ -14,9 +14,11 @@ import ml_collections
 from dpc_jax.prompts.base import ClassTexts, DualRules, PromptLearner
 from dpc_jax.prompts.coop import CoOp
 from dpc_jax.prompts.dpc import DualPrompt
+from dpc_jax.prompts.ivlp import IVLP
+from dpc_jax.prompts.maple import MaPLe
 from dpc_jax.prompts.zsclip import ZeroShotCLIP
 
-_LEARNERS: Dict[str, Type[PromptLearner]] = {CoOp.name: CoOp}
+_LEARNERS: Dict[str, Type[PromptLearner]] = {cls.name: cls for cls in (CoOp, IVLP, MaPLe)}
 
 
 def register_learner(cls: Type[PromptLearner]) -> Type[PromptLearner]:
@@ -45,5 +47,5 @@ def build_learner(clip_config, tokenizer, backbone_config: ml_collections.Config
     return get_learner(backbone_config.name)(clip_config, tokenizer, backbone_config)
 
 
-__all__ = ["ClassTexts", "CoOp", "DualPrompt", "DualRules", "PromptLearner", "ZeroShotCLIP",
+__all__ = ["ClassTexts", "CoOp", "DualPrompt", "DualRules", "IVLP", "MaPLe", "PromptLearner", "ZeroShotCLIP",
            "build_learner", "get_learner", "register_learner"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, ClassVar, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Optional, Sequence, Tuple
 
 import flax.struct
 import jax
@@ -60,12 +60,15 @@ def config_field(config: ml_collections.ConfigDict, field: str, where: str):
 
 
 def class_texts_from_names(model: CLIP, clip_params, tokenizer, classnames: Sequence[str],
-                           n_ctx: int) -> ClassTexts:
-    """Embeds "X X .. X {name}." (n_ctx placeholders) for every class name ('_' -> ' ')."""
+                           n_ctx: int, prefix: Optional[str] = None) -> ClassTexts:
+    """Embeds "{prefix} {name}." for every class name ('_' -> ' '). The default prefix is n_ctx
+    placeholders "X X .. X" (CoOp); IVLP and MaPLe pass their init phrase, whose first n_ctx
+    tokens the context replaces (MaPLe: "a photo" learnable, "of a" kept as word embeddings)."""
     if isinstance(classnames, str) or len(classnames) == 0:
         raise ValueError(f"classnames must be a non-empty sequence of strings; got {classnames!r}")
-    prefix = " ".join([PLACEHOLDER] * n_ctx)
-    texts = [f"{prefix} {name.replace('_', ' ')}." if n_ctx else f"{name.replace('_', ' ')}."
+    if prefix is None:
+        prefix = " ".join([PLACEHOLDER] * n_ctx)
+    texts = [f"{prefix} {name.replace('_', ' ')}." if prefix else f"{name.replace('_', ' ')}."
              for name in classnames]
     ids, eot = tokenizer(texts)
     embeddings = model.apply({"params": clip_params}, jnp.asarray(ids), method="embed_tokens")
@@ -109,6 +112,11 @@ class DualRules:
 
     double: Tuple[Tuple[str, bool], ...] = ((".*", True),)
     converse: Tuple[Tuple[str, bool], ...] = (("ctx", True), (".*", False))
+    # Optional map from a prompt to the prompts that enter the towers (MaPLe: its vision prompts
+    # are coupled from the text prompts). When given, the weighting-decoupling mix
+    # w*P' + (1-w)*P (0 < w < 1) is taken over those tower prompts, not over the learned leaves,
+    # and the mixed prompt is in tower form: the learner's feature methods must accept it.
+    towers: Optional[Callable[[Any], Any]] = None
 
 
 class PromptLearner(abc.ABC):
@@ -175,6 +183,12 @@ class PromptLearner(abc.ABC):
         raise ValueError(f"config.backbone.init_from={path!r}: the {self.name!r} learner cannot "
                          f"import PyTorch checkpoints yet; train stage 1 here instead (leave "
                          f"init_from empty)")
+
+    def export_torch_prompt(self, prompt: Prompt, run_dir: str, epoch: int) -> str:
+        """Write a stage-1 prompt as the released PyTorch code saves it under `run_dir` (its
+        output folder); returns the file's path."""
+        raise ValueError(f"the {self.name!r} learner has no PyTorch checkpoint export; it exists "
+                         f"for ivlp and maple")
 
     # -- features ---------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -7,7 +7,11 @@ prompt are doubled (theta holds only those; the others are P's, shared and froze
 doubled leaves get reference mode's converse map below. The default, and CoOp's: every leaf is
 doubled, the converse map acts on `ctx`. Doubled leaves without the map are trained as
 themselves, used as trained for base classes and mixed w_n*P' + (1-w_n)*P for new classes, as
-the released multi-prompt trainers do (DPC_PROTOCOL.md §2).
+the released multi-prompt trainers do (DPC_PROTOCOL.md §2). A learner whose tower prompts are
+computed from its leaves (MaPLe's coupled vision prompts) gives `DualRules.towers`: mixes with
+0 < w < 1 are then taken over the prompts entering the towers, after coupling, which keeps the
+decoupling at the prompt level (BACKBONES.md §8); w = 0 and w = 1 still return P and the trained
+prompt themselves.
 
 `config.dpc` fields (see `default_config`):
 - mode: 'reference' (default) reproduces the released code ('converse' mode of sple_coop.py);
@@ -148,17 +152,24 @@ class DualPrompt:
         if split not in ("base", "new"):
             raise ValueError(f"eval split {split!r}; allowed values: ['base', 'new']")
         backbone, _ = self._split(params)
+        towers = self.rules.towers
         if self.mode == "paper":
             w = self.w_base if split == "base" else self.w_new
             if w == 0.0:
                 return backbone
+            if towers is not None and w != 1.0:
+                return _mix(w, towers(self.train_prompt(params)), towers(backbone))
             return self._compose(params, lambda k, t, p: _mix(w, t, p))
         if split == "base":
             return self.train_prompt(params)
         if self.w_new == 0.0:
             return backbone
-        conv = self._converse(params)
         w = self.w_new
+        if towers is not None and w != 1.0:
+            # w_n*Q + (1-w_n)*P over the tower prompts (for the text context the same value as
+            # the released arithmetic below, up to rounding).
+            return _mix(w, towers(self.train_prompt(params)), towers(backbone))
+        conv = self._converse(params)
         return self._compose(params, lambda k, t, p: (self._unmix(_mix(w, t, p), p) if conv[k]
                                                       else _mix(w, t, p)))
 

@@ -35,7 +35,9 @@ def dpc_objective(learner, dual, res: int, top_k: int, policy: str, crop_scale=(
     """Stage 2: DHNO inside the step (DPC_PROTOCOL.md §3), on B anchors of this device. The
     learner's state is frozen (passed through unchanged)."""
 
-    def objective(params, state, consts, batch, key):
+    def forward(params, state, consts, batch, key):
+        """The step's loss and what DHNO decided: {'loss', 'scores' [B, C] (the scorer's
+        softmax), 'negatives' [B, K], 'valid' [B, K]}."""
         clip_params, train, lconsts = consts["clip"], consts["train"], consts["learner"]
         k_aug, k_sel, k_sample, k_neg_aug = jax.random.split(key, 4)
         idx = batch["index"]
@@ -67,7 +69,13 @@ def dpc_objective(learner, dual, res: int, top_k: int, policy: str, crop_scale=(
         slot_images = dhno.interleave(anchor_feats, neg_feats.reshape(b, top_k, -1))
         logits = learner.pair_logits(clip_params, prompt, slot_images, consts["class_texts"],
                                      slot_labels, lconsts)
-        loss = dhno.symmetric_infonce(logits, slot_valid)
-        return loss, ({"valid_negatives": jnp.sum(valid).astype(jnp.float32)}, state)
+        return {"loss": dhno.symmetric_infonce(logits, slot_valid), "scores": scores,
+                "negatives": negatives, "valid": valid}
 
+    def objective(params, state, consts, batch, key):
+        out = forward(params, state, consts, batch, key)
+        return out["loss"], ({"valid_negatives": jnp.sum(out["valid"]).astype(jnp.float32)},
+                             state)
+
+    objective.forward = forward  # for tests and diagnostics
     return objective

@@ -169,3 +169,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     write_json(os.path.join(workdir, "results.json"), results)
     print(format_table(results, config.backbone.name), flush=True)
     return results
+
+
+def export_backbone(config: ml_collections.ConfigDict, workdir: str) -> list:
+    """Write each seed's trained stage-1 prompt in the released PyTorch code's checkpoint layout,
+    to workdir/seed_N/torch/<model dir>/model.pth.tar-<backbone.epochs>; returns the paths."""
+    check_config(config)
+    mesh = make_mesh()
+    clip_config, clip_params, tokenizer = load_clip_and_tokenizer(config)
+    run = stages_lib.Run(config=config, mesh=mesh, clip_config=clip_config,
+                         clip_params=replicate(clip_params, mesh), tokenizer=tokenizer)
+    paths = []
+    for seed in parse_list(config.seeds, "seeds", cast=int):
+        sr = stages_lib.SeedRun.create(run, seed, workdir)
+        prompt, _ = stages_lib.backbone_prompt(sr, train=False)
+        if jax.process_index() == 0:
+            paths.append(run.learner.export_torch_prompt(
+                prompt, os.path.join(sr.seed_dir, "torch"), config.backbone.epochs))
+            tqdm.write(f"seed {seed}: wrote {paths[-1]}")
+    return paths

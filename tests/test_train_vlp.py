@@ -1,0 +1,105 @@
+"""IVLP and MaPLe through the trainer on the embedded world (tiny schedules): stages zero-shot,
+backbone and DPC, the frozen stage-1 leaves, w_new = 0, and a stage-1 prompt exported to the
+PyTorch layout and imported back with `config.backbone.init_from`."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from dpc_jax import tree as tree_lib
+from dpc_jax.training import train_lib
+from test_train import REPO, _restore
+
+CONFIGS = {"ivlp": os.path.join(REPO, "configs", "dpc_ivlp.py"),
+           "maple": os.path.join(REPO, "configs", "dpc_maple.py")}
+
+
+def small_config(name, **changes):
+    c = train_lib.load_config(CONFIGS[name])
+    c.shots = 2
+    c.progress = False
+    c.backbone.epochs = 2
+    c.backbone.batch_size = 16
+    c.batch_size = 4
+    c.dhno.top_k = 4
+    c.dpc.epochs = 1
+    c.log_every_steps = 1
+    c.checkpoint_every_steps = 100
+    c.update_from_flattened_dict(changes)
+    return c
+
+
+@pytest.fixture(scope="module", params=["ivlp", "maple"])
+def run(request, tmp_path_factory):
+    name = request.param
+    workdir = str(tmp_path_factory.mktemp(name))
+    return name, workdir, train_lib.train_and_evaluate(small_config(name), workdir)
+
+
+def test_world_defaults_fit_the_world_clip():
+    ivlp, maple = (train_lib.load_config(CONFIGS[n]) for n in ("ivlp", "maple"))
+    assert (ivlp.backbone.depth_text, ivlp.backbone.depth_vision) == (2, 3)
+    assert maple.backbone.depth == 2
+    # The published settings on a real dataset (BACKBONES.md §2, §3, §8).
+    ivlp, maple = (train_lib.load_config(CONFIGS[n] + ":dataset=dtd,root=/data")
+                   for n in ("ivlp", "maple"))
+    b = ivlp.backbone
+    assert (b.n_ctx_text, b.n_ctx_vision, b.depth_text, b.depth_vision, b.batch_size, b.lr,
+            b.epochs) == (4, 4, 9, 9, 4, 0.0025, 20)
+    b = maple.backbone
+    assert (b.n_ctx, b.depth, b.batch_size, b.lr, b.epochs) == (2, 9, 4, 0.0035, 5)
+    for c, w_b in ((ivlp, 0.5), (maple, 0.2)):
+        assert (c.batch_size, c.dhno.top_k, c.dpc.epochs, c.dpc.lr, c.dpc.w_base,
+                c.dpc.w_new) == (4, 8, 20, 0.002, w_b, 0.0)
+
+
+def test_three_stages_and_results_layout(run):
+    name, workdir, results = run
+    with open(os.path.join(workdir, "results.json")) as f:
+        on_disk = json.load(f)
+    assert set(on_disk) == {"zeroshot", "backbone", "dpc"}
+    assert set(on_disk["dpc"]["per_seed"]) == {"1"}
+    with open(os.path.join(workdir, "seed_1", "backbone", "settings.json")) as f:
+        assert json.load(f)["backbone.name"] == name
+    # w_new = 0: the new-class prompt is P itself, so new accuracy equals stage 1's exactly.
+    assert results["dpc"]["new"] == results["backbone"]["new"]
+    assert results["backbone"]["base"] != results["zeroshot"]["base"]  # stage 1 did something
+
+
+def test_stage2_keeps_every_stage1_leaf_bitwise(run):
+    _, workdir, _ = run
+    p1 = _restore(os.path.join(workdir, "seed_1", "backbone"))
+    p2 = _restore(os.path.join(workdir, "seed_1", "dpc"))
+    flat1, back = tree_lib.flatten(p1), tree_lib.flatten(p2["backbone"])
+    assert sorted(flat1) == sorted(back)
+    for k in flat1:
+        assert np.array_equal(np.asarray(flat1[k]), np.asarray(back[k])), k
+    par = tree_lib.flatten(p2["parallel"])
+    assert sorted(par) == sorted(flat1)  # every prompt leaf is doubled
+    assert all(not np.array_equal(np.asarray(par[k]), np.asarray(flat1[k])) for k in par)
+
+
+def test_exported_stage1_imports_as_init_from(run, tmp_path):
+    """Stage 1's prompt written in the upstream layout by torch, then used as P: the backbone
+    evaluates to the same accuracies, and DPC's stage 2 starts from it."""
+    torch = pytest.importorskip("torch")
+    from dpc_jax.convert.vlp_torch import MODEL_DIRS
+
+    name, workdir, results = run
+    p1 = _restore(os.path.join(workdir, "seed_1", "backbone"))
+    [path] = train_lib.export_backbone(small_config(name), workdir)
+    assert path == os.path.join(workdir, "seed_1", "torch", MODEL_DIRS[name], "model.pth.tar-2")
+    saved = torch.load(path, weights_only=True)
+    assert saved["epoch"] == 2 and all(k.startswith(("prompt_learner.", "text_encoder.",
+                                                      "image_encoder.")) for k in saved["state_dict"])
+    again = train_lib.train_and_evaluate(
+        small_config(name, stages="backbone,dpc", **{"backbone.init_from": path}),
+        str(tmp_path / "from_torch"))
+    assert again["backbone"]["base"] == results["backbone"]["base"]
+    assert again["backbone"]["new"] == results["backbone"]["new"]
+    assert again["dpc"]["new"] == results["backbone"]["new"]
+    p2 = _restore(str(tmp_path / "from_torch" / "seed_1" / "dpc"))
+    for k, v in tree_lib.flatten(p1).items():
+        assert np.array_equal(np.asarray(v), np.asarray(tree_lib.flatten(p2["backbone"])[k]))
