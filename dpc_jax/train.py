@@ -3,7 +3,10 @@
 Runs the stages in `config.stages` (zero-shot, the stage-1 backbone, DPC) for every seed in
 `config.seeds`, writes W/results.json and prints the base/new/H table. Override any field with
 `--config.field=value` (e.g. `--config.seeds=1,2,3 --config.dhno.policy=hardest`);
-`--config.mode=eval` re-evaluates the checkpoints saved in W.
+`--config.mode=eval` re-evaluates the checkpoints saved in W; `--config.mode=export` writes each
+seed's stage-1 prompt (IVLP, MaPLe) as the released PyTorch code saves it, to
+W/seed_N/torch/<VLPromptLearner|MultiModalPromptLearner>/model.pth.tar-<backbone.epochs>, which the
+upstream trainers load with `--model-dir W/seed_N/torch --load-epoch E` (needs torch).
 """
 
 from absl import app, flags, logging
@@ -22,7 +25,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO; --verbosity=0 shows it
         logging.set_verbosity(logging.WARNING)
-    train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if _CONFIG.value.mode == "export":
+        train_lib.export_backbone(_CONFIG.value, _WORKDIR.value)
+    else:
+        train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Every config builds and passes the training code's checks, for the world and every dataset."""
 
 import glob
+import json
 import os
 
 import pytest
@@ -51,19 +52,22 @@ CONFIG_FILES = sorted(glob.glob(os.path.join(os.path.dirname(DPC_COOP), "*.py"))
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
-def test_every_config_file_builds_and_shape_checks(path, tiny_config):
+def test_every_config_file_builds_and_shape_checks(path):
     """Each config file loads, passes the checks, and its learner's init and both objectives
-    trace (jax.eval_shape, nothing computed) on the tiny CLIP."""
+    trace (jax.eval_shape, nothing computed) on the world CLIP's architecture (the config's
+    default; its prompt depths fit that CLIP)."""
     import jax
     import jax.numpy as jnp
 
-    from dpc_jax.models.clip import abstract_params
+    from dpc_jax.models.clip import CLIPConfig, abstract_params
     from dpc_jax.models.tokenizer import Tokenizer
     from dpc_jax.prompts import DualPrompt, build_learner
     from dpc_jax.training import objectives
 
     c = train_lib.load_config(path)
     train_lib.check_config(c)
+    with open(os.path.join(train_lib.world_assets_dir(), "clip_config.json")) as f:
+        tiny_config = CLIPConfig.from_dict(json.load(f))
     tok = Tokenizer.from_pretrained(train_lib.world_assets_dir(), context_length=77)
     learner = build_learner(tiny_config, tok, c.backbone)
     clip = abstract_params(tiny_config)
@@ -72,7 +76,14 @@ def test_every_config_file_builds_and_shape_checks(path, tiny_config):
     texts = jax.eval_shape(lambda cp: learner.prepare(cp, names), clip)
     state = jax.eval_shape(learner.init_state, clip)
     n, res = 8, tiny_config.image_resolution
-    consts = {"clip": clip, "class_texts": texts, "learner": {},
+    # The learner's per-seed constants are computed for real (PromptSRC's frozen text targets
+    # read values on the host), on the world CLIP's weights.
+    from dpc_jax.convert import load_clip
+
+    _, world_params = load_clip(train_lib.world_assets_dir())
+    lconsts = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                     learner.constants(world_params, names))
+    consts = {"clip": clip, "class_texts": texts, "learner": lconsts,
               "train": {"images": jax.ShapeDtypeStruct((n, res, res, 3), jnp.uint8),
                         "labels": jax.ShapeDtypeStruct((n,), jnp.int32),
                         "class_table": jax.ShapeDtypeStruct((4, 2), jnp.int32),
@@ -82,7 +93,7 @@ def test_every_config_file_builds_and_shape_checks(path, tiny_config):
     key = jax.random.key(1)
     stage1 = objectives.backbone_objective(learner, res, tuple(c.crop_scale))
     loss, (metrics, _) = jax.eval_shape(stage1, prompt, state, consts, batch, key)
-    assert loss.shape == () and set(metrics) == {"acc"}
+    assert loss.shape == () and "acc" in metrics
     dual = DualPrompt(c.dpc, learner.dual_rules())
     params = jax.eval_shape(dual.init, prompt)
     stage2 = objectives.dpc_objective(learner, dual, res, 3, c.dhno.policy,

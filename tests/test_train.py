@@ -29,8 +29,8 @@ def interrupt_after(steps):
     return hook
 
 
-def small_config(**changes):
-    c = train_lib.load_config(DPC_COOP)
+def small_config(config_file=DPC_COOP, **changes):
+    c = train_lib.load_config(config_file)
     c.shots = 2
     c.progress = False
     c.backbone.epochs = 2

@@ -11,27 +11,36 @@ import pytest
 from dpc_jax import tree as tree_lib
 from dpc_jax.training import train_lib
 from test_train import REPO, _restore
+from test_train import small_config as train_small_config
 
-CONFIGS = {"ivlp": os.path.join(REPO, "configs", "dpc_ivlp.py"),
-           "maple": os.path.join(REPO, "configs", "dpc_maple.py")}
+CONFIGS = {name: os.path.join(REPO, "configs", f"dpc_{name}.py")
+           for name in ("ivlp", "maple", "promptsrc")}
 
 
 def small_config(name, **changes):
-    c = train_lib.load_config(CONFIGS[name])
-    c.shots = 2
-    c.progress = False
-    c.backbone.epochs = 2
-    c.backbone.batch_size = 16
-    c.batch_size = 4
-    c.dhno.top_k = 4
-    c.dpc.epochs = 1
-    c.log_every_steps = 1
-    c.checkpoint_every_steps = 100
-    c.update_from_flattened_dict(changes)
-    return c
+    return train_small_config(CONFIGS[name], **changes)
 
 
-@pytest.fixture(scope="module", params=["ivlp", "maple"])
+def stage1_prompt(name, workdir):
+    """Stage 1's result P: the learner's `final_prompt` of the last parameters and the epoch
+    carry (PromptSRC: the GPA sum; the others: the last parameters)."""
+    import orbax.checkpoint as ocp
+
+    from dpc_jax.prompts import build_learner
+    from dpc_jax.training import checkpoints
+
+    stage = os.path.join(workdir, "seed_1", "backbone")
+    meta = checkpoints.read_stage_meta(stage)
+    out = checkpoints.checkpoint_manager(os.path.join(stage, "checkpoints")).restore(
+        meta["final_step"], args=ocp.args.Composite(params=ocp.args.StandardRestore(),
+                                                    aux=ocp.args.StandardRestore()))
+    config = small_config(name)
+    clip_config, _, tok = train_lib.load_clip_and_tokenizer(config)
+    learner = build_learner(clip_config, tok, config.backbone)
+    return learner.final_prompt(out["params"], out["aux"]["extra"])
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
 def run(request, tmp_path_factory):
     name = request.param
     workdir = str(tmp_path_factory.mktemp(name))
@@ -50,7 +59,20 @@ def test_world_defaults_fit_the_world_clip():
             b.epochs) == (4, 4, 9, 9, 4, 0.0025, 20)
     b = maple.backbone
     assert (b.n_ctx, b.depth, b.batch_size, b.lr, b.epochs) == (2, 9, 4, 0.0035, 5)
-    for c, w_b in ((ivlp, 0.5), (maple, 0.2)):
+    src = train_lib.load_config(CONFIGS["promptsrc"] + ":dataset=dtd,root=/data")
+    b = src.backbone
+    assert (b.n_ctx_text, b.depth_text, b.batch_size, b.lr, b.epochs, b.gpa_mean, b.gpa_std,
+            b.text_loss_weight, b.image_loss_weight) == (4, 9, 4, 0.0025, 20, 15, 1, 25, 10)
+    for variant, want in (("cross_dataset", (3, 3, 20, 6, 10)), ("few_shot", (9, 9, 50, 45, 5))):
+        b = train_lib.load_config(CONFIGS["promptsrc"] + f":dataset=dtd,root=/d,variant={variant}"
+                                  ).backbone
+        assert (b.depth_text, b.depth_vision, b.epochs, b.gpa_mean, b.gpa_std) == want, variant
+    teacher = train_lib.load_config(CONFIGS["promptsrc"] + ":dataset=dtd,root=/d,variant=teacher")
+    assert (teacher.clip.source, teacher.backbone.batch_size, teacher.backbone.lr) == (
+        "ViT-L/14", 8, 0.005)
+    with pytest.raises(ValueError, match="variant='teacher'; this config offers base_to_new"):
+        train_lib.load_config(CONFIGS["ivlp"] + ":variant=teacher")
+    for c, w_b in ((ivlp, 0.5), (maple, 0.2), (src, 0.2)):
         assert (c.batch_size, c.dhno.top_k, c.dpc.epochs, c.dpc.lr, c.dpc.w_base,
                 c.dpc.w_new) == (4, 8, 20, 0.002, w_b, 0.0)
 
@@ -69,8 +91,8 @@ def test_three_stages_and_results_layout(run):
 
 
 def test_stage2_keeps_every_stage1_leaf_bitwise(run):
-    _, workdir, _ = run
-    p1 = _restore(os.path.join(workdir, "seed_1", "backbone"))
+    name, workdir, _ = run
+    p1 = stage1_prompt(name, workdir)
     p2 = _restore(os.path.join(workdir, "seed_1", "dpc"))
     flat1, back = tree_lib.flatten(p1), tree_lib.flatten(p2["backbone"])
     assert sorted(flat1) == sorted(back)
@@ -88,9 +110,11 @@ def test_exported_stage1_imports_as_init_from(run, tmp_path):
     from dpc_jax.convert.vlp_torch import MODEL_DIRS
 
     name, workdir, results = run
-    p1 = _restore(os.path.join(workdir, "seed_1", "backbone"))
+    p1 = stage1_prompt(name, workdir)
     [path] = train_lib.export_backbone(small_config(name), workdir)
-    assert path == os.path.join(workdir, "seed_1", "torch", MODEL_DIRS[name], "model.pth.tar-2")
+    layout = "maple" if name == "maple" else "ivlp"  # PromptSRC files are IVLP's layout
+    assert path == os.path.join(workdir, "seed_1", "torch", MODEL_DIRS[layout],
+                                "model.pth.tar-2")
     saved = torch.load(path, weights_only=True)
     assert saved["epoch"] == 2 and all(k.startswith(("prompt_learner.", "text_encoder.",
                                                       "image_encoder.")) for k in saved["state_dict"])

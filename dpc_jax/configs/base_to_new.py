@@ -9,10 +9,12 @@ import ml_collections
 from dpc_jax.configs import common
 
 
-def get_config(arg=None) -> ml_collections.ConfigDict:
+def get_config(arg=None, variants=("base_to_new",)) -> ml_collections.ConfigDict:
+    """`variants`: the settings variants the calling config file offers (it applies them)."""
     args = common.parse_arguments(arg)
+    common.variant(arg, variants)  # a variant the config does not offer is refused here
     c = ml_collections.ConfigDict()
-    c.mode = "train"  # train | eval (re-evaluate saved checkpoints)
+    c.mode = "train"  # train | eval (re-evaluate saved checkpoints) | export (stage 1 to PyTorch)
     c.stages = "zeroshot,backbone,dpc"
     c.seeds = "1"
 

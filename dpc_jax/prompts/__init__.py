@@ -16,9 +16,11 @@ from dpc_jax.prompts.coop import CoOp
 from dpc_jax.prompts.dpc import DualPrompt
 from dpc_jax.prompts.ivlp import IVLP
 from dpc_jax.prompts.maple import MaPLe
+from dpc_jax.prompts.promptsrc import PromptSRC
 from dpc_jax.prompts.zsclip import ZeroShotCLIP
 
-_LEARNERS: Dict[str, Type[PromptLearner]] = {cls.name: cls for cls in (CoOp, IVLP, MaPLe)}
+_LEARNERS: Dict[str, Type[PromptLearner]] = {
+    cls.name: cls for cls in (CoOp, IVLP, MaPLe, PromptSRC)}
 
 
 def register_learner(cls: Type[PromptLearner]) -> Type[PromptLearner]:
@@ -47,5 +49,5 @@ def build_learner(clip_config, tokenizer, backbone_config: ml_collections.Config
     return get_learner(backbone_config.name)(clip_config, tokenizer, backbone_config)
 
 
-__all__ = ["ClassTexts", "CoOp", "DualPrompt", "DualRules", "IVLP", "MaPLe", "PromptLearner", "ZeroShotCLIP",
-           "build_learner", "get_learner", "register_learner"]
+__all__ = ["ClassTexts", "CoOp", "DualPrompt", "DualRules", "IVLP", "MaPLe", "PromptLearner",
+           "PromptSRC", "ZeroShotCLIP", "build_learner", "get_learner", "register_learner"]

@@ -27,7 +27,7 @@ from dpc_jax.training.loop import check_batch_fits
 from dpc_jax.training.step import make_mesh, replicate
 
 STAGES = tuple(stages_lib.STAGE_RUNNERS)
-MODES = ("train", "eval")
+MODES = ("train", "eval", "export")
 POLICIES = ("reference", "hardest")
 
 
@@ -139,6 +139,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     `hooks` are called after every training step (see `loop.train_loop`)."""
     check_config(config)
+    if config.mode == "export":
+        raise ValueError("config.mode='export' writes PyTorch checkpoints and trains nothing: "
+                         "call export_backbone(config, workdir) (the command line does)")
     if config.distributed:
         jax.distributed.initialize()
     os.makedirs(workdir, exist_ok=True)
