@@ -94,6 +94,9 @@ def test_every_config_file_builds_and_shape_checks(path):
     stage1 = objectives.backbone_objective(learner, res, tuple(c.crop_scale))
     loss, (metrics, _) = jax.eval_shape(stage1, prompt, state, consts, batch, key)
     assert loss.shape == () and "acc" in metrics
+    if learner.dpc_unsupported:  # refused before training (tests/test_cocoop.py)
+        assert "dpc" not in c.stages
+        return
     dual = DualPrompt(c.dpc, learner.dual_rules())
     params = jax.eval_shape(dual.init, prompt)
     stage2 = objectives.dpc_objective(learner, dual, res, 3, c.dhno.policy,

@@ -39,6 +39,8 @@ METHOD_SETTINGS = {
     ("world", "promptsrc"): {"backbone.depth_text": 2, "backbone.depth_vision": 3,
                              "backbone.epochs": 20, "backbone.batch_size": 32,
                              "backbone.lr": 0.001},
+    ("world", "cocoop"): {"backbone.epochs": 10, "backbone.batch_size": 8,
+                          "backbone.lr": 0.003},
     ("world", "maple"): {"backbone.depth": 2, "backbone.epochs": 20, "backbone.batch_size": 32,
                          "backbone.lr": 0.003},
 }

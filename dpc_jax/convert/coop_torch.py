@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import tempfile
 import types
 from typing import Optional, Sequence
 
@@ -126,3 +127,89 @@ def load_coop_torch_checkpoint(path: str, key: str = "ctx",
         raise ValueError(f"{path!r}: state_dict[{key!r}] has shape {tuple(ctx.shape)}; expected "
                          f"{tuple(expected_shape)} ([classes,] n_ctx, text width)")
     return ctx
+
+
+def write_dassl_checkpoint(state_dict, path: str, epoch: int) -> str:
+    """torch.save({'state_dict', 'epoch', 'optimizer': None, 'scheduler': None, 'val_result':
+    None}) at `path`, the dict Dassl's `save_model` writes (no optimizer state: a model to
+    evaluate or start from, not a point to resume). Written to a temporary file in the same
+    folder and renamed, so a crash never leaves a partial checkpoint; parent folders are
+    created. Returns `path`."""
+    import torch  # only needed to write PyTorch files
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
+                                   suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"state_dict": state_dict, "epoch": int(epoch), "optimizer": None,
+                        "scheduler": None, "val_result": None}, f)
+        os.replace(partial, path)
+    except BaseException:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise
+    return path
+
+
+# CoCoOp (`prompt_learner/model.pth.tar-N`, no prefix): upstream key -> (leaf, transposed).
+COCOOP_KEYS = {"ctx": ("ctx", False),
+               "meta_net.linear1.weight": ("meta_net/linear1/kernel", True),
+               "meta_net.linear1.bias": ("meta_net/linear1/bias", False),
+               "meta_net.linear2.weight": ("meta_net/linear2/kernel", True),
+               "meta_net.linear2.bias": ("meta_net/linear2/bias", False)}
+
+
+def load_cocoop_torch_checkpoint(path: str, expected: dict) -> dict:
+    """The CoCoOp prompt {'ctx', 'meta_net': {'linear1', 'linear2': {'kernel', 'bias'}}}
+    (float32 numpy; Linear weights [out, in] -> kernels [in, out]) of a PyTorch checkpoint.
+    `expected`: leaf path -> shape; a mismatch lists the missing and mis-shaped keys. The
+    token_prefix/token_suffix buffers are ignored; a leading 'module.' is stripped."""
+    from dpc_jax import tree as tree_lib
+
+    raw = read_dassl_state_dict(path, "CoCoOp checkpoint",
+                                "<output_dir>/prompt_learner/model.pth.tar-10")
+    import torch  # read_dassl_state_dict has imported it already
+
+    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in raw.items()}
+    missing = [k for k in COCOOP_KEYS if k not in state]
+    flat, misshaped = {}, []
+    for key, (leaf, transposed) in COCOOP_KEYS.items():
+        if key in missing:
+            continue
+        value = state[key]
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            misshaped.append(f"{key}: a {type(value).__name__}, expected a float tensor")
+            continue
+        array = value.detach().to(torch.float32).cpu().numpy()
+        array = array.T if transposed else array
+        if tuple(array.shape) != tuple(expected[leaf]):
+            want = tuple(expected[leaf])[::-1] if transposed else tuple(expected[leaf])
+            misshaped.append(f"{key}: file {tuple(value.shape)}, expected {want}")
+            continue
+        flat[leaf] = np.ascontiguousarray(array, np.float32)
+    if missing or misshaped:
+        raise ValueError(f"{path!r} does not fit the CoCoOp prompt of this configuration "
+                         f"(n_ctx, CLIP text width and embed dim set the shapes): missing keys "
+                         f"{missing}; mis-shaped keys {misshaped}; found keys {sorted(state)}")
+    return tree_lib.unflatten(flat)
+
+
+def export_cocoop_torch_checkpoint(prompt: dict, path: str, epoch: int) -> str:
+    """Write a CoCoOp prompt as the upstream `prompt_learner/model.pth.tar-<epoch>` (its keys
+    only, float32; upstream's load_state_dict(strict=False) keeps its prefix/suffix buffers)."""
+    import collections
+
+    import torch
+
+    from dpc_jax import tree as tree_lib
+
+    flat = tree_lib.flatten(prompt)
+    state = collections.OrderedDict()
+    for key, (leaf, transposed) in COCOOP_KEYS.items():
+        if leaf not in flat:
+            raise ValueError(f"the CoCoOp prompt has no {leaf!r} leaf; found {sorted(flat)}")
+        array = np.asarray(flat[leaf], np.float32)
+        state[key] = torch.from_numpy(np.ascontiguousarray(array.T if transposed else array))
+    return write_dassl_checkpoint(state, path, epoch)

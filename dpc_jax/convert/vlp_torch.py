@@ -44,13 +44,12 @@ from __future__ import annotations
 import collections
 import os
 import re
-import tempfile
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from dpc_jax import tree as tree_lib
-from dpc_jax.convert.coop_torch import read_dassl_state_dict
+from dpc_jax.convert.coop_torch import read_dassl_state_dict, write_dassl_checkpoint
 
 KINDS = ("ivlp", "maple")
 P = "prompt_learner."
@@ -371,23 +370,7 @@ def export_vlp_torch_checkpoint(prompt: Mapping, path: str, kind: str, epoch: in
     to resume training. Written to a temporary file in the same folder, then renamed, so a
     crash never leaves a partial checkpoint; parent folders are created.
     """
-    state_dict = to_upstream_state_dict(prompt, kind)
-    import torch  # to_upstream_state_dict has imported it already
-
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, partial = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
-                                   suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"state_dict": state_dict, "epoch": int(epoch), "optimizer": None,
-                        "scheduler": None, "val_result": None}, f)
-        os.replace(partial, path)
-    except BaseException:
-        if os.path.exists(partial):
-            os.remove(partial)
-        raise
-    return path
+    return write_dassl_checkpoint(to_upstream_state_dict(prompt, kind), path, epoch)
 
 
 # ----------------------------------------------------------------------------------------------

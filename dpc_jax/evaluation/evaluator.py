@@ -58,8 +58,10 @@ class Evaluator:
         for s in range(0, n, CLASS_CHUNK):
             ids = np.arange(s, s + CLASS_CHUNK) % n  # a static chunk shape; the wrap is cut below
             w = fn(self.clip_params, prompt, class_texts, ids, consts or {})
-            out.append(np.asarray(w)[: min(CLASS_CHUNK, n - s)])
-        return np.concatenate(out)
+            keep = min(CLASS_CHUNK, n - s)
+            out.append(jax.tree_util.tree_map(lambda x: np.asarray(x)[:keep], w))
+        # A classifier is an array [C, ...] or a pytree of them (CoCoOp: the class texts).
+        return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *out)
 
     def image_features(self, learner, split: ImageSplit, prompt, key: str, state=None):
         """(un-normalised features [N, E], valid [N]); invalid = skipped unreadable images."""
@@ -87,7 +89,7 @@ class Evaluator:
     def predict(self, learner, prompt, classifier, features, consts=None) -> np.ndarray:
         """int [N] predicted classes of image features, in fixed-size (padded) batches."""
         _, _, fn = self._jitted(learner)
-        w = jnp.asarray(classifier)
+        w = jax.tree_util.tree_map(jnp.asarray, classifier)
         n, preds = len(features), []
         for s in range(0, n, self.batch):
             chunk = features[s:s + self.batch]

@@ -12,6 +12,7 @@ from typing import Dict, Type
 import ml_collections
 
 from dpc_jax.prompts.base import ClassTexts, DualRules, PromptLearner
+from dpc_jax.prompts.cocoop import CoCoOp
 from dpc_jax.prompts.coop import CoOp
 from dpc_jax.prompts.dpc import DualPrompt
 from dpc_jax.prompts.ivlp import IVLP
@@ -20,7 +21,7 @@ from dpc_jax.prompts.promptsrc import PromptSRC
 from dpc_jax.prompts.zsclip import ZeroShotCLIP
 
 _LEARNERS: Dict[str, Type[PromptLearner]] = {
-    cls.name: cls for cls in (CoOp, IVLP, MaPLe, PromptSRC)}
+    cls.name: cls for cls in (CoOp, CoCoOp, IVLP, MaPLe, PromptSRC)}
 
 
 def register_learner(cls: Type[PromptLearner]) -> Type[PromptLearner]:
@@ -49,5 +50,5 @@ def build_learner(clip_config, tokenizer, backbone_config: ml_collections.Config
     return get_learner(backbone_config.name)(clip_config, tokenizer, backbone_config)
 
 
-__all__ = ["ClassTexts", "CoOp", "DualPrompt", "DualRules", "IVLP", "MaPLe", "PromptLearner",
+__all__ = ["ClassTexts", "CoCoOp", "CoOp", "DualPrompt", "DualRules", "IVLP", "MaPLe", "PromptLearner",
            "PromptSRC", "ZeroShotCLIP", "build_learner", "get_learner", "register_learner"]

@@ -130,6 +130,8 @@ class PromptLearner(abc.ABC):
       `pair_logits` must then be overridden, and nothing caches text per class list.
     - train_split: what stage 1 trains on: 'fewshot' (the labelled base few-shot set) or
       'unlabeled' (PromptKD: images of all classes, labels unused).
+    - dpc_unsupported: '' when DPC's stage 2 runs on this learner; otherwise why not (the
+      trainer refuses the 'dpc' stage before anything trains, with this reason).
 
     The array methods are pure functions of their inputs (the learner object is static
     configuration), so the trainer jits them once per run. `state` is non-trainable mutable
@@ -142,6 +144,7 @@ class PromptLearner(abc.ABC):
     uses_image_prompts: ClassVar[bool] = False
     text_needs_image: ClassVar[bool] = False
     train_split: ClassVar[str] = "fewshot"
+    dpc_unsupported: ClassVar[str] = ""
 
     def __init__(self, clip_config: CLIPConfig, tokenizer, config: ml_collections.ConfigDict):
         if not isinstance(clip_config, CLIPConfig):

@@ -118,6 +118,10 @@ def load_clip_and_tokenizer(config) -> tuple[CLIPConfig, Any, Tokenizer]:
 def preflight(sr: stages_lib.SeedRun, stages, train: bool) -> None:
     """Checks that need the data, run before any stage trains (nothing is half-done on error)."""
     cfg, n, devices = sr.run.config, len(sr.base.train), sr.run.mesh.size
+    if "dpc" in stages and sr.run.learner.dpc_unsupported:
+        raise ValueError(f"config.stages={cfg.stages!r} includes 'dpc', which the "
+                         f"{cfg.backbone.name!r} learner does not support: "
+                         f"{sr.run.learner.dpc_unsupported}; use config.stages=zeroshot,backbone")
     if "dpc" in stages and cfg.dhno.top_k >= sr.base.num_classes:
         raise ValueError(
             f"config.dhno.top_k={cfg.dhno.top_k} needs more than {cfg.dhno.top_k} base classes; "
