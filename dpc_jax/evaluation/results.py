@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 STAGE_NAMES = {"zeroshot": "zero-shot CLIP"}
-LEARNER_NAMES = {"coop": "CoOp"}
+LEARNER_NAMES = {"coop": "CoOp", "cocoop": "CoCoOp", "ivlp": "IVLP", "maple": "MaPLe",
+                 "promptsrc": "PromptSRC"}
 
 
 def harmonic_mean(base: float, new: float) -> float:
