@@ -176,7 +176,7 @@ def test_one_and_four_devices_give_the_same_per_device_losses(tmp_path):
         params = dpc.init(jax.tree_util.tree_map(lambda x: x + 0.01, p))
         _, opt, _, mask, _ = run.step(S.DPC, params, sr.train_set().size, c.batch_size,
                                       "batch_size")
-        consts = sr.train_consts()
+        consts = sr.train_consts(S.DPC)
         consts["scorer"] = jnp.asarray(run.evaluator.classifier(run.learner, p, sr.base_texts))
         loss_fn = S.objectives.dpc_objective(run.learner, dpc, cc.image_resolution, 4,
                                              "reference")

@@ -41,6 +41,13 @@ METHOD_SETTINGS = {
                              "backbone.lr": 0.001},
     ("world", "cocoop"): {"backbone.epochs": 10, "backbone.batch_size": 8,
                           "backbone.lr": 0.003},
+    # Teacher: PromptSRC on the larger world_teacher CLIP (3 text, 4 image blocks), IVLP's world
+    # schedule; student: the world CLIP's 3 image blocks.
+    ("world", "promptkd"): {"backbone.depth_vision": 3, "backbone.epochs": 20,
+                            "backbone.batch_size": 32, "backbone.lr": 0.005,
+                            "backbone.teacher.depth_text": 2, "backbone.teacher.depth_vision": 3,
+                            "backbone.teacher.epochs": 20, "backbone.teacher.batch_size": 32,
+                            "backbone.teacher.lr": 0.001},
     ("world", "maple"): {"backbone.depth": 2, "backbone.epochs": 20, "backbone.batch_size": 32,
                          "backbone.lr": 0.003},
 }

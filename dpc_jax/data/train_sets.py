@@ -27,6 +27,20 @@ def load_benchmark(config, seed: int) -> Tuple[BaseToNewData, BaseToNewData]:
     return subsample_classes(data, "base"), subsample_classes(data, "new")
 
 
+def load_unlabeled(config, seed: int) -> ImageSplit:
+    """The whole training split of ALL classes, for transductive learners (PromptKD's stage 1;
+    labels are kept only for bookkeeping). Labels are the all-class ones: base classes
+    [0, C_b), then new ones."""
+    if config.dataset == "world":
+        from dpc_jax.data import world
+
+        return world.load_world(seed=seed, shots=0, subsample="all").train
+    from dpc_jax.data import sources
+
+    return sources.build_dataset(config.dataset, config.root, source=config.source, shots=0,
+                                 seed=seed, subsample="all").train
+
+
 def decode_split(split: ImageSplit, size: int, config, desc: str):
     """Decode a whole (few-shot) split once: (uint8 [N, size, size, 3], labels [N]); with
     `config.skip_bad_images` unreadable images are dropped (and reported), else they raise."""
@@ -60,10 +74,11 @@ class TrainSet:
         return dataclasses.asdict(self)
 
 
-def make_train_set(split: ImageSplit, num_classes: int, size: int, put, config) -> TrainSet:
+def make_train_set(split: ImageSplit, num_classes: int, size: int, put, config,
+                   desc: str = "decode few-shot train") -> TrainSet:
     """Decode `split` at `size` and place it with `put` (e.g. replicate on the mesh)."""
     from dpc_jax.training import dhno
 
-    images, labels = decode_split(split, size, config, "decode few-shot train")
+    images, labels = decode_split(split, size, config, desc)
     table, counts = dhno.build_class_table(labels, num_classes)
     return TrainSet(*put((images, labels, table, counts)))

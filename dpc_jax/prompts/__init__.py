@@ -17,11 +17,12 @@ from dpc_jax.prompts.coop import CoOp
 from dpc_jax.prompts.dpc import DualPrompt
 from dpc_jax.prompts.ivlp import IVLP
 from dpc_jax.prompts.maple import MaPLe
+from dpc_jax.prompts.promptkd import PromptKD
 from dpc_jax.prompts.promptsrc import PromptSRC
 from dpc_jax.prompts.zsclip import ZeroShotCLIP
 
 _LEARNERS: Dict[str, Type[PromptLearner]] = {
-    cls.name: cls for cls in (CoOp, CoCoOp, IVLP, MaPLe, PromptSRC)}
+    cls.name: cls for cls in (CoOp, CoCoOp, IVLP, MaPLe, PromptSRC, PromptKD)}
 
 
 def register_learner(cls: Type[PromptLearner]) -> Type[PromptLearner]:
@@ -42,13 +43,14 @@ def get_learner(name: str) -> Type[PromptLearner]:
     return _LEARNERS[name]
 
 
-def build_learner(clip_config, tokenizer, backbone_config: ml_collections.ConfigDict
-                  ) -> PromptLearner:
-    """The learner named by `backbone_config.name`, constructed from `config.backbone`."""
+def build_learner(clip_config, tokenizer, backbone_config: ml_collections.ConfigDict,
+                  **kwargs) -> PromptLearner:
+    """The learner named by `backbone_config.name`, constructed from `config.backbone`
+    (`kwargs`: e.g. `teacher=` for learners with `needs_teacher`)."""
     if "name" not in backbone_config:
         raise ValueError(f"config.backbone.name is missing; allowed values: {sorted(_LEARNERS)}")
-    return get_learner(backbone_config.name)(clip_config, tokenizer, backbone_config)
+    return get_learner(backbone_config.name)(clip_config, tokenizer, backbone_config, **kwargs)
 
 
 __all__ = ["ClassTexts", "CoCoOp", "CoOp", "DualPrompt", "DualRules", "IVLP", "MaPLe", "PromptLearner",
-           "PromptSRC", "ZeroShotCLIP", "build_learner", "get_learner", "register_learner"]
+           "PromptKD", "PromptSRC", "ZeroShotCLIP", "build_learner", "get_learner", "register_learner"]

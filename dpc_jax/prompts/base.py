@@ -132,6 +132,11 @@ class PromptLearner(abc.ABC):
       'unlabeled' (PromptKD: images of all classes, labels unused).
     - dpc_unsupported: '' when DPC's stage 2 runs on this learner; otherwise why not (the
       trainer refuses the 'dpc' stage before anything trains, with this reason).
+    - needs_teacher: the learner distils from a teacher learner (PromptKD). The trainer builds
+      the teacher from `config.backbone.teacher` / `teacher_clip`, passes it to the constructor
+      as `teacher=`, trains or loads its prompt per seed, and hands both to `constants`.
+    - augment_negatives: DHNO's negative images get the training augmentation (True, CoOp) or
+      the test transform (False, PromptKD+DPC as released).
 
     The array methods are pure functions of their inputs (the learner object is static
     configuration), so the trainer jits them once per run. `state` is non-trainable mutable
@@ -145,6 +150,8 @@ class PromptLearner(abc.ABC):
     text_needs_image: ClassVar[bool] = False
     train_split: ClassVar[str] = "fewshot"
     dpc_unsupported: ClassVar[str] = ""
+    needs_teacher: ClassVar[bool] = False
+    augment_negatives: ClassVar[bool] = True
 
     def __init__(self, clip_config: CLIPConfig, tokenizer, config: ml_collections.ConfigDict):
         if not isinstance(clip_config, CLIPConfig):
@@ -177,9 +184,15 @@ class PromptLearner(abc.ABC):
         """Initial non-trainable state (a pytree; `{}`: none)."""
         return {}
 
-    def constants(self, clip_params, classnames: Sequence[str]) -> dict:
-        """Frozen per-seed constants for the training classes `classnames` (`{}`: none)."""
+    def constants(self, clip_params, classnames: Sequence[str], teacher=None) -> dict:
+        """Frozen per-seed constants for the training classes `classnames` (`{}`: none); for
+        a `train_split` of 'unlabeled' these are all classes (base, then new). `teacher`:
+        {'clip': its CLIP parameters, 'prompt': its prompt} for learners that need one."""
         return {}
+
+    def load_torch_state(self, path: str):
+        """The learner state stored in a PyTorch stage-1 checkpoint (None: the initial one)."""
+        return None
 
     def load_torch_prompt(self, path: str, num_classes: Optional[int] = None) -> Prompt:
         """The stage-1 prompt of a checkpoint written by the released PyTorch code."""
@@ -187,9 +200,10 @@ class PromptLearner(abc.ABC):
                          f"import PyTorch checkpoints yet; train stage 1 here instead (leave "
                          f"init_from empty)")
 
-    def export_torch_prompt(self, prompt: Prompt, run_dir: str, epoch: int) -> str:
-        """Write a stage-1 prompt as the released PyTorch code saves it under `run_dir` (its
-        output folder); returns the file's path."""
+    def export_torch_prompt(self, prompt: Prompt, run_dir: str, epoch: int,
+                            state: Optional[State] = None) -> str:
+        """Write a stage-1 prompt (and the learner's state) as the released PyTorch code saves
+        it under `run_dir` (its output folder); returns the file's path."""
         raise ValueError(f"the {self.name!r} learner has no PyTorch checkpoint export; it exists "
                          f"for ivlp and maple")
 
@@ -280,6 +294,26 @@ class PromptLearner(abc.ABC):
         """Which leaves DPC doubles and which get the converse map (default: double every leaf,
         converse map on `ctx`)."""
         return DualRules()
+
+    def dpc_backbone(self, prompt: Prompt, consts: dict) -> Prompt:
+        """The stage-1 prompt P as DPC's stage 2 sees it (PromptKD adds the teacher's text
+        prompts, which become a trainable text branch). Default: the prompt itself."""
+        return prompt
+
+    def dpc_init(self, params: dict, dpc_config, key: jax.Array) -> dict:
+        """DPC's initial {'backbone', 'parallel'} after cloning (a learner may reproduce a
+        released initialisation here). Default: unchanged."""
+        return params
+
+    def scorer_prompt(self, backbone: Prompt, dpc_config, consts: dict) -> Prompt:
+        """The prompt whose classifier over the base classes is DHNO's scorer (default P)."""
+        return backbone
+
+    def scorer_image_features(self, clip_params, backbone: Prompt, images: Array, state,
+                              consts: dict) -> Array:
+        """Image features of DHNO's scorer on the anchors (default: the frozen stage-1 model;
+        PromptKD: its teacher). Used only when `uses_image_prompts`."""
+        return self.image_features(clip_params, backbone, images, state)
 
 
 def check_class_ids(class_ids: Array) -> Array:

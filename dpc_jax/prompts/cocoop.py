@@ -116,7 +116,8 @@ class CoCoOp(CoOp):
         prompt = load_cocoop_torch_checkpoint(path, self.expected_shapes())
         return jax.tree_util.tree_map(jnp.asarray, prompt)
 
-    def export_torch_prompt(self, prompt: Prompt, run_dir: str, epoch: int) -> str:
+    def export_torch_prompt(self, prompt: Prompt, run_dir: str, epoch: int,
+                            state=None) -> str:
         """`<run_dir>/prompt_learner/model.pth.tar-<epoch>`, the upstream CoCoOp layout."""
         import os
 

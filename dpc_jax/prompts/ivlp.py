@@ -122,7 +122,8 @@ class PhraseContextText:
         prompt = load_vlp_torch_checkpoint(path, self.torch_layout, self.expected_shapes())
         return jax.tree_util.tree_map(jnp.asarray, prompt)
 
-    def export_torch_prompt(self, prompt: Prompt, run_dir: str, epoch: int) -> str:
+    def export_torch_prompt(self, prompt: Prompt, run_dir: str, epoch: int,
+                            state=None) -> str:
         """`<run_dir>/VLPromptLearner/model.pth.tar-<epoch>` (IVLP) or
         `<run_dir>/MultiModalPromptLearner/...` (MaPLe): the prompt keys of the upstream layout,
         which its `load_model` reads (frozen CLIP weights stay the model's own)."""
@@ -145,7 +146,54 @@ def check_leaf(prompt: Prompt, name: str, shape: tuple, meaning: str):
     return leaf
 
 
-class IVLP(PhraseContextText, PromptLearner):
+class VisionPrompts:
+    """The image side shared by IVLP, PromptSRC and PromptKD's student: visual prompts
+    `'vision_ctx'` [n_v, W_v] appended after [CLS, patches] and deep ones `'vision_deep'`
+    [J_v-1, n_v, W_v] (config fields n_ctx_vision, depth_vision)."""
+
+    def _init_vision_side(self, config, minimum_depth: int = 0) -> None:
+        cc = self.clip_config
+        why = f" (the image tower has {cc.vision_layers} blocks"
+        why += "; 0 = no visual prompts)" if minimum_depth == 0 else ")"
+        self.depth_vision = positive_int(config_field(config, "depth_vision", _WHERE),
+                                         "depth_vision", minimum_depth, cc.vision_layers, why)
+        self.n_ctx_vision = positive_int(config_field(config, "n_ctx_vision", _WHERE),
+                                         "n_ctx_vision")
+        self.vision_width = cc.vision_width
+
+    def _init_vision_prompts(self, k_vis, k_deep) -> dict:
+        shape = (self.n_ctx_vision, self.vision_width)
+        out = {}
+        if self.depth_vision >= 1:
+            out["vision_ctx"] = PROMPT_STD * jax.random.normal(k_vis, shape, jnp.float32)
+        if self.depth_vision > 1:
+            out["vision_deep"] = PROMPT_STD * jax.random.normal(
+                k_deep, (self.depth_vision - 1,) + shape, jnp.float32)
+        return out
+
+    def vision_prompts(self, prompt: Prompt):
+        """(shallow [n_v, W_v] or None, deep [J_v-1, n_v, W_v] or None), checked."""
+        if self.depth_vision == 0:
+            return None, None
+        shape = (self.n_ctx_vision, self.vision_width)
+        shallow = check_leaf(prompt, "vision_ctx", shape, "n_ctx_vision, vision width")
+        deep = None
+        if self.depth_vision > 1:
+            deep = check_leaf(prompt, "vision_deep", (self.depth_vision - 1,) + shape,
+                              "vision prompt depth - 1, n_ctx_vision, vision width")
+        return shallow, deep
+
+    def _vision_shapes(self) -> dict:
+        vision = (self.n_ctx_vision, self.vision_width)
+        out = {}
+        if self.depth_vision >= 1:
+            out["vision_ctx"] = vision
+        if self.depth_vision > 1:
+            out["vision_deep"] = (self.depth_vision - 1,) + vision
+        return out
+
+
+class IVLP(PhraseContextText, VisionPrompts, PromptLearner):
     """Independent vision-language prompting: free deep prompts on both towers."""
 
     name = "ivlp"
@@ -159,13 +207,8 @@ class IVLP(PhraseContextText, PromptLearner):
         depth_text = positive_int(config_field(config, "depth_text", _WHERE), "depth_text",
                                   1, cc.transformer_layers,
                                   f" (the text tower has {cc.transformer_layers} blocks)")
-        self.depth_vision = positive_int(
-            config_field(config, "depth_vision", _WHERE), "depth_vision", 0, cc.vision_layers,
-            f" (the image tower has {cc.vision_layers} blocks; 0 = no visual prompts)")
-        self.n_ctx_vision = positive_int(config_field(config, "n_ctx_vision", _WHERE),
-                                         "n_ctx_vision")
+        self._init_vision_side(config, minimum_depth=0)
         self._init_text_side(config, n_text, depth_text)
-        self.vision_width = cc.vision_width
 
     @classmethod
     def default_config(cls) -> ml_collections.ConfigDict:
@@ -181,25 +224,8 @@ class IVLP(PhraseContextText, PromptLearner):
     def init(self, key: jax.Array, clip_params, num_classes: Optional[int] = None) -> Prompt:
         k_text, k_vis, k_deep = jax.random.split(key, 3)
         prompt = self._init_text_prompts(k_text, clip_params)
-        shape = (self.n_ctx_vision, self.vision_width)
-        if self.depth_vision >= 1:
-            prompt["vision_ctx"] = PROMPT_STD * jax.random.normal(k_vis, shape, jnp.float32)
-        if self.depth_vision > 1:
-            prompt["vision_deep"] = PROMPT_STD * jax.random.normal(
-                k_deep, (self.depth_vision - 1,) + shape, jnp.float32)
+        prompt.update(self._init_vision_prompts(k_vis, k_deep))
         return prompt
-
-    def vision_prompts(self, prompt: Prompt):
-        """(shallow [n_v, W_v] or None, deep [J_v-1, n_v, W_v] or None), checked."""
-        if self.depth_vision == 0:
-            return None, None
-        shape = (self.n_ctx_vision, self.vision_width)
-        shallow = check_leaf(prompt, "vision_ctx", shape, "n_ctx_vision, vision width")
-        deep = None
-        if self.depth_vision > 1:
-            deep = check_leaf(prompt, "vision_deep", (self.depth_vision - 1,) + shape,
-                              "vision prompt depth - 1, n_ctx_vision, vision width")
-        return shallow, deep
 
     def image_features(self, clip_params, prompt: Prompt, images, state=None) -> jax.Array:
         del state
@@ -214,13 +240,4 @@ class IVLP(PhraseContextText, PromptLearner):
         if self.depth_text > 1:
             out["text_deep"] = (self.depth_text - 1,) + text
         out.update(self._vision_shapes())
-        return out
-
-    def _vision_shapes(self) -> dict:
-        vision = (self.n_ctx_vision, self.vision_width)
-        out = {}
-        if self.depth_vision >= 1:
-            out["vision_ctx"] = vision
-        if self.depth_vision > 1:
-            out["vision_deep"] = (self.depth_vision - 1,) + vision
         return out

@@ -111,7 +111,7 @@ class PromptSRC(IVLP):
         return config
 
     # -- constants: the frozen text target of every training class -----------------------------
-    def constants(self, clip_params, classnames: Sequence[str]) -> dict:
+    def constants(self, clip_params, classnames: Sequence[str], teacher=None) -> dict:
         return {"text_target": self.frozen_text_target(clip_params, classnames)}
 
     def frozen_text_target(self, clip_params, classnames: Sequence[str]) -> jax.Array:

@@ -49,7 +49,8 @@ def dpc_objective(learner, dual, res: int, top_k: int, policy: str, crop_scale=(
         #    scorer's image features are the anchors' own features.
         anchor_feats = learner.image_features(clip_params, prompt, anchors, state)
         if learner.uses_image_prompts:
-            scorer_feats = learner.image_features(clip_params, backbone, anchors, state)
+            scorer_feats = learner.scorer_image_features(clip_params, backbone, anchors, state,
+                                                         lconsts)
         else:
             scorer_feats = anchor_feats
         scorer_feats = jax.lax.stop_gradient(scorer_feats)
@@ -60,8 +61,11 @@ def dpc_objective(learner, dual, res: int, top_k: int, policy: str, crop_scale=(
         neg_idx = dhno.sample_negative_images(k_sample, train["class_table"],
                                               train["class_counts"], negatives, valid)
         b = idx.shape[0]
-        neg_images = augment.random_resized_crop_flip(
-            k_neg_aug, train["images"][neg_idx.reshape(-1)], res, crop_scale)
+        neg_images = train["images"][neg_idx.reshape(-1)]
+        if learner.augment_negatives:
+            neg_images = augment.random_resized_crop_flip(k_neg_aug, neg_images, res, crop_scale)
+        else:  # the test transform (PromptKD+DPC as released)
+            neg_images = augment.center_normalize(neg_images, res)
         neg_feats = learner.image_features(clip_params, prompt, neg_images, state)
         # 3. The enlarged batch [anchor_i, negatives_i] and its symmetric contrastive loss; text
         #    features only for the slot labels (the cost does not depend on the class count).

@@ -16,17 +16,18 @@ import ml_collections
 from jax.sharding import Mesh
 
 from dpc_jax.data.base import BaseToNewData
-from dpc_jax.data.train_sets import TrainSet, load_benchmark, make_train_set
+from dpc_jax.data.train_sets import TrainSet, load_benchmark, load_unlabeled, make_train_set
 from dpc_jax.evaluation.evaluator import Evaluator
 from dpc_jax.evaluation.results import scores
 from dpc_jax.models.clip import CLIPConfig
-from dpc_jax.prompts import DualPrompt, PromptLearner, ZeroShotCLIP, build_learner
+from dpc_jax.prompts import DualPrompt, PromptLearner, ZeroShotCLIP, build_learner, get_learner
 from dpc_jax.training import masks, objectives, optim
 from dpc_jax.training.checkpoints import StageDir, host
 from dpc_jax.training.loop import check_batch_fits, steps_per_epoch, train_loop
 from dpc_jax.training.step import make_per_device_step, map_step, replicate
 
 BACKBONE, DPC = 1, 2  # stage ids (they seed the epoch order and the step keys)
+TRAIN_SPLITS = ("fewshot", "unlabeled")
 
 
 @dataclasses.dataclass
@@ -40,13 +41,19 @@ class Run:
     tokenizer: Any
     hooks: Sequence[Callable] = ()
 
+    teacher: Optional["Run"] = None  # the teacher's run, for learners that distil from one
+
     def __post_init__(self):
+        extra = {}
+        if get_learner(self.config.backbone.get("name", "")).needs_teacher and self.teacher is None:
+            self.teacher = teacher_run(self)
+        if self.teacher is not None:
+            extra["teacher"] = self.teacher.learner
         self.learner: PromptLearner = build_learner(self.clip_config, self.tokenizer,
-                                                    self.config.backbone)
-        if self.learner.train_split != "fewshot":
+                                                    self.config.backbone, **extra)
+        if self.learner.train_split not in TRAIN_SPLITS:
             raise ValueError(f"config.backbone.name={self.learner.name!r} trains on the "
-                             f"{self.learner.train_split!r} split; only 'fewshot' (the labelled "
-                             f"base few-shot set) is supported so far")
+                             f"{self.learner.train_split!r} split; supported: {TRAIN_SPLITS}")
         self.dual = DualPrompt(self.config.dpc, self.learner.dual_rules())
         self.res = self.clip_config.image_resolution
         self.evaluator = Evaluator(self.clip_params, self.res, self.mesh, self.config)
@@ -85,6 +92,36 @@ class Run:
         return self._steps[key]
 
 
+def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The teacher's run config: the student's, with `backbone` = `config.backbone.teacher`
+    and `clip` = `config.backbone.teacher_clip` (the student's tokenizer is shared)."""
+    for field in ("teacher", "teacher_clip"):
+        if field not in config.backbone:
+            raise ValueError(f"config.backbone.{field} is missing: the "
+                             f"{config.backbone.name!r} learner distils from a teacher")
+    out = ml_collections.ConfigDict(config.to_dict())
+    out.backbone = ml_collections.ConfigDict(config.backbone.teacher.to_dict())
+    clip = ml_collections.ConfigDict(config.clip.to_dict())
+    clip.update(config.backbone.teacher_clip.to_dict())
+    out.clip = clip
+    return out
+
+
+def teacher_run(student: "Run") -> "Run":
+    """The teacher's `Run`: its CLIP loaded once, its learner, evaluator and steps."""
+    from dpc_jax.training.train_lib import load_clip
+
+    cfg = teacher_config(student.config)
+    clip_config, params = load_clip(cfg.clip, "config.backbone.teacher_clip")
+    if student.tokenizer.vocab_size > clip_config.vocab_size:
+        raise ValueError(f"config.backbone.teacher_clip.source={cfg.clip.source!r} embeds "
+                         f"{clip_config.vocab_size} tokens; the shared tokenizer has "
+                         f"{student.tokenizer.vocab_size}")
+    return Run(config=cfg, mesh=student.mesh, clip_config=clip_config,
+               clip_params=replicate(params, student.mesh), tokenizer=student.tokenizer,
+               hooks=student.hooks)
+
+
 def _optimizer(cfg, stage: str, lr, epochs, epoch_steps, mask):
     """The stage's SGD (Dassl schedule) and its learning-rate schedule (for logging)."""
     kw = dict(warmup_epochs=cfg.optim.warmup_epochs, warmup_lr=cfg.optim.warmup_lr)
@@ -106,14 +143,18 @@ class SeedRun:
     seed_dir: str
     base: BaseToNewData
     new: BaseToNewData
+    train_mode: bool = True  # False: stages restore what they need (config.mode 'eval')
     _train_set: Optional[TrainSet] = None
+    _unlabeled_set: Optional[TrainSet] = None
+    _consts: Optional[dict] = None
+    _teacher: Optional["SeedRun"] = None
 
     @classmethod
-    def create(cls, run: Run, seed: int, workdir: str) -> "SeedRun":
+    def create(cls, run: Run, seed: int, workdir: str, train_mode: bool = True) -> "SeedRun":
         base, new = load_benchmark(run.config, seed)
         run.evaluator.clear_cache()
         return cls(run=run, seed=seed, seed_dir=os.path.join(workdir, f"seed_{seed}"),
-                   base=base, new=new)
+                   base=base, new=new, train_mode=train_mode)
 
     def __post_init__(self):
         run, learner = self.run, self.run.learner
@@ -121,8 +162,42 @@ class SeedRun:
                                     run.mesh)
         self.new_texts = replicate(learner.prepare(run.clip_params, self.new.classnames,
                                                    new_classes=True), run.mesh)
-        self.consts = replicate(learner.constants(run.clip_params, self.base.classnames),
-                                run.mesh)
+
+    @property
+    def consts(self) -> dict:
+        """The learner's per-seed constants (built on first use: a teacher's are its trained
+        prompt's)."""
+        if self._consts is None:
+            run, learner = self.run, self.run.learner
+            kw = {}
+            names = list(self.base.classnames)
+            if learner.train_split == "unlabeled":  # transductive: every class
+                names += list(self.new.classnames)
+            if learner.needs_teacher:
+                kw["teacher"] = {"clip": run.teacher.clip_params,
+                                 "prompt": replicate(self.teacher_prompt(), run.mesh)}
+            self._consts = replicate(learner.constants(run.clip_params, names, **kw), run.mesh)
+        return self._consts
+
+    def teacher(self) -> "SeedRun":
+        """The teacher's seed (its stage directory is W/seed_N/teacher/backbone)."""
+        if self.run.teacher is None:
+            raise ValueError(f"config.backbone.name={self.run.config.backbone.name!r} has no "
+                             f"teacher; the 'teacher' stage is for learners that distil "
+                             f"(promptkd)")
+        if self._teacher is None:
+            self._teacher = SeedRun(run=self.run.teacher, seed=self.seed,
+                                    seed_dir=os.path.join(self.seed_dir, "teacher"),
+                                    base=self.base, new=self.new, train_mode=self.train_mode)
+        return self._teacher
+
+    def teacher_prompt(self):
+        """The teacher's frozen prompt: trained (or restored) by its PromptSRC stage 1, or read
+        from `config.backbone.teacher.init_from`."""
+        teacher = self.teacher()
+        if not hasattr(teacher, "_prompt"):
+            teacher._prompt = backbone_prompt(teacher, teacher.train_mode)[0]
+        return teacher._prompt
 
     def train_set(self) -> TrainSet:
         if self._train_set is None:
@@ -132,8 +207,25 @@ class SeedRun:
                                              self.run.config)
         return self._train_set
 
-    def train_consts(self) -> dict:
-        return {"clip": self.run.clip_params, "train": self.train_set().as_consts(),
+    def unlabeled_set(self) -> TrainSet:
+        """The training split of all classes (labels kept only for the per-class table):
+        stage 1 of learners with train_split 'unlabeled' (PromptKD)."""
+        if self._unlabeled_set is None:
+            size = self.run.config.stored_size or self.run.res
+            split = load_unlabeled(self.run.config, self.seed)
+            self._unlabeled_set = make_train_set(
+                split, self.base.num_classes + self.new.num_classes, size,
+                lambda t: replicate(t, self.run.mesh), self.run.config,
+                desc="decode unlabeled train (all classes)")
+        return self._unlabeled_set
+
+    def stage_set(self, stage_id: int) -> TrainSet:
+        if stage_id == BACKBONE and self.run.learner.train_split == "unlabeled":
+            return self.unlabeled_set()
+        return self.train_set()
+
+    def train_consts(self, stage_id: int) -> dict:
+        return {"clip": self.run.clip_params, "train": self.stage_set(stage_id).as_consts(),
                 "class_texts": self.base_texts, "learner": self.consts}
 
     def evaluate(self, base_prompt, new_prompt, state=None, learner=None, texts=None) -> dict:
@@ -152,14 +244,15 @@ class SeedRun:
 
     def train(self, stage_id: int, params, lstate, extra, batch_size: int, batch_field: str,
               epochs: int, name: str, learner=None, more_consts: Optional[dict] = None):
-        ts = self.train_set()
+        ts = self.stage_set(stage_id)
         step_fn, optimizer, schedule, _, epoch_steps = self.run.step(
             stage_id, params, ts.size, batch_size, batch_field)
         train_state = {"params": params, "opt_state": host(optimizer.init(params)),
                        "state": lstate}
         return train_loop(name=name, stage=self.stage_dir(stage_id), step_fn=step_fn,
                           schedule=schedule, train_state=train_state, extra=extra,
-                          consts={**self.train_consts(), **(more_consts or {})}, n=ts.size,
+                          consts={**self.train_consts(stage_id), **(more_consts or {})},
+                          n=ts.size,
                           global_batch=batch_size * self.run.mesh.size,
                           epoch_steps=epoch_steps, epochs=epochs, seed=self.seed,
                           mesh=self.run.mesh, config=self.run.config, learner=learner,
@@ -180,7 +273,10 @@ def backbone_prompt(sr: SeedRun, train: bool):
     clip_params = sr.run.clip_params
     init_state = host(learner.init_state(clip_params))
     if cfg.backbone.init_from:
-        return learner.load_torch_prompt(cfg.backbone.init_from, sr.base.num_classes), init_state
+        path = cfg.backbone.init_from
+        state = learner.load_torch_state(path)
+        return (learner.load_torch_prompt(path, sr.base.num_classes),
+                init_state if state is None else host(state))
     init = host(learner.init(jax.random.fold_in(jax.random.key(sr.seed), 101), clip_params,
                              sr.base.num_classes))
     extra = host(learner.init_extra(init))
@@ -201,14 +297,24 @@ def run_backbone(sr: SeedRun, train: bool = True) -> dict:
     return sr.evaluate(prompt, prompt, lstate)
 
 
+def run_teacher(sr: SeedRun, train: bool = True) -> dict:
+    """The teacher's accuracy on base and new classes (trained here, restored or imported)."""
+    teacher = sr.teacher()
+    prompt = replicate(sr.teacher_prompt(), sr.run.mesh)
+    return teacher.evaluate(prompt, prompt)
+
+
 def run_dpc(sr: SeedRun, train: bool = True) -> dict:
-    cfg, run = sr.run.config, sr.run
+    cfg, run, learner = sr.run.config, sr.run, sr.run.learner
     backbone, lstate = backbone_prompt(sr, train=False)
+    backbone = learner.dpc_backbone(host(backbone), sr.consts)
     backbone, lstate = host(backbone), host(lstate)
-    init = run.dual.init(backbone)
+    init = learner.dpc_init(run.dual.init(backbone), cfg.dpc,
+                            jax.random.fold_in(jax.random.key(sr.seed), 202))
     if train:
-        rep_backbone = replicate(backbone, run.mesh)
-        scorer = run.evaluator.classifier(run.learner, rep_backbone, sr.base_texts, sr.consts)
+        rep_backbone = replicate(learner.scorer_prompt(backbone, cfg.dpc, sr.consts),
+                                 run.mesh)
+        scorer = run.evaluator.classifier(learner, rep_backbone, sr.base_texts, sr.consts)
         out, _ = sr.train(DPC, init, lstate, {}, cfg.batch_size, "batch_size", cfg.dpc.epochs,
                           f"seed {sr.seed} dpc ({cfg.dpc.mode}, {cfg.dhno.policy})",
                           more_consts={"scorer": replicate(scorer, run.mesh)})
@@ -220,4 +326,5 @@ def run_dpc(sr: SeedRun, train: bool = True) -> dict:
                        lstate)
 
 
-STAGE_RUNNERS = {"zeroshot": run_zeroshot, "backbone": run_backbone, "dpc": run_dpc}
+STAGE_RUNNERS = {"zeroshot": run_zeroshot, "teacher": run_teacher, "backbone": run_backbone,
+                 "dpc": run_dpc}

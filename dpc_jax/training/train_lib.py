@@ -23,6 +23,7 @@ from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import dpc as dpc_lib
 from dpc_jax.training import stages as stages_lib
 from dpc_jax.training.checkpoints import write_json
+from dpc_jax.data.train_sets import load_unlabeled
 from dpc_jax.training.loop import check_batch_fits
 from dpc_jax.training.step import make_mesh, replicate
 
@@ -66,7 +67,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.mode={config.mode!r}; expected one of {MODES}")
     parse_list(config.stages, "stages", STAGES)
     parse_list(config.seeds, "seeds", cast=int)
-    if (config.clip.source == "world") != (config.dataset == "world"):
+    if (config.clip.source in SHIPPED_CLIPS) != (config.dataset == "world"):
         raise ValueError(
             f"config.dataset={config.dataset!r} with config.clip.source={config.clip.source!r}: "
             f"the shipped world CLIP belongs to dataset 'world' only. Choose a dataset with "
@@ -95,17 +96,29 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     dpc_lib.DualPrompt(config.dpc)  # validates mode, w_base, w_new
 
 
-def world_assets_dir() -> str:
-    return os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "world")
+# Shipped CLIPs named by `config.clip.source` (and `config.backbone.teacher_clip.source`).
+SHIPPED_CLIPS = {"world": "world", "world_teacher": "world_teacher"}
+
+
+def world_assets_dir(name: str = "world") -> str:
+    return os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", name)
+
+
+def load_clip(clip_config, field: str = "config.clip") -> tuple[CLIPConfig, Any]:
+    """(CLIP config, parameters) of `clip_config.source`: a shipped CLIP ('world',
+    'world_teacher'), an OpenAI name, a Hugging Face id, or a checkpoint path."""
+    overrides = dict(dtype=clip_config.dtype, precision=clip_config.precision)
+    source = clip_config.source
+    if source in SHIPPED_CLIPS:
+        source = world_assets_dir(SHIPPED_CLIPS[source])
+    from dpc_jax.convert import load_clip as load  # torch is imported there only for torch files
+
+    return load(source, **overrides)
 
 
 def load_clip_and_tokenizer(config) -> tuple[CLIPConfig, Any, Tokenizer]:
-    overrides = dict(dtype=config.clip.dtype, precision=config.clip.precision)
     world = world_assets_dir()
-    source = world if config.clip.source == "world" else config.clip.source
-    from dpc_jax.convert import load_clip  # torch is imported there only for torch files
-
-    clip_config, params = load_clip(source, **overrides)
+    clip_config, params = load_clip(config.clip)
     tok_source = world if config.clip.tokenizer == "world" else config.clip.tokenizer
     tokenizer = Tokenizer.from_pretrained(tok_source, context_length=clip_config.context_length)
     if tokenizer.vocab_size > clip_config.vocab_size:
@@ -118,6 +131,11 @@ def load_clip_and_tokenizer(config) -> tuple[CLIPConfig, Any, Tokenizer]:
 def preflight(sr: stages_lib.SeedRun, stages, train: bool) -> None:
     """Checks that need the data, run before any stage trains (nothing is half-done on error)."""
     cfg, n, devices = sr.run.config, len(sr.base.train), sr.run.mesh.size
+    learner = sr.run.learner
+    if "teacher" in stages and not learner.needs_teacher:
+        raise ValueError(f"config.stages={cfg.stages!r} includes 'teacher', but the "
+                         f"{cfg.backbone.name!r} learner has no teacher (only distilling "
+                         f"learners such as promptkd do)")
     if "dpc" in stages and sr.run.learner.dpc_unsupported:
         raise ValueError(f"config.stages={cfg.stages!r} includes 'dpc', which the "
                          f"{cfg.backbone.name!r} learner does not support: "
@@ -130,11 +148,16 @@ def preflight(sr: stages_lib.SeedRun, stages, train: bool) -> None:
         return
     checks = []
     if "backbone" in stages and not cfg.backbone.init_from:
-        checks.append(("backbone.batch_size", cfg.backbone.batch_size))
+        size = n
+        if learner.train_split == "unlabeled":
+            size = len(load_unlabeled(cfg, sr.seed))
+        checks.append(("backbone.batch_size", cfg.backbone.batch_size, size))
+    if learner.needs_teacher and not cfg.backbone.teacher.init_from:
+        checks.append(("backbone.teacher.batch_size", cfg.backbone.teacher.batch_size, n))
     if "dpc" in stages:
-        checks.append(("batch_size", cfg.batch_size))
-    for field, b in checks:
-        check_batch_fits(field, b, devices, n, cfg.dataset, cfg.shots)
+        checks.append(("batch_size", cfg.batch_size, n))
+    for field, b, size in checks:
+        check_batch_fits(field, b, devices, size, cfg.dataset, cfg.shots)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -162,7 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     train = config.mode == "train"
     per_seed = {stage: {} for stage in stages}
     for seed in seeds:
-        sr = stages_lib.SeedRun.create(run, seed, workdir)
+        sr = stages_lib.SeedRun.create(run, seed, workdir, train_mode=train)
         preflight(sr, stages, train)
         for stage in stages:
             result = stages_lib.STAGE_RUNNERS[stage](sr, train)
@@ -188,10 +211,11 @@ def export_backbone(config: ml_collections.ConfigDict, workdir: str) -> list:
                          clip_params=replicate(clip_params, mesh), tokenizer=tokenizer)
     paths = []
     for seed in parse_list(config.seeds, "seeds", cast=int):
-        sr = stages_lib.SeedRun.create(run, seed, workdir)
-        prompt, _ = stages_lib.backbone_prompt(sr, train=False)
+        sr = stages_lib.SeedRun.create(run, seed, workdir, train_mode=False)
+        prompt, state = stages_lib.backbone_prompt(sr, train=False)
         if jax.process_index() == 0:
             paths.append(run.learner.export_torch_prompt(
-                prompt, os.path.join(sr.seed_dir, "torch"), config.backbone.epochs))
+                prompt, os.path.join(sr.seed_dir, "torch"), config.backbone.epochs,
+                state=state))
             tqdm.write(f"seed {seed}: wrote {paths[-1]}")
     return paths
