@@ -1,0 +1,380 @@
+"""PyTorch PromptKD student checkpoints <-> dpc_jax student prompt and BatchNorm state.
+
+Import starts an evaluation or DPC's stage 2 from a student distilled by the released PromptKD
+code; export writes a student trained here as a file its trainer loads (BACKBONES.md §1, §5, §9).
+torch is imported only inside the functions that read or write a file.
+
+    load_promptkd_student(path, expected) -> (prompt, state)
+    export_promptkd_student(prompt, state, path, epoch, *, num_batches_tracked=0) -> path
+    student_checkpoint_path(run_dir, epoch) -> path
+
+dpc_jax side (nested dicts of float32 numpy arrays; deep index k holds the prompt of block k+1):
+
+    prompt = {'vision_ctx': [n_v, W_v],
+              'vision_deep': [J-1, n_v, W_v]            (absent when J == 1),
+              'projector': {'dense0': {'kernel': [E_s, E_t], 'bias': [E_t]},
+                            'bn': {'scale': [E_t], 'bias': [E_t]},
+                            'dense1': {'kernel': [E_t, E_t], 'bias': [E_t]}}}
+    state = {'bn': {'mean': [E_t], 'var': [E_t]}}
+
+Upstream keys (the student `CustomCLIP` saved whole under `VLPromptLearner/`; T =
+'VPT_image_trans.conv1.', the projector `nn.Sequential(Conv2d(E_s, E_t, 1), BatchNorm2d(E_t),
+ReLU, Conv2d(E_t, E_t, 1))`):
+
+    'image_encoder.VPT'                                  [n_v, W_v]      -> vision_ctx
+    f'image_encoder.transformer.resblocks.{i}.VPT_shallow' (i = 1..J-1)  -> vision_deep[i-1]
+    T+'0.weight' [E_t, E_s, 1, 1], T+'0.bias' [E_t]      -> projector/dense0 kernel (transposed
+                                                            [E_s, E_t]), bias
+    T+'1.weight', T+'1.bias'                             -> projector/bn scale, bias
+    T+'1.running_mean', T+'1.running_var'                -> state bn mean, var
+    T+'1.num_batches_tracked' (int64)                    -> ignored on import
+    T+'3.weight' [E_t, E_t, 1, 1], T+'3.bias' [E_t]      -> projector/dense1 kernel (transposed),
+                                                            bias
+
+The frozen CLIP tensors (image_encoder.* other than the prompts), logit_scale and, where a
+version of the code saves them, text_encoder.* and prompt_learner.* (ctx, token_prefix/suffix,
+token_prefix2/suffix2) are ignored, never reported. Reading strips a leading 'module.'
+(DataParallel) and casts to float32: upstream stores the projector convs in fp16
+(`convert_weights`), everything else in fp32, so the import is exact. A file that does not fit
+`expected` raises one ValueError naming the file, what the file looks like (a student, an
+IVLP/PromptSRC teacher, a MaPLe file, ...), the missing, unexpected and mis-shaped keys with
+the found and expected shapes and the setting behind each dimension (n_ctx_vision, the student
+vision width, depth_vision, the student embed dim E_s, the teacher embed dim E_t).
+
+Export writes float32 everywhere, the projector convs included (upstream's `load_state_dict`
+casts them to its fp16 parameters on load), so export followed by import is lossless.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+from typing import Dict, Mapping, Tuple
+
+import numpy as np
+
+from dpc_jax import tree as tree_lib
+from dpc_jax.convert.coop_torch import read_dassl_state_dict, write_dassl_checkpoint
+from dpc_jax.convert.vlp_torch import _flat_shapes, _looks_like, _natural, _strip_module
+
+MODEL_DIR = "VLPromptLearner"  # the name the student trainer registers its model under
+VPT = "image_encoder.VPT"
+VPT_DEEP = "image_encoder.transformer.resblocks.{}.VPT_shallow"
+TRANS = "VPT_image_trans."
+CONV = TRANS + "conv1."
+NUM_BATCHES = CONV + "1.num_batches_tracked"
+_DEEP_PATTERN = re.compile(re.escape(VPT_DEEP).replace(r"\{\}", r"(\d+)"))
+
+# What sets each dimension of an upstream tensor, for mis-shape messages.
+_N_V = "n_ctx_vision (config.backbone.n_ctx_vision)"
+_W_V = "the student CLIP vision width (vision_width)"
+_E_S = "the student embed dim E_s (the student CLIP's embed_dim)"
+_E_T = "the teacher embed dim E_t (the teacher CLIP's embed_dim, config.backbone.teacher_clip)"
+_K = "the 1x1 conv kernel"
+_VISION = (_N_V, _W_V)
+
+# Per leaf (prompt leaves, then 'state:'-prefixed state leaves): (upstream key, or the key format
+# of upstream block i for the deep leaf; 1x1 conv weight; what sets each upstream dimension).
+_LAYOUT = {
+    "vision_ctx": (VPT, False, _VISION),
+    "vision_deep": (VPT_DEEP, False, _VISION),
+    "projector/dense0/kernel": (CONV + "0.weight", True, (_E_T, _E_S, _K, _K)),
+    "projector/dense0/bias": (CONV + "0.bias", False, (_E_T,)),
+    "projector/bn/scale": (CONV + "1.weight", False, (_E_T,)),
+    "projector/bn/bias": (CONV + "1.bias", False, (_E_T,)),
+    "state:bn/mean": (CONV + "1.running_mean", False, (_E_T,)),
+    "state:bn/var": (CONV + "1.running_var", False, (_E_T,)),
+    "projector/dense1/kernel": (CONV + "3.weight", True, (_E_T, _E_T, _K, _K)),
+    "projector/dense1/bias": (CONV + "3.bias", False, (_E_T,)),
+}
+_PROMPT_LEAVES = tuple(leaf for leaf in _LAYOUT if not leaf.startswith("state:"))
+_STATE_LEAVES = ("bn/mean", "bn/var")
+_REQUIRED = tuple(leaf for leaf in _PROMPT_LEAVES if leaf != "vision_deep")
+_RANKS = {"vision_ctx": 2, "vision_deep": 3, "projector/dense0/kernel": 2,
+          "projector/dense1/kernel": 2}  # every other leaf is rank 1
+_KNOWN_TRANS = {key for key, _, _ in _LAYOUT.values() if key.startswith(TRANS)} | {NUM_BATCHES}
+_EXAMPLE = os.path.join("<run>", MODEL_DIR, "model-best.pth.tar")
+
+
+def student_checkpoint_path(run_dir: str, epoch: int) -> str:
+    """Where the upstream student trainer saves (and its `load_model` looks for) epoch `epoch`
+    (1-based): `<run_dir>/VLPromptLearner/model.pth.tar-<epoch>`. (The released code's model
+    selection also writes `VLPromptLearner/model-best.pth.tar`, the file BACKBONES.md §9 names.)
+    """
+    return os.path.join(run_dir, MODEL_DIR, f"model.pth.tar-{int(epoch)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Import
+# ----------------------------------------------------------------------------------------------
+
+
+def load_promptkd_student(path: str, expected: Mapping) -> Tuple[dict, dict]:
+    """(prompt, state) of an upstream PromptKD student checkpoint, float32 numpy arrays.
+
+    `path`: a Dassl file such as `<run>/VLPromptLearner/model-best.pth.tar` (read with the
+    restricted unpickler: the state dict only, the pickled optimizer and scheduler never built).
+    `expected`: the student prompt's leaf path -> shape, flat ('projector/dense0/kernel':
+    (E_s, E_t)) as `PromptKD.expected_shapes()` returns it, or nested, shapes as tuples or
+    anything with `.shape`. The BatchNorm running statistics take the shape of
+    'projector/bn/scale'. Raises FileNotFoundError for a missing file and ValueError for a file
+    that is not a Dassl checkpoint or does not fit `expected`.
+    """
+    expected = _check_expected(_flat_shapes(expected), "expected")
+    state_dict = _strip_module(
+        read_dassl_state_dict(path, "PromptKD student checkpoint", _EXAMPLE), path)
+    import torch  # read_dassl_state_dict has imported it already
+
+    wanted = _upstream_entries(expected)  # upstream key -> (leaf, deep index or None)
+    prompt_like = {key for key in state_dict if _is_student_key(key)}
+    missing = [key for key in wanted if key not in state_dict]  # upstream (state_dict) order
+    unexpected = sorted(prompt_like - set(wanted) - {NUM_BATCHES}, key=_natural)
+    misshaped, not_tensor = [], []
+    for key, (leaf, index) in wanted.items():
+        if key not in state_dict:
+            continue
+        value = state_dict[key]
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            not_tensor.append(f"{key}: {type(value).__name__}"
+                              + (f" {value.dtype}" if isinstance(value, torch.Tensor) else ""))
+            continue
+        want = _upstream_shape(leaf, expected[_shape_leaf(leaf)], index is not None)
+        if tuple(value.shape) != want:
+            misshaped.append(_misshape_line(key, tuple(value.shape), want, _LAYOUT[leaf][2]))
+    if missing or unexpected or misshaped or not_tensor:
+        raise ValueError(_mismatch_message(path, expected, state_dict, missing, unexpected,
+                                           misshaped, not_tensor))
+
+    flat = {}
+    for leaf in _LAYOUT:
+        keys = [key for key, entry in wanted.items() if entry[0] == leaf]  # in block order
+        if not keys:
+            continue
+        arrays = [state_dict[key].detach().to(torch.float32).cpu().numpy() for key in keys]
+        if _LAYOUT[leaf][1]:
+            arrays = [a[:, :, 0, 0].T for a in arrays]  # conv [out, in, 1, 1] -> kernel [in, out]
+        value = np.stack(arrays) if leaf == "vision_deep" else arrays[0]
+        flat[leaf] = np.ascontiguousarray(value, dtype=np.float32)
+    prompt = tree_lib.unflatten({k: v for k, v in flat.items() if not k.startswith("state:")})
+    state = tree_lib.unflatten({k[len("state:"):]: v for k, v in flat.items()
+                                if k.startswith("state:")})
+    return prompt, state
+
+
+def _shape_leaf(leaf: str) -> str:
+    """The `expected` leaf whose shape a leaf has (the BN statistics: the BN scale's)."""
+    return "projector/bn/scale" if leaf.startswith("state:") else leaf
+
+
+def _upstream_entries(expected: Mapping[str, tuple]) -> Dict[str, tuple]:
+    """Upstream key -> (leaf, deep index or None) of the prompt and state `expected` implies."""
+    entries = {}
+    for leaf, (key, _, _) in _LAYOUT.items():
+        if leaf == "vision_deep":
+            for k in range(expected[leaf][0] if leaf in expected else 0):
+                entries[VPT_DEEP.format(k + 1)] = (leaf, k)
+        elif _shape_leaf(leaf) in expected:
+            entries[key] = (leaf, None)
+    return entries
+
+
+def _upstream_shape(leaf: str, leaf_shape: tuple, deep: bool) -> tuple:
+    shape = tuple(leaf_shape[1:] if deep else leaf_shape)
+    return shape[::-1] + (1, 1) if _LAYOUT[leaf][1] else shape
+
+
+def _misshape_line(key: str, found: tuple, want: tuple, hints) -> str:
+    if len(found) != len(want):
+        return f"{key}: file {found}, expected {want} (a rank-{len(want)} tensor)"
+    fields = dict.fromkeys(hints[d] for d in range(len(want)) if found[d] != want[d])
+    return f"{key}: file {found}, expected {want} (set by {', '.join(fields)})"
+
+
+def _is_student_key(key: str) -> bool:
+    """A key of the student's trainable layout (visual prompts, projector); anything else is a
+    frozen copy, a buffer or a part the student does not use (text side), ignored."""
+    return key == VPT or bool(_DEEP_PATTERN.fullmatch(key)) or key.startswith(TRANS)
+
+
+def _file_blocks(state_dict: Mapping) -> list:
+    return sorted(int(m.group(1)) for m in map(_DEEP_PATTERN.fullmatch, state_dict) if m)
+
+
+def _describe(state_dict: Mapping) -> str:
+    """What the file looks like."""
+    if any(key.startswith(TRANS) for key in state_dict):
+        return "a PromptKD student checkpoint"
+    vlp = _looks_like(state_dict)  # the IVLP/PromptSRC/MaPLe classification of vlp_torch
+    has_text = ("prompt_learner.ctx" in state_dict
+                or any(k.startswith("text_encoder.transformer.resblocks.")
+                       and k.endswith(".VPT_shallow") for k in state_dict))
+    if vlp.startswith("an IVLP/PromptSRC") and has_text:
+        return ("an IVLP/PromptSRC checkpoint (the layout of a PromptKD teacher, "
+                "teacher_model/<dataset>/VLPromptLearner/model-best.pth.tar), not a student: it "
+                "has no projector (VPT_image_trans.*)")
+    if vlp.startswith("an IVLP/PromptSRC"):
+        return "visual prompts without the student's projector (no VPT_image_trans.* keys)"
+    if vlp.startswith("no "):
+        return "no PromptKD student (no image_encoder.VPT and no VPT_image_trans.* keys)"
+    return f"{vlp}, not a PromptKD student (no VPT_image_trans.* projector)"
+
+
+def _settings(expected: Mapping[str, tuple]) -> str:
+    n_v, w_v = expected["vision_ctx"]
+    depth = 1 + (expected["vision_deep"][0] if "vision_deep" in expected else 0)
+    e_s, e_t = expected["projector/dense0/kernel"]
+    return (f"n_ctx_vision {n_v}, student vision width {w_v}, depth_vision {depth}, student "
+            f"embed dim E_s {e_s}, teacher embed dim E_t {e_t}")
+
+
+def _mismatch_message(path, expected, state_dict, missing, unexpected, misshaped,
+                      not_tensor) -> str:
+    lines = [f"{path!r} does not fit the PromptKD student of this configuration ("
+             f"{_settings(expected)}); the file looks like {_describe(state_dict)}:"]
+    found = _file_blocks(state_dict)
+    want = expected["vision_deep"][0] if "vision_deep" in expected else 0
+    if found != list(range(1, want + 1)):
+        blocks = (f"VPT_shallow entries for blocks {found} (prompt depth {len(found) + 1})"
+                  if found else "no VPT_shallow entries (prompt depth 1)")
+        lines.append(f"  vision_deep: the file has {blocks}; the config expects prompt depth "
+                     f"{want + 1} (depth_vision, config.backbone.depth_vision)")
+    if missing:
+        lines.append(f"  missing keys: {missing}")
+    if unexpected:
+        lines.append(f"  unexpected prompt keys: {unexpected}")
+    if misshaped:
+        lines.append("  mis-shaped keys:")
+        lines.extend(f"    {line}" for line in misshaped)
+    if not_tensor:
+        lines.append(f"  keys that are not floating-point tensors: {not_tensor}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------
+
+
+def to_upstream_state_dict(prompt: Mapping, state: Mapping,
+                           num_batches_tracked: int = 0) -> "collections.OrderedDict":
+    """The upstream state dict (the student's prompt and projector keys only, float32 torch
+    tensors, and the BN's int64 num_batches_tracked) in the order torch's state_dict lists
+    them."""
+    import torch  # only here: building torch tensors needs it
+
+    if (isinstance(num_batches_tracked, bool) or not isinstance(num_batches_tracked,
+                                                                (int, np.integer))
+            or num_batches_tracked < 0):
+        raise ValueError(f"num_batches_tracked={num_batches_tracked!r}; expected an integer "
+                         f">= 0")
+    flat = {leaf: _float32(value, f"prompt[{leaf!r}]")
+            for leaf, value in tree_lib.flatten(prompt).items()}
+    stats = {leaf: _float32(value, f"state[{leaf!r}]")
+             for leaf, value in tree_lib.flatten(state).items()}
+    _check_expected({leaf: a.shape for leaf, a in flat.items()}, "prompt")
+    if sorted(stats) != sorted(_STATE_LEAVES):
+        raise ValueError(f"state has leaves {sorted(stats)}; expected {list(_STATE_LEAVES)} "
+                         f"(the projector BatchNorm's running statistics)")
+    _check_consistent(flat, stats)
+    flat.update({"state:" + leaf: value for leaf, value in stats.items()})
+
+    state_dict = collections.OrderedDict()
+    for leaf, (key, conv, _) in _LAYOUT.items():  # upstream order: prompts, then conv1.0/1/3
+        if leaf not in flat:
+            continue
+        if leaf == "vision_deep":
+            for k, array in enumerate(flat[leaf]):
+                state_dict[VPT_DEEP.format(k + 1)] = torch.from_numpy(array.copy())
+            continue
+        array = flat[leaf]
+        if conv:
+            array = np.ascontiguousarray(array.T)[:, :, None, None]  # [in, out] -> [out, in, 1, 1]
+        state_dict[key] = torch.from_numpy(np.ascontiguousarray(array).copy())
+        if key == CONV + "1.running_var":
+            state_dict[NUM_BATCHES] = torch.tensor(int(num_batches_tracked), dtype=torch.int64)
+    return state_dict
+
+
+def export_promptkd_student(prompt: Mapping, state: Mapping, path: str, epoch: int, *,
+                            num_batches_tracked: int = 0) -> str:
+    """Write a student (prompt and BN state) as an upstream Dassl checkpoint at `path`; returns
+    `path` (`student_checkpoint_path` gives the name upstream's `load_model` looks for).
+
+    The file is `torch.save({'state_dict': <the student's prompt and projector keys only>,
+    'epoch': epoch, 'optimizer': None, 'scheduler': None, 'val_result': None})`, written
+    atomically (`write_dassl_checkpoint`). Every tensor is float32, the projector convs
+    included although upstream keeps them in fp16: upstream's `load_state_dict(strict=False)`
+    keeps its frozen CLIP weights and casts each tensor to its parameter's dtype, and
+    `load_promptkd_student` reads the file back bit for bit. `num_batches_tracked` (int64 in
+    the file) is the BatchNorm's update count; torch reads it only for a cumulative average
+    (momentum None), which upstream (momentum 0.1) does not use, and dpc_jax does not keep it:
+    pass the number of training steps when it matters, else 0 is written.
+    """
+    return write_dassl_checkpoint(to_upstream_state_dict(prompt, state, num_batches_tracked),
+                                  path, epoch)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------
+
+
+def _float32(value, what: str) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype == np.float32:
+        return array
+    if not np.issubdtype(array.dtype, np.floating) and array.dtype.name != "bfloat16":
+        raise ValueError(f"{what} has dtype {array.dtype}; expected float32")
+    if array.dtype.itemsize > 4:
+        raise ValueError(f"{what} has dtype {array.dtype}; expected float32 (casting would "
+                         f"round it)")
+    return array.astype(np.float32)  # bf16/fp16 widen exactly
+
+
+def _check_expected(shapes: Mapping[str, tuple], what: str) -> Dict[str, tuple]:
+    """`shapes` (leaf -> shape) if its leaves and ranks are those of a student prompt."""
+    unknown = sorted(set(shapes) - set(_PROMPT_LEAVES))
+    if unknown:
+        raise ValueError(f"{what} has leaves {unknown} that the PromptKD student prompt does "
+                         f"not have; expected leaves among {list(_PROMPT_LEAVES)}")
+    absent = [leaf for leaf in _REQUIRED if leaf not in shapes]
+    if absent:
+        raise ValueError(f"{what} lacks the PromptKD student leaves {absent}; it has "
+                         f"{sorted(shapes)}")
+    out = {}
+    for leaf, shape in shapes.items():
+        shape = tuple(int(d) for d in shape)
+        rank = _RANKS.get(leaf, 1)
+        if len(shape) != rank:
+            raise ValueError(f"{what}[{leaf!r}] has shape {shape}; expected a rank-{rank} "
+                             f"PromptKD student leaf")
+        if leaf == "vision_deep" and shape[0] < 1:
+            raise ValueError(f"{what}[{leaf!r}] has shape {shape}: no deep blocks; leave the "
+                             f"leaf out when depth_vision is 1")
+        out[leaf] = shape
+    return out
+
+
+def _check_consistent(flat: Mapping[str, np.ndarray], stats: Mapping[str, np.ndarray]) -> None:
+    """The shapes of one student agree with one (n_v, W_v, E_s, E_t), as upstream's model needs."""
+    n_v, w_v = flat["vision_ctx"].shape
+    e_s, e_t = flat["projector/dense0/kernel"].shape
+    want = {"vision_ctx": (n_v, w_v), "projector/dense0/kernel": (e_s, e_t),
+            "projector/dense0/bias": (e_t,), "projector/bn/scale": (e_t,),
+            "projector/bn/bias": (e_t,), "projector/dense1/kernel": (e_t, e_t),
+            "projector/dense1/bias": (e_t,)}
+    if "vision_deep" in flat:
+        want["vision_deep"] = (flat["vision_deep"].shape[0], n_v, w_v)
+    bad = [f"{leaf} {flat[leaf].shape} (expected {shape})" for leaf, shape in want.items()
+           if flat[leaf].shape != shape]
+    bad += [f"state {leaf} {stats[leaf].shape} (expected {(e_t,)})" for leaf in _STATE_LEAVES
+            if stats[leaf].shape != (e_t,)]
+    if bad:
+        raise ValueError(f"the PromptKD student's leaves disagree with its vision_ctx "
+                         f"{(n_v, w_v)} (n_ctx_vision, vision width) and projector/dense0/"
+                         f"kernel {(e_s, e_t)} (E_s, E_t): {bad}")
+
+
+__all__ = ["load_promptkd_student", "export_promptkd_student", "student_checkpoint_path",
+           "to_upstream_state_dict", "MODEL_DIR"]
