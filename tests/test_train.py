@@ -247,3 +247,43 @@ def test_resuming_with_other_settings_is_refused(full_run):
     with pytest.raises(ValueError, match=r"config\.dpc\.lr 0\.002 -> 0\.01"):
         train_lib.train_and_evaluate(small_config(stages="backbone,dpc", **{"dpc.lr": 0.01}),
                                      workdir)
+
+
+def test_model_selection_keeps_the_best_epoch_and_survives_eval_mode(tmp_path):
+    """`config.backbone.selection`: the released PromptKD's best base TEST epoch (reproduction
+    only) is kept, its parameters are that epoch's checkpoint, and eval mode returns it again;
+    an unknown value is refused before anything runs."""
+    import orbax.checkpoint as ocp
+
+    config = small_config(stages="backbone", **{"backbone.epochs": 3})
+    config.backbone.selection = "best_base_test"
+    workdir = str(tmp_path / "w")
+    results = train_lib.train_and_evaluate(config, workdir)
+    stage = os.path.join(workdir, "seed_1", "backbone")
+    meta = checkpoints.read_stage_meta(stage)
+    mngr = checkpoints.checkpoint_manager(os.path.join(stage, "checkpoints"))
+    aux = mngr.restore(meta["final_step"], args=ocp.args.Composite(
+        aux=ocp.args.StandardRestore()))["aux"]
+    best = aux["extra"]["selection"]
+    epoch = int(best["epoch"])
+    assert 1 <= epoch <= 3
+    # The kept accuracy is the base test accuracy the stage reports for the kept prompt.
+    assert float(best["accuracy"]) == pytest.approx(results["backbone"]["base"], abs=1e-4)
+    steps = meta["steps_per_epoch"]
+    if epoch * steps in mngr.all_steps():  # the last two checkpoints are kept
+        at_epoch = mngr.restore(epoch * steps, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore()))["params"]
+        assert tree_equal(best["params"], at_epoch)
+    again = train_lib.train_and_evaluate(_with_selection(
+        small_config(stages="backbone", mode="eval", **{"backbone.epochs": 3}),
+        "best_base_test"), workdir)
+    assert again["backbone"] == results["backbone"]
+    bad = _with_selection(small_config(), "best_test")
+    with pytest.raises(ValueError, match="config.backbone.selection='best_test'"):
+        train_lib.train_and_evaluate(bad, str(tmp_path / "bad"))
+    assert not os.path.exists(tmp_path / "bad")
+
+
+def _with_selection(config, value):
+    config.backbone.selection = value
+    return config

@@ -300,6 +300,10 @@ class PromptLearner(abc.ABC):
         prompts, which become a trainable text branch). Default: the prompt itself."""
         return prompt
 
+    def check_dpc_config(self, dpc_config) -> None:
+        """Raise, naming the field, on `config.dpc` options this learner reads and cannot use
+        (run before anything trains). Default: nothing to check."""
+
     def dpc_init(self, params: dict, dpc_config, key: jax.Array) -> dict:
         """DPC's initial {'backbone', 'parallel'} after cloning (a learner may reproduce a
         released initialisation here). Default: unchanged."""

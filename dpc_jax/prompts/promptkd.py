@@ -31,8 +31,9 @@ same augmented image:
     L = kd_weight * T^2 * sum_{b,c} softmax(r/T) (log softmax(r/T) - log softmax(s/T)) / (B*C)
 
 T = 1; kd_weight 1000, 200 for FGVCAircraft, Flowers102 and DTD (`configs/dpc_promptkd.py`).
-Model selection: the last epoch (the released code keeps the epoch with the best base TEST
-accuracy; that option is not offered yet).
+Model selection (`selection`): the last epoch by default; 'best_base_test' keeps the epoch with
+the best base TEST accuracy, as the released code does (for reproduction only: it selects on
+test data); 'best_base_val' the best on the base validation split.
 
 DPC's stage 2 (as released, defects fixed): P = the student's prompts and projector plus the
 teacher's text prompts 'ctx' [n_t, W_t^T] and 'text_deep', which become a trainable text branch on
@@ -190,6 +191,10 @@ class PromptKD(VisionPrompts, PromptLearner):
         config.depth_vision = 9
         config.kd_weight = 1000.0
         config.temperature = 1.0
+        # Stage-1 model selection (the trainer's `stages.SELECTIONS`): 'last' epoch (default),
+        # 'best_base_test' (the released code's; it selects on test data, for reproduction
+        # only) or 'best_base_val' (the base validation split).
+        config.selection = "last"
         teacher = PromptSRC.default_config()
         teacher.epochs, teacher.lr, teacher.batch_size = 20, 0.005, 8
         teacher.init_from = ""
@@ -330,6 +335,9 @@ class PromptKD(VisionPrompts, PromptLearner):
             if not isinstance(v, bool):
                 raise ValueError(f"config.dpc.released.{k}={v!r}; expected True or False")
         return {k: released.get(k, False) for k in RELEASED_OPTIONS}
+
+    def check_dpc_config(self, dpc_config) -> None:
+        self._released(dpc_config)
 
     def dpc_init(self, params: dict, dpc_config, key: jax.Array) -> dict:
         released = self._released(dpc_config)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -19,6 +19,8 @@ from tqdm import tqdm
 
 from dpc_jax.training import checkpoints
 from dpc_jax.training.step import replicate, shard_batch
+
+SELECTION = "selection"  # the `extra` entry of the trainer's model selection (not a learner's)
 
 
 def epoch_order(seed: int, stage_id: int, epoch: int, n: int) -> np.ndarray:
@@ -80,11 +82,14 @@ class MetricLog:
 def train_loop(*, name: str, stage: checkpoints.StageDir, step_fn: Callable, schedule: Callable,
                train_state: dict, extra: dict, consts, n: int, global_batch: int,
                epoch_steps: int, epochs: int,
-               seed: int, mesh: Mesh, config, learner=None, hooks: Sequence[Callable] = ()):
+               seed: int, mesh: Mesh, config, learner=None, hooks: Sequence[Callable] = (),
+               epoch_hook: Optional[Callable] = None):
     """Run (or resume) one training stage. `train_state` {'params', 'opt_state', 'state'} and
     `extra` (the epoch-hook carry) are host trees; returns their final values (host arrays).
 
-    `learner.on_epoch_end` (if a learner is given) runs after every epoch; each hook in `hooks`
+    `learner.on_epoch_end` (if a learner is given) runs after every epoch, then
+    `epoch_hook(epoch, {'params', 'state'}, extra) -> extra` (model selection: it keeps its
+    record under `extra[SELECTION]`, checkpointed with the stage); each hook in `hooks`
     is called as hook(name=..., step=..., start=..., total=...) after every step (after its
     checkpoint), e.g. to stop a run as if it were killed.
     """
@@ -132,10 +137,18 @@ def train_loop(*, name: str, stage: checkpoints.StageDir, step_fn: Callable, sch
                 record.update({k: float(np.mean(v)) for k, v in jax.device_get(aux).items()})
                 log.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-            if learner is not None and (step + 1) % epoch_steps == 0:
+            if (step + 1) % epoch_steps == 0 and (learner is not None or epoch_hook):
                 # A host copy: the device buffers are donated to the next step.
-                extra = learner.on_epoch_end(epoch, epochs,
-                                             checkpoints.host(device_state["params"]), extra)
+                current = checkpoints.host(device_state["params"])
+                if learner is not None:  # the learner's carry, without the trainer's entry
+                    kept = {k: v for k, v in extra.items() if k == SELECTION}
+                    extra = {**learner.on_epoch_end(
+                        epoch, epochs, current,
+                        {k: v for k, v in extra.items() if k != SELECTION}), **kept}
+                if epoch_hook is not None:
+                    extra = epoch_hook(epoch, {"params": current,
+                                               "state": checkpoints.host(device_state["state"])},
+                                       extra)
             if (step + 1) % config.checkpoint_every_steps == 0 or step + 1 == total:
                 stage.save(step + 1, {**device_state,
                                       "aux": {"state": device_state["state"], "extra": extra}})

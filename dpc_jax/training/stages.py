@@ -13,7 +13,9 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 import jax
 import ml_collections
+import numpy as np
 from jax.sharding import Mesh
+from tqdm import tqdm
 
 from dpc_jax.data.base import BaseToNewData
 from dpc_jax.data.train_sets import TrainSet, load_benchmark, load_unlabeled, make_train_set
@@ -23,11 +25,14 @@ from dpc_jax.models.clip import CLIPConfig
 from dpc_jax.prompts import DualPrompt, PromptLearner, ZeroShotCLIP, build_learner, get_learner
 from dpc_jax.training import masks, objectives, optim
 from dpc_jax.training.checkpoints import StageDir, host
-from dpc_jax.training.loop import check_batch_fits, steps_per_epoch, train_loop
+from dpc_jax.training.loop import SELECTION, check_batch_fits, steps_per_epoch, train_loop
 from dpc_jax.training.step import make_per_device_step, map_step, replicate
 
 BACKBONE, DPC = 1, 2  # stage ids (they seed the epoch order and the step keys)
 TRAIN_SPLITS = ("fewshot", "unlabeled")
+# Stage-1 model selection: the last epoch; the released PromptKD's best base TEST accuracy
+# (reproduction only: it selects on test data); the best base validation accuracy.
+SELECTIONS = ("last", "best_base_test", "best_base_val")
 
 
 @dataclasses.dataclass
@@ -242,8 +247,30 @@ class SeedRun:
         name = "backbone" if stage_id == BACKBONE else "dpc"
         return StageDir(os.path.join(self.seed_dir, name), stage_id, self.run.config)
 
+    def selection_hook(self, selection: str) -> Callable:
+        """The epoch hook of stage-1 model selection: evaluate the epoch's prompt on the base
+        test split (the released PromptKD's choice) or the base validation split, and keep the
+        best (the first on ties) in `extra['selection']`."""
+        split, key = ((self.base.test, f"seed {self.seed} base") if selection == "best_base_test"
+                      else (self.base.val, f"seed {self.seed} base val"))
+        learner, mesh = self.run.learner, self.run.mesh
+
+        def hook(epoch: int, current: dict, extra: dict) -> dict:
+            prompt, state = replicate((current["params"], current["state"]), mesh)
+            acc = self.run.evaluator.accuracy(learner, split, prompt, self.base_texts,
+                                              f"{key} (epoch {epoch + 1})", state, self.consts)
+            best = extra[SELECTION]
+            if acc > float(best["accuracy"]):
+                best = {"accuracy": np.asarray(acc, np.float32),
+                        "epoch": np.asarray(epoch + 1, np.int32),
+                        "params": current["params"], "state": current["state"]}
+            return {**extra, SELECTION: best}
+
+        return hook
+
     def train(self, stage_id: int, params, lstate, extra, batch_size: int, batch_field: str,
-              epochs: int, name: str, learner=None, more_consts: Optional[dict] = None):
+              epochs: int, name: str, learner=None, more_consts: Optional[dict] = None,
+              epoch_hook: Optional[Callable] = None):
         ts = self.stage_set(stage_id)
         step_fn, optimizer, schedule, _, epoch_steps = self.run.step(
             stage_id, params, ts.size, batch_size, batch_field)
@@ -256,7 +283,7 @@ class SeedRun:
                           global_batch=batch_size * self.run.mesh.size,
                           epoch_steps=epoch_steps, epochs=epochs, seed=self.seed,
                           mesh=self.run.mesh, config=self.run.config, learner=learner,
-                          hooks=self.run.hooks)
+                          hooks=self.run.hooks, epoch_hook=epoch_hook)
 
 
 def run_zeroshot(sr: SeedRun, train: bool) -> dict:
@@ -280,15 +307,42 @@ def backbone_prompt(sr: SeedRun, train: bool):
     init = host(learner.init(jax.random.fold_in(jax.random.key(sr.seed), 101), clip_params,
                              sr.base.num_classes))
     extra = host(learner.init_extra(init))
+    selection = model_selection(cfg)
+    if selection != "last":
+        extra[SELECTION] = {"accuracy": np.asarray(-1, np.float32),
+                            "epoch": np.asarray(0, np.int32), "params": init,
+                            "state": init_state}
     if not train:
         final = sr.stage_dir(BACKBONE).final({"params": init,
                                               "aux": {"state": init_state, "extra": extra}})
-        params, aux = final["params"], final["aux"]
-        return learner.final_prompt(params, aux["extra"]), aux["state"]
+        return _selected(sr, learner, final["params"], final["aux"]["state"],
+                         final["aux"]["extra"])
     out, extra = sr.train(BACKBONE, init, init_state, extra, cfg.backbone.batch_size,
                           "backbone.batch_size", cfg.backbone.epochs,
-                          f"seed {sr.seed} backbone ({cfg.backbone.name})", learner=learner)
-    return learner.final_prompt(out["params"], extra), out["state"]
+                          f"seed {sr.seed} backbone ({cfg.backbone.name})", learner=learner,
+                          epoch_hook=None if selection == "last" else sr.selection_hook(selection))
+    return _selected(sr, learner, out["params"], out["state"], extra)
+
+
+def model_selection(cfg) -> str:
+    """`config.backbone.selection` ('last' when the learner's config has no such field)."""
+    value = cfg.backbone.get("selection", "last")
+    if value not in SELECTIONS:
+        raise ValueError(f"config.backbone.selection={value!r}; expected one of {SELECTIONS} "
+                         f"('best_base_test' reproduces the released PromptKD, which selects "
+                         f"on test data)")
+    return value
+
+
+def _selected(sr: SeedRun, learner, params, state, extra):
+    """Stage 1's P and state: the selected epoch's (model selection), else the learner's
+    `final_prompt` of the last parameters."""
+    if SELECTION in extra:
+        best = extra[SELECTION]
+        tqdm.write(f"seed {sr.seed} backbone: selected epoch {int(best['epoch'])} "
+                   f"(base accuracy {float(best['accuracy']):.2f} on the selection split)")
+        return best["params"], best["state"]
+    return learner.final_prompt(params, extra), state
 
 
 def run_backbone(sr: SeedRun, train: bool = True) -> dict:

@@ -94,6 +94,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if _field(config, field) < 1:
             raise ValueError(f"config.{field}={_field(config, field)!r}; expected >= 1")
     dpc_lib.DualPrompt(config.dpc)  # validates mode, w_base, w_new
+    stages_lib.model_selection(config)
 
 
 # Shipped CLIPs named by `config.clip.source` (and `config.backbone.teacher_clip.source`).
@@ -140,6 +141,8 @@ def preflight(sr: stages_lib.SeedRun, stages, train: bool) -> None:
         raise ValueError(f"config.stages={cfg.stages!r} includes 'dpc', which the "
                          f"{cfg.backbone.name!r} learner does not support: "
                          f"{sr.run.learner.dpc_unsupported}; use config.stages=zeroshot,backbone")
+    if "dpc" in stages:
+        learner.check_dpc_config(cfg.dpc)
     if "dpc" in stages and cfg.dhno.top_k >= sr.base.num_classes:
         raise ValueError(
             f"config.dhno.top_k={cfg.dhno.top_k} needs more than {cfg.dhno.top_k} base classes; "
