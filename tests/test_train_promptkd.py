@@ -50,7 +50,7 @@ def test_world_config_and_published_settings():
     assert c.stages == "zeroshot,teacher,backbone,dpc"
     assert c.backbone.teacher_clip.source == "world_teacher"
     assert (c.backbone.depth_vision, c.backbone.teacher.depth_text,
-            c.backbone.teacher.depth_vision) == (3, 2, 3)
+            c.backbone.teacher.depth_vision) == (3, 3, 4)
     real = train_lib.load_config(CONFIG + ":dataset=dtd,root=/data")
     b = real.backbone
     assert (b.n_ctx_vision, b.depth_vision, b.batch_size, b.lr, b.epochs, b.kd_weight,
