@@ -35,20 +35,8 @@ PROJECTOR_KEYS = [CONV + k for k in ("0.weight", "0.bias", "1.weight", "1.bias",
                                      "1.running_mean", "1.running_var",
                                      "1.num_batches_tracked", "3.weight", "3.bias")]
 
-# Set when an UpstreamScheduler is unpickled: the loader must never build one.
-RAN = []
-
-
-class UpstreamScheduler:
-    """Stands for Dassl's pickled LR scheduler: a class the restricted unpickler must not load."""
-
-    def __init__(self):
-        self.last_epoch = 19
-        self.base_lrs = [0.005]
-
-    def __setstate__(self, state):
-        RAN.append(state)
-        self.__dict__.update(state)
+# The pickled scheduler stand-in of the IVLP/MaPLe tests; RAN records its unpickling.
+from test_convert_prompts import RAN, UpstreamScheduler  # noqa: E402
 
 
 # -- an upstream-shaped student model ------------------------------------------------------------

@@ -135,3 +135,17 @@ def test_eval_mode_and_pytorch_files_reproduce_the_run(kd_run, tmp_path):
         assert imported[stage]["base"] == results[stage]["base"], stage
         assert imported[stage]["new"] == results[stage]["new"], stage
     assert not os.path.exists(tmp_path / "imported" / "seed_1" / "backbone" / "checkpoints")
+
+
+def test_streamed_unlabeled_split_gives_the_resident_runs_numbers(kd_run, tmp_path):
+    """`config.max_resident_mb` below the split's size: stage 1 decodes every step's images on
+    the host by index, in the same epoch order; the result is bitwise the resident run's."""
+    workdir, results = kd_run
+    other = str(tmp_path / "streamed")
+    shutil.copytree(os.path.join(workdir, "seed_1", "teacher"),
+                    os.path.join(other, "seed_1", "teacher"))
+    streamed = train_lib.train_and_evaluate(small_config(stages="backbone", max_resident_mb=0),
+                                            other)
+    assert streamed["backbone"] == results["backbone"]
+    assert tree_equal(restore_final(os.path.join(workdir, "seed_1", "backbone")),
+                      restore_final(os.path.join(other, "seed_1", "backbone")))

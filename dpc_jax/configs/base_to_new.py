@@ -13,6 +13,9 @@ def get_config(arg=None, variants=("base_to_new",)) -> ml_collections.ConfigDict
     """`variants`: the settings variants the calling config file offers (it applies them)."""
     args = common.parse_arguments(arg)
     common.variant(arg, variants)  # a variant the config does not offer is refused here
+    if "backbone" in args:  # configs/dept.py reads it and passes the rest on
+        raise ValueError(f"config argument backbone={args['backbone']!r}: only configs/dept.py "
+                         f"takes a backbone (the learner DePT wraps)")
     c = ml_collections.ConfigDict()
     c.mode = "train"  # train | eval (re-evaluate saved checkpoints) | export (stage 1 to PyTorch)
     c.stages = "zeroshot,backbone,dpc"
@@ -29,6 +32,9 @@ def get_config(arg=None, variants=("base_to_new",)) -> ml_collections.ConfigDict
     # Area range of the training RandomResizedCrop (CoOp/DPC: torchvision's default 0.08-1).
     c.crop_scale = (0.08, 1.0)
     c.skip_bad_images = False
+    # A transductive stage-1 split (PromptKD: every class's training images) larger than this
+    # once decoded is streamed from the host by index instead of held on every device.
+    c.max_resident_mb = 4096
     c.eval_batch_size = 100
     c.num_workers = 8  # image decoding threads
 

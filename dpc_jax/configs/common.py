@@ -4,7 +4,7 @@ them with `apply_settings`."""
 
 from __future__ import annotations
 
-ARGUMENTS = ("dataset", "root", "source", "clip", "variant")
+ARGUMENTS = ("dataset", "root", "source", "clip", "variant", "backbone")
 
 # The embedded world: its shipped CLIP and tokenizer, short schedules (minutes on a CPU).
 WORLD = {

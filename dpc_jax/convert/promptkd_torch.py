@@ -56,7 +56,8 @@ import numpy as np
 
 from dpc_jax import tree as tree_lib
 from dpc_jax.convert.coop_torch import read_dassl_state_dict, write_dassl_checkpoint
-from dpc_jax.convert.vlp_torch import _flat_shapes, _looks_like, _natural, _strip_module
+from dpc_jax.convert.vlp_torch import (_flat_shapes, _looks_like, _natural, _strip_module,
+                                       key_problem_lines)
 
 MODEL_DIR = "VLPromptLearner"  # the name the student trainer registers its model under
 VPT = "image_encoder.VPT"
@@ -239,16 +240,7 @@ def _mismatch_message(path, expected, state_dict, missing, unexpected, misshaped
                   if found else "no VPT_shallow entries (prompt depth 1)")
         lines.append(f"  vision_deep: the file has {blocks}; the config expects prompt depth "
                      f"{want + 1} (depth_vision, config.backbone.depth_vision)")
-    if missing:
-        lines.append(f"  missing keys: {missing}")
-    if unexpected:
-        lines.append(f"  unexpected prompt keys: {unexpected}")
-    if misshaped:
-        lines.append("  mis-shaped keys:")
-        lines.extend(f"    {line}" for line in misshaped)
-    if not_tensor:
-        lines.append(f"  keys that are not floating-point tensors: {not_tensor}")
-    return "\n".join(lines)
+    return "\n".join(lines + key_problem_lines(missing, unexpected, misshaped, not_tensor))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -309,6 +309,12 @@ def _mismatch_message(path, kind, expected, state_dict, missing, unexpected, mis
                       f"{len(found) + 1})" if found else "no entries (prompt depth 1)")
             lines.append(f"  {leaf}: the file has {blocks}; the config expects prompt depth "
                          f"{want + 1} ({field})")
+    return "\n".join(lines + key_problem_lines(missing, unexpected, misshaped, not_tensor))
+
+
+def key_problem_lines(missing, unexpected, misshaped, not_tensor) -> List[str]:
+    """The lines of a checkpoint mismatch message that list its key problems."""
+    lines = []
     if missing:
         lines.append(f"  missing keys: {missing}")
     if unexpected:
@@ -318,7 +324,7 @@ def _mismatch_message(path, kind, expected, state_dict, missing, unexpected, mis
         lines.extend(f"    {line}" for line in misshaped)
     if not_tensor:
         lines.append(f"  keys that are not floating-point tensors: {not_tensor}")
-    return "\n".join(lines)
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------

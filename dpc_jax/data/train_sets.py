@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Tuple
+from typing import Any, Iterator, Optional, Tuple
 
 import numpy as np
 from tqdm import tqdm
@@ -59,26 +59,66 @@ def decode_split(split: ImageSplit, size: int, config, desc: str):
 
 @dataclasses.dataclass
 class TrainSet:
-    """The few-shot training set on device: images, labels and DHNO's per-class index table."""
+    """A training set on device: images, labels and DHNO's per-class index table. A streamed
+    set (`stream` set, `images` None) keeps its images on the host split and decodes each
+    step's batch by index (`stream_batches`)."""
 
-    images: Any  # uint8 [N, S, S, 3]
+    images: Any  # uint8 [N, S, S, 3], or None when streamed
     labels: Any  # int32 [N]
     class_table: Any  # int32 [C, M]
     class_counts: Any  # int32 [C]
+    stream: Optional["StreamSource"] = None
 
     @property
     def size(self) -> int:
         return int(self.labels.shape[0])
 
     def as_consts(self) -> dict:
-        return dataclasses.asdict(self)
+        return {"images": self.images, "labels": self.labels, "class_table": self.class_table,
+                "class_counts": self.class_counts}
+
+
+@dataclasses.dataclass
+class StreamSource:
+    """Decodes training images from the host split by index, in the order the loop asks."""
+
+    split: ImageSplit
+    size: int
+    num_threads: int
+    skip_bad: bool
+
+    def batches(self, indices: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+        """uint8 [batch_size, S, S, 3] batches of the images `indices` (a multiple of
+        batch_size long), decoded ahead by a thread pool. With skip_bad an unreadable image
+        is an all-zero image (reported on stderr); otherwise it raises."""
+        it = transforms.iterate_batches(self.split.subset(indices), self.size, batch_size,
+                                        num_threads=self.num_threads, progress=False,
+                                        skip_bad=self.skip_bad, desc="stream train")
+        reported = 0
+        for images, _, _ in it:
+            if it.num_skipped > reported:
+                tqdm.write(f"stream train: skipped unreadable image(s), e.g. "
+                           f"{it.skipped[reported][1]} ({it.skipped[reported][2]})")
+                reported = it.num_skipped
+            yield images
 
 
 def make_train_set(split: ImageSplit, num_classes: int, size: int, put, config,
-                   desc: str = "decode few-shot train") -> TrainSet:
-    """Decode `split` at `size` and place it with `put` (e.g. replicate on the mesh)."""
+                   desc: str = "decode few-shot train", stream: bool = False) -> TrainSet:
+    """Decode `split` at `size` and place it with `put` (e.g. replicate on the mesh); with
+    `stream`, keep only its labels on device and decode images per step from the host."""
     from dpc_jax.training import dhno
 
+    if stream:
+        labels = np.asarray(split.labels, np.int32)
+        table, counts = dhno.build_class_table(labels, num_classes)
+        source = StreamSource(split, size, config.num_workers, config.skip_bad_images)
+        return TrainSet(None, *put((labels, table, counts)), stream=source)
     images, labels = decode_split(split, size, config, desc)
     table, counts = dhno.build_class_table(labels, num_classes)
     return TrainSet(*put((images, labels, table, counts)))
+
+
+def resident_megabytes(n: int, size: int) -> float:
+    """Device memory of n decoded uint8 images at size x size, in MB."""
+    return n * size * size * 3 / 2 ** 20

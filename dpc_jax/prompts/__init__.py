@@ -14,6 +14,7 @@ import ml_collections
 from dpc_jax.prompts.base import ClassTexts, DualRules, PromptLearner
 from dpc_jax.prompts.cocoop import CoCoOp
 from dpc_jax.prompts.coop import CoOp
+from dpc_jax.prompts.dept import DePT
 from dpc_jax.prompts.dpc import DualPrompt
 from dpc_jax.prompts.ivlp import IVLP
 from dpc_jax.prompts.maple import MaPLe
@@ -22,7 +23,7 @@ from dpc_jax.prompts.promptsrc import PromptSRC
 from dpc_jax.prompts.zsclip import ZeroShotCLIP
 
 _LEARNERS: Dict[str, Type[PromptLearner]] = {
-    cls.name: cls for cls in (CoOp, CoCoOp, IVLP, MaPLe, PromptSRC, PromptKD)}
+    cls.name: cls for cls in (CoOp, CoCoOp, DePT, IVLP, MaPLe, PromptSRC, PromptKD)}
 
 
 def register_learner(cls: Type[PromptLearner]) -> Type[PromptLearner]:
@@ -52,5 +53,5 @@ def build_learner(clip_config, tokenizer, backbone_config: ml_collections.Config
     return get_learner(backbone_config.name)(clip_config, tokenizer, backbone_config, **kwargs)
 
 
-__all__ = ["ClassTexts", "CoCoOp", "CoOp", "DualPrompt", "DualRules", "IVLP", "MaPLe", "PromptLearner",
+__all__ = ["ClassTexts", "CoCoOp", "CoOp", "DePT", "DualPrompt", "DualRules", "IVLP", "MaPLe", "PromptLearner",
            "PromptKD", "PromptSRC", "ZeroShotCLIP", "build_learner", "get_learner", "register_learner"]

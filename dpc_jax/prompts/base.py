@@ -276,6 +276,11 @@ class PromptLearner(abc.ABC):
         acc = jnp.mean(jnp.argmax(logits, -1) == labels)
         return cross_entropy(logits, labels), {"acc": acc}, state
 
+    def lr_multipliers(self):
+        """Stage-1 learning-rate multipliers per leaf: (regex, float) rules over the prompt's
+        '/'-joined leaf paths, first match decides ([] = all 1; DePT's head trains at 6.5x)."""
+        return []
+
     # -- epoch hooks (their carried `extra` is checkpointed with the stage) -----------------------
     def init_extra(self, prompt: Prompt) -> dict:
         """What `on_epoch_end` carries between epochs (`{}`: nothing)."""

@@ -83,7 +83,7 @@ def train_loop(*, name: str, stage: checkpoints.StageDir, step_fn: Callable, sch
                train_state: dict, extra: dict, consts, n: int, global_batch: int,
                epoch_steps: int, epochs: int,
                seed: int, mesh: Mesh, config, learner=None, hooks: Sequence[Callable] = (),
-               epoch_hook: Optional[Callable] = None):
+               epoch_hook: Optional[Callable] = None, stream=None):
     """Run (or resume) one training stage. `train_state` {'params', 'opt_state', 'state'} and
     `extra` (the epoch-hook carry) are host trees; returns their final values (host arrays).
 
@@ -91,7 +91,10 @@ def train_loop(*, name: str, stage: checkpoints.StageDir, step_fn: Callable, sch
     `epoch_hook(epoch, {'params', 'state'}, extra) -> extra` (model selection: it keeps its
     record under `extra[SELECTION]`, checkpointed with the stage); each hook in `hooks`
     is called as hook(name=..., step=..., start=..., total=...) after every step (after its
-    checkpoint), e.g. to stop a run as if it were killed.
+    checkpoint), e.g. to stop a run as if it were killed. `stream` (a
+    `data.train_sets.StreamSource`): each step's images are decoded on the host by index, in
+    the same epoch order, and passed in the batch as 'images' (a resumed run streams from its
+    step on, so it computes the same numbers).
     """
     total = epochs * epoch_steps
     os.makedirs(stage.path, exist_ok=True)
@@ -120,9 +123,14 @@ def train_loop(*, name: str, stage: checkpoints.StageDir, step_fn: Callable, sch
             epoch, i = divmod(step, epoch_steps)
             if epoch != order_epoch:
                 order, order_epoch = epoch_order(seed, stage.stage_id, epoch, n), epoch
+                if stream is not None:  # this epoch's remaining batches, decoded ahead
+                    images = stream.batches(order[i * global_batch:epoch_steps * global_batch],
+                                            global_batch)
             index = order[i * global_batch:(i + 1) * global_batch].astype(np.int32)
-            device_state, loss, aux = step_fn(device_state, consts,
-                                              {"index": shard_batch(index, mesh)},
+            batch = {"index": shard_batch(index, mesh)}
+            if stream is not None:
+                batch["images"] = shard_batch(next(images), mesh)
+            device_state, loss, aux = step_fn(device_state, consts, batch,
                                               jax.random.fold_in(key, step))
             loss = np.asarray(loss)
             if not np.all(np.isfinite(loss)):

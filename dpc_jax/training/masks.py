@@ -23,14 +23,17 @@ Rules = Sequence[Tuple[str, bool]]
 TRAINABLE, FROZEN = "trainable", "frozen"
 
 
-def _compile(rules: Rules) -> List[Tuple[re.Pattern, bool]]:
+def _compile(rules: Rules, value_type=bool) -> List[Tuple[re.Pattern, Any]]:
+    what = value_type.__name__
     if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
-        raise ValueError(f"mask rules must be a list of (regex, bool) pairs; got {rules!r}")
+        raise ValueError(f"mask rules must be a list of (regex, {what}) pairs; got {rules!r}")
     compiled = []
     for i, rule in enumerate(rules):
         if (not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str)
-                or not isinstance(rule[1], bool)):
-            raise ValueError(f"mask rule #{i} is {rule!r}; expected a (regex string, bool) pair")
+                or not isinstance(rule[1], value_type) or (value_type is float
+                                                          and isinstance(rule[1], bool))):
+            raise ValueError(f"mask rule #{i} is {rule!r}; expected a (regex string, {what}) "
+                             f"pair")
         try:
             compiled.append((re.compile(rule[0]), rule[1]))
         except re.error as e:
@@ -41,7 +44,13 @@ def _compile(rules: Rules) -> List[Tuple[re.Pattern, bool]]:
 def trainable_mask(tree, rules: Rules):
     """A pytree of bools shaped like `tree` (True = trainable); raises listing the leaves that no
     rule covers."""
-    compiled = _compile(rules)
+    return rule_values(tree, rules, bool)
+
+
+def rule_values(tree, rules, value_type=bool):
+    """The value of the first matching rule for every leaf of `tree` (a pytree shaped like it;
+    e.g. float learning-rate multipliers); raises listing the leaves that no rule covers."""
+    compiled = _compile(rules, value_type)
     paths = leaf_paths(tree)
     decisions, uncovered = [], []
     for path in paths:

@@ -22,7 +22,8 @@ def backbone_objective(learner, res: int, crop_scale=(0.08, 1.0)):
     def objective(prompt, state, consts, batch, key):
         train = consts["train"]
         idx = batch["index"]
-        images = augment.random_resized_crop_flip(key, train["images"][idx], res, crop_scale)
+        raw = batch["images"] if "images" in batch else train["images"][idx]  # streamed or not
+        images = augment.random_resized_crop_flip(key, raw, res, crop_scale)
         loss, metrics, state = learner.loss(consts["clip"], prompt, state, consts["learner"],
                                             consts["class_texts"], images, train["labels"][idx],
                                             jax.random.fold_in(key, 1))

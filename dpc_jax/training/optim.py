@@ -89,10 +89,12 @@ def dassl_schedule(lr: float, max_epoch: int, steps_per_epoch: int, warmup_epoch
 
 def make_optimizer(lr: float, max_epoch: int, steps_per_epoch: int, *, mask,
                    momentum: float = 0.9, weight_decay: float = 5e-4, warmup_epochs: int = 1,
-                   warmup_lr: float = 1e-5, field_names: Optional[Dict[str, str]] = None
-                   ) -> optax.GradientTransformation:
+                   warmup_lr: float = 1e-5, field_names: Optional[Dict[str, str]] = None,
+                   lr_scales=None) -> optax.GradientTransformation:
     """SGD with L2 weight decay and Dassl's schedule; leaves where `mask` is False (see
     `dpc_jax.training.masks.trainable_mask`) get zero updates and no optimiser state.
+    `lr_scales`: an optional pytree of floats shaped like the parameters, multiplying each
+    leaf's update (its learning rate: SGD's update is linear in it; DePT's head at 6.5x).
 
     field_names: the config field each argument came from (e.g. {'lr': 'config.dpc.lr',
       'warmup_epochs': 'config.optim.warmup_epochs'}), so that errors name it.
@@ -104,8 +106,20 @@ def make_optimizer(lr: float, max_epoch: int, steps_per_epoch: int, *, mask,
     if weight_decay:
         parts.append(optax.add_decayed_weights(weight_decay))  # added to the gradient, as torch
     parts.append(optax.sgd(schedule, momentum=momentum or None, nesterov=False))
-    return optax.multi_transform({TRAINABLE: optax.chain(*parts), FROZEN: optax.set_to_zero()},
-                                 optax_labels(mask))
+    tx = optax.multi_transform({TRAINABLE: optax.chain(*parts), FROZEN: optax.set_to_zero()},
+                               optax_labels(mask))
+    if lr_scales is not None and any(f != 1.0 for f in jax.tree_util.tree_leaves(lr_scales)):
+        tx = optax.chain(tx, _scale_leaves(lr_scales))
+    return tx
+
+
+def _scale_leaves(factors) -> optax.GradientTransformation:
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map(lambda u, f: u if f == 1.0 else u * f, updates,
+                                      factors), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def apply_updates(params, updates, mask):

@@ -18,7 +18,8 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from dpc_jax.data.base import BaseToNewData
-from dpc_jax.data.train_sets import TrainSet, load_benchmark, load_unlabeled, make_train_set
+from dpc_jax.data.train_sets import (TrainSet, load_benchmark, load_unlabeled, make_train_set,
+                                     resident_megabytes)
 from dpc_jax.evaluation.evaluator import Evaluator
 from dpc_jax.evaluation.results import scores
 from dpc_jax.models.clip import CLIPConfig
@@ -90,8 +91,11 @@ class Run:
                 objective = objectives.dpc_objective(self.learner, self.dual, self.res,
                                                      cfg.dhno.top_k, cfg.dhno.policy,
                                                      tuple(cfg.crop_scale))
+            scales = None
+            if stage_id == BACKBONE and self.learner.lr_multipliers():
+                scales = masks.rule_values(params, self.learner.lr_multipliers(), float)
             optimizer, schedule = _optimizer(cfg, name, stage_cfg.lr, stage_cfg.epochs,
-                                             epoch_steps, mask)
+                                             epoch_steps, mask, scales)
             step_fn = map_step(make_per_device_step(objective, optimizer, mask), self.mesh)
             self._steps[key] = (step_fn, optimizer, schedule, mask, epoch_steps)
         return self._steps[key]
@@ -127,7 +131,7 @@ def teacher_run(student: "Run") -> "Run":
                hooks=student.hooks)
 
 
-def _optimizer(cfg, stage: str, lr, epochs, epoch_steps, mask):
+def _optimizer(cfg, stage: str, lr, epochs, epoch_steps, mask, lr_scales=None):
     """The stage's SGD (Dassl schedule) and its learning-rate schedule (for logging)."""
     kw = dict(warmup_epochs=cfg.optim.warmup_epochs, warmup_lr=cfg.optim.warmup_lr)
     names = {"lr": f"config.{stage}.lr", "max_epoch": f"config.{stage}.epochs",
@@ -135,7 +139,8 @@ def _optimizer(cfg, stage: str, lr, epochs, epoch_steps, mask):
                                                  "warmup_lr")}}
     optimizer = optim.make_optimizer(lr, epochs, epoch_steps, mask=mask,
                                      momentum=cfg.optim.momentum,
-                                     weight_decay=cfg.optim.weight_decay, field_names=names, **kw)
+                                     weight_decay=cfg.optim.weight_decay, field_names=names,
+                                     lr_scales=lr_scales, **kw)
     return optimizer, optim.dassl_schedule(lr, epochs, epoch_steps, **kw)
 
 
@@ -218,10 +223,16 @@ class SeedRun:
         if self._unlabeled_set is None:
             size = self.run.config.stored_size or self.run.res
             split = load_unlabeled(self.run.config, self.seed)
+            mb = resident_megabytes(len(split), size)
+            stream = mb > self.run.config.max_resident_mb
+            if stream:
+                tqdm.write(f"seed {self.seed}: the unlabeled training split ({len(split)} "
+                           f"images, {mb:.0f} MB at {size}px) exceeds config.max_resident_mb="
+                           f"{self.run.config.max_resident_mb}: streamed from the host")
             self._unlabeled_set = make_train_set(
                 split, self.base.num_classes + self.new.num_classes, size,
                 lambda t: replicate(t, self.run.mesh), self.run.config,
-                desc="decode unlabeled train (all classes)")
+                desc="decode unlabeled train (all classes)", stream=stream)
         return self._unlabeled_set
 
     def stage_set(self, stage_id: int) -> TrainSet:
@@ -280,7 +291,7 @@ class SeedRun:
                           schedule=schedule, train_state=train_state, extra=extra,
                           consts={**self.train_consts(stage_id), **(more_consts or {})},
                           n=ts.size,
-                          global_batch=batch_size * self.run.mesh.size,
+                          global_batch=batch_size * self.run.mesh.size, stream=ts.stream,
                           epoch_steps=epoch_steps, epochs=epochs, seed=self.seed,
                           mesh=self.run.mesh, config=self.run.config, learner=learner,
                           hooks=self.run.hooks, epoch_hook=epoch_hook)
