@@ -137,6 +137,39 @@ class DePT(PromptLearner):
     def lr_multipliers(self):
         return [("head/.*", self.head_lr_scale), (".*", 1.0)]
 
+    # -- PyTorch checkpoints (`dpc_jax.convert.dept_torch`) -----------------------------------
+    def load_torch_prompt(self, path: str, num_classes: Optional[int] = None) -> Prompt:
+        """{'inner', 'head'} of the released DePT trainer's single file (the whole CustomCLIP:
+        inner prompt keys and head keys). MaPLe/IVLP/PromptSRC: the inner learner's own
+        importer reads the same file (same module, same prefixes; the head keys are not
+        prompt keys to it); CoOp: 'prompt_learner.ctx', which the plain CoOp importer (the
+        prompt learner saved alone, unprefixed 'ctx') does not read."""
+        from dpc_jax.convert import dept_torch  # torch lives there
+
+        if dept_torch.INNER_LAYOUTS[self.inner.name] == "coop":
+            inner = {"ctx": jnp.asarray(dept_torch.load_dept_coop_ctx(
+                path, self.inner.ctx_shape(num_classes)))}
+        else:
+            inner = self.inner.load_torch_prompt(path, num_classes)
+        head = dept_torch.load_dept_head(path, self.clip_config.embed_dim, num_classes)
+        return {"inner": inner, "head": jax.tree_util.tree_map(jnp.asarray, head)}
+
+    def export_torch_prompt(self, prompt: Prompt, run_dir: str, epoch: int,
+                            state=None) -> str:
+        """`<run_dir>/PromptLearner/model.pth.tar-<epoch>` (CoOp inner),
+        `<run_dir>/MultiModalPromptLearner/...` (MaPLe) or `<run_dir>/VLPromptLearner/...`
+        (IVLP, PromptSRC): the inner prompt keys and the head keys in one file, which the
+        DePT trainer's `load_model` reads (frozen CLIP weights stay the model's own)."""
+        import numpy as np
+
+        from dpc_jax.convert import dept_torch
+
+        del state  # the inner learners DePT wraps keep no state in their upstream file
+        path = dept_torch.dept_checkpoint_path(run_dir, self.inner.name, epoch)
+        prompt = jax.tree_util.tree_map(np.asarray, jax.device_get(prompt))
+        return dept_torch.export_dept_checkpoint(prompt, path, self.inner.name, epoch,
+                                                 embed_dim=self.clip_config.embed_dim)
+
     # -- features -----------------------------------------------------------------------------
     def prepare(self, clip_params, classnames: Sequence[str], *,
                 new_classes: bool = False) -> DePTTexts:
