@@ -1,0 +1,170 @@
+"""DPC against DePT on the same backbones: the paper's plug-and-play comparison as one command.
+
+    python -m dpc_jax.compare --workdir W [--backbones coop,maple,promptsrc] [--seeds 1,2,3]
+                              [--args dataset=NAME,root=DIR] [--progress]
+
+For each backbone B it needs two runs: W/B (`configs/dpc_B.py`: zero-shot, B, B+DPC) and
+W/dept_B (`configs/dept.py:backbone=B`: B+DePT). A run whose `results.json` already holds the
+requested seeds is reused as it is; otherwise it is trained (resuming whatever it saved). Then it
+writes W/comparison.json (the numbers), W/comparison.md (the table) and W/comparison.png (bars
+of the harmonic mean H per backbone, mean and population std over seeds, in the style of the
+paper's plug-and-play figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "configs")
+BACKBONES = ("coop", "ivlp", "maple", "promptsrc")
+LABELS = {"coop": "CoOp", "ivlp": "IVLP", "maple": "MaPLe", "promptsrc": "PromptSRC"}
+METHODS = ("backbone", "+DePT", "+DPC")
+
+
+def run_specs(backbone: str, args: str = "") -> Dict[str, str]:
+    """{run name: config spec} of one backbone's two runs."""
+    extra = f",{args}" if args else ""
+    return {backbone: os.path.join(REPO_CONFIGS, f"dpc_{backbone}.py") + (f":{args}" if args
+                                                                           else ""),
+            f"dept_{backbone}": os.path.join(REPO_CONFIGS, "dept.py") + f":backbone={backbone}"
+            + extra}
+
+
+def _has_seeds(results: dict, stages: Sequence[str], seeds: Sequence[int]) -> bool:
+    want = {str(s) for s in seeds}
+    return all(stage in results and set(results[stage]["per_seed"]) == want for stage in stages)
+
+
+def run_or_reuse(spec: str, workdir: str, seeds: Sequence[int], stages: Sequence[str],
+                 progress: bool) -> dict:
+    """The run's results: reused when `results.json` holds `stages` for exactly `seeds`."""
+    path = os.path.join(workdir, "results.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            results = json.load(f)
+        if _has_seeds(results, stages, seeds):
+            print(f"reusing {workdir} ({spec})", flush=True)
+            return results
+    from dpc_jax.training import train_lib
+
+    config = train_lib.load_config(spec)
+    config.seeds = ",".join(str(s) for s in seeds)
+    config.progress = progress
+    return train_lib.train_and_evaluate(config, workdir)
+
+
+def _row(stage: dict) -> dict:
+    hm = [s["hm"] for s in stage["per_seed"].values()]
+    return {"base": stage["base"], "base_std": stage["base_std"], "new": stage["new"],
+            "new_std": stage["new_std"], "hm": stage["hm"], "hm_std": float(np.std(hm)),
+            "per_seed": stage["per_seed"]}
+
+
+def comparison(runs: Dict[str, dict], backbones: Sequence[str]) -> dict:
+    """{backbone: {method: row}} from the runs' results."""
+    out = {}
+    for b in backbones:
+        plain, dept = runs[b], runs[f"dept_{b}"]
+        out[b] = {"backbone": _row(plain["backbone"]), "+DePT": _row(dept["backbone"]),
+                  "+DPC": _row(plain["dpc"])}
+    return out
+
+
+def markdown(table: dict) -> str:
+    lines = ["| backbone | method | base | new | H |", "|---|---|---|---|---|"]
+    for b, rows in table.items():
+        for m in METHODS:
+            r = rows[m]
+            name = LABELS[b] if m == "backbone" else f"{LABELS[b]}{m}"
+            lines.append(f"| {LABELS[b]} | {name} | {r['base']:.2f} ± {r['base_std']:.2f} | "
+                         f"{r['new']:.2f} ± {r['new_std']:.2f} | {r['hm']:.2f} ± "
+                         f"{r['hm_std']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(table: dict, path: str, title: str = "") -> None:
+    """Grouped bars of H per backbone (backbone, +DePT, +DPC), std as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backbones = list(table)
+    x = np.arange(len(backbones))
+    width = 0.26
+    colours = {"backbone": "#9e9e9e", "+DePT": "#6fa8dc", "+DPC": "#e06666"}
+    fig, ax = plt.subplots(figsize=(1.9 * len(backbones) + 1.5, 3.6), dpi=120)
+    for i, m in enumerate(METHODS):
+        h = [table[b][m]["hm"] for b in backbones]
+        err = [table[b][m]["hm_std"] for b in backbones]
+        bars = ax.bar(x + (i - 1) * width, h, width, yerr=err, capsize=3, label=m,
+                      color=colours[m], edgecolor="black", linewidth=0.5)
+        for bar, v in zip(bars, h):
+            ax.text(bar.get_x() + bar.get_width() / 2, v + 0.6, f"{v:.1f}", ha="center",
+                    va="bottom", fontsize=7)
+    low = min(table[b][m]["hm"] - table[b][m]["hm_std"] for b in backbones for m in METHODS)
+    high = max(table[b][m]["hm"] + table[b][m]["hm_std"] for b in backbones for m in METHODS)
+    ax.set_ylim(max(0.0, low - 5), high + 4)
+    ax.set_xticks(x, [LABELS[b] for b in backbones])
+    ax.set_ylabel("harmonic mean H (%)")
+    ax.set_title(title or "Plug-and-play: backbone, +DePT, +DPC")
+    ax.legend(frameon=False, fontsize=8, ncol=3, loc="upper left")
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv: List[str] = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--backbones", default="coop,maple,promptsrc")
+    p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--args", default="", help="config arguments, e.g. dataset=dtd,root=/data")
+    p.add_argument("--progress", action="store_true", help="progress bars while training")
+    a = p.parse_args(argv)
+    backbones = [b.strip() for b in a.backbones.split(",") if b.strip()]
+    bad = [b for b in backbones if b not in BACKBONES]
+    if bad or not backbones:
+        p.error(f"--backbones={a.backbones!r}: expected some of {', '.join(BACKBONES)}")
+    try:
+        seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--seeds={a.seeds!r}: expected comma-separated integers")
+    if not seeds:
+        p.error("--seeds is empty")
+    runs = {}
+    for b in backbones:
+        for name, spec in run_specs(b, a.args).items():
+            stages = ("backbone",) if name.startswith("dept_") else ("backbone", "dpc")
+            runs[name] = run_or_reuse(spec, os.path.join(a.workdir, name), seeds, stages,
+                                      a.progress)
+    table = comparison(runs, backbones)
+    os.makedirs(a.workdir, exist_ok=True)
+    from dpc_jax.training.checkpoints import write_json
+
+    write_json(os.path.join(a.workdir, "comparison.json"), table)
+    text = markdown(table)
+    with open(os.path.join(a.workdir, "comparison.md"), "w") as f:
+        f.write(text)
+    bar_chart(table, os.path.join(a.workdir, "comparison.png"),
+              f"backbone / +DePT / +DPC, seeds {a.seeds}")
+    print(text, flush=True)
+    return table
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
