@@ -224,7 +224,7 @@ def test_registry_and_missing_fields(tokenizer, clip_setup):
     config, _ = clip_setup
     assert get_learner("coop") is CoOp
     with pytest.raises(ValueError, match=r"config\.backbone\.name='mapel'; allowed values: "
-                                         r"\['cocoop', 'coop', 'ivlp', 'maple', "):
+                                         r"\['cocoop', 'coop', 'dept', 'ivlp', 'maple', "):
         get_learner("mapel")
     incomplete = ml_collections.ConfigDict({"name": "coop", "n_ctx": 4, "ctx_init": "",
                                             "class_token_position": "end"})
