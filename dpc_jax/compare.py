@@ -106,8 +106,8 @@ def bar_chart(table: dict, path: str, title: str = "") -> None:
         err = [table[b][m]["hm_std"] for b in backbones]
         bars = ax.bar(x + (i - 1) * width, h, width, yerr=err, capsize=3, label=m,
                       color=colours[m], edgecolor="black", linewidth=0.5)
-        for bar, v in zip(bars, h):
-            ax.text(bar.get_x() + bar.get_width() / 2, v + 0.6, f"{v:.1f}", ha="center",
+        for bar, v, e in zip(bars, h, err):
+            ax.text(bar.get_x() + bar.get_width() / 2, v + e + 0.3, f"{v:.1f}", ha="center",
                     va="bottom", fontsize=7)
     low = min(table[b][m]["hm"] - table[b][m]["hm_std"] for b in backbones for m in METHODS)
     high = max(table[b][m]["hm"] + table[b][m]["hm_std"] for b in backbones for m in METHODS)
