@@ -251,7 +251,9 @@ def test_import_export_round_trip(tmp_path, case):
     # The learner's loaders (what config.backbone.init_from calls) give the same trees.
     learner = learner_stub(n_v, width, depth, e_s, e_t)
     assert_tree_equal(learner.load_torch_prompt(path), want_prompt)
-    assert_tree_equal(learner.load_torch_state(path), want_state)
+    prompt, state = learner.load_torch_backbone(path)
+    assert_tree_equal(prompt, want_prompt)
+    assert_tree_equal(state, want_state)
 
     # Export: the upstream keys only, float32 (the count int64), in torch's order.
     out = student_checkpoint_path(str(tmp_path / "exported"), 7)

@@ -190,9 +190,10 @@ class PromptLearner(abc.ABC):
         {'clip': its CLIP parameters, 'prompt': its prompt} for learners that need one."""
         return {}
 
-    def load_torch_state(self, path: str):
-        """The learner state stored in a PyTorch stage-1 checkpoint (None: the initial one)."""
-        return None
+    def load_torch_backbone(self, path: str, num_classes: Optional[int] = None):
+        """(prompt, state) of a PyTorch stage-1 checkpoint, read once; state None: the file
+        holds none (the learner's initial state serves). Default: `load_torch_prompt`."""
+        return self.load_torch_prompt(path, num_classes), None
 
     def load_torch_prompt(self, path: str, num_classes: Optional[int] = None) -> Prompt:
         """The stage-1 prompt of a checkpoint written by the released PyTorch code."""

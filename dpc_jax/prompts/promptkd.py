@@ -357,16 +357,14 @@ class PromptKD(VisionPrompts, PromptLearner):
 
     # -- PyTorch checkpoints ------------------------------------------------------------------
     def load_torch_prompt(self, path: str, num_classes: Optional[int] = None) -> Prompt:
+        return self.load_torch_backbone(path, num_classes)[0]
+
+    def load_torch_backbone(self, path: str, num_classes: Optional[int] = None):
+        """(prompt, BatchNorm state) of a PyTorch student checkpoint, read once."""
         from dpc_jax.convert.promptkd_torch import load_promptkd_student
 
-        prompt, _ = load_promptkd_student(path, self.expected_shapes())
-        return jax.tree_util.tree_map(jnp.asarray, prompt)
-
-    def load_torch_state(self, path: str):
-        from dpc_jax.convert.promptkd_torch import load_promptkd_student
-
-        _, state = load_promptkd_student(path, self.expected_shapes())
-        return jax.tree_util.tree_map(jnp.asarray, state)
+        loaded = load_promptkd_student(path, self.expected_shapes())
+        return jax.tree_util.tree_map(jnp.asarray, loaded)
 
 
     def export_torch_prompt(self, prompt: Prompt, run_dir: str, epoch: int,

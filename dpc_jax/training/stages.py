@@ -158,6 +158,7 @@ class SeedRun:
     _unlabeled_set: Optional[TrainSet] = None
     _consts: Optional[dict] = None
     _teacher: Optional["SeedRun"] = None
+    _teacher_prompt: Any = None
 
     @classmethod
     def create(cls, run: Run, seed: int, workdir: str, train_mode: bool = True) -> "SeedRun":
@@ -204,10 +205,10 @@ class SeedRun:
     def teacher_prompt(self):
         """The teacher's frozen prompt: trained (or restored) by its PromptSRC stage 1, or read
         from `config.backbone.teacher.init_from`."""
-        teacher = self.teacher()
-        if not hasattr(teacher, "_prompt"):
-            teacher._prompt = backbone_prompt(teacher, teacher.train_mode)[0]
-        return teacher._prompt
+        if self._teacher_prompt is None:
+            teacher = self.teacher()
+            self._teacher_prompt = backbone_prompt(teacher, teacher.train_mode)[0]
+        return self._teacher_prompt
 
     def train_set(self) -> TrainSet:
         if self._train_set is None:
@@ -311,10 +312,8 @@ def backbone_prompt(sr: SeedRun, train: bool):
     clip_params = sr.run.clip_params
     init_state = host(learner.init_state(clip_params))
     if cfg.backbone.init_from:
-        path = cfg.backbone.init_from
-        state = learner.load_torch_state(path)
-        return (learner.load_torch_prompt(path, sr.base.num_classes),
-                init_state if state is None else host(state))
+        prompt, state = learner.load_torch_backbone(cfg.backbone.init_from, sr.base.num_classes)
+        return prompt, init_state if state is None else host(state)
     init = host(learner.init(jax.random.fold_in(jax.random.key(sr.seed), 101), clip_params,
                              sr.base.num_classes))
     extra = host(learner.init_extra(init))
