@@ -1,15 +1,16 @@
 """DePT around a backbone (BACKBONES.md §7): `--config configs/dept.py:backbone=maple`.
 
-The inner learner and its settings are those of `configs/dpc_<backbone>.py` (so on the world
-DePT wraps exactly the learner its baseline row trains, with that row's schedule), plus DePT's
-head: FiLM scale/bias on image and text features and a linear head over the base classes at 6.5x
-the prompt's learning rate; loss 0.3 * the inner loss + 0.7 * the head's CE; base classes
-0.3 * cos + 0.7 * head logits, new classes cos logits only. On a real dataset DePT's released
-settings: CoOp (16 random context tokens) and MaPLe 10 epochs, B 4, LR 0.0035; IVLP and
-PromptSRC (DePT never released them) keep their own. Stages zero-shot and backbone: DPC on a
-DePT stage 1 is refused (see `dpc_jax.prompts.dept`).
+The inner learner and its settings are those of `configs/dpc_<backbone>.py` (`configs/cocoop.py`
+for CoCoOp, which has no DPC config), so on the world DePT wraps exactly the learner its baseline
+row trains, with that row's schedule, plus DePT's head: FiLM scale/bias on image and text
+features and a linear head over the base classes at 6.5x the prompt's learning rate; loss
+0.3 * the inner loss + 0.7 * the head's CE; base classes 0.3 * cos + 0.7 * head logits, new
+classes cos logits only. On a real dataset DePT's released settings: CoOp (16 random context
+tokens) and MaPLe 10 epochs, B 4, LR 0.0035; CoCoOp 10 epochs, B 1, LR 0.002 (its own config's);
+IVLP and PromptSRC (DePT never released them) keep their own. Stages zero-shot and backbone: DPC
+on a DePT stage 1 is refused (see `dpc_jax.prompts.dept`).
 
-Arguments (comma-separated key=value): backbone (coop | ivlp | maple | promptsrc; default
+Arguments (comma-separated key=value): backbone (coop | cocoop | ivlp | maple | promptsrc; default
 coop), dataset, root, source, clip.
 """
 
@@ -25,7 +26,10 @@ _NOT_INNER = ("epochs", "lr", "batch_size", "init_from")
 
 
 def _backbone_config(name, arg):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"dpc_{name}.py")
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.join(here, f"dpc_{name}.py")
+    if not os.path.isfile(path):  # CoCoOp has no DPC config: its own
+        path = os.path.join(here, f"{name}.py")
     spec = importlib.util.spec_from_file_location(f"dpc_jax_config_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

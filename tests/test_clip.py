@@ -247,8 +247,12 @@ def test_bad_inputs_fail_with_the_expected_shape(deep_setup):
         model.apply(variables, np.zeros((2, 64, 64, 3), np.float32), method="encode_image")
     with pytest.raises(ValueError, match=r"\[N, 32, 32, 3\]"):  # NCHW by mistake
         model.apply(variables, np.zeros((2, 3, 32, 32), np.float32), method="encode_image")
-    with pytest.raises(ValueError, match=r"token ids of shape \(2, 16\); expected \[N, 77\]"):
-        model.apply(variables, np.zeros((2, 16), np.int32), method="encode_text")
+    with pytest.raises(ValueError, match=r"token ids of shape \(2, 80\); expected \[N, L <= 77\]"):
+        model.apply(variables, np.zeros((2, 80), np.int32), method="encode_text")
+    with pytest.raises(ValueError, match=r"text embeddings of shape \(2, 78, 48\); expected "
+                                         r"\[N, L <= 77, 48\]"):
+        model.apply(variables, np.zeros((2, 78, 48), np.float32), np.array([1, 2]),
+                    method="encode_text_embeddings")
     emb = np.zeros((2, 77, config.transformer_width), np.float32)
     eot = np.array([3, 5])
     with pytest.raises(ValueError, match=r"4 deep prompt layers given.*at most 3"):
@@ -262,6 +266,44 @@ def test_bad_inputs_fail_with_the_expected_shape(deep_setup):
     with pytest.raises(ValueError, match=r"token count must equal the 2 shallow"):
         model.apply(variables, images, np.zeros((2, 64)), np.zeros((1, 3, 64)),
                     method="encode_image")
+
+
+def test_trimmed_text_context_gives_the_full_context_features_and_gradients(deep_setup):
+    """Encoding only the positions up to the last EOT (`trim_context`) is exact under the causal
+    mask: same features and same gradients for a shallow context and deep text prompts."""
+    from dpc_jax.models.tokenizer import trim_context
+    from dpc_jax.prompts.base import insert_context
+
+    config, params = deep_setup
+    model = CLIP(config)
+    ids = token_ids([7, 12, 10], config)
+    eot = np.argmax(ids, axis=-1)
+    short = trim_context(ids, eot)
+    assert short.shape == (3, 16)  # longest text 12 tokens, rounded up to a multiple of 8
+    np.testing.assert_array_equal(trim_context(ids, eot, multiple=1), ids[:, :12])
+    full = model.apply({"params": params}, jnp.asarray(ids), method="encode_text")
+    trimmed = model.apply({"params": params}, jnp.asarray(short), method="encode_text")
+    np.testing.assert_allclose(trimmed, full, rtol=1e-5, atol=1e-6)
+
+    rng = np.random.RandomState(3)
+    ctx = jnp.asarray(0.1 * rng.randn(3, config.transformer_width), jnp.float32)
+    deep = jnp.asarray(0.1 * rng.randn(2, 3, config.transformer_width), jnp.float32)
+    target = jnp.asarray(rng.randn(3, config.embed_dim), jnp.float32)
+
+    def loss(ctx, deep, token_ids):
+        emb = model.apply({"params": params}, jnp.asarray(token_ids), method="embed_tokens")
+        feats = model.apply({"params": params}, insert_context(emb, ctx), jnp.asarray(eot), deep,
+                            method="encode_text_embeddings")
+        return jnp.sum(normalize(feats) * target), feats
+
+    (v_full, f_full), g_full = jax.value_and_grad(loss, (0, 1), has_aux=True)(ctx, deep, ids)
+    (v_short, f_short), g_short = jax.value_and_grad(loss, (0, 1), has_aux=True)(ctx, deep,
+                                                                                 short)
+    np.testing.assert_allclose(f_short, f_full, rtol=1e-5, atol=1e-6)
+    assert float(v_short) == pytest.approx(float(v_full), rel=1e-5)
+    for a, b in zip(g_short, g_full):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert float(jnp.abs(g_full[1]).sum()) > 0  # the deep prompts do reach the EOT features
 
 
 def test_bfloat16_compute_runs_and_stays_close(tiny_config, tiny_params):

@@ -10,6 +10,7 @@ under PREC 'fp16'), beside an optimizer state and a pickled scheduler object.
 
 from __future__ import annotations
 
+import collections
 import os
 
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ from dpc_jax.convert.dept_torch import (
 )
 from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import dept as dept_lib
+from dpc_jax.prompts.cocoop import CoCoOp
 from dpc_jax.prompts.dept import DePT
 from dpc_jax.prompts.maple import MaPLe
 from dpc_jax.training import train_lib
@@ -60,6 +62,21 @@ class CoOpPromptLearner(nn.Module):
         self.register_buffer("token_prefix", torch.randn(n_cls, 1, width, generator=g).half())
         self.register_buffer("token_suffix",
                              torch.randn(n_cls, 76 - n_ctx, width, generator=g).half())
+
+
+class CoCoOpPromptLearner(nn.Module):
+    """trainers/cocoop.py's PromptLearner under PREC 'fp16': ctx from "a photo of a" and the
+    meta-net E -> E/16 -> W_t, both half precision."""
+
+    def __init__(self, width, embed_dim, n_cls, g):
+        super().__init__()
+        self.ctx = nn.Parameter(torch.randn(4, width, generator=g).half())
+        self.meta_net = nn.Sequential(collections.OrderedDict([
+            ("linear1", nn.Linear(embed_dim, embed_dim // 16)), ("relu", nn.ReLU(inplace=True)),
+            ("linear2", nn.Linear(embed_dim // 16, width))]))
+        self.meta_net.half()
+        self.register_buffer("token_prefix", torch.randn(n_cls, 1, width, generator=g).half())
+        self.register_buffer("token_suffix", torch.randn(n_cls, 72, width, generator=g).half())
 
 
 class MaPLePromptLearner(nn.Module):
@@ -100,6 +117,9 @@ class DePTCustomCLIP(nn.Module):
         g = torch.Generator().manual_seed(seed)
         if inner == "coop":
             self.prompt_learner = CoOpPromptLearner(16, cc.transformer_width, n_cls, g)
+        elif inner == "cocoop":
+            self.prompt_learner = CoCoOpPromptLearner(cc.transformer_width, cc.embed_dim, n_cls,
+                                                      g)
         else:
             self.prompt_learner = MaPLePromptLearner(2, cc.transformer_width, cc.vision_width,
                                                      2, n_cls, g)
@@ -142,12 +162,15 @@ def make_learner(inner, tiny_config, tokenizer):
     if inner == "maple":
         config.inner = MaPLe.default_config()
         config.inner.depth = 2  # the tiny towers have 2 blocks
+    if inner == "cocoop":
+        config.inner = CoCoOp.default_config()
     return DePT(tiny_config, tokenizer, config)
 
 
 def upstream_file(inner, cc, tmp_path, seed=0):
     model = DePTCustomCLIP(inner, cc, C_BASE, seed)
-    name = {"coop": "PromptLearner", "maple": "MultiModalPromptLearner"}[inner]
+    name = {"coop": "PromptLearner", "cocoop": "PromptLearner",
+            "maple": "MultiModalPromptLearner"}[inner]
     return model, save_dassl(model, str(tmp_path / "run" / name / "model.pth.tar-10"))
 
 
@@ -166,6 +189,11 @@ def inner_from_model(inner, model):
     pl = {k: v.detach().float().numpy() for k, v in model.prompt_learner.state_dict().items()}
     if inner == "coop":
         return {"ctx": pl["ctx"]}
+    if inner == "cocoop":
+        return {"ctx": pl["ctx"],
+                "meta_net": {name: {"kernel": pl[f"meta_net.{name}.weight"].T,
+                                    "bias": pl[f"meta_net.{name}.bias"]}
+                             for name in ("linear1", "linear2")}}
     return {"ctx": pl["ctx"], "text_deep": pl["compound_prompts_text.0"][None],
             "couple0": {"kernel": pl["proj.weight"].T, "bias": pl["proj.bias"]},
             "couple_deep": {"kernel": pl["compound_prompt_projections.0.weight"].T[None],
@@ -184,7 +212,7 @@ def head_from_model(model):
 # -- import ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("inner", ["coop", "maple"])
+@pytest.mark.parametrize("inner", ["coop", "cocoop", "maple"])
 def test_upstream_dept_file_imports_exactly(inner, tiny_config, tokenizer, tmp_path):
     learner = make_learner(inner, tiny_config, tokenizer)
     model, path = upstream_file(inner, tiny_config, tmp_path)
@@ -218,7 +246,7 @@ def test_module_prefix_is_stripped(tiny_config, tmp_path):
 # -- export ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("inner", ["coop", "maple"])
+@pytest.mark.parametrize("inner", ["coop", "cocoop", "maple"])
 def test_export_round_trip_and_upstream_load(inner, tiny_config, tokenizer, tmp_path):
     learner = make_learner(inner, tiny_config, tokenizer)
     model, path = upstream_file(inner, tiny_config, tmp_path)
@@ -226,7 +254,7 @@ def test_export_round_trip_and_upstream_load(inner, tiny_config, tokenizer, tmp_
 
     out = learner.export_torch_prompt(prompt, str(tmp_path / "exported"), 7)
     assert out == dept_checkpoint_path(str(tmp_path / "exported"), inner, 7)
-    assert out.endswith(os.path.join({"coop": "PromptLearner",
+    assert out.endswith(os.path.join({"coop": "PromptLearner", "cocoop": "PromptLearner",
                                       "maple": "MultiModalPromptLearner"}[inner],
                                      "model.pth.tar-7"))
     saved = torch.load(out, map_location="cpu", weights_only=True)
@@ -314,6 +342,16 @@ def test_wrong_context_length_names_the_key_and_setting(tiny_config, tokenizer, 
     with pytest.raises(ValueError, match=r"expected \(5, 16, 48\) \(a rank-3 tensor\); "
                                          r"config\.backbone\.inner\.csc=True sets the rank"):
         DePT(tiny_config, tokenizer, config).load_torch_prompt(path, C_BASE)
+
+
+def test_a_dept_coop_file_does_not_fit_dept_cocoop(tiny_config, tokenizer, tmp_path):
+    _, path = upstream_file("coop", tiny_config, tmp_path)
+    with pytest.raises(ValueError) as err:
+        make_learner("cocoop", tiny_config, tokenizer).load_torch_prompt(path, C_BASE)
+    msg = str(err.value)
+    assert "does not fit the CoCoOp prompt" in msg
+    assert "'prompt_learner.meta_net.linear1.weight'" in msg
+    assert "prompt_learner.ctx: file (16, 48), expected (4, 48)" in msg
 
 
 def test_missing_and_unexpected_head_keys(tiny_config, tmp_path):

@@ -87,6 +87,58 @@ def test_loss_is_03_inner_ce_plus_07_head_ce_on_text_and_image_rows(dept):
     assert h["linear"]["kernel"].shape == (params["text_projection"].shape[1], len(NAMES))
 
 
+def test_cocoop_inner_heads_each_images_label_text_under_its_own_context(tiny_config,
+                                                                          tiny_params):
+    """DePT over CoCoOp (ExtrasLinearProbeCoCoOp): the cos logits are CoCoOp's per-image ones,
+    and the head's text row of image i is its label's text under ctx + meta_net(v_i)."""
+    tok = Tokenizer.from_pretrained(train_lib.world_assets_dir(), context_length=77)
+    config = DePT.default_config()
+    from dpc_jax.prompts.cocoop import CoCoOp
+    config.inner = CoCoOp.default_config()
+    learner = DePT(tiny_config, tok, config)
+    assert learner.text_needs_image
+    params = tiny_params
+    prompt = learner.init(jax.random.key(1), params, len(NAMES))
+    prompt["head"] = jax.tree_util.tree_map(
+        lambda x: x + 0.1 * jnp.cos(jnp.arange(x.size).reshape(x.shape)), prompt["head"])
+    x, y = images(3, seed=2), jnp.asarray([4, 0, 4])
+    texts = learner.prepare(params, NAMES)
+    loss, metrics, _ = learner.loss(params, prompt, {}, {}, texts, x, y, jax.random.key(0))
+    inner = learner.inner
+    v = inner.image_features(params, prompt["inner"], x)
+    scale = float(np.exp(params["logit_scale"]))
+    cos_rows, label_rows = [], []
+    for i in range(3):  # CoCoOp by hand: image i's own context, every class text under it
+        shift = inner.context_shift(prompt["inner"], normalize(v[i:i + 1]))[0]
+        t = inner.text_features(params, {"ctx": prompt["inner"]["ctx"] + shift},
+                                texts.texts, jnp.arange(5))
+        cos_rows.append(scale * normalize(v[i:i + 1]) @ normalize(t).T)
+        label_rows.append(t[int(y[i])])
+    cos = jnp.concatenate(cos_rows)
+    h = prompt["head"]
+    rows = jnp.concatenate([jnp.stack(label_rows) * h["film_text"]["scale"]
+                            + h["film_text"]["bias"],
+                            v * h["film_img"]["scale"] + h["film_img"]["bias"]])
+    head = rows @ h["linear"]["kernel"] + h["linear"]["bias"]
+    ce = lambda logits, labels: float(jnp.mean(
+        optax.softmax_cross_entropy_with_integer_labels(logits, labels)))
+    assert float(metrics["inner_loss"]) == pytest.approx(ce(cos, y), rel=1e-4)
+    assert float(metrics["head_loss"]) == pytest.approx(ce(head, jnp.concatenate([y, y])),
+                                                        rel=1e-4)
+    assert float(loss) == pytest.approx(0.3 * ce(cos, y) + 0.7 * ce(head, jnp.concatenate(
+        [y, y])), rel=1e-4)
+    # Inference on base classes fuses CoCoOp's per-image cos logits with the head.
+    w = learner.classifier(params, prompt, texts, jnp.arange(5))
+    film_v = v * h["film_img"]["scale"] + h["film_img"]["bias"]
+    np.testing.assert_allclose(learner.classify(params, prompt, w, v),
+                               0.3 * cos + 0.7 * (film_v @ h["linear"]["kernel"]
+                                                  + h["linear"]["bias"]), rtol=1e-4, atol=1e-4)
+    # The meta-net gets gradient through both terms.
+    grads = jax.grad(lambda p: learner.loss(params, p, {}, {}, texts, x, y,
+                                            jax.random.key(0))[0])(prompt)
+    assert float(jnp.abs(grads["inner"]["meta_net"]["linear1"]["kernel"]).sum()) > 0
+
+
 def test_head_learning_rate_is_65_times_the_prompts(dept):
     learner, _, prompt = dept
     mask = masks.trainable_mask(prompt, [(".*", True)])
@@ -128,7 +180,14 @@ def test_config_wraps_each_backbone_with_its_settings():
     real = train_lib.load_config(CONFIG + ":backbone=coop,dataset=dtd,root=/d")
     assert (real.backbone.epochs, real.backbone.batch_size, real.backbone.lr,
             real.backbone.inner.n_ctx, real.backbone.inner.ctx_init) == (10, 4, 0.0035, 16, "")
-    with pytest.raises(ValueError, match="backbone='cocoop'; DePT wraps one of"):
-        train_lib.load_config(CONFIG + ":backbone=cocoop")
+    cocoop = train_lib.load_config(CONFIG + ":backbone=cocoop")
+    baseline = train_lib.load_config(f"{REPO}/configs/cocoop.py")
+    assert cocoop.backbone.inner.name == "cocoop" and cocoop.stages == "zeroshot,backbone"
+    assert (cocoop.backbone.epochs, cocoop.backbone.lr, cocoop.backbone.batch_size) == (
+        baseline.backbone.epochs, baseline.backbone.lr, baseline.backbone.batch_size)
+    real = train_lib.load_config(CONFIG + ":backbone=cocoop,dataset=dtd,root=/d")
+    assert (real.backbone.epochs, real.backbone.batch_size, real.backbone.lr) == (10, 1, 0.002)
+    with pytest.raises(ValueError, match="backbone='kgcoop'; DePT wraps one of"):
+        train_lib.load_config(CONFIG + ":backbone=kgcoop")
     with pytest.raises(ValueError, match="only configs/dept.py takes a backbone"):
         train_lib.load_config(f"{REPO}/configs/dpc_coop.py:backbone=maple")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dpc_jax.models import clip as clip_lib
-from dpc_jax.models.tokenizer import Tokenizer
+from dpc_jax.models.tokenizer import Tokenizer, trim_context
 from dpc_jax.prompts import CoOp, build_learner, get_learner
 from dpc_jax.prompts.base import cross_entropy
 from dpc_jax.convert.coop_torch import load_coop_torch_checkpoint
@@ -42,9 +42,34 @@ def coop_config(**changes):
     return ml_collections.ConfigDict({**CoOp.default_config().to_dict(), **changes})
 
 
-def encode_plain_text(config, params, tokenizer, texts):
-    ids, _ = tokenizer(texts)
+def encode_plain_text(config, params, tokenizer, texts, trim=True):
+    """CLIP's plain text features; `trim`: over the positions the learners encode
+    (`trim_context`, which is exact: the bitwise checks then compare the same ops)."""
+    ids, eot = tokenizer(texts)
+    if trim:
+        ids = trim_context(ids, eot)
     return clip_lib.CLIP(config).apply({"params": params}, jnp.asarray(ids), method="encode_text")
+
+
+def test_trim_text_false_encodes_all_positions_with_the_same_features(tokenizer, clip_setup):
+    config, params = clip_setup
+    features = {}
+    for trim in (True, False):
+        learner = build_learner(config.replace(trim_text=trim), tokenizer, coop_config())
+        texts = learner.prepare(params, CLASSNAMES)
+        length = texts.embeddings.shape[1]
+        if trim:  # the multiple of 8 just above the longest text's EOT
+            assert length % 8 == 0 and length - 8 <= int(np.max(texts.eot_indices)) < length
+        else:
+            assert length == config.context_length
+        prompt = learner.init(jax.random.key(0), params)
+        features[trim] = np.asarray(learner.text_features(params, prompt, texts,
+                                                          jnp.arange(len(CLASSNAMES))))
+    np.testing.assert_allclose(features[True], features[False], rtol=1e-5, atol=1e-6)
+    untrimmed = encode_plain_text(config, params, tokenizer,
+                                  [f"a photo of a {n.replace('_', ' ')}." for n in CLASSNAMES],
+                                  trim=False)
+    np.testing.assert_array_equal(features[False], np.asarray(untrimmed))  # bitwise, 77 tokens
 
 
 def test_word_init_prompt_equals_plain_text(tokenizer, clip_setup):

@@ -99,6 +99,8 @@ def test_maple_keeps_of_a_as_word_embeddings(tiny_config, tiny_params, tok):
     learner = maple(tiny_config, tok)
     texts = learner.prepare(tiny_params, NAMES)
     ids, eot = tok([f"a photo of a {n}." for n in NAMES])
+    ids = ids[:, :texts.embeddings.shape[1]]  # trim_context: every EOT inside, zeros cut
+    assert texts.embeddings.shape[1] == 16 and int(np.max(eot)) < 16
     want = np.asarray(tiny_params["token_embedding"]["embedding"])[np.asarray(ids)]
     np.testing.assert_array_equal(np.asarray(texts.embeddings), want)
     np.testing.assert_array_equal(np.asarray(texts.eot_indices), np.asarray(eot))

@@ -166,16 +166,24 @@ def load_cocoop_torch_checkpoint(path: str, expected: dict) -> dict:
     (float32 numpy; Linear weights [out, in] -> kernels [in, out]) of a PyTorch checkpoint.
     `expected`: leaf path -> shape; a mismatch lists the missing and mis-shaped keys. The
     token_prefix/token_suffix buffers are ignored; a leading 'module.' is stripped."""
-    from dpc_jax import tree as tree_lib
-
     raw = read_dassl_state_dict(path, "CoCoOp checkpoint",
                                 "<output_dir>/prompt_learner/model.pth.tar-10")
+    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in raw.items()}
+    return cocoop_from_state_dict(state, path, expected)
+
+
+def cocoop_from_state_dict(state: dict, path: str, expected: dict, prefix: str = "") -> dict:
+    """The CoCoOp prompt of a state dict whose CoCoOp keys carry `prefix` ('' for the plain
+    CoCoOp trainer's prompt-learner file, 'prompt_learner.' inside DePT-CoCoOp's whole-model
+    file); see `load_cocoop_torch_checkpoint`."""
     import torch  # read_dassl_state_dict has imported it already
 
-    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in raw.items()}
-    missing = [k for k in COCOOP_KEYS if k not in state]
+    from dpc_jax import tree as tree_lib
+
+    keys = {prefix + key: target for key, target in COCOOP_KEYS.items()}
+    missing = [k for k in keys if k not in state]
     flat, misshaped = {}, []
-    for key, (leaf, transposed) in COCOOP_KEYS.items():
+    for key, (leaf, transposed) in keys.items():
         if key in missing:
             continue
         value = state[key]
@@ -190,15 +198,15 @@ def load_cocoop_torch_checkpoint(path: str, expected: dict) -> dict:
             continue
         flat[leaf] = np.ascontiguousarray(array, np.float32)
     if missing or misshaped:
+        found = sorted(k for k in state if k.startswith(prefix)) if prefix else sorted(state)
         raise ValueError(f"{path!r} does not fit the CoCoOp prompt of this configuration "
                          f"(n_ctx, CLIP text width and embed dim set the shapes): missing keys "
-                         f"{missing}; mis-shaped keys {misshaped}; found keys {sorted(state)}")
+                         f"{missing}; mis-shaped keys {misshaped}; found keys {found}")
     return tree_lib.unflatten(flat)
 
 
-def export_cocoop_torch_checkpoint(prompt: dict, path: str, epoch: int) -> str:
-    """Write a CoCoOp prompt as the upstream `prompt_learner/model.pth.tar-<epoch>` (its keys
-    only, float32; upstream's load_state_dict(strict=False) keeps its prefix/suffix buffers)."""
+def cocoop_state_dict(prompt: dict, prefix: str = "") -> "collections.OrderedDict":
+    """The upstream keys (float32 torch tensors, `prefix` + COCOOP_KEYS) of a CoCoOp prompt."""
     import collections
 
     import torch
@@ -211,5 +219,12 @@ def export_cocoop_torch_checkpoint(prompt: dict, path: str, epoch: int) -> str:
         if leaf not in flat:
             raise ValueError(f"the CoCoOp prompt has no {leaf!r} leaf; found {sorted(flat)}")
         array = np.asarray(flat[leaf], np.float32)
-        state[key] = torch.from_numpy(np.ascontiguousarray(array.T if transposed else array))
-    return write_dassl_checkpoint(state, path, epoch)
+        state[prefix + key] = torch.from_numpy(np.array(array.T if transposed else array,
+                                                        np.float32, order="C"))
+    return state
+
+
+def export_cocoop_torch_checkpoint(prompt: dict, path: str, epoch: int) -> str:
+    """Write a CoCoOp prompt as the upstream `prompt_learner/model.pth.tar-<epoch>` (its keys
+    only, float32; upstream's load_state_dict(strict=False) keeps its prefix/suffix buffers)."""
+    return write_dassl_checkpoint(cocoop_state_dict(prompt), path, epoch)

@@ -55,11 +55,13 @@ from dpc_jax.convert.coop_torch import read_dassl_state_dict, write_dassl_checkp
 from dpc_jax.convert.vlp_torch import _natural, _strip_module, key_problem_lines
 
 # The upstream key layout of each inner learner (dpc_jax learner name -> layout).
-INNER_LAYOUTS = {"coop": "coop", "maple": "maple", "ivlp": "ivlp", "promptsrc": "ivlp"}
+INNER_LAYOUTS = {"coop": "coop", "cocoop": "cocoop", "maple": "maple", "ivlp": "ivlp",
+                 "promptsrc": "ivlp"}
 # Dassl's folder of the saved model: the name the DePT trainer registers its CustomCLIP under.
-MODEL_DIRS = {"coop": "PromptLearner", "maple": "MultiModalPromptLearner",
-              "ivlp": "VLPromptLearner"}
+MODEL_DIRS = {"coop": "PromptLearner", "cocoop": "PromptLearner",
+              "maple": "MultiModalPromptLearner", "ivlp": "VLPromptLearner"}
 COOP_CTX = "prompt_learner.ctx"
+PROMPT_PREFIX = "prompt_learner."  # CoOp's and CoCoOp's keys inside DePT's whole-model file
 
 _E = "E = the CLIP embed_dim"
 _C = "C_base = the number of base classes"
@@ -85,7 +87,7 @@ def _check_inner(inner: str) -> str:
 
 def dept_checkpoint_path(run_dir: str, inner: str, epoch: int) -> str:
     """Where the DePT trainer saves (and its `load_model` looks for) epoch `epoch` (1-based):
-    `<run_dir>/PromptLearner/model.pth.tar-<epoch>` (CoOp),
+    `<run_dir>/PromptLearner/model.pth.tar-<epoch>` (CoOp, CoCoOp),
     `<run_dir>/MultiModalPromptLearner/...` (MaPLe), `<run_dir>/VLPromptLearner/...`
     (IVLP, PromptSRC: our composition, the name their own trainers register)."""
     return os.path.join(run_dir, MODEL_DIRS[_check_inner(inner)], f"model.pth.tar-{int(epoch)}")
@@ -227,6 +229,18 @@ def load_dept_coop_ctx(path: str, expected_shape: Sequence[int]) -> np.ndarray:
     return np.ascontiguousarray(_float32(value), np.float32)
 
 
+def load_dept_cocoop(path: str, expected: Mapping[str, tuple]) -> tuple:
+    """(inner CoCoOp prompt, state dict) of DePT-CoCoOp's file (ExtrasLinearProbeCoCoOp,
+    trainers/elp_cocoop.py: the whole CustomCLIP as 'PromptLearner'): 'prompt_learner.ctx'
+    and 'prompt_learner.meta_net.linear{1,2}.{weight,bias}', checked against `expected`
+    (CoCoOp.expected_shapes). The state dict is returned so the head is read from the same
+    read of the file."""
+    from dpc_jax.convert.coop_torch import cocoop_from_state_dict
+
+    state_dict = _read(path)
+    return cocoop_from_state_dict(state_dict, path, dict(expected), PROMPT_PREFIX), state_dict
+
+
 # ----------------------------------------------------------------------------------------------
 # Export
 # ----------------------------------------------------------------------------------------------
@@ -274,8 +288,13 @@ def head_state_dict(head: Mapping, embed_dim: Optional[int] = None
 
 def inner_state_dict(inner_prompt: Mapping, inner: str) -> "collections.OrderedDict":
     """The upstream prompt keys of the inner learner's prompt inside a DePT file: CoOp's
-    'prompt_learner.ctx', or `vlp_torch.to_upstream_state_dict` of MaPLe/IVLP/PromptSRC."""
+    'prompt_learner.ctx', CoCoOp's 'prompt_learner.ctx' and 'prompt_learner.meta_net.*', or
+    `vlp_torch.to_upstream_state_dict` of MaPLe/IVLP/PromptSRC."""
     layout = _check_inner(inner)
+    if layout == "cocoop":
+        from dpc_jax.convert.coop_torch import cocoop_state_dict
+
+        return cocoop_state_dict(inner_prompt, PROMPT_PREFIX)
     if layout != "coop":
         from dpc_jax.convert import vlp_torch
 

@@ -62,6 +62,10 @@ class CLIPConfig:
     vision_head_width: int = 64  # OpenAI: heads = vision_width // 64
     dtype: str = "float32"  # compute dtype of activations
     precision: str = "highest"  # matmul precision: default | high | highest
+    # Class texts are encoded over the positions up to their last EOT only (exact under the
+    # causal mask, `tokenizer.trim_context`); False: all context_length positions (bitwise
+    # the computation before trimming existed).
+    trim_text: bool = True
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
@@ -109,7 +113,8 @@ class CLIPConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown CLIPConfig fields {unknown}; expected a subset of {sorted(known)}")
+            raise ValueError(f"unknown CLIPConfig fields {unknown}; expected a subset of "
+                             f"{sorted(known)}")
         return cls(**d)
 
     def to_json(self) -> str:
@@ -353,15 +358,19 @@ class CLIP(nn.Module):
         return self.token_embedding(token_ids)
 
     def encode_text_embeddings(self, embeddings, eot_indices, deep_prompts=None):
-        """Text features from token embeddings [N, L, W] and EOT positions [N]."""
+        """Text features from token embeddings [N, L, W] and EOT positions [N].
+
+        L may be shorter than context_length (`tokenizer.trim_context`): under the causal mask
+        a position after a text's EOT token cannot change the EOT feature, so encoding the first
+        L positions (every EOT inside them) gives the 77-token result exactly, in fewer FLOPs."""
         cfg = self.config
-        if embeddings.ndim != 3 or embeddings.shape[1:] != (cfg.context_length,
-                                                            cfg.transformer_width):
+        if (embeddings.ndim != 3 or not 1 <= embeddings.shape[1] <= cfg.context_length
+                or embeddings.shape[2] != cfg.transformer_width):
             raise ValueError(f"text embeddings of shape {tuple(embeddings.shape)}; expected "
-                             f"[N, {cfg.context_length}, {cfg.transformer_width}]")
+                             f"[N, L <= {cfg.context_length}, {cfg.transformer_width}]")
         dtype = cfg.compute_dtype
-        x = embeddings.astype(dtype) + self.positional_embedding.astype(dtype)
-        length = cfg.context_length
+        length = embeddings.shape[1]
+        x = embeddings.astype(dtype) + self.positional_embedding[:length].astype(dtype)
         causal = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
         x = self.transformer(x, causal, deep_prompts, prompt_slot="front")
         x = self.ln_final(x)
@@ -369,11 +378,12 @@ class CLIP(nn.Module):
         return jnp.dot(x, self.text_projection.astype(dtype), precision=cfg.matmul_precision)
 
     def encode_text(self, token_ids):
-        """token_ids: int [N, context_length] -> [N, embed_dim]; pooled at argmax(ids) (EOT)."""
+        """token_ids: int [N, L] (L = context_length, or fewer positions holding every EOT:
+        `tokenizer.trim_context`) -> [N, embed_dim]; pooled at argmax(ids) (EOT)."""
         cfg = self.config
-        if token_ids.ndim != 2 or token_ids.shape[1] != cfg.context_length:
+        if token_ids.ndim != 2 or not 1 <= token_ids.shape[1] <= cfg.context_length:
             raise ValueError(f"token ids of shape {tuple(token_ids.shape)}; expected "
-                             f"[N, {cfg.context_length}]")
+                             f"[N, L <= {cfg.context_length}]")
         eot = jnp.argmax(token_ids, axis=-1)
         return self.encode_text_embeddings(self.embed_tokens(token_ids), eot)
 

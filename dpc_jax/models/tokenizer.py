@@ -82,6 +82,27 @@ class Tokenizer:
         return self.hf.decode(keep).strip()
 
 
+TRIM_MULTIPLE = 8  # trimmed text lengths are multiples of this (fewer distinct compiled shapes)
+
+
+def trim_context(ids, eot_indices, multiple: int = TRIM_MULTIPLE, enabled: bool = True):
+    """`ids[..., :L]`: the token positions a set of texts needs, L the smallest multiple of
+    `multiple` above every EOT position (at most the context length).
+
+    Exact for CLIP's text tower: under its causal mask the tokens after a text's EOT cannot
+    change the EOT feature, so class texts of about 10 tokens are encoded in 16 positions
+    instead of 77 (the text tower's FLOPs drop with them). Deep text prompts replace positions
+    1..n, all before the EOT, so they land where they did. `enabled=False` (CLIPConfig
+    trim_text False) returns `ids` whole."""
+    ids = np.asarray(ids)
+    if not enabled:
+        return ids
+    eot = np.asarray(eot_indices)
+    length = ids.shape[-1]
+    need = int(eot.max()) + 1 if eot.size else 1
+    return ids[..., :min(length, -(-need // multiple) * multiple)]
+
+
 def basic_clean(text: str) -> str:
     """OpenAI's `simple_tokenizer.basic_clean`: ftfy repairs, HTML unescaped twice, stripped.
 

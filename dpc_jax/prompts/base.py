@@ -26,6 +26,7 @@ import ml_collections
 import optax
 
 from dpc_jax.models.clip import CLIP, CLIPConfig, cosine_logits, logit_scale, normalize
+from dpc_jax.models.tokenizer import trim_context
 
 Array = Any
 Prompt = Any  # a pytree (dict) of float32 arrays
@@ -39,8 +40,9 @@ PLACEHOLDER = "X"
 class ClassTexts:
     """Per-class text inputs built once per class list by `PromptLearner.prepare`.
 
-    embeddings: float32 [C, context_length, width], token embeddings of the class texts (the
-      placeholder positions hold the placeholder's embedding and are replaced by the prompt).
+    embeddings: float32 [C, L, width], token embeddings of the class texts (the placeholder
+      positions hold the placeholder's embedding and are replaced by the prompt); L <=
+      context_length covers every EOT (`tokenizer.trim_context`).
     eot_indices: int32 [C], position of the end-of-text token of each class text.
     """
 
@@ -71,6 +73,7 @@ def class_texts_from_names(model: CLIP, clip_params, tokenizer, classnames: Sequ
     texts = [f"{prefix} {name.replace('_', ' ')}." if prefix else f"{name.replace('_', ' ')}."
              for name in classnames]
     ids, eot = tokenizer(texts)
+    ids = trim_context(ids, eot, enabled=model.config.trim_text)  # exact: the positions after every EOT are not encoded
     embeddings = model.apply({"params": clip_params}, jnp.asarray(ids), method="embed_tokens")
     return ClassTexts(embeddings=jnp.asarray(embeddings, jnp.float32),
                       eot_indices=jnp.asarray(eot, jnp.int32))

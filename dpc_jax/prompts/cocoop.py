@@ -109,6 +109,17 @@ class CoCoOp(CoOp):
         per_call = max(1, TEXTS_PER_CALL // classifier.num_classes)
         return jax.lax.map(one, (ctx, feats), batch_size=min(per_call, feats.shape[0]))
 
+    def conditioned_text_features(self, clip_params, prompt: Prompt, class_texts: ClassTexts,
+                                  image_features, class_ids) -> jax.Array:
+        """Un-normalised text features [N, E] of class `class_ids[i]` under the context of
+        image i (ctx + meta_net(normalised image feature i)): one text per image, as DePT's
+        head takes the label class's text of each training image."""
+        class_ids = jnp.asarray(class_ids, jnp.int32)
+        ctx = prompt["ctx"][None] + self.context_shift(prompt, normalize(image_features))[:, None]
+        emb = insert_context(class_texts.embeddings[class_ids], ctx)
+        return self.model.apply({"params": clip_params}, emb, class_texts.eot_indices[class_ids],
+                                method="encode_text_embeddings")
+
     def load_torch_prompt(self, path: str, num_classes: Optional[int] = None) -> Prompt:
         """The prompt of a PyTorch CoCoOp checkpoint (`prompt_learner/model.pth.tar-N`)."""
         from dpc_jax.convert.coop_torch import load_cocoop_torch_checkpoint

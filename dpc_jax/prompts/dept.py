@@ -10,9 +10,12 @@ Stage 1 (with t_c the inner learner's text features, v the image features, y the
 
     L = 0.3 * L_inner + 0.7 * CE(head([film_text(t_y); film_img(v)]), [y; y])
 
-L_inner is the inner learner's own stage-1 loss (CE of its 100 * cos logits for CoOp, IVLP and
-MaPLe, as DePT's released code computes; PromptSRC's self-regulating loss for DePT over
-PromptSRC, which DePT never released: our composition). The head and FiLM parameters train at
+L_inner is the inner learner's own stage-1 loss (CE of its 100 * cos logits for CoOp, CoCoOp,
+IVLP and MaPLe, as DePT's released code computes; PromptSRC's self-regulating loss for DePT over
+PromptSRC, which DePT never released: our composition). DePT over CoCoOp (released as
+ExtrasLinearProbeCoCoOp): t_y is the text of each image's label under that image's own
+conditioned context (ctx + meta_net(v)), one text per image beside CoCoOp's B x C for the cos
+logits. The head and FiLM parameters train at
 `head_lr_scale` (6.5) times the prompt's learning rate (`lr_multipliers`). Inference: base
 classes 0.3 * cos logits + 0.7 * head logits (unscaled); new classes the cos logits alone (the
 head is never evaluated for them: their classifier carries no head).
@@ -21,8 +24,8 @@ DPC's stage 2 on a DePT-trained stage 1 is refused (`dpc_unsupported`): DePT's b
 fused with a head tied to the base classes, which DPC's prompt-level contrastive stage neither
 trains nor can mix with w_b; the comparison runs DPC and DePT each on the plain backbone.
 
-`config.backbone` fields: name 'dept', inner (the inner learner's config: coop, ivlp, maple,
-promptsrc), cos_weight (0.3; the head's weight is 1 - cos_weight), head_lr_scale (6.5).
+`config.backbone` fields: name 'dept', inner (the inner learner's config: coop, cocoop,
+ivlp, maple, promptsrc), cos_weight (0.3; the head's weight is 1 - cos_weight), head_lr_scale (6.5).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from dpc_jax.prompts.base import (Array, Prompt, PromptLearner, check_class_ids,
                                   cross_entropy)
 
 _WHERE = "config.backbone"
-INNER = ("coop", "ivlp", "maple", "promptsrc")
+INNER = ("coop", "cocoop", "ivlp", "maple", "promptsrc")
 
 
 @flax.struct.dataclass
@@ -97,6 +100,7 @@ class DePT(PromptLearner):
                              f"{list(INNER)}")
         self.inner = build_learner(clip_config, tokenizer, inner)
         self.uses_image_prompts = self.inner.uses_image_prompts
+        self.text_needs_image = self.inner.text_needs_image
         self.cos_weight = float(config_field(config, "cos_weight", _WHERE))
         if not 0 <= self.cos_weight <= 1:
             raise ValueError(f"{_WHERE}.cos_weight={self.cos_weight!r}; expected a number in "
@@ -146,7 +150,14 @@ class DePT(PromptLearner):
         prompt learner saved alone, unprefixed 'ctx') does not read."""
         from dpc_jax.convert import dept_torch  # torch lives there
 
-        if dept_torch.INNER_LAYOUTS[self.inner.name] == "coop":
+        layout = dept_torch.INNER_LAYOUTS[self.inner.name]
+        if layout == "cocoop":  # one read: prompt and head from the same state dict
+            inner, state_dict = dept_torch.load_dept_cocoop(path, self.inner.expected_shapes())
+            head = dept_torch.head_from_state_dict(state_dict, path, self.clip_config.embed_dim,
+                                                   num_classes)
+            inner = jax.tree_util.tree_map(jnp.asarray, inner)
+            return {"inner": inner, "head": jax.tree_util.tree_map(jnp.asarray, head)}
+        if layout == "coop":
             inner = {"ctx": jnp.asarray(dept_torch.load_dept_coop_ctx(
                 path, self.inner.ctx_shape(num_classes)))}
         else:
@@ -215,16 +226,23 @@ class DePT(PromptLearner):
         inner, head = prompt["inner"], prompt["head"]
         texts = class_texts.texts
         ids = jnp.arange(texts.num_classes)
-        text = self.inner.text_features(clip_params, inner, texts, ids)
         image = self.inner.image_features(clip_params, inner, images, state)
-        if type(self.inner).loss is PromptLearner.loss:  # CE of the cos logits, shared features
+        if self.inner.text_needs_image:  # CoCoOp: each image's own class texts
+            classifier = self.inner.classifier(clip_params, inner, texts, ids, consts)
+            logits = self.inner.classify(clip_params, inner, classifier, image, consts)
+            label_text = self.inner.conditioned_text_features(clip_params, inner, texts, image,
+                                                              labels)
+        else:
+            text = self.inner.text_features(clip_params, inner, texts, ids)
             logits = self.inner.classify(clip_params, inner, normalize(text), image, consts)
+            label_text = text[labels]
+        if type(self.inner).loss is PromptLearner.loss:  # CE of the cos logits
             inner_loss = cross_entropy(logits, labels)
             metrics = {"acc": jnp.mean(jnp.argmax(logits, -1) == labels)}
         else:  # the inner learner's own loss (PromptSRC: self-regulating terms, our composition)
             inner_loss, metrics, state = self.inner.loss(clip_params, inner, state, consts,
                                                          texts, images, labels, key)
-        rows = jnp.concatenate([film(text[labels], head["film_text"]),
+        rows = jnp.concatenate([film(label_text, head["film_text"]),
                                 film(image, head["film_img"])])
         precision = self.clip_config.matmul_precision
         head_loss = cross_entropy(head_logits(head, rows, precision=precision),

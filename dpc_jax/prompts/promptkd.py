@@ -69,6 +69,7 @@ import ml_collections
 import numpy as np
 
 from dpc_jax.models.clip import cosine_logits, logit_scale, normalize
+from dpc_jax.models.tokenizer import trim_context
 from dpc_jax.prompts.base import (Array, ClassTexts, Prompt, PromptLearner, check_class_ids,
                                   config_field)
 from dpc_jax.prompts.ivlp import IVLP, PROMPT_STD, VisionPrompts, positive_int
@@ -146,7 +147,7 @@ class ClassTokens:
     """Class texts as token ids (PromptKD's classes are encoded by the teacher's text tower,
     whose token embedding lives in the constants)."""
 
-    ids: Array  # int32 [C, context_length]
+    ids: Array  # int32 [C, L] (L: `tokenizer.trim_context`)
     eot_indices: Array  # int32 [C]
 
     @property
@@ -231,7 +232,9 @@ class PromptKD(VisionPrompts, PromptLearner):
                              f"{classnames!r}")
         prefix = self.teacher.text_prefix
         ids, eot = self.tokenizer([f"{prefix} {c.replace('_', ' ')}." for c in classnames])
-        return ClassTokens(ids=jnp.asarray(ids, jnp.int32), eot_indices=jnp.asarray(eot, jnp.int32))
+        ids = trim_context(ids, eot, enabled=self.teacher.clip_config.trim_text)
+        return ClassTokens(ids=jnp.asarray(ids, jnp.int32),
+                           eot_indices=jnp.asarray(eot, jnp.int32))
 
     def constants(self, clip_params, classnames: Sequence[str], teacher=None) -> dict:
         """The teacher (its CLIP parameters and prompt), its normalised text features over

@@ -39,6 +39,7 @@ import ml_collections
 import numpy as np
 
 from dpc_jax.models.clip import cosine_logits, logit_scale, normalize
+from dpc_jax.models.tokenizer import trim_context
 from dpc_jax.prompts.base import Prompt, config_field, cross_entropy
 from dpc_jax.prompts.ivlp import IVLP
 
@@ -119,8 +120,8 @@ class PromptSRC(IVLP):
         L2-normalised."""
         names = [c.replace("_", " ") for c in classnames]
         texts = [t.format(n) for n in names for t in self.templates]
-        ids, _ = self.tokenizer(texts)
-        ids = np.asarray(ids, np.int32)
+        ids, eot = self.tokenizer(texts)
+        ids = np.asarray(trim_context(ids, eot, enabled=self.clip_config.trim_text), np.int32)
         encode = _frozen_text_encoder(self)
         feats = []
         for s in range(0, len(ids), _TEXT_CHUNK):

@@ -19,12 +19,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from dpc_jax.models.clip import normalize
+from dpc_jax.models.tokenizer import trim_context
 from dpc_jax.prompts.base import Array, Prompt, PromptLearner, check_class_ids, config_field
 
 
 @flax.struct.dataclass
 class TemplateTexts:
-    """Token ids int32 [C, T, context_length] of every (class, template) text."""
+    """Token ids int32 [C, T, L] of every (class, template) text (L: `trim_context`)."""
 
     ids: Array
 
@@ -65,8 +66,9 @@ class ZeroShotCLIP(PromptLearner):
             raise ValueError(f"classnames must be a non-empty sequence of strings; got "
                              f"{classnames!r}")
         texts = [t.format(c.replace("_", " ")) for c in classnames for t in self.templates]
-        ids, _ = self.tokenizer(texts)
-        ids = jnp.asarray(ids, jnp.int32).reshape(len(classnames), len(self.templates), -1)
+        ids, eot = self.tokenizer(texts)
+        ids = jnp.asarray(trim_context(ids, eot, enabled=self.clip_config.trim_text), jnp.int32)
+        ids = ids.reshape(len(classnames), len(self.templates), -1)
         return TemplateTexts(ids=ids)
 
     def text_features(self, clip_params, prompt: Prompt, class_texts: TemplateTexts,

@@ -108,7 +108,8 @@ def world_assets_dir(name: str = "world") -> str:
 def load_clip(clip_config, field: str = "config.clip") -> tuple[CLIPConfig, Any]:
     """(CLIP config, parameters) of `clip_config.source`: a shipped CLIP ('world',
     'world_teacher'), an OpenAI name, a Hugging Face id, or a checkpoint path."""
-    overrides = dict(dtype=clip_config.dtype, precision=clip_config.precision)
+    overrides = dict(dtype=clip_config.dtype, precision=clip_config.precision,
+                     trim_text=bool(clip_config.get("trim_text", True)))
     source = clip_config.source
     if source in SHIPPED_CLIPS:
         source = world_assets_dir(SHIPPED_CLIPS[source])
