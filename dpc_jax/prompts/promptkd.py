@@ -162,6 +162,7 @@ class PromptKD(VisionPrompts, PromptLearner):
     train_split = "unlabeled"
     needs_teacher = True
     augment_negatives = False
+    torch_dpc_trainer = "StackSPLE_PromptKD"
 
     def __init__(self, clip_config, tokenizer, config: ml_collections.ConfigDict,
                  teacher: Optional[PromptLearner] = None):
@@ -221,6 +222,14 @@ class PromptKD(VisionPrompts, PromptLearner):
         out.update({"projector/dense0/kernel": (s, t), "projector/dense0/bias": (t,),
                     "projector/bn/scale": (t,), "projector/bn/bias": (t,),
                     "projector/dense1/kernel": (t, t), "projector/dense1/bias": (t,)})
+        return out
+
+    def dpc_expected_shapes(self) -> dict:
+        """'/'-joined leaf path -> shape of DPC's parallel prompt: the student's leaves and the
+        teacher's text prompts (`dpc_backbone`)."""
+        teacher = self.teacher.expected_shapes()
+        out = self.expected_shapes()
+        out.update({k: teacher[k] for k in ("ctx", "text_deep") if k in teacher})
         return out
 
     def prepare(self, clip_params, classnames: Sequence[str], *,
@@ -366,6 +375,25 @@ class PromptKD(VisionPrompts, PromptLearner):
         loaded = load_promptkd_student(path, self.expected_shapes())
         return jax.tree_util.tree_map(jnp.asarray, loaded)
 
+    def load_torch_dpc(self, path: str):
+        """(parallel, BatchNorm state) of a StackSPLE_PromptKD stage-2 checkpoint: reference
+        mode's parallel prompt (theta as 'ctx') and the stage-2 BatchNorm statistics, which its
+        base classes are evaluated with (`promptkd_torch.load_promptkd_dpc`)."""
+        from dpc_jax.convert.promptkd_torch import load_promptkd_dpc
+
+        return load_promptkd_dpc(path, self.dpc_expected_shapes())
+
+    def export_torch_dpc(self, parallel: Prompt, state, run_dir: str, epoch: int) -> str:
+        """`<run_dir>/VLPromptLearner/model.pth.tar-<epoch>` in the StackSPLE_PromptKD layout:
+        reference mode's parallel prompt and the BatchNorm statistics of the base classes."""
+        from dpc_jax.convert import promptkd_torch
+
+        if not state or "bn" not in state:
+            raise ValueError("exporting a promptkd DPC stage 2 needs the BatchNorm statistics "
+                             "its base classes are evaluated with")
+        host = lambda t: jax.tree_util.tree_map(np.asarray, jax.device_get(t))
+        path = promptkd_torch.student_checkpoint_path(run_dir, epoch)
+        return promptkd_torch.export_promptkd_dpc(host(parallel), host(state), path, epoch)
 
     def export_torch_prompt(self, prompt: Prompt, run_dir: str, epoch: int,
                             state=None) -> str:
