@@ -1,12 +1,17 @@
-"""PyTorch PromptKD student checkpoints <-> dpc_jax student prompt and BatchNorm state.
+"""PyTorch PromptKD student checkpoints <-> dpc_jax student prompt and BatchNorm state, and
+PromptKD+DPC stage-2 checkpoints <-> DPC's parallel prompt and stage-2 BatchNorm state.
 
 Import starts an evaluation or DPC's stage 2 from a student distilled by the released PromptKD
 code; export writes a student trained here as a file its trainer loads (BACKBONES.md §1, §5, §9).
-torch is imported only inside the functions that read or write a file.
+The stage-2 pair does the same for the released StackSPLE_PromptKD trainer (JREion/DPC
+trainers/sple_promptkd.py; layout below). torch is imported only inside the functions that read
+or write a file.
 
     load_promptkd_student(path, expected) -> (prompt, state)
     export_promptkd_student(prompt, state, path, epoch, *, num_batches_tracked=0) -> path
-    student_checkpoint_path(run_dir, epoch) -> path
+    load_promptkd_dpc(path, expected) -> (parallel, state)
+    export_promptkd_dpc(parallel, state, path, epoch, *, num_batches_tracked=0) -> path
+    student_checkpoint_path(run_dir, epoch) -> path   (both trainers' VLPromptLearner/ name)
 
 dpc_jax side (nested dicts of float32 numpy arrays; deep index k holds the prompt of block k+1):
 
@@ -43,6 +48,23 @@ vision width, depth_vision, the student embed dim E_s, the teacher embed dim E_t
 
 Export writes float32 everywhere, the projector convs included (upstream's `load_state_dict`
 casts them to its fp16 parameters on load), so export followed by import is lossless.
+
+Stage 2 (StackSPLE_PromptKD saves its whole `CustomSPLECLIP` under `VLPromptLearner/`): the
+student keys above, with the BatchNorm statistics of stage 2 (the released stage 2 trains in
+train mode and moves them; its base classes are evaluated with them), plus
+
+    'prompt_learner.ctx' [n_t, W_t] (fp16 upstream)     -> parallel 'ctx': theta, the stored
+                                                            weighted mix (DPC_PROTOCOL.md §2)
+    'prompt_learner.text_encoder.transformer.resblocks.{i}.VPT_shallow' (i = 1..J_t-1)
+                                                        -> parallel 'text_deep'[i-1]
+    'text_encoder.transformer.resblocks.{i}.VPT_shallow' -> the same tower under its second
+                                                            name: checked equal, written too
+
+`parallel` is reference mode's (the released parameterisation): the converse map
+Q = (theta - (1-w_b)*P) / w_b of `DualPrompt` needs the stage-1 ctx P (the teacher's, not in
+this file) and the w_b of the stage-2 run. Ignored: `clip_model.*` (the student CLIP again, with
+the unused 512-wide text tower whose deep prompts the released code wrongly initialises),
+frozen tensors, prefix/suffix buffers, logit_scale.
 """
 
 from __future__ import annotations

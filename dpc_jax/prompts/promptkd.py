@@ -50,6 +50,11 @@ exactly. `config.dpc.released` reproduces the released code's defects, one optio
 - scorer_ctx_unloaded: the scorer's text context is the init phrase's embedding, not the
   teacher's ctx (released: a parameter-name mismatch leaves it unloaded).
 The released configs' KD weight for stage 2 is read nowhere; stage 2 has no KD term here either.
+A released stage-2 file (StackSPLE_PromptKD) is evaluated with `config.dpc.init_from` beside
+the stage-1 student and teacher files it started from (`load_torch_dpc`: reference mode's
+parallel prompt and the stage-2 BatchNorm statistics, which serve the base classes only; new
+classes keep stage 1's); `export_torch_dpc` writes a stage 2 trained here in that layout (its
+BatchNorm statistics: the frozen stage-1 ones that its base classes use).
 
 `config.backbone` fields: name 'promptkd', n_ctx_vision (4), depth_vision (9), kd_weight
 (1000), temperature (1), teacher (a PromptSRC backbone config plus epochs, lr, batch_size,
