@@ -160,27 +160,36 @@ def test_exported_dpc_stage_imports_as_dpc_init_from(kd_run, tmp_path):
     assert dpc_file == os.path.join(workdir, "seed_1", "torch", "dpc", "VLPromptLearner",
                                     "model.pth.tar-1")
     files = {"backbone.init_from": student_file,
-             "backbone.teacher.init_from": export_teacher(workdir, str(tmp_path / "teacher"))}
-    imported = train_lib.train_and_evaluate(
-        small_config(stages="dpc", **files, **{"dpc.init_from": dpc_file}),
-        str(tmp_path / "imported"))
-    assert imported["dpc"]["base"] == results["dpc"]["base"]
-    assert imported["dpc"]["new"] == results["dpc"]["new"]
-    assert not os.path.exists(tmp_path / "imported" / "seed_1" / "dpc" / "checkpoints")
+             "backbone.teacher.init_from": export_teacher(workdir, str(tmp_path / "teacher")),
+             "dpc.init_from": dpc_file}
 
     import torch
 
     from dpc_jax.convert.coop_torch import write_dassl_checkpoint
+    from dpc_jax.training import stages
+    from dpc_jax.training.step import make_mesh, replicate
 
     state_dict = torch.load(dpc_file, map_location="cpu", weights_only=True)["state_dict"]
     bn = "VPT_image_trans.conv1.1."
     state_dict[bn + "running_mean"] = state_dict[bn + "running_mean"] + 3 * torch.sqrt(
         state_dict[bn + "running_var"])  # stage-2 statistics far from stage 1's
     moved = write_dassl_checkpoint(state_dict, str(tmp_path / "moved" / "model.pth.tar-1"), 1)
-    again = train_lib.train_and_evaluate(
-        small_config(stages="dpc", **files, **{"dpc.init_from": moved}), str(tmp_path / "moved"))
-    assert again["dpc"]["new"] == results["dpc"]["new"]
-    assert again["dpc"]["base"] != results["dpc"]["base"]
+
+    # What train_and_evaluate does for stages='dpc', with one Run for both files (CI time).
+    config = small_config(stages="dpc", **files)
+    train_lib.check_config(config)
+    mesh = make_mesh()
+    clip_config, clip_params, tokenizer = train_lib.load_clip_and_tokenizer(config)
+    run = stages.Run(config=config, mesh=mesh, clip_config=clip_config,
+                     clip_params=replicate(clip_params, mesh), tokenizer=tokenizer)
+    sr = stages.SeedRun.create(run, 1, str(tmp_path / "imported"))
+    train_lib.preflight(sr, ["dpc"], train=True)
+    assert stages.run_dpc(sr, train=True) == results["dpc"]["per_seed"]["1"]
+    assert not os.path.exists(tmp_path / "imported" / "seed_1" / "dpc")  # nothing trained
+    config.dpc.init_from = moved
+    again = stages.run_dpc(sr, train=True)
+    assert again["new"] == results["dpc"]["new"]
+    assert again["base"] != results["dpc"]["base"]
 
 
 def test_streamed_unlabeled_split_gives_the_resident_runs_numbers(kd_run, tmp_path):
