@@ -6,7 +6,9 @@ Runs the stages in `config.stages` (zero-shot, the stage-1 backbone, DPC) for ev
 `--config.mode=eval` re-evaluates the checkpoints saved in W; `--config.mode=export` writes each
 seed's stage-1 prompt (IVLP, MaPLe) as the released PyTorch code saves it, to
 W/seed_N/torch/<VLPromptLearner|MultiModalPromptLearner>/model.pth.tar-<backbone.epochs>, which the
-upstream trainers load with `--model-dir W/seed_N/torch --load-epoch E` (needs torch).
+upstream trainers load with `--model-dir W/seed_N/torch --load-epoch E` (needs torch). For
+PromptKD (student and, with 'dpc' in config.stages, its DPC stage 2 as StackSPLE_PromptKD saves
+it, to W/seed_N/torch/dpc/VLPromptLearner/model.pth.tar-<dpc.epochs>).
 """
 
 from absl import app, flags, logging
@@ -27,6 +29,8 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     if _CONFIG.value.mode == "export":
         train_lib.export_backbone(_CONFIG.value, _WORKDIR.value)
+        if train_lib.exports_dpc(_CONFIG.value):
+            train_lib.export_dpc(_CONFIG.value, _WORKDIR.value)
     else:
         train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

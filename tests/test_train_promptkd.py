@@ -39,6 +39,25 @@ def restore_final(stage_dir):
     return out["params"], out["aux"]["state"]
 
 
+def export_teacher(workdir, run_dir):
+    """The run's trained teacher (its GPA sum) as a PromptSRC file in the upstream layout."""
+    import orbax.checkpoint as ocp
+
+    from dpc_jax.prompts.promptsrc import PromptSRC
+    from dpc_jax.training import stages
+
+    stage = os.path.join(workdir, "seed_1", "teacher", "backbone")
+    teacher_params, _ = restore_final(stage)
+    extra = checkpoints.checkpoint_manager(os.path.join(stage, "checkpoints")).restore(
+        checkpoints.read_stage_meta(stage)["final_step"],
+        args=ocp.args.Composite(aux=ocp.args.StandardRestore()))["aux"]["extra"]
+    tconfig = stages.teacher_config(small_config())
+    _, _, tok = train_lib.load_clip_and_tokenizer(small_config())
+    teacher = PromptSRC(train_lib.load_clip(tconfig.clip)[0], tok, tconfig.backbone)
+    teacher_prompt = teacher.final_prompt(teacher_params, extra)  # the GPA sum
+    return teacher.export_torch_prompt(teacher_prompt, run_dir, 1)
+
+
 @pytest.fixture(scope="module")
 def kd_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("promptkd"))
@@ -112,21 +131,7 @@ def test_eval_mode_and_pytorch_files_reproduce_the_run(kd_run, tmp_path):
     config = small_config(mode="export")
     student_file = train_lib.export_backbone(config, workdir)[0]
     assert student_file.endswith(os.path.join("VLPromptLearner", "model.pth.tar-1"))
-    import orbax.checkpoint as ocp
-
-    from dpc_jax.prompts.promptsrc import PromptSRC
-    from dpc_jax.training import stages
-
-    stage = os.path.join(workdir, "seed_1", "teacher", "backbone")
-    teacher_params, _ = restore_final(stage)
-    extra = checkpoints.checkpoint_manager(os.path.join(stage, "checkpoints")).restore(
-        checkpoints.read_stage_meta(stage)["final_step"],
-        args=ocp.args.Composite(aux=ocp.args.StandardRestore()))["aux"]["extra"]
-    tconfig = stages.teacher_config(small_config())
-    _, _, tok = train_lib.load_clip_and_tokenizer(small_config())
-    teacher = PromptSRC(train_lib.load_clip(tconfig.clip)[0], tok, tconfig.backbone)
-    teacher_prompt = teacher.final_prompt(teacher_params, extra)  # the GPA sum
-    teacher_file = teacher.export_torch_prompt(teacher_prompt, str(tmp_path / "teacher"), 1)
+    teacher_file = export_teacher(workdir, str(tmp_path / "teacher"))
     imported = train_lib.train_and_evaluate(
         small_config(stages="teacher,backbone", **{"backbone.init_from": student_file,
                                                   "backbone.teacher.init_from": teacher_file}),
@@ -135,6 +140,56 @@ def test_eval_mode_and_pytorch_files_reproduce_the_run(kd_run, tmp_path):
         assert imported[stage]["base"] == results[stage]["base"], stage
         assert imported[stage]["new"] == results[stage]["new"], stage
     assert not os.path.exists(tmp_path / "imported" / "seed_1" / "backbone" / "checkpoints")
+
+
+def test_exported_dpc_stage_imports_as_dpc_init_from(kd_run, tmp_path):
+    """Stage 2 exported in StackSPLE_PromptKD's layout and given back as config.dpc.init_from
+    (with the exported student and teacher as its stage-1 files) is evaluated, not trained, and
+    gives the run's DPC accuracies; the file's BatchNorm statistics serve the base classes
+    only (new classes keep stage 1's, as the released new-class loader does)."""
+    from dpc_jax.convert import promptkd_torch
+
+    workdir, results = kd_run
+    config = small_config(mode="export")
+    assert train_lib.exports_dpc(config)
+    dpc_file = train_lib.export_dpc(config, workdir)[0]
+    # The student written directly from its checkpoint (export_backbone is tested above).
+    student_file = promptkd_torch.export_promptkd_student(
+        *restore_final(os.path.join(workdir, "seed_1", "backbone")),
+        promptkd_torch.student_checkpoint_path(str(tmp_path / "student"), 1), 1)
+    assert dpc_file == os.path.join(workdir, "seed_1", "torch", "dpc", "VLPromptLearner",
+                                    "model.pth.tar-1")
+    files = {"backbone.init_from": student_file,
+             "backbone.teacher.init_from": export_teacher(workdir, str(tmp_path / "teacher")),
+             "dpc.init_from": dpc_file}
+
+    import torch
+
+    from dpc_jax.convert.coop_torch import write_dassl_checkpoint
+    from dpc_jax.training import stages
+    from dpc_jax.training.step import make_mesh, replicate
+
+    state_dict = torch.load(dpc_file, map_location="cpu", weights_only=True)["state_dict"]
+    bn = "VPT_image_trans.conv1.1."
+    state_dict[bn + "running_mean"] = state_dict[bn + "running_mean"] + 3 * torch.sqrt(
+        state_dict[bn + "running_var"])  # stage-2 statistics far from stage 1's
+    moved = write_dassl_checkpoint(state_dict, str(tmp_path / "moved" / "model.pth.tar-1"), 1)
+
+    # What train_and_evaluate does for stages='dpc', with one Run for both files (CI time).
+    config = small_config(stages="dpc", **files)
+    train_lib.check_config(config)
+    mesh = make_mesh()
+    clip_config, clip_params, tokenizer = train_lib.load_clip_and_tokenizer(config)
+    run = stages.Run(config=config, mesh=mesh, clip_config=clip_config,
+                     clip_params=replicate(clip_params, mesh), tokenizer=tokenizer)
+    sr = stages.SeedRun.create(run, 1, str(tmp_path / "imported"))
+    train_lib.preflight(sr, ["dpc"], train=True)
+    assert stages.run_dpc(sr, train=True) == results["dpc"]["per_seed"]["1"]
+    assert not os.path.exists(tmp_path / "imported" / "seed_1" / "dpc")  # nothing trained
+    config.dpc.init_from = moved
+    again = stages.run_dpc(sr, train=True)
+    assert again["new"] == results["dpc"]["new"]
+    assert again["base"] != results["dpc"]["base"]
 
 
 def test_streamed_unlabeled_split_gives_the_resident_runs_numbers(kd_run, tmp_path):

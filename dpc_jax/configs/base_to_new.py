@@ -65,6 +65,10 @@ def get_config(arg=None, variants=("base_to_new",)) -> ml_collections.ConfigDict
     c.dpc.w_new = 0.0
     c.dpc.epochs = 20
     c.dpc.lr = 0.002
+    # A released stage-2 checkpoint (PromptKD: StackSPLE_PromptKD's VLPromptLearner/
+    # model-best.pth.tar) to evaluate instead of training stage 2; needs backbone.init_from
+    # (and the teacher's) set to the stage-1 files it started from, and mode 'reference'.
+    c.dpc.init_from = ""
     c.dhno = ml_collections.ConfigDict()
     c.dhno.top_k = 8
     c.dhno.policy = "reference"  # reference | hardest

@@ -1,12 +1,17 @@
-"""PyTorch PromptKD student checkpoints <-> dpc_jax student prompt and BatchNorm state.
+"""PyTorch PromptKD student checkpoints <-> dpc_jax student prompt and BatchNorm state, and
+PromptKD+DPC stage-2 checkpoints <-> DPC's parallel prompt and stage-2 BatchNorm state.
 
 Import starts an evaluation or DPC's stage 2 from a student distilled by the released PromptKD
 code; export writes a student trained here as a file its trainer loads (BACKBONES.md §1, §5, §9).
-torch is imported only inside the functions that read or write a file.
+The stage-2 pair does the same for the released StackSPLE_PromptKD trainer (JREion/DPC
+trainers/sple_promptkd.py; layout below). torch is imported only inside the functions that read
+or write a file.
 
     load_promptkd_student(path, expected) -> (prompt, state)
     export_promptkd_student(prompt, state, path, epoch, *, num_batches_tracked=0) -> path
-    student_checkpoint_path(run_dir, epoch) -> path
+    load_promptkd_dpc(path, expected) -> (parallel, state)
+    export_promptkd_dpc(parallel, state, path, epoch, *, num_batches_tracked=0) -> path
+    student_checkpoint_path(run_dir, epoch) -> path   (both trainers' VLPromptLearner/ name)
 
 dpc_jax side (nested dicts of float32 numpy arrays; deep index k holds the prompt of block k+1):
 
@@ -43,6 +48,23 @@ vision width, depth_vision, the student embed dim E_s, the teacher embed dim E_t
 
 Export writes float32 everywhere, the projector convs included (upstream's `load_state_dict`
 casts them to its fp16 parameters on load), so export followed by import is lossless.
+
+Stage 2 (StackSPLE_PromptKD saves its whole `CustomSPLECLIP` under `VLPromptLearner/`): the
+student keys above, with the BatchNorm statistics of stage 2 (the released stage 2 trains in
+train mode and moves them; its base classes are evaluated with them), plus
+
+    'prompt_learner.ctx' [n_t, W_t] (fp16 upstream)     -> parallel 'ctx': theta, the stored
+                                                            weighted mix (DPC_PROTOCOL.md §2)
+    'prompt_learner.text_encoder.transformer.resblocks.{i}.VPT_shallow' (i = 1..J_t-1)
+                                                        -> parallel 'text_deep'[i-1]
+    'text_encoder.transformer.resblocks.{i}.VPT_shallow' -> the same tower under its second
+                                                            name: checked equal, written too
+
+`parallel` is reference mode's (the released parameterisation): the converse map
+Q = (theta - (1-w_b)*P) / w_b of `DualPrompt` needs the stage-1 ctx P (the teacher's, not in
+this file) and the w_b of the stage-2 run. Ignored: `clip_model.*` (the student CLIP again, with
+the unused 512-wide text tower whose deep prompts the released code wrongly initialises),
+frozen tensors, prefix/suffix buffers, logit_scale.
 """
 
 from __future__ import annotations
@@ -65,7 +87,22 @@ VPT_DEEP = "image_encoder.transformer.resblocks.{}.VPT_shallow"
 TRANS = "VPT_image_trans."
 CONV = TRANS + "conv1."
 NUM_BATCHES = CONV + "1.num_batches_tracked"
-_DEEP_PATTERN = re.compile(re.escape(VPT_DEEP).replace(r"\{\}", r"(\d+)"))
+# DPC's stage 2 (StackSPLE_PromptKD): the theta of the teacher-width text context and the deep
+# prompts of the trainable teacher-width text tower, which the model registers twice (as
+# prompt_learner.text_encoder and as text_encoder: one module, two names in the state dict).
+TEXT_CTX = "prompt_learner.ctx"
+TEXT_DEEP = "prompt_learner.text_encoder.transformer.resblocks.{}.VPT_shallow"
+TEXT_DEEP_COPY = "text_encoder.transformer.resblocks.{}.VPT_shallow"
+STAGE2_TOWER = "prompt_learner.text_encoder."  # only a stage-2 file has keys under it
+
+
+def _pattern(key_format: str):
+    return re.compile(re.escape(key_format).replace(r"\{\}", r"(\d+)"))
+
+
+_DEEP_PATTERN = _pattern(VPT_DEEP)
+_TEXT_DEEP_PATTERN = _pattern(TEXT_DEEP)
+_COPY_PATTERN = _pattern(TEXT_DEEP_COPY)
 
 # What sets each dimension of an upstream tensor, for mis-shape messages.
 _N_V = "n_ctx_vision (config.backbone.n_ctx_vision)"
@@ -73,7 +110,10 @@ _W_V = "the student CLIP vision width (vision_width)"
 _E_S = "the student embed dim E_s (the student CLIP's embed_dim)"
 _E_T = "the teacher embed dim E_t (the teacher CLIP's embed_dim, config.backbone.teacher_clip)"
 _K = "the 1x1 conv kernel"
+_N_T = "the teacher's n_ctx_text (config.backbone.teacher.n_ctx_text)"
+_W_T = "the teacher CLIP text width (config.backbone.teacher_clip)"
 _VISION = (_N_V, _W_V)
+_TEXT = (_N_T, _W_T)
 
 # Per leaf (prompt leaves, then 'state:'-prefixed state leaves): (upstream key, or the key format
 # of upstream block i for the deep leaf; 1x1 conv weight; what sets each upstream dimension).
@@ -89,13 +129,20 @@ _LAYOUT = {
     "projector/dense1/kernel": (CONV + "3.weight", True, (_E_T, _E_T, _K, _K)),
     "projector/dense1/bias": (CONV + "3.bias", False, (_E_T,)),
 }
+# The stage-2 file: the student's layout plus the text branch (upstream state dict order).
+_DPC_LAYOUT = {**_LAYOUT,
+               "ctx": (TEXT_CTX, False, _TEXT),
+               "text_deep": (TEXT_DEEP, False, _TEXT)}
+_DEEP = {"vision_deep": VPT_DEEP, "text_deep": TEXT_DEEP}  # leaf -> key format of block i
 _PROMPT_LEAVES = tuple(leaf for leaf in _LAYOUT if not leaf.startswith("state:"))
+_DPC_LEAVES = _PROMPT_LEAVES + ("ctx", "text_deep")
 _STATE_LEAVES = ("bn/mean", "bn/var")
 _REQUIRED = tuple(leaf for leaf in _PROMPT_LEAVES if leaf != "vision_deep")
 _RANKS = {"vision_ctx": 2, "vision_deep": 3, "projector/dense0/kernel": 2,
-          "projector/dense1/kernel": 2}  # every other leaf is rank 1
+          "projector/dense1/kernel": 2, "ctx": 2, "text_deep": 3}  # every other leaf: rank 1
 _KNOWN_TRANS = {key for key, _, _ in _LAYOUT.values() if key.startswith(TRANS)} | {NUM_BATCHES}
 _EXAMPLE = os.path.join("<run>", MODEL_DIR, "model-best.pth.tar")
+_DPC_EXAMPLE = os.path.join("<DPC run>", MODEL_DIR, "model-best.pth.tar")
 
 
 def student_checkpoint_path(run_dir: str, epoch: int) -> str:
@@ -120,15 +167,54 @@ def load_promptkd_student(path: str, expected: Mapping) -> Tuple[dict, dict]:
     (E_s, E_t)) as `PromptKD.expected_shapes()` returns it, or nested, shapes as tuples or
     anything with `.shape`. The BatchNorm running statistics take the shape of
     'projector/bn/scale'. Raises FileNotFoundError for a missing file and ValueError for a file
-    that is not a Dassl checkpoint or does not fit `expected`.
+    that is not a Dassl checkpoint or does not fit `expected`, and for a PromptKD+DPC stage-2
+    file (it holds a student too, the stage-2 one: `load_promptkd_dpc` reads it).
     """
     expected = _check_expected(_flat_shapes(expected), "expected")
     state_dict = _strip_module(
         read_dassl_state_dict(path, "PromptKD student checkpoint", _EXAMPLE), path)
+    if any(key.startswith(STAGE2_TOWER) for key in state_dict):
+        raise ValueError(f"{path!r} is a PromptKD+DPC stage-2 checkpoint (StackSPLE_PromptKD: "
+                         f"it has {STAGE2_TOWER}* keys), not a stage-1 PromptKD student; give "
+                         f"it as config.dpc.init_from and its stage-1 student file as "
+                         f"config.backbone.init_from")
+    return _read(path, state_dict, expected, _LAYOUT)
+
+
+def load_promptkd_dpc(path: str, expected: Mapping) -> Tuple[dict, dict]:
+    """(parallel, state) of a StackSPLE_PromptKD (PromptKD+DPC stage-2) checkpoint, float32.
+
+    `parallel` is dpc_jax's reference-mode parallel prompt of a PromptKD backbone (the
+    'parallel' subtree of `DualPrompt` parameters): the student's leaves as in
+    `load_promptkd_student` plus 'ctx' [n_t, W_t] = theta, the stored weighted mix (the
+    converse map of DPC_PROTOCOL.md §2 turns it into the context used for base classes, given
+    the stage-1 ctx P and w_b, neither of which the file holds), and 'text_deep' [J_t-1, n_t,
+    W_t] (the trainable teacher-width text tower's deep prompts, block i -> index i-1). `state`
+    is {'bn': {'mean', 'var'}}: the projector's BatchNorm statistics after stage 2 (the released
+    stage 2 trains in train mode, so they moved; its base-class evaluation uses them).
+
+    `expected`: the parallel prompt's leaf path -> shape (`PromptKD.dpc_expected_shapes()`).
+    The file's text-tower deep prompts are read from `prompt_learner.text_encoder.*`; its
+    second copy `text_encoder.*` (the same module under a second name) is checked to agree
+    where present. Everything else (frozen towers, `clip_model.*` with the student's unused
+    512-wide text tower, buffers) is ignored. Raises FileNotFoundError / ValueError as
+    `load_promptkd_student` does, one ValueError listing every missing, unexpected and
+    mis-shaped key.
+    """
+    expected = _check_expected(_flat_shapes(expected), "expected", dpc=True)
+    state_dict = _strip_module(
+        read_dassl_state_dict(path, "PromptKD+DPC stage-2 checkpoint", _DPC_EXAMPLE), path)
+    return _read(path, state_dict, expected, _DPC_LAYOUT)
+
+
+def _read(path: str, state_dict: Mapping, expected: Mapping[str, tuple],
+          layout: Mapping) -> Tuple[dict, dict]:
+    """(prompt, state) of the keys `layout` names, checked against `expected`."""
     import torch  # read_dassl_state_dict has imported it already
 
-    wanted = _upstream_entries(expected)  # upstream key -> (leaf, deep index or None)
-    prompt_like = {key for key in state_dict if _is_student_key(key)}
+    dpc = layout is _DPC_LAYOUT
+    wanted = _upstream_entries(expected, layout)  # upstream key -> (leaf, deep index or None)
+    prompt_like = {key for key in state_dict if _is_prompt_key(key, dpc)}
     missing = [key for key in wanted if key not in state_dict]  # upstream (state_dict) order
     unexpected = sorted(prompt_like - set(wanted) - {NUM_BATCHES}, key=_natural)
     misshaped, not_tensor = [], []
@@ -140,22 +226,23 @@ def load_promptkd_student(path: str, expected: Mapping) -> Tuple[dict, dict]:
             not_tensor.append(f"{key}: {type(value).__name__}"
                               + (f" {value.dtype}" if isinstance(value, torch.Tensor) else ""))
             continue
-        want = _upstream_shape(leaf, expected[_shape_leaf(leaf)], index is not None)
+        want = _upstream_shape(leaf, expected[_shape_leaf(leaf)], index is not None, layout)
         if tuple(value.shape) != want:
-            misshaped.append(_misshape_line(key, tuple(value.shape), want, _LAYOUT[leaf][2]))
-    if missing or unexpected or misshaped or not_tensor:
+            misshaped.append(_misshape_line(key, tuple(value.shape), want, layout[leaf][2]))
+    differing = _differing_copies(state_dict, wanted) if dpc else []
+    if missing or unexpected or misshaped or not_tensor or differing:
         raise ValueError(_mismatch_message(path, expected, state_dict, missing, unexpected,
-                                           misshaped, not_tensor))
+                                           misshaped, not_tensor, differing, dpc))
 
     flat = {}
-    for leaf in _LAYOUT:
+    for leaf in layout:
         keys = [key for key, entry in wanted.items() if entry[0] == leaf]  # in block order
         if not keys:
             continue
         arrays = [state_dict[key].detach().to(torch.float32).cpu().numpy() for key in keys]
-        if _LAYOUT[leaf][1]:
+        if layout[leaf][1]:
             arrays = [a[:, :, 0, 0].T for a in arrays]  # conv [out, in, 1, 1] -> kernel [in, out]
-        value = np.stack(arrays) if leaf == "vision_deep" else arrays[0]
+        value = np.stack(arrays) if leaf in _DEEP else arrays[0]
         flat[leaf] = np.ascontiguousarray(value, dtype=np.float32)
     prompt = tree_lib.unflatten({k: v for k, v in flat.items() if not k.startswith("state:")})
     state = tree_lib.unflatten({k[len("state:"):]: v for k, v in flat.items()
@@ -168,21 +255,21 @@ def _shape_leaf(leaf: str) -> str:
     return "projector/bn/scale" if leaf.startswith("state:") else leaf
 
 
-def _upstream_entries(expected: Mapping[str, tuple]) -> Dict[str, tuple]:
+def _upstream_entries(expected: Mapping[str, tuple], layout: Mapping) -> Dict[str, tuple]:
     """Upstream key -> (leaf, deep index or None) of the prompt and state `expected` implies."""
     entries = {}
-    for leaf, (key, _, _) in _LAYOUT.items():
-        if leaf == "vision_deep":
+    for leaf, (key, _, _) in layout.items():
+        if leaf in _DEEP:
             for k in range(expected[leaf][0] if leaf in expected else 0):
-                entries[VPT_DEEP.format(k + 1)] = (leaf, k)
+                entries[_DEEP[leaf].format(k + 1)] = (leaf, k)
         elif _shape_leaf(leaf) in expected:
             entries[key] = (leaf, None)
     return entries
 
 
-def _upstream_shape(leaf: str, leaf_shape: tuple, deep: bool) -> tuple:
+def _upstream_shape(leaf: str, leaf_shape: tuple, deep: bool, layout: Mapping) -> tuple:
     shape = tuple(leaf_shape[1:] if deep else leaf_shape)
-    return shape[::-1] + (1, 1) if _LAYOUT[leaf][1] else shape
+    return shape[::-1] + (1, 1) if layout[leaf][1] else shape
 
 
 def _misshape_line(key: str, found: tuple, want: tuple, hints) -> str:
@@ -192,18 +279,38 @@ def _misshape_line(key: str, found: tuple, want: tuple, hints) -> str:
     return f"{key}: file {found}, expected {want} (set by {', '.join(fields)})"
 
 
-def _is_student_key(key: str) -> bool:
-    """A key of the student's trainable layout (visual prompts, projector); anything else is a
-    frozen copy, a buffer or a part the student does not use (text side), ignored."""
-    return key == VPT or bool(_DEEP_PATTERN.fullmatch(key)) or key.startswith(TRANS)
+def _is_prompt_key(key: str, dpc: bool = False) -> bool:
+    """A key of the student's trainable layout (visual prompts, projector) or, for a stage-2
+    file, of its text branch; anything else is a frozen copy, a buffer or a part the model
+    does not use, ignored."""
+    student = key == VPT or bool(_DEEP_PATTERN.fullmatch(key)) or key.startswith(TRANS)
+    return student or (dpc and (key == TEXT_CTX or bool(_TEXT_DEEP_PATTERN.fullmatch(key))))
 
 
-def _file_blocks(state_dict: Mapping) -> list:
-    return sorted(int(m.group(1)) for m in map(_DEEP_PATTERN.fullmatch, state_dict) if m)
+def _differing_copies(state_dict: Mapping, wanted: Mapping) -> list:
+    """Stage-2 text deep prompts whose second copy (text_encoder.*) differs from the first."""
+    import torch
+
+    out = []
+    for key, (leaf, index) in wanted.items():
+        copy = TEXT_DEEP_COPY.format(index + 1) if leaf == "text_deep" else None
+        if copy is None or copy not in state_dict or key not in state_dict:
+            continue
+        a, b = state_dict[key], state_dict[copy]
+        if not (isinstance(b, torch.Tensor) and a.shape == b.shape
+                and torch.equal(a.to(torch.float32), b.to(torch.float32))):
+            out.append(f"{copy} (differs from {key}, the same module's parameter)")
+    return out
+
+
+def _file_blocks(state_dict: Mapping, pattern=_DEEP_PATTERN) -> list:
+    return sorted(int(m.group(1)) for m in map(pattern.fullmatch, state_dict) if m)
 
 
 def _describe(state_dict: Mapping) -> str:
     """What the file looks like."""
+    if any(key.startswith(STAGE2_TOWER) for key in state_dict):
+        return "a PromptKD+DPC stage-2 checkpoint (StackSPLE_PromptKD)"
     if any(key.startswith(TRANS) for key in state_dict):
         return "a PromptKD student checkpoint"
     vlp = _looks_like(state_dict)  # the IVLP/PromptSRC/MaPLe classification of vlp_torch
@@ -221,26 +328,55 @@ def _describe(state_dict: Mapping) -> str:
     return f"{vlp}, not a PromptKD student (no VPT_image_trans.* projector)"
 
 
+def _describe_dpc(state_dict: Mapping) -> str:
+    """What a file given as a stage-2 checkpoint looks like."""
+    what = _describe(state_dict)
+    if what == "a PromptKD student checkpoint":
+        return ("a stage-1 PromptKD student checkpoint (no prompt_learner.text_encoder.* text "
+                "tower), not a stage-2 file: give it as config.backbone.init_from")
+    return what
+
+
 def _settings(expected: Mapping[str, tuple]) -> str:
     n_v, w_v = expected["vision_ctx"]
     depth = 1 + (expected["vision_deep"][0] if "vision_deep" in expected else 0)
     e_s, e_t = expected["projector/dense0/kernel"]
-    return (f"n_ctx_vision {n_v}, student vision width {w_v}, depth_vision {depth}, student "
-            f"embed dim E_s {e_s}, teacher embed dim E_t {e_t}")
+    out = (f"n_ctx_vision {n_v}, student vision width {w_v}, depth_vision {depth}, student "
+           f"embed dim E_s {e_s}, teacher embed dim E_t {e_t}")
+    if "ctx" in expected:
+        n_t, w_t = expected["ctx"]
+        depth_t = 1 + (expected["text_deep"][0] if "text_deep" in expected else 0)
+        out += (f"; teacher n_ctx_text {n_t}, teacher text width {w_t}, teacher depth_text "
+                f"{depth_t}")
+    return out
+
+
+def _depth_line(state_dict, expected, leaf, pattern, field) -> list:
+    found = _file_blocks(state_dict, pattern)
+    want = expected[leaf][0] if leaf in expected else 0
+    if found == list(range(1, want + 1)):
+        return []
+    blocks = (f"VPT_shallow entries for blocks {found} (prompt depth {len(found) + 1})"
+              if found else "no VPT_shallow entries (prompt depth 1)")
+    return [f"  {leaf}: the file has {blocks}; the config expects prompt depth {want + 1} "
+            f"({field})"]
 
 
 def _mismatch_message(path, expected, state_dict, missing, unexpected, misshaped,
-                      not_tensor) -> str:
-    lines = [f"{path!r} does not fit the PromptKD student of this configuration ("
-             f"{_settings(expected)}); the file looks like {_describe(state_dict)}:"]
-    found = _file_blocks(state_dict)
-    want = expected["vision_deep"][0] if "vision_deep" in expected else 0
-    if found != list(range(1, want + 1)):
-        blocks = (f"VPT_shallow entries for blocks {found} (prompt depth {len(found) + 1})"
-                  if found else "no VPT_shallow entries (prompt depth 1)")
-        lines.append(f"  vision_deep: the file has {blocks}; the config expects prompt depth "
-                     f"{want + 1} (depth_vision, config.backbone.depth_vision)")
-    return "\n".join(lines + key_problem_lines(missing, unexpected, misshaped, not_tensor))
+                      not_tensor, differing=(), dpc=False) -> str:
+    what = "PromptKD+DPC stage-2 model" if dpc else "PromptKD student"
+    looks = _describe_dpc(state_dict) if dpc else _describe(state_dict)
+    lines = [f"{path!r} does not fit the {what} of this configuration ({_settings(expected)}); "
+             f"the file looks like {looks}:"]
+    lines += _depth_line(state_dict, expected, "vision_deep", _DEEP_PATTERN,
+                         "depth_vision, config.backbone.depth_vision")
+    if dpc:
+        lines += _depth_line(state_dict, expected, "text_deep", _TEXT_DEEP_PATTERN,
+                             "the teacher's depth_text, config.backbone.teacher.depth_text")
+    lines += key_problem_lines(missing, unexpected, misshaped, not_tensor)
+    if differing:
+        lines.append(f"  second copies that disagree: {list(differing)}")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,6 +443,55 @@ def export_promptkd_student(prompt: Mapping, state: Mapping, path: str, epoch: i
                                   path, epoch)
 
 
+def to_upstream_dpc_state_dict(parallel: Mapping, state: Mapping,
+                               num_batches_tracked: int = 0) -> "collections.OrderedDict":
+    """The stage-2 state dict: the student's keys (`to_upstream_state_dict`), then theta as
+    'prompt_learner.ctx' and the text deep prompts under both names the released model
+    registers its text tower by (`prompt_learner.text_encoder.*` and `text_encoder.*`; the
+    released new-class loader reads the second). float32 torch tensors."""
+    import torch  # only here: building torch tensors needs it
+
+    flat = dict(tree_lib.flatten(parallel))
+    text = {leaf: _float32(flat.pop(leaf), f"parallel[{leaf!r}]")
+            for leaf in ("ctx", "text_deep") if leaf in flat}
+    if "ctx" not in text:
+        raise ValueError(f"parallel has leaves {sorted(tree_lib.flatten(parallel))}; a "
+                         f"PromptKD+DPC parallel prompt has the text context 'ctx' (theta) "
+                         f"besides the student's leaves")
+    _check_expected({**{leaf: a.shape for leaf, a in text.items()},
+                     **{leaf: np.shape(v) for leaf, v in flat.items()}}, "parallel", dpc=True)
+    ctx = text["ctx"]
+    deep = text.get("text_deep")
+    if deep is not None and deep.shape[1:] != ctx.shape:
+        raise ValueError(f"parallel['text_deep'] has shape {deep.shape}; expected "
+                         f"(depth_text - 1, {ctx.shape[0]}, {ctx.shape[1]}), the blocks of the "
+                         f"text context's shape {ctx.shape} (teacher n_ctx_text, text width)")
+    state_dict = to_upstream_state_dict(tree_lib.unflatten(flat), state, num_batches_tracked)
+    state_dict[TEXT_CTX] = torch.from_numpy(np.ascontiguousarray(ctx).copy())
+    blocks = [] if deep is None else list(deep)
+    for key_format in (TEXT_DEEP, TEXT_DEEP_COPY):
+        for k, array in enumerate(blocks):
+            state_dict[key_format.format(k + 1)] = torch.from_numpy(
+                np.ascontiguousarray(array).copy())
+    return state_dict
+
+
+def export_promptkd_dpc(parallel: Mapping, state: Mapping, path: str, epoch: int, *,
+                        num_batches_tracked: int = 0) -> str:
+    """Write a PromptKD+DPC stage 2 (reference mode's parallel prompt, theta as 'ctx', and the
+    BatchNorm statistics its base classes are evaluated with) as the released StackSPLE_PromptKD
+    trainer's Dassl checkpoint at `path` (`student_checkpoint_path(run_dir, epoch)`: the trainer
+    registers its model under the same name); returns `path`. Written atomically, float32
+    throughout, `load_promptkd_dpc` reads it back bit for bit. The file holds what the released
+    `load_model` takes over its built model with `load_state_dict(strict=False)`; the stage-1
+    prompts P it also needs come, as upstream, from the stage-1 student and teacher files
+    (SPLE.BACK_CKPT_PATH, teacher_model/), which must be the ones this stage 2 started from,
+    with SPLE.STACK.WEIGHT = the w_b theta was trained under.
+    """
+    return write_dassl_checkpoint(
+        to_upstream_dpc_state_dict(parallel, state, num_batches_tracked), path, epoch)
+
+
 # ----------------------------------------------------------------------------------------------
 # Checks
 # ----------------------------------------------------------------------------------------------
@@ -324,16 +509,20 @@ def _float32(value, what: str) -> np.ndarray:
     return array.astype(np.float32)  # bf16/fp16 widen exactly
 
 
-def _check_expected(shapes: Mapping[str, tuple], what: str) -> Dict[str, tuple]:
-    """`shapes` (leaf -> shape) if its leaves and ranks are those of a student prompt."""
-    unknown = sorted(set(shapes) - set(_PROMPT_LEAVES))
+def _check_expected(shapes: Mapping[str, tuple], what: str,
+                    dpc: bool = False) -> Dict[str, tuple]:
+    """`shapes` (leaf -> shape) if its leaves and ranks are those of a student prompt (`dpc`:
+    of a PromptKD+DPC parallel prompt, the student's leaves plus the text branch)."""
+    allowed, name = ((_DPC_LEAVES, "PromptKD+DPC parallel prompt") if dpc
+                     else (_PROMPT_LEAVES, "PromptKD student prompt"))
+    unknown = sorted(set(shapes) - set(allowed))
     if unknown:
-        raise ValueError(f"{what} has leaves {unknown} that the PromptKD student prompt does "
-                         f"not have; expected leaves among {list(_PROMPT_LEAVES)}")
-    absent = [leaf for leaf in _REQUIRED if leaf not in shapes]
+        raise ValueError(f"{what} has leaves {unknown} that the {name} does not have; "
+                         f"expected leaves among {list(allowed)}")
+    absent = [leaf for leaf in _REQUIRED + (("ctx",) if dpc else ()) if leaf not in shapes]
     if absent:
-        raise ValueError(f"{what} lacks the PromptKD student leaves {absent}; it has "
-                         f"{sorted(shapes)}")
+        short = "PromptKD+DPC parallel prompt" if dpc else "PromptKD student"
+        raise ValueError(f"{what} lacks the {short} leaves {absent}; it has {sorted(shapes)}")
     out = {}
     for leaf, shape in shapes.items():
         shape = tuple(int(d) for d in shape)
@@ -341,9 +530,10 @@ def _check_expected(shapes: Mapping[str, tuple], what: str) -> Dict[str, tuple]:
         if len(shape) != rank:
             raise ValueError(f"{what}[{leaf!r}] has shape {shape}; expected a rank-{rank} "
                              f"PromptKD student leaf")
-        if leaf == "vision_deep" and shape[0] < 1:
+        if leaf in _DEEP and shape[0] < 1:
+            depth = "depth_vision" if leaf == "vision_deep" else "the teacher's depth_text"
             raise ValueError(f"{what}[{leaf!r}] has shape {shape}: no deep blocks; leave the "
-                             f"leaf out when depth_vision is 1")
+                             f"leaf out when {depth} is 1")
         out[leaf] = shape
     return out
 
@@ -369,4 +559,5 @@ def _check_consistent(flat: Mapping[str, np.ndarray], stats: Mapping[str, np.nda
 
 
 __all__ = ["load_promptkd_student", "export_promptkd_student", "student_checkpoint_path",
-           "to_upstream_state_dict", "MODEL_DIR"]
+           "to_upstream_state_dict", "load_promptkd_dpc", "export_promptkd_dpc",
+           "to_upstream_dpc_state_dict", "MODEL_DIR"]

@@ -140,6 +140,9 @@ class PromptLearner(abc.ABC):
       as `teacher=`, trains or loads its prompt per seed, and hands both to `constants`.
     - augment_negatives: DHNO's negative images get the training augmentation (True, CoOp) or
       the test transform (False, PromptKD+DPC as released).
+    - torch_dpc_trainer: the released DPC trainer whose stage-2 checkpoints `load_torch_dpc`
+      and `export_torch_dpc` read and write ('StackSPLE_PromptKD'); '' when there are none
+      (`config.dpc.init_from` and stage-2 export are refused).
 
     The array methods are pure functions of their inputs (the learner object is static
     configuration), so the trainer jits them once per run. `state` is non-trainable mutable
@@ -155,6 +158,7 @@ class PromptLearner(abc.ABC):
     dpc_unsupported: ClassVar[str] = ""
     needs_teacher: ClassVar[bool] = False
     augment_negatives: ClassVar[bool] = True
+    torch_dpc_trainer: ClassVar[str] = ""
 
     def __init__(self, clip_config: CLIPConfig, tokenizer, config: ml_collections.ConfigDict):
         if not isinstance(clip_config, CLIPConfig):
@@ -321,6 +325,21 @@ class PromptLearner(abc.ABC):
     def scorer_prompt(self, backbone: Prompt, dpc_config, consts: dict) -> Prompt:
         """The prompt whose classifier over the base classes is DHNO's scorer (default P)."""
         return backbone
+
+    def load_torch_dpc(self, path: str):
+        """(parallel, state) of a released DPC stage-2 checkpoint (`config.dpc.init_from`):
+        reference mode's parallel prompt and the learner state its base classes are evaluated
+        with (None: the stage-1 state). Learners with a `torch_dpc_trainer` override it."""
+        raise ValueError(f"config.dpc.init_from={path!r}: the {self.name!r} learner has no "
+                         f"importer of PyTorch DPC stage-2 checkpoints (only promptkd: "
+                         f"StackSPLE_PromptKD); leave config.dpc.init_from empty and train "
+                         f"stage 2 here")
+
+    def export_torch_dpc(self, parallel: Prompt, state, run_dir: str, epoch: int) -> str:
+        """Write reference mode's parallel prompt (and the state its base classes use) as the
+        released DPC trainer saves it under `run_dir`; returns the file's path."""
+        raise ValueError(f"the {self.name!r} learner has no PyTorch DPC stage-2 export (only "
+                         f"promptkd: StackSPLE_PromptKD)")
 
     def scorer_image_features(self, clip_params, backbone: Prompt, images: Array, state,
                               consts: dict) -> Array:

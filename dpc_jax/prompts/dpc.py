@@ -17,6 +17,9 @@ prompt themselves.
 - mode: 'reference' (default) reproduces the released code ('converse' mode of sple_coop.py);
   'paper' follows the paper's equations.
 - w_base (w_b, released SPLE.STACK.WEIGHT), w_new (w_n, SPLE.STACK.WEIGHT_FOR_NEW).
+- init_from (read by the trainer, `stages.dpc_model`, not here): a released stage-2 checkpoint
+  evaluated instead of training stage 2; its theta is reference mode's parallel prompt
+  (learners with a `torch_dpc_trainer`: PromptKD's StackSPLE_PromptKD).
 
 paper:     training uses P'; base eval uses w_b*P' + (1-w_b)*P; new eval w_n*P' + (1-w_n)*P.
 reference: every forward (training and base eval) uses Q = (theta - (1-w_b)*P) * (1/w_b); new

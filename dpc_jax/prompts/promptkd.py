@@ -50,6 +50,11 @@ exactly. `config.dpc.released` reproduces the released code's defects, one optio
 - scorer_ctx_unloaded: the scorer's text context is the init phrase's embedding, not the
   teacher's ctx (released: a parameter-name mismatch leaves it unloaded).
 The released configs' KD weight for stage 2 is read nowhere; stage 2 has no KD term here either.
+A released stage-2 file (StackSPLE_PromptKD) is evaluated with `config.dpc.init_from` beside
+the stage-1 student and teacher files it started from (`load_torch_dpc`: reference mode's
+parallel prompt and the stage-2 BatchNorm statistics, which serve the base classes only; new
+classes keep stage 1's); `export_torch_dpc` writes a stage 2 trained here in that layout (its
+BatchNorm statistics: the frozen stage-1 ones that its base classes use).
 
 `config.backbone` fields: name 'promptkd', n_ctx_vision (4), depth_vision (9), kd_weight
 (1000), temperature (1), teacher (a PromptSRC backbone config plus epochs, lr, batch_size,
@@ -163,6 +168,7 @@ class PromptKD(VisionPrompts, PromptLearner):
     train_split = "unlabeled"
     needs_teacher = True
     augment_negatives = False
+    torch_dpc_trainer = "StackSPLE_PromptKD"
 
     def __init__(self, clip_config, tokenizer, config: ml_collections.ConfigDict,
                  teacher: Optional[PromptLearner] = None):
@@ -222,6 +228,14 @@ class PromptKD(VisionPrompts, PromptLearner):
         out.update({"projector/dense0/kernel": (s, t), "projector/dense0/bias": (t,),
                     "projector/bn/scale": (t,), "projector/bn/bias": (t,),
                     "projector/dense1/kernel": (t, t), "projector/dense1/bias": (t,)})
+        return out
+
+    def dpc_expected_shapes(self) -> dict:
+        """'/'-joined leaf path -> shape of DPC's parallel prompt: the student's leaves and the
+        teacher's text prompts (`dpc_backbone`)."""
+        teacher = self.teacher.expected_shapes()
+        out = self.expected_shapes()
+        out.update({k: teacher[k] for k in ("ctx", "text_deep") if k in teacher})
         return out
 
     def prepare(self, clip_params, classnames: Sequence[str], *,
@@ -369,6 +383,25 @@ class PromptKD(VisionPrompts, PromptLearner):
         loaded = load_promptkd_student(path, self.expected_shapes())
         return jax.tree_util.tree_map(jnp.asarray, loaded)
 
+    def load_torch_dpc(self, path: str):
+        """(parallel, BatchNorm state) of a StackSPLE_PromptKD stage-2 checkpoint: reference
+        mode's parallel prompt (theta as 'ctx') and the stage-2 BatchNorm statistics, which its
+        base classes are evaluated with (`promptkd_torch.load_promptkd_dpc`)."""
+        from dpc_jax.convert.promptkd_torch import load_promptkd_dpc
+
+        return load_promptkd_dpc(path, self.dpc_expected_shapes())
+
+    def export_torch_dpc(self, parallel: Prompt, state, run_dir: str, epoch: int) -> str:
+        """`<run_dir>/VLPromptLearner/model.pth.tar-<epoch>` in the StackSPLE_PromptKD layout:
+        reference mode's parallel prompt and the BatchNorm statistics of the base classes."""
+        from dpc_jax.convert import promptkd_torch
+
+        if not state or "bn" not in state:
+            raise ValueError("exporting a promptkd DPC stage 2 needs the BatchNorm statistics "
+                             "its base classes are evaluated with")
+        host = lambda t: jax.tree_util.tree_map(np.asarray, jax.device_get(t))
+        path = promptkd_torch.student_checkpoint_path(run_dir, epoch)
+        return promptkd_torch.export_promptkd_dpc(host(parallel), host(state), path, epoch)
 
     def export_torch_prompt(self, prompt: Prompt, run_dir: str, epoch: int,
                             state=None) -> str:

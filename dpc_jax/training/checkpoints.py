@@ -72,6 +72,8 @@ def check_stage_settings(stage_dir: str, stage_id: int, config) -> None:
             flat[field] = value
     # Weights that act only at evaluation may change between runs (the w_b / w_n ablation).
     flat.pop("dpc.w_new", None)
+    # An imported stage 2 (config.dpc.init_from) never trains in a stage directory.
+    flat.pop("dpc.init_from", None)
     if stage_id == 2 and config.dpc.mode == "paper":
         flat.pop("dpc.w_base", None)
     flat["devices"] = jax.device_count()  # the global batch and epoch length depend on it

@@ -245,14 +245,19 @@ class SeedRun:
         return {"clip": self.run.clip_params, "train": self.stage_set(stage_id).as_consts(),
                 "class_texts": self.base_texts, "learner": self.consts}
 
-    def evaluate(self, base_prompt, new_prompt, state=None, learner=None, texts=None) -> dict:
+    def evaluate(self, base_prompt, new_prompt, state=None, learner=None, texts=None,
+                 new_state=None) -> dict:
+        """Base and new accuracy; `state` is the learner state of both splits unless
+        `new_state` is given (an imported DPC stage 2: its own BatchNorm statistics for base
+        classes, stage 1's for new classes)."""
         learner = learner or self.run.learner
         base_texts, new_texts = texts or (self.base_texts, self.new_texts)
         ev, consts = self.run.evaluator, self.consts if learner is self.run.learner else {}
         base = ev.accuracy(learner, self.base.test, base_prompt, base_texts,
                            f"seed {self.seed} base", state, consts)
         new = ev.accuracy(learner, self.new.test, new_prompt, new_texts,
-                          f"seed {self.seed} new", state, consts)
+                          f"seed {self.seed} new", state if new_state is None else new_state,
+                          consts)
         return scores(base, new)
 
     def stage_dir(self, stage_id: int) -> StageDir:
@@ -368,11 +373,51 @@ def run_teacher(sr: SeedRun, train: bool = True) -> dict:
     return teacher.evaluate(prompt, prompt)
 
 
-def run_dpc(sr: SeedRun, train: bool = True) -> dict:
+def check_dpc_import(cfg, learner) -> None:
+    """`config.dpc.init_from` (a released stage-2 checkpoint to evaluate) is usable: the learner
+    has an importer, the mode is the released parameterisation, and stage 1 comes from the
+    PyTorch files the stage-2 run started from (its theta is only meaningful against them)."""
+    path = cfg.dpc.get("init_from", "")
+    if not path:
+        return
+    if not learner.torch_dpc_trainer:
+        raise ValueError(f"config.dpc.init_from={path!r}: the {learner.name!r} learner has no "
+                         f"importer of PyTorch DPC stage-2 checkpoints (only promptkd: "
+                         f"StackSPLE_PromptKD); leave config.dpc.init_from empty and train "
+                         f"stage 2 here")
+    if cfg.dpc.mode != "reference":
+        raise ValueError(f"config.dpc.init_from={path!r} with config.dpc.mode="
+                         f"{cfg.dpc.mode!r}: a released {learner.torch_dpc_trainer} file stores "
+                         f"the released ('reference', converse) parameterisation; set "
+                         f"config.dpc.mode='reference'")
+    stage1 = {"backbone.init_from": cfg.backbone.init_from}
+    if learner.needs_teacher:
+        stage1["backbone.teacher.init_from"] = cfg.backbone.teacher.init_from
+    for field, value in stage1.items():
+        if not value:
+            raise ValueError(f"config.dpc.init_from={path!r} needs config.{field}: the stage-1 "
+                             f"PyTorch file that stage 2 started from (the stored theta is a "
+                             f"mix with its prompt P, and new classes use P)")
+        if os.path.abspath(value) == os.path.abspath(path):
+            raise ValueError(f"config.{field} and config.dpc.init_from are the same file "
+                             f"{path!r}; config.{field} takes the stage-1 file")
+
+
+def dpc_model(sr: SeedRun, train: bool):
+    """Stage 2's (params, base_state, new_state): DPC parameters {'backbone', 'parallel'} and
+    the learner states of base and new evaluation. Trained here, restored, or imported from a
+    released stage-2 checkpoint (`config.dpc.init_from`: evaluated, never trained; its own
+    state, e.g. PromptKD's stage-2 BatchNorm statistics, serves the base classes). Otherwise
+    both states are stage 1's (frozen in stage 2)."""
     cfg, run, learner = sr.run.config, sr.run, sr.run.learner
     backbone, lstate = backbone_prompt(sr, train=False)
     backbone = learner.dpc_backbone(host(backbone), sr.consts)
     backbone, lstate = host(backbone), host(lstate)
+    if cfg.dpc.get("init_from", ""):
+        check_dpc_import(cfg, learner)
+        parallel, state = learner.load_torch_dpc(cfg.dpc.init_from)
+        return ({"backbone": backbone, "parallel": parallel},
+                lstate if state is None else state, lstate)
     init = learner.dpc_init(run.dual.init(backbone), cfg.dpc,
                             jax.random.fold_in(jax.random.key(sr.seed), 202))
     if train:
@@ -385,9 +430,14 @@ def run_dpc(sr: SeedRun, train: bool = True) -> dict:
         params = out["params"]
     else:
         params = sr.stage_dir(DPC).final({"params": init, "aux": {}})["params"]
-    params, lstate = replicate((params, lstate), run.mesh)
-    return sr.evaluate(run.dual.eval_prompt(params, "base"), run.dual.eval_prompt(params, "new"),
-                       lstate)
+    return params, lstate, lstate
+
+
+def run_dpc(sr: SeedRun, train: bool = True) -> dict:
+    params, base_state, new_state = replicate(dpc_model(sr, train), sr.run.mesh)
+    dual = sr.run.dual
+    return sr.evaluate(dual.eval_prompt(params, "base"), dual.eval_prompt(params, "new"),
+                       base_state, new_state=new_state)
 
 
 STAGE_RUNNERS = {"zeroshot": run_zeroshot, "teacher": run_teacher, "backbone": run_backbone,

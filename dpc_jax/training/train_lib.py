@@ -21,6 +21,7 @@ from dpc_jax.evaluation.results import format_table, summarize
 from dpc_jax.models.clip import CLIPConfig
 from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import dpc as dpc_lib
+from dpc_jax.prompts import get_learner
 from dpc_jax.training import stages as stages_lib
 from dpc_jax.training.checkpoints import write_json
 from dpc_jax.data.train_sets import load_unlabeled
@@ -144,6 +145,7 @@ def preflight(sr: stages_lib.SeedRun, stages, train: bool) -> None:
                          f"{sr.run.learner.dpc_unsupported}; use config.stages=zeroshot,backbone")
     if "dpc" in stages:
         learner.check_dpc_config(cfg.dpc)
+        stages_lib.check_dpc_import(cfg, learner)
     if "dpc" in stages and cfg.dhno.top_k >= sr.base.num_classes:
         raise ValueError(
             f"config.dhno.top_k={cfg.dhno.top_k} needs more than {cfg.dhno.top_k} base classes; "
@@ -172,7 +174,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     check_config(config)
     if config.mode == "export":
         raise ValueError("config.mode='export' writes PyTorch checkpoints and trains nothing: "
-                         "call export_backbone(config, workdir) (the command line does)")
+                         "call export_backbone(config, workdir) and, for PromptKD's stage 2, "
+                         "export_dpc(config, workdir) (the command line does)")
     if config.distributed:
         jax.distributed.initialize()
     os.makedirs(workdir, exist_ok=True)
@@ -205,14 +208,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return results
 
 
-def export_backbone(config: ml_collections.ConfigDict, workdir: str) -> list:
-    """Write each seed's trained stage-1 prompt in the released PyTorch code's checkpoint layout,
-    to workdir/seed_N/torch/<model dir>/model.pth.tar-<backbone.epochs>; returns the paths."""
+def _export_run(config: ml_collections.ConfigDict) -> stages_lib.Run:
     check_config(config)
     mesh = make_mesh()
     clip_config, clip_params, tokenizer = load_clip_and_tokenizer(config)
-    run = stages_lib.Run(config=config, mesh=mesh, clip_config=clip_config,
-                         clip_params=replicate(clip_params, mesh), tokenizer=tokenizer)
+    return stages_lib.Run(config=config, mesh=mesh, clip_config=clip_config,
+                          clip_params=replicate(clip_params, mesh), tokenizer=tokenizer)
+
+
+def export_backbone(config: ml_collections.ConfigDict, workdir: str) -> list:
+    """Write each seed's trained stage-1 prompt in the released PyTorch code's checkpoint layout,
+    to workdir/seed_N/torch/<model dir>/model.pth.tar-<backbone.epochs>; returns the paths."""
+    run = _export_run(config)
     paths = []
     for seed in parse_list(config.seeds, "seeds", cast=int):
         sr = stages_lib.SeedRun.create(run, seed, workdir, train_mode=False)
@@ -221,5 +228,34 @@ def export_backbone(config: ml_collections.ConfigDict, workdir: str) -> list:
             paths.append(run.learner.export_torch_prompt(
                 prompt, os.path.join(sr.seed_dir, "torch"), config.backbone.epochs,
                 state=state))
+            tqdm.write(f"seed {seed}: wrote {paths[-1]}")
+    return paths
+
+
+def exports_dpc(config: ml_collections.ConfigDict) -> bool:
+    """Whether export mode also writes stage 2: 'dpc' is a configured stage and the learner
+    has a released DPC trainer's layout (PromptKD: StackSPLE_PromptKD)."""
+    learner = get_learner(config.backbone.get("name", ""))
+    return "dpc" in parse_list(config.stages, "stages", STAGES) and bool(learner.torch_dpc_trainer)
+
+
+def export_dpc(config: ml_collections.ConfigDict, workdir: str) -> list:
+    """Write each seed's trained (or imported) DPC stage 2 in the released DPC trainer's layout,
+    to workdir/seed_N/torch/dpc/VLPromptLearner/model.pth.tar-<dpc.epochs> (PromptKD:
+    StackSPLE_PromptKD; its `--model-dir` is workdir/seed_N/torch/dpc); returns the paths.
+    Reference mode only: the file stores theta, the released parameterisation."""
+    if config.dpc.mode != "reference":
+        raise ValueError(f"config.dpc.mode={config.dpc.mode!r}: the released DPC trainers store "
+                         f"theta of the 'reference' (converse) parameterisation; a 'paper' "
+                         f"stage 2 has no equivalent file")
+    run = _export_run(config)
+    paths = []
+    for seed in parse_list(config.seeds, "seeds", cast=int):
+        sr = stages_lib.SeedRun.create(run, seed, workdir, train_mode=False)
+        params, base_state, _ = stages_lib.dpc_model(sr, train=False)
+        if jax.process_index() == 0:
+            paths.append(run.learner.export_torch_dpc(
+                params["parallel"], base_state, os.path.join(sr.seed_dir, "torch", "dpc"),
+                config.dpc.epochs))
             tqdm.write(f"seed {seed}: wrote {paths[-1]}")
     return paths
