@@ -449,6 +449,7 @@ def training_curves(workdir: str, path: str, title: str = "") -> bool:
                     va="top")
         offset += last
     for ax, (field, name) in zip(axes, CURVES):
+        ax.set_xlim(0, offset)  # one step axis for every panel (valid negatives: DPC only)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step (stages in order)", fontsize=8)
         ax.spines[["top", "right"]].set_visible(False)
