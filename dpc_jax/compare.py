@@ -14,12 +14,12 @@ paper's plug-and-play figure).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Dict, List, Sequence
 
-import numpy as np
+from dpc_jax.benchmark import has_seeds, run_or_reuse  # noqa: F401 (the shared reuse rule)
+from dpc_jax.evaluation.report import bar_chart as _bar_chart, row as _row
 
 REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "configs")
@@ -37,36 +37,6 @@ def run_specs(backbone: str, args: str = "") -> Dict[str, str]:
             + extra}
 
 
-def _has_seeds(results: dict, stages: Sequence[str], seeds: Sequence[int]) -> bool:
-    want = {str(s) for s in seeds}
-    return all(stage in results and set(results[stage]["per_seed"]) == want for stage in stages)
-
-
-def run_or_reuse(spec: str, workdir: str, seeds: Sequence[int], stages: Sequence[str],
-                 progress: bool) -> dict:
-    """The run's results: reused when `results.json` holds `stages` for exactly `seeds`."""
-    path = os.path.join(workdir, "results.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            results = json.load(f)
-        if _has_seeds(results, stages, seeds):
-            print(f"reusing {workdir} ({spec})", flush=True)
-            return results
-    from dpc_jax.training import train_lib
-
-    config = train_lib.load_config(spec)
-    config.seeds = ",".join(str(s) for s in seeds)
-    config.progress = progress
-    return train_lib.train_and_evaluate(config, workdir)
-
-
-def _row(stage: dict) -> dict:
-    hm = [s["hm"] for s in stage["per_seed"].values()]
-    return {"base": stage["base"], "base_std": stage["base_std"], "new": stage["new"],
-            "new_std": stage["new_std"], "hm": stage["hm"], "hm_std": float(np.std(hm)),
-            "per_seed": stage["per_seed"]}
-
-
 def comparison(runs: Dict[str, dict], backbones: Sequence[str]) -> dict:
     """{backbone: {method: row}} from the runs' results."""
     out = {}
@@ -75,6 +45,11 @@ def comparison(runs: Dict[str, dict], backbones: Sequence[str]) -> dict:
         out[b] = {"backbone": _row(plain["backbone"]), "+DePT": _row(dept["backbone"]),
                   "+DPC": _row(plain["dpc"])}
     return out
+
+
+def bar_chart(table: dict, path: str, title: str = "") -> None:
+    """Grouped bars of H per backbone (backbone, +DePT, +DPC), std as error bars."""
+    _bar_chart(table, path, title or "Plug-and-play: backbone, +DePT, +DPC", METHODS)
 
 
 def markdown(table: dict) -> str:
@@ -87,41 +62,6 @@ def markdown(table: dict) -> str:
                          f"{r['new']:.2f} ± {r['new_std']:.2f} | {r['hm']:.2f} ± "
                          f"{r['hm_std']:.2f} |")
     return "\n".join(lines) + "\n"
-
-
-def bar_chart(table: dict, path: str, title: str = "") -> None:
-    """Grouped bars of H per backbone (backbone, +DePT, +DPC), std as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    backbones = list(table)
-    x = np.arange(len(backbones))
-    width = 0.26
-    colours = {"backbone": "#9e9e9e", "+DePT": "#6fa8dc", "+DPC": "#e06666"}
-    fig, ax = plt.subplots(figsize=(1.9 * len(backbones) + 1.5, 3.6), dpi=120)
-    for i, m in enumerate(METHODS):
-        h = [table[b][m]["hm"] for b in backbones]
-        err = [table[b][m]["hm_std"] for b in backbones]
-        bars = ax.bar(x + (i - 1) * width, h, width, yerr=err, capsize=3, label=m,
-                      color=colours[m], edgecolor="black", linewidth=0.5)
-        for bar, v, e in zip(bars, h, err):
-            ax.text(bar.get_x() + bar.get_width() / 2, v + e + 0.3, f"{v:.1f}", ha="center",
-                    va="bottom", fontsize=7)
-    low = min(table[b][m]["hm"] - table[b][m]["hm_std"] for b in backbones for m in METHODS)
-    high = max(table[b][m]["hm"] + table[b][m]["hm_std"] for b in backbones for m in METHODS)
-    ax.set_ylim(max(0.0, low - 5), high + 4)
-    ax.set_xticks(x, [LABELS[b] for b in backbones])
-    ax.set_ylabel("harmonic mean H (%)")
-    ax.set_title(title or "Plug-and-play: backbone, +DePT, +DPC")
-    ax.legend(frameon=False, fontsize=8, ncol=3, loc="upper left")
-    ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv: List[str] = None) -> dict:

@@ -1,0 +1,509 @@
+"""The results report: every run under a ROOT as the paper's base-to-new table, and its plots.
+
+`write_report(root)` (what `python -m dpc_jax.benchmark report ROOT` calls) writes ROOT/table.md,
+ROOT/table.csv and ROOT/plots/*.png; `collect`, `build_table`, `markdown`, `csv_rows` and the
+plot functions are the pieces, for notebooks.
+
+A run is a directory holding results.json and config.json (what `train_and_evaluate` writes),
+wherever it sits under ROOT: the dataset and the method come from config.json, so the runner's
+ROOT/<dataset>/<run> directories and `python -m dpc_jax.compare`'s W/<run> read alike. Seeds of
+one (dataset, method) found in several runs are pooled; the same seed with different numbers in
+two runs is an error naming both.
+
+Conventions (the paper's): a dataset's B and N are the means over seeds, its H the harmonic mean
+of those means (not the mean of per-seed H); the average row is the mean over datasets of B and
+of N and the H of those two means (this reproduces the paper's "Average (11)" row from its
+per-dataset rows, see tests/test_benchmark.py).
+
+results.json may carry a top-level 'protocol' (absent: 'base_to_new'); `READERS` maps a protocol
+to the function that reads its stages. Runs of other protocols are skipped with a one-line
+notice.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from dpc_jax.evaluation.results import LEARNER_NAMES, STAGE_NAMES, harmonic_mean, summarize
+
+PAPER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_results.json")
+# The paper's dataset order (its table's rows); other datasets follow, sorted.
+PAPER_ORDER = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers",
+               "food101", "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
+PAPER_NAMES = {"imagenet": "ImageNet", "caltech101": "Caltech101", "oxford_pets": "OxfordPets",
+               "stanford_cars": "StanfordCars", "oxford_flowers": "Flowers102",
+               "food101": "Food101", "fgvc_aircraft": "FGVCAircraft", "sun397": "SUN397",
+               "dtd": "DTD", "eurosat": "EuroSAT", "ucf101": "UCF101", "world": "world"}
+LEARNER_ORDER = ("coop", "cocoop", "ivlp", "maple", "promptsrc", "promptkd")
+NAMES = {**LEARNER_NAMES, "promptkd": "PromptKD"}
+# A family's columns: (column key, the method key's form, the stage read from that run).
+COLUMNS = (("zeroshot", "{l}", "zeroshot"), ("backbone", "{l}", "backbone"),
+           ("+DePT", "dept_{l}", "backbone"), ("+DPC", "{l}", "dpc"))
+
+
+def label(learner: str, column: str) -> str:
+    name = NAMES.get(learner, learner)
+    return {"zeroshot": STAGE_NAMES["zeroshot"], "backbone": name}.get(column, name + column)
+
+
+# ---------------------------------------------------------------- reading runs
+
+@dataclasses.dataclass
+class Run:
+    workdir: str
+    dataset: str
+    method: str  # the learner ('coop'), or 'dept_<inner>' for DePT around it
+    per_seed: Dict[str, Dict[str, dict]]  # stage -> seed -> {'base', 'new', 'hm'}
+
+
+def method_key(config: dict) -> str:
+    backbone = config.get("backbone", {})
+    name = backbone.get("name", "")
+    if name == "dept":
+        return f"dept_{backbone.get('inner', {}).get('name', '')}"
+    return name
+
+
+def read_base_to_new(results: dict) -> Dict[str, Dict[str, dict]]:
+    """stage -> seed -> scores, from a base-to-new results.json."""
+    return {stage: dict(r["per_seed"]) for stage, r in results.items()
+            if isinstance(r, dict) and "per_seed" in r}
+
+
+READERS: Dict[str, Callable[[dict], Dict[str, Dict[str, dict]]]] = {
+    "base_to_new": read_base_to_new}
+
+
+def collect(root: str, notice: Callable[[str], None] = print) -> List[Run]:
+    """Every run under `root` whose protocol has a reader (others: one notice each)."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"ROOT {root!r} is not a directory; expected the directory "
+                                f"`python -m dpc_jax.benchmark run` wrote")
+    runs = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        if "results.json" not in filenames or "config.json" not in filenames:
+            continue
+        with open(os.path.join(dirpath, "results.json")) as f:
+            results = json.load(f)
+        protocol = results.get("protocol", "base_to_new")
+        if protocol not in READERS:
+            notice(f"skipping {dirpath}: protocol {protocol!r} is not reported yet (known: "
+                   f"{', '.join(READERS)})")
+            continue
+        with open(os.path.join(dirpath, "config.json")) as f:
+            config = json.load(f)
+        runs.append(Run(dirpath, config["dataset"], method_key(config),
+                        READERS[protocol](results)))
+    if not runs:
+        raise FileNotFoundError(f"ROOT {root!r} holds no runs; expected directories with "
+                                f"results.json and config.json (from `python -m "
+                                f"dpc_jax.benchmark run {root} ...`)")
+    return runs
+
+
+def pool(runs: Sequence[Run]) -> Dict[str, Dict[str, Dict[str, Dict[str, dict]]]]:
+    """dataset -> method -> stage -> seed -> scores, pooling the runs' seeds."""
+    out: dict = {}
+    where: dict = {}
+    for run in runs:
+        for stage, by_seed in run.per_seed.items():
+            dest = out.setdefault(run.dataset, {}).setdefault(run.method, {}).setdefault(
+                stage, {})
+            for seed, scores in by_seed.items():
+                key = (run.dataset, run.method, stage, seed)
+                if seed in dest and (dest[seed]["base"], dest[seed]["new"]) != (
+                        scores["base"], scores["new"]):
+                    raise ValueError(f"seed {seed} of {run.method} {stage} on {run.dataset} "
+                                     f"differs between {where[key]} and {run.workdir}")
+                dest[seed] = scores
+                where.setdefault(key, run.workdir)
+    return out
+
+
+def row(stage: dict) -> dict:
+    """A summary row (summarize's fields) plus the population std of per-seed H and the seeds."""
+    hm = [s["hm"] for s in stage["per_seed"].values()]
+    return {"base": stage["base"], "base_std": stage["base_std"], "new": stage["new"],
+            "new_std": stage["new_std"], "hm": stage["hm"], "hm_std": float(np.std(hm)),
+            "n": len(hm), "per_seed": stage["per_seed"]}
+
+
+def load_paper(path: str = PAPER_FILE) -> dict:
+    """dataset -> learner -> {'backbone', 'dpc'} -> [B, N, H], the paper's published numbers."""
+    with open(path) as f:
+        return json.load(f)["results"]
+
+
+# ---------------------------------------------------------------- the table
+
+def dataset_order(datasets) -> List[str]:
+    known = [d for d in PAPER_ORDER if d in datasets]
+    return known + sorted(d for d in datasets if d not in PAPER_ORDER)
+
+
+def build_table(runs: Sequence[Run], paper: Optional[dict] = None) -> dict:
+    """{'datasets': [...], 'families': {learner: {'columns': [...], 'rows': {dataset or
+    'average': {column: row}}, 'average_over': [...], 'paper': {dataset: {column: [B,N,H]}}}}}.
+
+    One family per learner: zero-shot, the learner, +DePT (when run), +DPC; delta = +DPC minus
+    the learner on B, N and H."""
+    paper = load_paper() if paper is None else paper
+    pooled = pool(runs)
+    datasets = dataset_order(pooled)
+    learners = {m[5:] if m.startswith("dept_") else m for d in pooled.values() for m in d}
+    learners = [l for l in LEARNER_ORDER if l in learners] + sorted(
+        l for l in learners if l not in LEARNER_ORDER)
+    families = {}
+    for l in learners:
+        rows: dict = {}
+        for d in datasets:
+            for column, form, stage in COLUMNS:
+                methods = pooled[d]
+                method = form.format(l=l)
+                if column == "zeroshot" and method not in methods:
+                    method = f"dept_{l}"  # a DePT run's zero-shot is the same CLIP's
+                by_seed = methods.get(method, {}).get(stage)
+                if by_seed:
+                    rows.setdefault(d, {})[column] = row(summarize({stage: by_seed})[stage])
+        if not rows:
+            continue
+        columns = [c for c, _, _ in COLUMNS if any(c in r for r in rows.values())]
+        complete = [d for d in datasets if d in rows and all(c in rows[d] for c in columns)]
+        if len(complete) >= 2:
+            rows["average"] = {c: average([rows[d][c] for d in complete]) for c in columns}
+        for r in rows.values():
+            if "backbone" in r and "+DPC" in r:
+                r["delta"] = {k: r["+DPC"][k] - r["backbone"][k] for k in ("base", "new", "hm")}
+        published = {}
+        for d in list(rows):
+            key = d
+            if d == "average" and sorted(complete) != sorted(PAPER_ORDER):
+                continue  # the paper's average is over its 11 datasets only
+            if key in paper and l in paper[key]:
+                published[d] = {"backbone": paper[key][l]["backbone"],
+                                "+DPC": paper[key][l]["dpc"]}
+        families[l] = {"columns": columns, "rows": rows, "average_over": complete,
+                       "paper": published}
+    return {"datasets": datasets, "families": families}
+
+
+def average(rows: Sequence[dict]) -> dict:
+    """Mean over datasets of B and of N; H of those means (the paper's average row)."""
+    base = float(np.mean([r["base"] for r in rows]))
+    new = float(np.mean([r["new"] for r in rows]))
+    return {"base": base, "new": new, "hm": harmonic_mean(base, new), "n": len(rows)}
+
+
+def _cell(values) -> str:
+    return "–" if values is None else "/".join(f"{v:.2f}" for v in values)
+
+
+def _bnh(r: Optional[dict]):
+    return None if r is None else (r["base"], r["new"], r["hm"])
+
+
+def _signed(values) -> str:
+    return "–" if values is None else "/".join(f"{v:+.2f}" for v in values)
+
+
+def _diff(ours: Optional[dict], published) -> Optional[tuple]:
+    if ours is None or published is None:
+        return None
+    return tuple(o - p for o, p in zip(_bnh(ours), published))
+
+
+def markdown(table: dict, plots: Sequence[str] = ()) -> str:
+    """One table per learner in the paper's layout (cells B/N/H), the average and delta rows,
+    the paper's numbers and ours minus the paper's where the dataset is one of the paper's."""
+    out = ["# Base-to-new results", "",
+           "Cells are base/new/H (%), B and N the means over seeds and H the harmonic mean of "
+           "those means; 'Average (n)' is the mean over n datasets of B and of N and the H of "
+           "the two means; Δ DPC = +DPC minus the backbone. Paper: the DPC paper's published "
+           "numbers (ViT-B/16); ours − paper where the dataset is one of its 11.", ""]
+    for l, fam in table["families"].items():
+        cols = fam["columns"]
+        has_paper = bool(fam["paper"])
+        head = ["dataset", "seeds"] + [label(l, c) for c in cols]
+        if "backbone" in cols and "+DPC" in cols:
+            head.append("Δ DPC")
+        if has_paper:
+            head += [f"paper {label(l, 'backbone')}", f"paper {label(l, '+DPC')}",
+                     f"{label(l, 'backbone')} − paper", f"{label(l, '+DPC')} − paper"]
+        out += [f"## {NAMES.get(l, l)}", "", "| " + " | ".join(head) + " |",
+                "|" + "---|" * len(head)]
+        order = [d for d in table["datasets"] if d in fam["rows"]]
+        if "average" in fam["rows"]:
+            order.append("average")
+        for d in order:
+            r = fam["rows"][d]
+            if d == "average":
+                name, seeds = f"Average ({len(fam['average_over'])})", ""
+            else:
+                name = PAPER_NAMES.get(d, d)
+                seeds = ",".join(sorted({s for c in cols if c in r for s in r[c]["per_seed"]},
+                                        key=int))
+            cells = [name, seeds] + [_cell(_bnh(r.get(c))) for c in cols]
+            if "Δ DPC" in head:
+                delta = r.get("delta")
+                cells.append(_signed(None if delta is None else
+                                     (delta["base"], delta["new"], delta["hm"])))
+            if has_paper:
+                pub = fam["paper"].get(d, {})
+                cells += [_cell(pub.get("backbone")), _cell(pub.get("+DPC")),
+                          _signed(_diff(r.get("backbone"), pub.get("backbone"))),
+                          _signed(_diff(r.get("+DPC"), pub.get("+DPC")))]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    if plots:
+        out += ["## Plots", ""] + [f"![{os.path.basename(p)}]({p})" for p in plots] + [""]
+    return "\n".join(out)
+
+
+CSV_FIELDS = ("dataset", "learner", "method", "seeds_or_datasets", "base", "new", "hm",
+              "base_std", "new_std", "hm_std", "paper_base", "paper_new", "paper_hm",
+              "diff_base", "diff_new", "diff_hm")
+
+
+def csv_rows(table: dict) -> List[dict]:
+    """The table in long form: one line per (dataset or 'average', learner, column), the delta
+    as method '<name>+DPC − <name>'."""
+    lines = []
+    for l, fam in table["families"].items():
+        for d, r in fam["rows"].items():
+            for c in fam["columns"] + ["delta"]:
+                if c not in r:
+                    continue
+                x = r[c]
+                method = (f"{label(l, '+DPC')} − {label(l, 'backbone')}" if c == "delta"
+                          else label(l, c))
+                line = {"dataset": d, "learner": l, "method": method,
+                        "seeds_or_datasets": x.get("n", ""),
+                        **{k: round(x[k], 4) for k in ("base", "new", "hm")},
+                        **{k: round(x[k], 4) if k in x else "" for k in
+                           ("base_std", "new_std", "hm_std")}}
+                pub = fam["paper"].get(d, {}).get(c)
+                diff = _diff(x, pub) if c != "delta" else None
+                for i, k in enumerate(("base", "new", "hm")):
+                    line[f"paper_{k}"] = pub[i] if pub else ""
+                    line[f"diff_{k}"] = round(diff[i], 4) if diff else ""
+                lines.append(line)
+    return lines
+
+
+def write_csv(table: dict, path: str) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(csv_rows(table))
+    with open(path, "w") as f:
+        f.write(buf.getvalue())
+
+
+# ---------------------------------------------------------------- plots
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str) -> None:
+    plt = _pyplot()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+COLOURS = {"zeroshot": "#d9d9d9", "backbone": "#9e9e9e", "+DePT": "#6fa8dc", "+DPC": "#e06666"}
+
+
+def bar_chart(table: dict, path: str, title: str = "",
+              methods: Sequence[str] = ("backbone", "+DePT", "+DPC")) -> None:
+    """Grouped bars of H per backbone ({backbone: {method: row}}), std as error bars: the
+    paper's plug-and-play figure."""
+    plt = _pyplot()
+    backbones = list(table)
+    x = np.arange(len(backbones))
+    width = 0.78 / len(methods)
+    fig, ax = plt.subplots(figsize=(1.9 * len(backbones) + 1.5, 3.6), dpi=120)
+    for i, m in enumerate(methods):
+        h = [table[b][m]["hm"] for b in backbones]
+        err = [table[b][m].get("hm_std", 0.0) for b in backbones]
+        bars = ax.bar(x + (i - (len(methods) - 1) / 2) * width, h, width, yerr=err, capsize=3,
+                      label=m, color=COLOURS.get(m, None), edgecolor="black", linewidth=0.5)
+        for bar, v, e in zip(bars, h, err):
+            ax.text(bar.get_x() + bar.get_width() / 2, v + e + 0.3, f"{v:.1f}", ha="center",
+                    va="bottom", fontsize=7)
+    values = [(table[b][m]["hm"], table[b][m].get("hm_std", 0.0))
+              for b in backbones for m in methods]
+    ax.set_ylim(max(0.0, min(v - e for v, e in values) - 5), max(v + e for v, e in values) + 4)
+    ax.set_xticks(x, [NAMES.get(b, b) for b in backbones])
+    ax.set_ylabel("harmonic mean H (%)")
+    ax.set_title(title or "Plug-and-play: " + ", ".join(methods))
+    ax.legend(frameon=False, fontsize=8, ncol=len(methods), loc="upper left")
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def dataset_bars(table: dict, dataset: str, path: str) -> None:
+    """Base, new and H of every learner's columns (zero-shot, backbone, +DePT, +DPC) on one
+    dataset (or 'average'), seed std as error bars."""
+    plt = _pyplot()
+    fams = [(l, f) for l, f in table["families"].items() if dataset in f["rows"]]
+    fig, axes = plt.subplots(1, len(fams), figsize=(3.4 * len(fams) + 0.6, 3.3), dpi=100,
+                             squeeze=False)
+    for ax, (l, fam) in zip(axes[0], fams):
+        r = fam["rows"][dataset]
+        cols = [c for c in fam["columns"] if c in r]
+        width = 0.8 / len(cols)
+        for i, c in enumerate(cols):
+            vals = [r[c][k] for k in ("base", "new", "hm")]
+            errs = [r[c].get(k, 0.0) for k in ("base_std", "new_std", "hm_std")]
+            ax.bar(np.arange(3) + (i - (len(cols) - 1) / 2) * width, vals, width, yerr=errs,
+                   capsize=2, label=label(l, c), color=COLOURS.get(c), edgecolor="black",
+                   linewidth=0.5)
+        ax.set_xticks(np.arange(3), ["base", "new", "H"])
+        ax.set_ylim(0, 100)
+        ax.set_title(NAMES.get(l, l), fontsize=10)
+        ax.legend(frameon=False, fontsize=7, loc="lower right")
+        ax.spines[["top", "right"]].set_visible(False)
+    axes[0][0].set_ylabel("accuracy (%)")
+    name = f"average over {len(fams[0][1]['average_over'])} datasets" if dataset == "average" \
+        else PAPER_NAMES.get(dataset, dataset)
+    fig.suptitle(name, fontsize=11)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plug_and_play_table(table: dict, dataset: str) -> tuple:
+    """({learner: {method: row}}, methods) for the learners with backbone and +DPC on
+    `dataset`; +DePT is included when every one of them has it."""
+    picked = {l: f["rows"][dataset] for l, f in table["families"].items()
+              if dataset in f["rows"] and {"backbone", "+DPC"} <= set(f["rows"][dataset])}
+    methods = ["backbone", "+DPC"]
+    if picked and all("+DePT" in r for r in picked.values()):
+        methods.insert(1, "+DePT")
+    return {l: {m: r[m] for m in methods} for l, r in picked.items()}, methods
+
+
+def read_logs(workdir: str) -> Dict[str, Dict[int, List[dict]]]:
+    """stage -> seed -> the log.jsonl records of a run directory."""
+    out: dict = {}
+    for entry in sorted(os.listdir(workdir)):
+        if not (entry.startswith("seed_") and entry[5:].isdigit()):
+            continue
+        for stage in sorted(os.listdir(os.path.join(workdir, entry))):
+            path = os.path.join(workdir, entry, stage, "log.jsonl")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    out.setdefault(stage, {})[int(entry[5:])] = [json.loads(l) for l in f
+                                                                  if l.strip()]
+    return out
+
+
+CURVES = (("loss", "loss"), ("lr", "learning rate"), ("valid_negatives", "valid negatives"))
+STAGE_ORDER = ("teacher", "backbone", "dpc")
+
+
+def training_curves(workdir: str, path: str, title: str = "") -> bool:
+    """Loss, learning rate and valid negatives against the step of one run (stages one after
+    the other, a dotted line where the next starts; one line per seed). False when the run has
+    no logs."""
+    logs = read_logs(workdir)
+    if not logs:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(11, 3.0), dpi=100)
+    stages = [s for s in STAGE_ORDER if s in logs] + sorted(s for s in logs
+                                                            if s not in STAGE_ORDER)
+    seeds = sorted({s for by_seed in logs.values() for s in by_seed})
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    offset = 0
+    for stage in stages:
+        last = max(rec["step"] for recs in logs[stage].values() for rec in recs)
+        for seed in seeds:
+            recs = logs[stage].get(seed, [])
+            for ax, (field, _) in zip(axes, CURVES):
+                pts = [(offset + r["step"], r[field]) for r in recs if field in r]
+                if pts:
+                    xs, ys = zip(*pts)
+                    ax.plot(xs, ys, color=colours[seeds.index(seed) % len(colours)],
+                            linewidth=1, label=f"seed {seed}" if stage == stages[0] else None)
+        for ax in axes:
+            if offset:
+                ax.axvline(offset, color="grey", linestyle=":", linewidth=0.8)
+            ax.text(offset, 1.0, f" {stage}", transform=ax.get_xaxis_transform(), fontsize=7,
+                    va="top")
+        offset += last
+    for ax, (field, name) in zip(axes, CURVES):
+        ax.set_xlim(0, offset)  # one step axis for every panel (valid negatives: DPC only)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step (stages in order)", fontsize=8)
+        ax.spines[["top", "right"]].set_visible(False)
+        if field == "lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    axes[0].legend(frameon=False, fontsize=7)
+    fig.suptitle(title or workdir, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+# ---------------------------------------------------------------- all of it
+
+def _slug(s: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in s)
+
+
+def write_plots(table: dict, runs: Sequence[Run], root: str) -> List[str]:
+    """ROOT/plots/: bars_<dataset>.png, plug_and_play_<dataset>.png (two or more learners),
+    curves_<dataset>_<method>.png; returns their paths relative to ROOT."""
+    out_dir = os.path.join(root, "plots")
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    keys = table["datasets"] + (["average"] if any(
+        "average" in f["rows"] for f in table["families"].values()) else [])
+    for d in keys:
+        name = f"bars_{_slug(d)}.png"
+        dataset_bars(table, d, os.path.join(out_dir, name))
+        written.append(name)
+        pp, methods = plug_and_play_table(table, d)
+        if len(pp) >= 2:
+            name = f"plug_and_play_{_slug(d)}.png"
+            bar_chart(pp, os.path.join(out_dir, name),
+                      f"{PAPER_NAMES.get(d, d)}: " + ", ".join(methods) + " (H)", methods)
+            written.append(name)
+    for run in runs:
+        name = f"curves_{_slug(run.dataset)}_{_slug(run.method)}.png"
+        if name not in written and training_curves(
+                run.workdir, os.path.join(out_dir, name), f"{run.dataset} / {run.method}: "
+                f"{os.path.relpath(run.workdir, root)}"):
+            written.append(name)
+    return [os.path.join("plots", n) for n in written]
+
+
+def write_report(root: str, notice: Callable[[str], None] = print) -> dict:
+    """ROOT/table.md, ROOT/table.csv, ROOT/plots/*.png from every run under ROOT; returns
+    {'table': ..., 'files': [paths relative to ROOT]}."""
+    runs = collect(root, notice)
+    table = build_table(runs)
+    plots = write_plots(table, runs, root)
+    text = markdown(table, plots)
+    with open(os.path.join(root, "table.md"), "w") as f:
+        f.write(text)
+    write_csv(table, os.path.join(root, "table.csv"))
+    notice(f"wrote {os.path.join(root, 'table.md')}, table.csv and {len(plots)} plots")
+    return {"table": table, "files": ["table.md", "table.csv"] + plots}
