@@ -392,12 +392,11 @@ def main(argv: Optional[List[str]] = None):
 
 
 def cli(argv: Optional[List[str]] = None) -> int:
-    try:
-        main(argv)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"Error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """`main` with a user error reported as one `Error:` line and exit status 2
+    (`dpc_jax.cli`)."""
+    from dpc_jax import cli as cli_lib
+
+    return cli_lib.run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -103,8 +103,6 @@ def main(argv: List[str] = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from dpc_jax.cli import run_cli
+
+    sys.exit(run_cli(main))

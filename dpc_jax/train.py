@@ -9,11 +9,18 @@ W/seed_N/torch/<VLPromptLearner|MultiModalPromptLearner>/model.pth.tar-<backbone
 upstream trainers load with `--model-dir W/seed_N/torch --load-epoch E` (needs torch). For
 PromptKD (student and, with 'dpc' in config.stages, its DPC stage 2 as StackSPLE_PromptKD saves
 it, to W/seed_N/torch/dpc/VLPromptLearner/model.pth.tar-<dpc.epochs>).
+
+A wrong input (config value, misspelt --config.field, data, checkpoint, path) ends the run with
+one `Error: ...` line and exit status 2 (`dpc_jax.cli`; DPC_JAX_TRACEBACK=1 shows the
+traceback).
 """
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dpc_jax import cli
 from dpc_jax.training import train_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file",
@@ -27,13 +34,19 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO; --verbosity=0 shows it
         logging.set_verbosity(logging.WARNING)
-    if _CONFIG.value.mode == "export":
-        train_lib.export_backbone(_CONFIG.value, _WORKDIR.value)
-        if train_lib.exports_dpc(_CONFIG.value):
-            train_lib.export_dpc(_CONFIG.value, _WORKDIR.value)
+    status = cli.run_cli(_run, _CONFIG.value, _WORKDIR.value)
+    if status:
+        sys.exit(status)
+
+
+def _run(config, workdir):
+    if config.mode == "export":
+        train_lib.export_backbone(config, workdir)
+        if train_lib.exports_dpc(config):
+            train_lib.export_dpc(config, workdir)
     else:
-        train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        train_lib.train_and_evaluate(config, workdir)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.absl_flags_parser("config"))

@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     try:
         summary = convert_checkpoint(args.source, args.out_dir, tokenizer=args.tokenizer)
     except (OSError, ValueError) as e:  # a wrong source or file: the message says what and why
-        parser.exit(2, f"error: {e}\n")
+        parser.exit(2, f"Error: {e}\n")
     cfg = summary["config"]
     print(f"converted {summary['source']} ({summary['kind']}) -> {summary['out_dir']}")
     print(f"  ViT: width {cfg['vision_width']}, {cfg['vision_layers']} layers, patch "

@@ -1,0 +1,137 @@
+"""What every `python -m dpc_jax.<tool>` does with a user's mistake: one `Error: ...` line (and
+what to do), exit status 2, no traceback.
+
+User errors are the exceptions dpc_jax raises for inputs that can be wrong: ValueError (config
+values, checkpoint and data contents), KeyError (unknown names), and the file-system errors of
+paths (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError,
+PermissionError). Anything else is a bug and keeps its traceback. Set DPC_JAX_TRACEBACK=1 to see
+the traceback of a user error too.
+
+    run_cli(fn, *args)          -> 0, or 2 after one `Error:` line on a user error
+    absl_flags_parser(flag)     -> a `flags_parser` for absl's `app.run`: a misspelt
+                                   `--config.field` gives one line with the closest fields
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from typing import Callable, List, Optional
+
+TRACEBACK_ENV = "DPC_JAX_TRACEBACK"
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+               FileExistsError, PermissionError)
+EXIT_USER_ERROR = 2
+
+
+def show_tracebacks() -> bool:
+    return os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+
+
+def message(error: BaseException) -> str:
+    """The error's text (a KeyError's own message, not its repr)."""
+    if isinstance(error, KeyError) and len(error.args) == 1 and isinstance(error.args[0], str):
+        return error.args[0]
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return str(error) or type(error).__name__
+
+
+def print_error(text: str) -> int:
+    """Print `Error: text` on stderr; returns the exit status of a user error (2)."""
+    print(f"Error: {text}", file=sys.stderr, flush=True)
+    return EXIT_USER_ERROR
+
+
+def run_cli(fn: Callable, *args, **kwargs) -> int:
+    """Exit status of `fn(*args, **kwargs)`: 0, or 2 after one `Error:` line on a user error."""
+    try:
+        fn(*args, **kwargs)
+    except USER_ERRORS as e:
+        if show_tracebacks():
+            raise
+        return print_error(message(e))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# absl / ml_collections command lines (`python -m dpc_jax.train`)
+# ----------------------------------------------------------------------------------------------
+
+
+def _config_overrides(argv: List[str], name: str) -> List[str]:
+    """The dotted field paths of `--<name>.<path>[=value]` arguments."""
+    out = []
+    for arg in argv[1:]:
+        if arg.startswith(f"--{name}."):
+            out.append(arg[len(name) + 3:].split("=", 1)[0])
+    return out
+
+
+def _config_spec(argv: List[str], name: str) -> Optional[str]:
+    for i, arg in enumerate(argv[1:], 1):
+        if arg == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def unknown_field(config, path: str) -> Optional[str]:
+    """Why `config.<path>` does not exist (with the closest field names), or None."""
+    node, walked = config, "config"
+    for part in path.split("."):
+        keys = list(node.keys()) if hasattr(node, "keys") else []
+        if not keys:
+            return f"--{walked}.{part}: {walked} is a value ({node!r}), not a group of fields"
+        if part not in keys:
+            close = difflib.get_close_matches(part, keys, n=3, cutoff=0.6)
+            hint = (f"; did you mean {', '.join(repr(c) for c in close)}?" if close
+                    else f"; its fields: {sorted(keys)}")
+            return f"--{walked}.{part}: {walked} has no field {part!r}{hint}"
+        node, walked = node[part], f"{walked}.{part}"
+    return None
+
+
+def absl_flags_parser(name: str = "config") -> Callable[[List[str]], List[str]]:
+    """A `flags_parser` for `app.run` that reports a bad command line in one line: a missing
+    or failing config file, a misspelt `--config.field` (with the closest names), a value of
+    the wrong type, an unknown flag."""
+    from absl import flags
+
+    def parse(argv: List[str]) -> List[str]:
+        try:
+            rest = flags.FLAGS(argv)
+            value = flags.FLAGS[name].value
+            if value is not None:
+                value.keys()  # a config file that failed to load raises here, not while parsing
+            return rest
+        except Exception as e:  # absl's own errors, and what the config file itself raises
+            if show_tracebacks():
+                raise
+            sys.exit(print_error(_explain(argv, e, name)))
+
+    return parse
+
+
+def _explain(argv: List[str], error: BaseException, name: str) -> str:
+    spec = _config_spec(argv, name)
+    if spec is not None:
+        path = spec.split(":", 1)[0]
+        if not os.path.isfile(path):
+            return f"--{name} {spec}: no config file {path!r} (e.g. configs/dpc_coop.py)"
+        try:
+            from dpc_jax.training.train_lib import load_config
+
+            config = load_config(spec)
+        except USER_ERRORS as e:
+            return f"--{name} {spec}: {message(e)}"
+        for field in _config_overrides(argv, name):
+            problem = unknown_field(config, field)
+            if problem:
+                return problem
+    text = message(error)
+    if isinstance(error, AttributeError):  # ml_collections' misspelt field, as a repr
+        text = text.strip("'\"").replace("\\n", " ").replace("\\'", "'")
+    return text.splitlines()[0] if text else type(error).__name__
