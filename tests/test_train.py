@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,7 @@ def small_config(config_file=DPC_COOP, **changes):
     c.batch_size = 4
     c.dhno.top_k = 4
     c.dpc.epochs = 1
+    c.optim.warmup_epochs = 0  # one-epoch stages (config checks refuse an all-warm-up stage)
     c.log_every_steps = 1
     c.checkpoint_every_steps = 4
     c.update_from_flattened_dict(changes)
@@ -139,10 +141,14 @@ def test_resume_equals_uninterrupted(tmp_path, full_run):
     ({"stages": "backbone,dcp"}, "stages"),
     ({"dataset": "oxford_pets"}, "world CLIP"),
     ({"dpc.lr": 0.0}, "dpc.lr"),
+    ({"seeds": "1,2,1"}, "config.seeds='1,2,1' repeats seed(s) [1]"),
+    ({"shots": 0}, "config.shots=0; expected a positive integer"),
+    ({"optim.warmup_epochs": 1}, "config.dpc.epochs=1 with config.optim.warmup_epochs=1: every "
+                                 "epoch would be a warm-up epoch"),
 ])
 def test_bad_config_values_fail_clearly(tmp_path, changes, message):
     # All of these fail before any training starts.
-    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         train_lib.train_and_evaluate(small_config(**changes), str(tmp_path))
     assert not os.path.exists(os.path.join(str(tmp_path), "seed_1", "backbone", "checkpoints"))
 
@@ -278,3 +284,11 @@ def test_model_selection_keeps_the_best_epoch_and_survives_eval_mode(tmp_path):
 def _with_selection(config, value):
     config.backbone.selection = value
     return config
+
+
+def test_real_dataset_without_root_is_refused():
+    c = train_lib.load_config(os.path.join(REPO, "configs", "dpc_coop.py") + ":dataset=dtd")
+    with pytest.raises(ValueError, match=r"config\.root is empty for dataset 'dtd'.*root=/data"):
+        train_lib.check_config(c)
+    c.source = "tfds"  # TFDS's own default data_dir is a meaning of its own
+    train_lib.check_config(c)

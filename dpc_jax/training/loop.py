@@ -79,6 +79,30 @@ class MetricLog:
             self.writer.close()
 
 
+def nonfinite_leaves(tree) -> list:
+    """'/'-joined paths of the floating-point leaves of `tree` holding a NaN or an inf."""
+    bad = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        array = np.asarray(jax.device_get(leaf))
+        if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+            bad.append("/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path))
+    return bad
+
+
+def check_finite_state(device_state: dict, name: str, step: int, seed: int,
+                       last_saved: Optional[int]) -> None:
+    """Raise FloatingPointError when the parameters or optimiser state after step `step` are
+    not finite (the loss of that step was computed before its update, so it cannot tell)."""
+    bad = nonfinite_leaves({"params": device_state["params"],
+                            "opt_state": device_state["opt_state"]})
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise FloatingPointError(
+            f"{name}: non-finite values after the update of step {step} (seed {seed}) in "
+            f"{shown}; not saved: the latest checkpoint is step {last_saved}. Lower the "
+            f"learning rate or check the data, then rerun to resume from that checkpoint")
+
+
 def train_loop(*, name: str, stage: checkpoints.StageDir, step_fn: Callable, schedule: Callable,
                train_state: dict, extra: dict, consts, n: int, global_batch: int,
                epoch_steps: int, epochs: int,
@@ -135,7 +159,7 @@ def train_loop(*, name: str, stage: checkpoints.StageDir, step_fn: Callable, sch
             loss = np.asarray(loss)
             if not np.all(np.isfinite(loss)):
                 raise FloatingPointError(
-                    f"{name}: non-finite loss {loss.tolist()} at step {step} (epoch {epoch}, "
+                    f"{name}: non-finite loss {loss.tolist()} at step {step + 1} (epoch {epoch}, "
                     f"seed {seed}); nothing after step {stage.latest_step()} was saved")
             bar.update(1)
             if (step + 1) % config.log_every_steps == 0 or step + 1 == total:
@@ -158,6 +182,10 @@ def train_loop(*, name: str, stage: checkpoints.StageDir, step_fn: Callable, sch
                                                "state": checkpoints.host(device_state["state"])},
                                        extra)
             if (step + 1) % config.checkpoint_every_steps == 0 or step + 1 == total:
+                # The loss above is the one before this step's update: check the update itself
+                # before it is saved (or the stage marked finished), so that no checkpoint
+                # holds non-finite parameters or optimiser state.
+                check_finite_state(device_state, name, step + 1, seed, stage.latest_step())
                 stage.save(step + 1, {**device_state,
                                       "aux": {"state": device_state["state"], "extra": extra}})
             for hook in hooks:

@@ -67,13 +67,25 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.mode not in MODES:
         raise ValueError(f"config.mode={config.mode!r}; expected one of {MODES}")
     parse_list(config.stages, "stages", STAGES)
-    parse_list(config.seeds, "seeds", cast=int)
+    seeds = parse_list(config.seeds, "seeds", cast=int)
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ValueError(f"config.seeds={config.seeds!r} repeats seed(s) {repeated}; a seed is "
+                         f"one run (its results would count twice in the mean)")
+    if not isinstance(config.shots, int) or config.shots < 1:
+        raise ValueError(f"config.shots={config.shots!r}; expected a positive integer (images "
+                         f"per base class; the papers use 16)")
     if (config.clip.source in SHIPPED_CLIPS) != (config.dataset == "world"):
         raise ValueError(
             f"config.dataset={config.dataset!r} with config.clip.source={config.clip.source!r}: "
             f"the shipped world CLIP belongs to dataset 'world' only. Choose a dataset with "
             f"`--config configs/dpc_coop.py:dataset=NAME,root=DIR` (which also sets the CLIP "
             f"and schedules), not with --config.dataset")
+    if config.dataset != "world" and config.source == "coop" and not str(config.root).strip():
+        raise ValueError(f"config.root is empty for dataset {config.dataset!r}: expected the "
+                         f"folder that holds the CoOp-layout dataset, e.g. `--config "
+                         f"configs/dpc_coop.py:dataset={config.dataset},root=/data` (root=. for "
+                         f"the current directory)")
     if config.dhno.policy not in POLICIES:
         raise ValueError(f"config.dhno.policy={config.dhno.policy!r}; expected one of {POLICIES}")
     for field in ("batch_size", "backbone.batch_size", "dhno.top_k", "eval_batch_size"):
@@ -91,9 +103,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         value = _field(config, field)
         if not isinstance(value, (int, float)) or not value > 0:
             raise ValueError(f"config.{field}={value!r}; expected a positive number")
+    warmup = config.optim.warmup_epochs
     for field in ("backbone.epochs", "dpc.epochs"):
         if _field(config, field) < 1:
             raise ValueError(f"config.{field}={_field(config, field)!r}; expected >= 1")
+        if _field(config, field) <= warmup:
+            raise ValueError(
+                f"config.{field}={_field(config, field)} with config.optim.warmup_epochs="
+                f"{warmup}: every epoch would be a warm-up epoch at config.optim.warmup_lr="
+                f"{config.optim.warmup_lr}; set more epochs, or --config.optim.warmup_epochs=0")
     dpc_lib.DualPrompt(config.dpc)  # validates mode, w_base, w_new
     stages_lib.model_selection(config)
 
