@@ -292,3 +292,30 @@ def test_real_dataset_without_root_is_refused():
         train_lib.check_config(c)
     c.source = "tfds"  # TFDS's own default data_dir is a meaning of its own
     train_lib.check_config(c)
+
+
+def test_reruns_keep_the_records_of_finished_work(tmp_path, full_run):
+    """A refused run leaves config.json alone; a run of fewer stages keeps the other stages'
+    summaries in results.json; a rerun of a finished stage keeps stage.json's fields."""
+    workdir = str(tmp_path / "w")
+    shutil.copytree(full_run[0], workdir)
+    with open(os.path.join(workdir, "results.json")) as f:
+        before = json.load(f)
+    with open(os.path.join(workdir, "config.json")) as f:
+        config_before = f.read()
+    stage_json = os.path.join(workdir, "seed_1", "backbone", "stage.json")
+    with open(stage_json) as f:
+        meta_before = json.load(f)
+    with pytest.raises(ValueError, match="other settings"):
+        train_lib.train_and_evaluate(small_config(**{"backbone.lr": 0.5}), workdir)
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert f.read() == config_before
+    train_lib.train_and_evaluate(small_config(stages="zeroshot,backbone"), workdir)
+    with open(os.path.join(workdir, "results.json")) as f:
+        after = json.load(f)
+    assert set(after) == {"zeroshot", "backbone", "dpc"}
+    assert after["dpc"] == before["dpc"] and after["backbone"] == before["backbone"]
+    with open(stage_json) as f:
+        assert json.load(f) == meta_before
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["stages"] == "zeroshot,backbone"

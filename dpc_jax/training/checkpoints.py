@@ -131,7 +131,10 @@ class StageDir:
         return out
 
     def finish(self, meta: dict) -> None:
-        write_json(os.path.join(self.path, "stage.json"), meta)
+        """Write stage.json; a rerun of a finished stage keeps the fields it does not
+        recompute (e.g. the global batch and device count of the run that trained it)."""
+        write_json(os.path.join(self.path, "stage.json"), {**(read_stage_meta(self.path) or {}),
+                                                           **meta})
 
     def final(self, like: dict) -> dict:
         """{'params', 'aux'} at the end of the finished stage (stage 2's P; the eval mode)."""

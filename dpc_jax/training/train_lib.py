@@ -9,6 +9,7 @@ objectives), `loop` (epoch loop, metric log, hooks), `checkpoints` (stage direct
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Callable, Sequence
 
@@ -197,9 +198,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if config.distributed:
         jax.distributed.initialize()
     os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    results_path = os.path.join(workdir, "results.json")
+    earlier = _read_results(results_path)  # checked before anything trains
     mesh = make_mesh()
     stages = parse_list(config.stages, "stages", STAGES)
     seeds = parse_list(config.seeds, "seeds", cast=int)
@@ -221,8 +221,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             tqdm.write(f"seed {seed} {stage}: base {result['base']:.2f} new {result['new']:.2f} "
                        f"H {result['hm']:.2f}")
     results = summarize(per_seed)
-    write_json(os.path.join(workdir, "results.json"), results)
+    if jax.process_index() == 0:
+        # The config of the run that wrote results.json: written when it has finished, so a
+        # refused or failed run leaves the record of the last finished one in place.
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+        # Stages this run did not run keep their summaries from earlier runs of the workdir
+        # (e.g. `--config.stages=zeroshot` on a finished workdir drops nothing).
+        write_json(results_path, {**{k: v for k, v in earlier.items() if k not in results},
+                                  **results})
     print(format_table(results, config.backbone.name), flush=True)
+    return results
+
+
+def _read_results(path: str) -> dict:
+    """An earlier results.json of the workdir ({} when absent; a damaged one is refused
+    rather than overwritten)."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is damaged ({e}); move it away (the per-seed results stay "
+                         f"in seed_N/<stage>/results.json) and rerun") from None
+    if not isinstance(results, dict):
+        raise ValueError(f"{path} holds a {type(results).__name__}; expected the per-stage "
+                         f"summary dict; move it away and rerun")
     return results
 
 
