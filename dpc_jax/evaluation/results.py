@@ -6,7 +6,7 @@ import numpy as np
 
 STAGE_NAMES = {"zeroshot": "zero-shot CLIP"}
 LEARNER_NAMES = {"coop": "CoOp", "cocoop": "CoCoOp", "ivlp": "IVLP", "maple": "MaPLe",
-                 "promptsrc": "PromptSRC"}
+                 "promptsrc": "PromptSRC", "promptkd": "PromptKD", "dept": "DePT"}
 
 
 def harmonic_mean(base: float, new: float) -> float:

@@ -82,6 +82,9 @@ def check_stage_settings(stage_dir: str, stage_id: int, config) -> None:
     if os.path.isfile(path):
         with open(path) as f:
             stored = json.load(f)
+        # Recorded before class-text trimming existed: such a stage encoded all positions.
+        if any(k.startswith("clip.") for k in stored):
+            stored.setdefault("clip.trim_text", False)
         changed = sorted(k for k in set(stored) | set(flat) if stored.get(k) != flat.get(k))
         if changed:
             raise ValueError(
@@ -119,6 +122,55 @@ class StageDir:
             items["aux"] = ocp.args.StandardSave(host(train_state["aux"]))
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         self.manager.wait_until_finished()
+
+    def restore_latest(self, like: dict) -> tuple:
+        """(step, items) of the newest checkpoint that restores and holds finite values, or
+        (None, None) when there is none. A damaged one (truncated data, broken metadata,
+        non-finite values) is moved to `<stage>/damaged_checkpoints/<step>` with a warning
+        naming it, and the previous one is used; when every checkpoint is damaged, a
+        ValueError names the directory and what to delete."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        problems, damaged = [], []
+        for step in steps:
+            try:
+                restored = self.restore(step, like)
+                bad = [k for k, v in restored.items() for leaf in jax.tree_util.tree_leaves(v)
+                       if np.issubdtype(np.asarray(leaf).dtype, np.floating)
+                       and not np.all(np.isfinite(np.asarray(leaf)))]
+                if bad:
+                    raise ValueError(f"non-finite values in {sorted(set(bad))}")
+            except Exception as e:  # orbax/tensorstore raise many kinds for damaged files
+                line = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                problems.append(f"step {step}: {type(e).__name__}: {line}")
+                damaged.append(step)
+                continue
+            if damaged:
+                self._set_aside(damaged, problems)
+            return step, restored
+        if problems:
+            raise ValueError(
+                f"every checkpoint in {os.path.join(self.path, 'checkpoints')} is damaged ("
+                + "; ".join(problems) + f"). Delete {self.path} to train this stage again from "
+                f"its start (the other stages' directories are unaffected)")
+        return None, None
+
+    def _set_aside(self, steps, problems) -> None:
+        import shutil
+        import warnings
+
+        target = os.path.join(self.path, "damaged_checkpoints")
+        os.makedirs(target, exist_ok=True)
+        for step in steps:
+            source = os.path.join(self.path, "checkpoints", str(step))
+            if os.path.isdir(source):
+                shutil.move(source, os.path.join(target, str(step)))
+        self.manager.close()
+        self._mngr = None  # re-read the remaining steps
+        warnings.warn(f"{self.path}: damaged checkpoint(s) moved to {target} ("
+                      + "; ".join(problems) + "); resuming from the previous one",
+                      RuntimeWarning, stacklevel=3)
+        print(f"warning: {self.path}: damaged checkpoint(s) {steps} moved to {target}; "
+              f"resuming from the previous one", flush=True)
 
     def restore(self, step: int, like: dict, items=("params", "opt_state", "aux")) -> dict:
         """The items of checkpoint `step`, shaped like `like`; an empty `aux` is not stored."""

@@ -125,9 +125,8 @@ def train_loop(*, name: str, stage: checkpoints.StageDir, step_fn: Callable, sch
     stage.check_settings()
     state = {**train_state, "aux": {"state": train_state["state"], "extra": extra}}
     start = 0
-    latest = stage.latest_step()
+    latest, restored = stage.restore_latest(state)
     if latest is not None:
-        restored = stage.restore(latest, state)
         state.update(restored)
         start = int(latest)
     params, opt_state = state["params"], state["opt_state"]

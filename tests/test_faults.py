@@ -1,0 +1,140 @@
+"""Faults in one training stage, on a toy step of the loop's signature: a non-finite update is
+never saved (its loss is taken before the update), and a damaged checkpoint is set aside with
+the previous one used, or named with what to delete when none is good."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpc_jax.training import checkpoints, loop
+from dpc_jax.training.step import make_mesh
+from test_train import small_config
+
+
+def toy_step(bad_step):
+    """A step_fn of the loop's signature: w <- w + 1, finite loss; at `bad_step` (1-based) the
+    update writes a NaN into the parameters."""
+
+    def step_fn(state, consts, batch, key):
+        del consts, batch, key
+        count = state["opt_state"]["count"] + 1
+        w = state["params"]["w"] + 1.0
+        w = jnp.where(count == bad_step, w.at[0].set(jnp.nan), w)
+        new = {"params": {"w": w}, "opt_state": {"count": count}, "state": state["state"]}
+        return new, jnp.zeros((1,), jnp.float32), {}
+
+    return step_fn
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+def run(tmp_path, bad_step, total=8, stop_at=None):
+    c = small_config()
+    c.checkpoint_every_steps = 4
+
+    def stop(step, **_):
+        if step == stop_at:
+            raise Interrupted(step)
+
+    stage = checkpoints.StageDir(str(tmp_path / "stage"), 1, c)
+    return stage, lambda: loop.train_loop(
+        name="toy", stage=stage, step_fn=toy_step(bad_step),
+        schedule=lambda s: 0.1,
+        train_state={"params": {"w": np.zeros(3, np.float32)},
+                     "opt_state": {"count": np.zeros((), np.int32)}, "state": {}},
+        extra={}, consts={}, n=total, global_batch=1, epoch_steps=total, epochs=1, seed=1,
+        mesh=make_mesh(), config=c, hooks=(stop,))
+
+
+def damage(stage, step, kind="data"):
+    """'data': truncate every data file of checkpoint `step`'s params (a crash mid-copy, a
+    full disk); 'metadata': garbage in its params metadata."""
+    root = os.path.join(stage.path, "checkpoints", str(step), "params")
+    if kind == "metadata":
+        with open(os.path.join(root, "_METADATA"), "w") as f:
+            f.write("{not json")
+        return
+    files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+    assert files
+    for path in files:
+        with open(path, "r+b") as f:
+            f.truncate(max(0, os.path.getsize(path) // 3))
+
+
+@pytest.mark.parametrize("kind", ["data", "metadata"])
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path, capsys,
+                                                                            kind):
+    stage, train = run(tmp_path, bad_step=-1, total=12, stop_at=8)
+    with pytest.raises(Interrupted):
+        train()
+    assert sorted(stage.manager.all_steps()) == [4, 8]
+    damage(stage, 8, kind)
+    stage, train = run(tmp_path, bad_step=-1, total=12)
+    with pytest.warns(RuntimeWarning, match=r"damaged checkpoint\(s\) moved to .*step 8: "):
+        out, _ = train()
+    assert "damaged checkpoint(s) [8] moved to" in capsys.readouterr().out
+    np.testing.assert_array_equal(out["params"]["w"], np.full(3, 12.0, np.float32))  # exact
+    assert os.path.isdir(os.path.join(stage.path, "damaged_checkpoints", "8"))  # kept, aside
+    assert os.path.isfile(os.path.join(stage.path, "stage.json"))
+
+
+def test_every_checkpoint_damaged_names_the_directory_and_what_to_delete(tmp_path):
+    stage, train = run(tmp_path, bad_step=-1, total=12, stop_at=8)
+    with pytest.raises(Interrupted):
+        train()
+    damage(stage, 8)
+    damage(stage, 4)
+    stage, train = run(tmp_path, bad_step=-1, total=12)
+    with pytest.raises(ValueError) as err:
+        train()
+    msg = str(err.value)
+    assert f"every checkpoint in {os.path.join(stage.path, 'checkpoints')} is damaged" in msg
+    assert "step 8: " in msg and "step 4: " in msg
+    assert f"Delete {stage.path} to train this stage again" in msg
+
+
+@pytest.mark.parametrize("bad_step", [4, 8])  # a checkpoint step; the stage's last step
+def test_a_nan_update_on_a_save_step_is_neither_saved_nor_finished(tmp_path, bad_step):
+    stage, train = run(tmp_path, bad_step)
+    with pytest.raises(FloatingPointError) as err:
+        train()
+    msg = str(err.value)
+    assert f"after the update of step {bad_step} (seed 1) in params/w" in msg
+    assert f"the latest checkpoint is step {None if bad_step == 4 else 4}" in msg
+    assert stage.latest_step() == (None if bad_step == 4 else 4)
+    assert not os.path.exists(os.path.join(stage.path, "stage.json"))  # not finished
+    if bad_step == 8:  # the saved checkpoint is the good one before it
+        restored = stage.restore(4, {"params": {"w": np.zeros(3, np.float32)},
+                                     "opt_state": {"count": np.zeros((), np.int32)},
+                                     "aux": {}})
+        np.testing.assert_array_equal(restored["params"]["w"], np.full(3, 4.0, np.float32))
+
+
+def test_nonfinite_leaves_names_float_leaves_only():
+    tree = {"a": jnp.ones(2), "b": {"c": jnp.array([1.0, jnp.inf])}, "n": jnp.arange(3)}
+    assert loop.nonfinite_leaves(tree) == ["b/c"]
+    assert jax.tree_util.tree_leaves(tree)  # unchanged
+
+
+def test_a_stage_recorded_before_text_trimming_resumes_only_untrimmed(tmp_path):
+    """settings.json written before `clip.trim_text` existed: that stage encoded all 77
+    positions, so it resumes or re-evaluates with trim_text=False and is refused with True."""
+    import json
+
+    c = small_config()
+    path = str(tmp_path / "stage")
+    checkpoints.check_stage_settings(path, 1, c)
+    with open(os.path.join(path, "settings.json")) as f:
+        stored = json.load(f)
+    del stored["clip.trim_text"]
+    with open(os.path.join(path, "settings.json"), "w") as f:
+        json.dump(stored, f)
+    with pytest.raises(ValueError, match=r"config\.clip\.trim_text False -> True"):
+        checkpoints.check_stage_settings(path, 1, c)
+    c.clip.trim_text = False
+    checkpoints.check_stage_settings(path, 1, c)
