@@ -138,3 +138,35 @@ def test_a_stage_recorded_before_text_trimming_resumes_only_untrimmed(tmp_path):
         checkpoints.check_stage_settings(path, 1, c)
     c.clip.trim_text = False
     checkpoints.check_stage_settings(path, 1, c)
+
+
+def test_a_second_run_on_a_locked_workdir_is_refused_and_a_dead_holder_frees_it(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from dpc_jax.training import train_lib
+
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from dpc_jax.training.checkpoints import WorkdirLock\n"
+         "with WorkdirLock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(600)",
+         str(workdir)], stdout=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match=rf"{workdir} is in use by pid {holder.pid} on "):
+            train_lib.train_and_evaluate(small_config(stages="zeroshot"), str(workdir))
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with checkpoints.WorkdirLock(str(workdir)):  # the dead holder's lock is taken over
+        with open(workdir / checkpoints.LOCK_FILE) as f:
+            assert f.read().startswith(f"pid {os.getpid()} ")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file; expected a directory"):
+        train_lib.train_and_evaluate(small_config(), str(tmp_path / "file"))
+    with pytest.raises(ValueError, match="a parent of it is a file"):
+        train_lib.train_and_evaluate(small_config(), str(tmp_path / "file" / "w"))

@@ -96,6 +96,56 @@ def check_stage_settings(stage_dir: str, stage_id: int, config) -> None:
     write_json(path, flat, sort_keys=True)
 
 
+LOCK_FILE = ".lock"
+
+
+class WorkdirLock:
+    """An exclusive lock on a workdir (`W/.lock`, fcntl.flock), held by process 0 while it
+    trains or evaluates, so that two runs never train the same stages into one workdir and
+    interleave their logs. The kernel releases a flock when its process dies (also by
+    SIGKILL), so a stale lock of a dead process is taken over without a word; the file holds
+    the holder's pid, host and start time for the message a second run gets."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self._file = None
+
+    def __enter__(self):
+        import fcntl
+        import socket
+        import time
+
+        if jax.process_index() != 0:
+            return self
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise ValueError(
+                f"{os.path.dirname(self.path)} is in use by {holder}: two runs in one workdir "
+                f"would train the same stages twice and interleave their logs. Wait for it to "
+                f"finish, or use another --workdir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def __exit__(self, *exc):
+        if self._file is not None:
+            import fcntl
+
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+        return False
+
+
 class StageDir:
     """One training stage's directory (see the module docstring)."""
 

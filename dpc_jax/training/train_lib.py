@@ -24,7 +24,7 @@ from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import dpc as dpc_lib
 from dpc_jax.prompts import get_learner
 from dpc_jax.training import stages as stages_lib
-from dpc_jax.training.checkpoints import write_json
+from dpc_jax.training.checkpoints import WorkdirLock, write_json
 from dpc_jax.data.train_sets import load_unlabeled
 from dpc_jax.training.loop import check_batch_fits
 from dpc_jax.training.step import make_mesh, replicate
@@ -197,7 +197,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                          "export_dpc(config, workdir) (the command line does)")
     if config.distributed:
         jax.distributed.initialize()
-    os.makedirs(workdir, exist_ok=True)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir {workdir!r} is a file; expected a directory (new or one "
+                         f"a run wrote)")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except (NotADirectoryError, FileExistsError):
+        raise ValueError(f"--workdir {workdir!r} cannot be created: a parent of it is a "
+                         f"file") from None
+    with WorkdirLock(workdir):
+        return _run_locked(config, workdir, hooks)
+
+
+def _run_locked(config: ml_collections.ConfigDict, workdir: str, hooks) -> dict:
     results_path = os.path.join(workdir, "results.json")
     earlier = _read_results(results_path)  # checked before anything trains
     mesh = make_mesh()
