@@ -17,7 +17,7 @@ import ml_collections
 from ml_collections.config_flags import config_flags
 from tqdm import tqdm
 
-from dpc_jax.evaluation.results import format_table, summarize
+from dpc_jax.evaluation import protocols
 from dpc_jax.models.clip import CLIPConfig
 from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import dpc as dpc_lib
@@ -68,10 +68,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.mode={config.mode!r}; expected one of {MODES}")
     parse_list(config.stages, "stages", STAGES)
     parse_list(config.seeds, "seeds", cast=int)
-    if (config.clip.source in SHIPPED_CLIPS) != (config.dataset == "world"):
+    if (config.clip.source in SHIPPED_CLIPS) != protocols.is_world(config.dataset):
         raise ValueError(
             f"config.dataset={config.dataset!r} with config.clip.source={config.clip.source!r}: "
-            f"the shipped world CLIP belongs to dataset 'world' only. Choose a dataset with "
+            f"the shipped world CLIP belongs to the world datasets only. Choose a dataset with "
             f"`--config configs/dpc_coop.py:dataset=NAME,root=DIR` (which also sets the CLIP "
             f"and schedules), not with --config.dataset")
     if config.dhno.policy not in POLICIES:
@@ -96,6 +96,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.{field}={_field(config, field)!r}; expected >= 1")
     dpc_lib.DualPrompt(config.dpc)  # validates mode, w_base, w_new
     stages_lib.model_selection(config)
+    protocols.check_config(config, get_learner(config.backbone.get("name", "")))
 
 
 # Shipped CLIPs named by `config.clip.source` (and `config.backbone.teacher_clip.source`).
@@ -200,11 +201,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             if jax.process_index() == 0:
                 os.makedirs(os.path.join(sr.seed_dir, stage), exist_ok=True)
                 write_json(os.path.join(sr.seed_dir, stage, "results.json"), result)
-            tqdm.write(f"seed {seed} {stage}: base {result['base']:.2f} new {result['new']:.2f} "
-                       f"H {result['hm']:.2f}")
-    results = summarize(per_seed)
+            tqdm.write(protocols.seed_line(config, stage, seed, result))
+    results = protocols.summarize(config, per_seed)
     write_json(os.path.join(workdir, "results.json"), results)
-    print(format_table(results, config.backbone.name), flush=True)
+    print(protocols.format_table(config, results), flush=True)
     return results
 
 
