@@ -15,7 +15,10 @@ Two distributions:
   templates; `DOMAINS`). The benchmark domain "world" is textured, cluttered, unevenly lit and
   made of old photos, while its zero-shot template, "a photo of a {}.", does not say so.
   Splits are served through the `dpc_jax.data.base` interface, CoOp's few-shot protocol and
-  Dassl's base/new rule. Other domains are new `register_domain` entries, not new code.
+  Dassl's base/new rule. Other domains are new `register_domain` entries, not new code: the
+  shifted domains of the transfer protocols (datasets 'world_<domain>': v2, clean, a, r share
+  the benchmark's classes and convention, a and r a subset of them; studio and night are
+  other class subsets in other styles, without the convention) are such entries.
 
 Class order (= label order; Dassl puts the first half in "base"): see `BASE_SHAPES`. Base holds
 all 16 red and orange compositions plus 16 others; new holds 32 compositions of the six other
