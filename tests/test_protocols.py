@@ -15,6 +15,7 @@ import pytest
 from dpc_jax.data import train_sets, world
 from dpc_jax.evaluation import evaluator as evaluator_lib
 from dpc_jax.evaluation import protocols
+from dpc_jax.prompts import get_learner
 from dpc_jax.training import train_lib
 from test_train import small_config, tree_equal
 
@@ -244,6 +245,9 @@ def test_real_defaults_and_imagenet_subset_mapping():
     c.dataset = "oxford_pets"
     with pytest.raises(ValueError, match="config.targets is empty"):
         protocols.targets(c)
+    c.dataset, c.targets = "imagenet_a", "imagenetv2"
+    with pytest.raises(ValueError, match="config.dataset='imagenet_a' has test data only"):
+        protocols.check_config(c, get_learner("coop"))
     names = [f"class {i}" for i in range(10)]
     assert protocols.class_rows(names, "imagenet_r", ["class 7", "class 2"],
                                 "imagenet").tolist() == [7, 2]

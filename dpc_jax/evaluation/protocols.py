@@ -154,6 +154,9 @@ def check_config(config, learner) -> None:
     targets(config)
     if protocol == "base_to_new":
         return
+    if not is_world(config.dataset) and registry.get(config.dataset).test_only:
+        raise ValueError(f"config.dataset={config.dataset!r} has test data only; a "
+                         f"{protocol!r} source needs training data (e.g. imagenet)")
     if protocol == "few_shot" and config.shots not in FEW_SHOT_SHOTS:
         raise ValueError(f"config.shots={config.shots!r} with config.protocol='few_shot'; "
                          f"expected one of {FEW_SHOT_SHOTS}")
