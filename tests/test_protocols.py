@@ -253,3 +253,26 @@ def test_real_defaults_and_imagenet_subset_mapping():
                                 "imagenet").tolist() == [7, 2]
     with pytest.raises(ValueError, match="ambiguous"):
         protocols.class_rows(names + ["class 2"], "imagenet_r", ["class 2"], "imagenet")
+
+
+def test_imagenet_r_in_the_coop_layout_maps_onto_imagenet(tmp_path):
+    from dpc_jax.data import coop
+    from test_data_coop import _imagenet_tree, _jpeg
+
+    wnids = _imagenet_tree(tmp_path, n_train=1)
+    r = tmp_path / "imagenet-rendition" / "imagenet-r"
+    for w in wnids[3::5]:  # 200 of the 1000 classes
+        (r / w).mkdir(parents=True)
+        (r / w / "a.jpg").write_bytes(_jpeg(1))
+    c = tiny(protocol="domain_generalisation", targets="imagenet_r,imagenet_a")
+    c.dataset, c.root, c.clip.source = "imagenet", str(tmp_path), "ViT-B/16"
+    source = train_sets.load_named(c, "imagenet", 1, 1)
+    with pytest.raises(coop.DatasetNotFoundError, match="imagenet-adversarial"):
+        protocols.eval_sets(c, source, 1)  # ImageNet-A is not there: the expected folder
+    c.targets = "imagenet_r"
+    sets = protocols.eval_sets(c, source, 1)
+    assert [s.name for s in sets] == ["imagenet", "imagenet_r"]
+    target = sets[1]
+    assert target.rows.tolist() == list(range(3, 1000, 5))
+    assert [source.classnames[i] for i in target.rows] == target.classnames
+    assert np.array_equal(target.test.labels, np.arange(200))
