@@ -4,7 +4,9 @@ This module checks the config, loads the CLIP once, builds what every seed share
 (`stages.Run`: learner, evaluator, compiled steps) and runs the configured stages for every
 seed. The pieces live beside it: `step` (mesh, per-device step), `objectives` (stage-1 and DPC
 objectives), `loop` (epoch loop, metric log, hooks), `checkpoints` (stage directories),
-`stages` (per-seed stage runners); evaluation in `dpc_jax.evaluation`.
+`stages` (per-seed stage runners); evaluation in `dpc_jax.evaluation` (the protocol,
+`config.protocol`, in `dpc_jax.evaluation.protocols`: it decides the training classes, the
+test sets and the results.json layout).
 """
 
 from __future__ import annotations
