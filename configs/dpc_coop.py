@@ -7,7 +7,8 @@ B 32, then DPC B 4, K 8, 20 epochs, LR .002, w_b .5, w_n 0: the released
 CoOp/vit_b16_ep20 config).
 
 Arguments (comma-separated key=value): dataset, root, source (coop|tfds), clip (a CLIP source for
-`dpc_jax.convert.load_clip`).
+`dpc_jax.convert.load_clip`), protocol (base_to_new | few_shot | cross_dataset |
+domain_generalisation, every method's config takes it; dpc_jax/evaluation/protocols.py).
 """
 
 from dpc_jax.configs import base_to_new, common

@@ -20,6 +20,11 @@ def get_config(arg=None, variants=("base_to_new",)) -> ml_collections.ConfigDict
     c.mode = "train"  # train | eval (re-evaluate saved checkpoints) | export (stage 1 to PyTorch)
     c.stages = "zeroshot,backbone,dpc"
     c.seeds = "1"
+    # Evaluation protocol (dpc_jax/evaluation/protocols.py): base_to_new | few_shot |
+    # cross_dataset | domain_generalisation; `targets` (transfer protocols): a comma list of
+    # datasets ('' = the protocol's default for the source).
+    c.protocol = args.get("protocol", "base_to_new")
+    c.targets = ""
 
     # Data.
     c.dataset = common.dataset_key(args.get("dataset", "world"))
@@ -63,6 +68,9 @@ def get_config(arg=None, variants=("base_to_new",)) -> ml_collections.ConfigDict
     c.dpc.mode = "reference"  # reference | paper (DPC_PROTOCOL.md §2)
     c.dpc.w_base = 0.5
     c.dpc.w_new = 0.0
+    # The prompt a transfer target (cross_dataset, domain_generalisation) is evaluated with:
+    # 'new' = the w_n mix (the released CoOp+DPC: every dataset but the source), 'base' = w_b.
+    c.dpc.transfer_prompt = "new"
     c.dpc.epochs = 20
     c.dpc.lr = 0.002
     # A released stage-2 checkpoint (PromptKD: StackSPLE_PromptKD's VLPromptLearner/

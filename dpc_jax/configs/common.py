@@ -4,7 +4,7 @@ them with `apply_settings`."""
 
 from __future__ import annotations
 
-ARGUMENTS = ("dataset", "root", "source", "clip", "variant", "backbone")
+ARGUMENTS = ("dataset", "root", "source", "clip", "variant", "backbone", "protocol")
 
 # The embedded world: its shipped CLIP and tokenizer, short schedules (minutes on a CPU).
 WORLD = {
@@ -81,15 +81,20 @@ def variant(arg, allowed) -> str:
 
 def dataset_key(name: str) -> str:
     """The registry key of a dataset named by key or CoOp class name ('EuroSAT' -> 'eurosat')."""
-    if name == "world":
+    from dpc_jax.data import registry, world
+
+    if world.world_dataset_domain(name) is not None:  # 'world' or 'world_<domain>'
         return name
-    from dpc_jax.data import registry
 
     return registry.get(name).name
 
 
 def apply_settings(config) -> None:
     """The dataset's and the (dataset, method) pair's settings, in that order."""
-    config.update_from_flattened_dict(dict(DATASET_SETTINGS.get(config.dataset, {})))
-    key = (config.dataset, config.backbone.name)
+    from dpc_jax.data import world
+
+    # Every world dataset (a shifted domain as the training source, too) takes the world's.
+    dataset = "world" if world.world_dataset_domain(config.dataset) else config.dataset
+    config.update_from_flattened_dict(dict(DATASET_SETTINGS.get(dataset, {})))
+    key = (dataset, config.backbone.name)
     config.update_from_flattened_dict(dict(METHOD_SETTINGS.get(key, {})))

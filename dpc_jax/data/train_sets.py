@@ -12,18 +12,25 @@ from dpc_jax.data import transforms
 from dpc_jax.data.base import BaseToNewData, ImageSplit, subsample_classes
 
 
+def load_named(config, name: str, seed: int, shots: int, subsample: str = "all") -> BaseToNewData:
+    """Dataset `name` (a world dataset, 'world' or 'world_<domain>', or a registry dataset read
+    from `config.root` by `config.source`), few-shot sampled for `seed` (`shots` < 1: the full
+    splits)."""
+    from dpc_jax.data import world
+
+    domain = world.world_dataset_domain(name)
+    if domain is not None:
+        return world.load_world(seed=seed, shots=shots, subsample=subsample, domain=domain)
+    from dpc_jax.data import sources
+
+    return sources.build_dataset(name, config.root, source=config.source, shots=shots,
+                                 seed=seed, subsample=subsample)
+
+
 def load_benchmark(config, seed: int) -> Tuple[BaseToNewData, BaseToNewData]:
     """The (base, new) halves of the few-shot benchmark for one seed: the dataset is read and
     few-shot sampled once over all classes, then halved (Dassl's order)."""
-    if config.dataset == "world":
-        from dpc_jax.data import world
-
-        data = world.load_world(seed=seed, shots=config.shots, subsample="all")
-    else:
-        from dpc_jax.data import sources
-
-        data = sources.build_dataset(config.dataset, config.root, source=config.source,
-                                     shots=config.shots, seed=seed, subsample="all")
+    data = load_named(config, config.dataset, seed, config.shots)
     return subsample_classes(data, "base"), subsample_classes(data, "new")
 
 
@@ -31,14 +38,7 @@ def load_unlabeled(config, seed: int) -> ImageSplit:
     """The whole training split of ALL classes, for transductive learners (PromptKD's stage 1;
     labels are kept only for bookkeeping). Labels are the all-class ones: base classes
     [0, C_b), then new ones."""
-    if config.dataset == "world":
-        from dpc_jax.data import world
-
-        return world.load_world(seed=seed, shots=0, subsample="all").train
-    from dpc_jax.data import sources
-
-    return sources.build_dataset(config.dataset, config.root, source=config.source, shots=0,
-                                 seed=seed, subsample="all").train
+    return load_named(config, config.dataset, seed, 0).train
 
 
 def decode_split(split: ImageSplit, size: int, config, desc: str):

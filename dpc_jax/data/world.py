@@ -15,7 +15,10 @@ Two distributions:
   templates; `DOMAINS`). The benchmark domain "world" is textured, cluttered, unevenly lit and
   made of old photos, while its zero-shot template, "a photo of a {}.", does not say so.
   Splits are served through the `dpc_jax.data.base` interface, CoOp's few-shot protocol and
-  Dassl's base/new rule. Other domains are new `register_domain` entries, not new code.
+  Dassl's base/new rule. Other domains are new `register_domain` entries, not new code: the
+  shifted domains of the transfer protocols (datasets 'world_<domain>': v2, clean, a, r share
+  the benchmark's classes and convention, a and r a subset of them; studio and night are
+  other class subsets in other styles, without the convention) are such entries.
 
 Class order (= label order; Dassl puts the first half in "base"): see `BASE_SHAPES`. Base holds
 all 16 red and orange compositions plus 16 others; new holds 32 compositions of the six other
@@ -192,7 +195,9 @@ class Domain:
     `paint` is the domain's paint convention: (colour, shown as) pairs; an object of the first
     colour is painted in the second with probability `paint_prob` (the class, and its name, keep
     the first colour). `stream` offsets the RNG so that different domains render different
-    images at the same index.
+    images at the same index. `classes`: the class names the domain shows, in its label order
+    (None: all 64 in the benchmark's order), so a domain can cover a subset of the classes
+    (as ImageNet-A and -R cover 200 of ImageNet's).
     """
 
     name: str
@@ -201,6 +206,7 @@ class Domain:
     paint: tuple = ()
     paint_prob: float = 1.0
     stream: int = 0
+    classes: Optional[tuple] = None
 
     def __post_init__(self):
         for pair in self.paint:
@@ -213,6 +219,22 @@ class Domain:
         for t in self.templates:
             if t.count("{}") != 1:
                 raise ValueError(f"domain {self.name!r}: template {t!r} needs one '{{}}'")
+        if self.classes is not None:
+            unknown = [c for c in self.classes if c not in CLASSNAMES]
+            if unknown or not self.classes or len(set(self.classes)) != len(self.classes):
+                raise ValueError(f"domain {self.name!r}: classes {list(self.classes)!r}; "
+                                 f"expected distinct names from the world's {NUM_CLASSES} "
+                                 f"classes (unknown: {unknown})")
+
+    @property
+    def classnames(self) -> list:
+        """The domain's class names in its label order."""
+        return list(CLASSNAMES) if self.classes is None else list(self.classes)
+
+    @property
+    def world_labels(self) -> np.ndarray:
+        """int32 [C]: the benchmark label (into `CLASSNAMES`) of each of the domain's labels."""
+        return np.asarray([CLASSNAMES.index(c) for c in self.classnames], np.int32)
 
     def shown_colour(self, colour: int, rng: np.random.Generator) -> int:
         """The colour index an object of colour `colour` is painted in (draws from `rng` only
@@ -245,6 +267,66 @@ DEFAULT_DOMAIN = "world"
 register_domain(Domain(DEFAULT_DOMAIN, DOWNSTREAM_STYLE, templates=tuple(TEMPLATES),
                        paint=OLD_PAINT))
 _OLD_PHOTO = Domain("pretrain_old_photo", PRETRAIN_STYLE, paint=OLD_PAINT)  # paint only
+
+
+def _names(colours, shapes) -> tuple:
+    """Class names of the compositions colours x shapes, in the benchmark's label order."""
+    wanted = {f"{c} {s}" for c in colours for s in shapes}
+    return tuple(c for c in CLASSNAMES if c in wanted)
+
+
+# Shifted domains of the benchmark, for the transfer protocols (`dpc_jax.evaluation.protocols`).
+# World dataset names are "world_<domain>" ("world" itself is the benchmark domain).
+#
+# Domain generalisation (the ImageNet -> -V2/-Sketch/-A/-R analogue): the benchmark's classes
+# and its old-photo convention, other styles; "a" and "r" cover a subset of the classes.
+STUDIO_STYLE = dataclasses.replace(PRETRAIN_STYLE, scale=(0.4, 0.7), rotation=30.0,
+                                   colour_jitter=16.0)  # plain grey backdrop, nothing else
+HARD_STYLE = dataclasses.replace(DOWNSTREAM_STYLE, scale=(0.3, 0.5), clutter=(2, 4),
+                                 tint=0.15, brightness=(0.6, 1.2), gradient=0.35, noise=10.0)
+LOUD_STYLE = dataclasses.replace(DOWNSTREAM_STYLE, texture_contrast=0.8,
+                                 background_saturation=0.9, rotation=60.0, noise=2.0)
+NIGHT_STYLE = dataclasses.replace(DOWNSTREAM_STYLE, brightness=(0.45, 0.7), noise=12.0,
+                                  tint=0.05)
+# -V2: the same distribution, a fresh draw of images.
+register_domain(Domain("v2", DOWNSTREAM_STYLE, templates=tuple(TEMPLATES), paint=OLD_PAINT,
+                       stream=1))
+# -Sketch analogue: the style is gone (a plain studio backdrop), the objects are the same.
+register_domain(Domain("clean", STUDIO_STYLE, templates=tuple(TEMPLATES), paint=OLD_PAINT,
+                       stream=2))
+# -A analogue: hard images (small objects, heavy clutter and lighting) of 16 classes, half of
+# them red or orange (where the old-photo convention bites).
+register_domain(Domain("a", HARD_STYLE, templates=tuple(TEMPLATES), paint=OLD_PAINT, stream=3,
+                       classes=_names(("red", "orange", "blue", "green"),
+                                      ("circle", "triangle", "star", "ring"))))
+# -R analogue: loud renditions (saturated high-contrast patterns, large rotations) of 32
+# classes, every base red/orange class among them.
+register_domain(Domain("r", LOUD_STYLE, templates=tuple(TEMPLATES), paint=OLD_PAINT, stream=4,
+                       classes=_names(("red", "orange", "yellow", "purple"), SHAPES)))
+# Cross-dataset targets (the ImageNet -> ten datasets analogue): other class subsets, other
+# styles, no old-photo convention, their own templates.
+register_domain(Domain("studio", STUDIO_STYLE, templates=("a studio photo of a {}.",),
+                       stream=5, classes=_names(("yellow", "green", "cyan", "blue", "purple",
+                                                 "pink"), ("star", "cross", "ring", "crescent"))))
+register_domain(Domain("night", NIGHT_STYLE, templates=("a dark photo of a {}.",), stream=6,
+                       classes=_names(("red", "cyan", "blue", "pink"), SHAPES)))
+WORLD_DATASET_PREFIX = "world_"
+
+
+def world_dataset_domain(name: str) -> Optional[str]:
+    """The domain of world dataset `name` ('world' -> the benchmark, 'world_<domain>' -> that
+    registered domain); None for a name that is not a world dataset."""
+    if name == "world":
+        return DEFAULT_DOMAIN
+    if name.startswith(WORLD_DATASET_PREFIX) and name[len(WORLD_DATASET_PREFIX):] in DOMAINS:
+        return name[len(WORLD_DATASET_PREFIX):]
+    return None
+
+
+def world_datasets() -> list:
+    """Every world dataset name ('world' and 'world_<domain>' of each downstream domain)."""
+    return ["world"] + [WORLD_DATASET_PREFIX + d for d in DOMAINS
+                        if d not in (DEFAULT_DOMAIN, _OLD_PHOTO.name)]
 
 
 def parse_classname(name: str) -> tuple:
@@ -424,8 +506,9 @@ def pretrain_example(world_seed: int, index: int, composition: int,
 
 
 class WorldSplit(base.ImageSplit):
-    """A downstream split of one domain: `per_class` items per class, in class blocks (item i
-    has label i // per_class), rendered on demand."""
+    """A downstream split of one domain: `per_class` items per class of the domain, in class
+    blocks (item i has label i // per_class, in the domain's label order), rendered on
+    demand."""
 
     def __init__(self, split: str, world_seed: int = 0, per_class: Optional[int] = None,
                  domain: str = DEFAULT_DOMAIN):
@@ -438,7 +521,9 @@ class WorldSplit(base.ImageSplit):
         self.world_seed = int(world_seed)
         self.per_class = int(per_class)
         self.domain = get_domain(domain)
-        self._labels = np.repeat(np.arange(NUM_CLASSES, dtype=np.int32), self.per_class)
+        self._world_labels = self.domain.world_labels
+        self._labels = np.repeat(np.arange(len(self._world_labels), dtype=np.int32),
+                                 self.per_class)
 
     @property
     def labels(self) -> np.ndarray:
@@ -453,21 +538,22 @@ class WorldSplit(base.ImageSplit):
                                          self.domain.stream])
         else:  # the default domain keeps the historical 3-part key
             rng = _rng(self.world_seed, self.split, index)
-        image = render(rng, int(self._labels[index]), self.domain.style, NATIVE_SIZE,
-                       self.domain)
+        image = render(rng, int(self._world_labels[self._labels[index]]), self.domain.style,
+                       NATIVE_SIZE, self.domain)
         return resize(image, size)
 
     def describe(self, index: int) -> str:
         return (f"world(seed={self.world_seed}, domain={self.domain.name}) {self.split} item "
-                f"{index} ({CLASSNAMES[int(self._labels[index])]})")
+                f"{index} ({CLASSNAMES[int(self._world_labels[self._labels[index]])]})")
 
 
 def load_world_full(world_seed: int = 0, domain: str = DEFAULT_DOMAIN) -> base.BaseToNewData:
-    """All 64 classes and complete splits (no few-shot sampling, no class subsampling)."""
+    """All the domain's classes and complete splits (no few-shot sampling, no class
+    subsampling)."""
     spec = get_domain(domain)
     return base.BaseToNewData(
         name="world" if domain == DEFAULT_DOMAIN else f"world_{domain}",
-        classnames=list(CLASSNAMES), templates=list(spec.templates),
+        classnames=spec.classnames, templates=list(spec.templates),
         train=WorldSplit("train", world_seed, domain=domain),
         val=WorldSplit("val", world_seed, domain=domain),
         test=WorldSplit("test", world_seed, domain=domain))

@@ -100,10 +100,21 @@ class Evaluator:
         return np.concatenate(preds)
 
     def accuracy(self, learner, split: ImageSplit, prompt, class_texts, key: str, state=None,
-                 consts=None) -> float:
-        """Top-1 accuracy in percent over the readable images of `split`."""
+                 consts=None, rows=None) -> float:
+        """Top-1 accuracy in percent over the readable images of `split`. `rows` (int [C']):
+        classify among these classes of `class_texts` only, label y of `split` meaning class
+        rows[y] (a target domain covering a subset of the source's classes)."""
         weights = self.classifier(learner, prompt, class_texts, consts)
+        if rows is not None:
+            weights = select_rows(weights, rows)
         feats, valid = self.image_features(learner, split, prompt, key, state)
         pred = self.predict(learner, prompt, weights, feats, consts)
         correct = (pred == np.asarray(split.labels)) & valid
         return float(100.0 * correct.sum() / max(1, valid.sum()))
+
+
+def select_rows(classifier, rows):
+    """The classifier of classes `rows` (in that order) of a classifier [C, ...] or a pytree of
+    them."""
+    rows = np.asarray(rows, np.int64)
+    return jax.tree_util.tree_map(lambda x: np.asarray(x)[rows], classifier)

@@ -74,6 +74,13 @@ def check_stage_settings(stage_dir: str, stage_id: int, config) -> None:
     flat.pop("dpc.w_new", None)
     # An imported stage 2 (config.dpc.init_from) never trains in a stage directory.
     flat.pop("dpc.init_from", None)
+    # Which prompt transfer targets get acts only at evaluation.
+    flat.pop("dpc.transfer_prompt", None)
+    # Protocols other than base_to_new train on all classes of the source (the same training
+    # for few_shot, cross_dataset and domain_generalisation); base_to_new on the base half.
+    # (Absent for base_to_new, so workdirs written before protocols existed still match.)
+    if config.get("protocol", "base_to_new") != "base_to_new":
+        flat["train_classes"] = "all"
     if stage_id == 2 and config.dpc.mode == "paper":
         flat.pop("dpc.w_base", None)
     flat["devices"] = jax.device_count()  # the global batch and epoch length depend on it

@@ -18,8 +18,9 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from dpc_jax.data.base import BaseToNewData
-from dpc_jax.data.train_sets import (TrainSet, load_benchmark, load_unlabeled, make_train_set,
-                                     resident_megabytes)
+from dpc_jax.data.train_sets import (TrainSet, load_benchmark, load_named, load_unlabeled,
+                                     make_train_set, resident_megabytes)
+from dpc_jax.evaluation import protocols
 from dpc_jax.evaluation.evaluator import Evaluator
 from dpc_jax.evaluation.results import scores
 from dpc_jax.models.clip import CLIPConfig
@@ -154,6 +155,9 @@ class SeedRun:
     base: BaseToNewData
     new: BaseToNewData
     train_mode: bool = True  # False: stages restore what they need (config.mode 'eval')
+    # Protocols other than base_to_new: `base` is the training source (all its classes), `new`
+    # is None and these are the test sets (`dpc_jax.evaluation.protocols`).
+    eval_sets: Optional[list] = None
     _train_set: Optional[TrainSet] = None
     _unlabeled_set: Optional[TrainSet] = None
     _consts: Optional[dict] = None
@@ -162,17 +166,23 @@ class SeedRun:
 
     @classmethod
     def create(cls, run: Run, seed: int, workdir: str, train_mode: bool = True) -> "SeedRun":
-        base, new = load_benchmark(run.config, seed)
+        cfg, sets = run.config, None
+        if protocols.protocol_name(cfg) == "base_to_new":
+            base, new = load_benchmark(cfg, seed)
+        else:
+            base, new = load_named(cfg, cfg.dataset, seed, cfg.shots), None
+            sets = protocols.eval_sets(cfg, base, seed)
         run.evaluator.clear_cache()
         return cls(run=run, seed=seed, seed_dir=os.path.join(workdir, f"seed_{seed}"),
-                   base=base, new=new, train_mode=train_mode)
+                   base=base, new=new, train_mode=train_mode, eval_sets=sets)
 
     def __post_init__(self):
         run, learner = self.run, self.run.learner
         self.base_texts = replicate(learner.prepare(run.clip_params, self.base.classnames),
                                     run.mesh)
-        self.new_texts = replicate(learner.prepare(run.clip_params, self.new.classnames,
-                                                   new_classes=True), run.mesh)
+        self.new_texts = None if self.new is None else replicate(
+            learner.prepare(run.clip_params, self.new.classnames, new_classes=True), run.mesh)
+        self._set_texts: Dict[tuple, Any] = {}
 
     @property
     def consts(self) -> dict:
@@ -249,7 +259,11 @@ class SeedRun:
                  new_state=None) -> dict:
         """Base and new accuracy; `state` is the learner state of both splits unless
         `new_state` is given (an imported DPC stage 2: its own BatchNorm statistics for base
-        classes, stage 1's for new classes)."""
+        classes, stage 1's for new classes). Other protocols: `evaluate_sets`."""
+        if self.eval_sets is not None:
+            if texts is not None:
+                raise ValueError("texts are per eval set in protocols other than base_to_new")
+            return self.evaluate_sets(base_prompt, new_prompt, state, learner, new_state)
         learner = learner or self.run.learner
         base_texts, new_texts = texts or (self.base_texts, self.new_texts)
         ev, consts = self.run.evaluator, self.consts if learner is self.run.learner else {}
@@ -259,6 +273,41 @@ class SeedRun:
                           f"seed {self.seed} new", state if new_state is None else new_state,
                           consts)
         return scores(base, new)
+
+    def set_texts(self, learner, es) -> Any:
+        """The class texts an eval set's classifier is built from (the learner's inputs): the
+        source's classes for the source and for domain-shift targets (whose `rows` select
+        among them), the target's own classes (unseen: `new_classes`) otherwise. Zero-shot
+        CLIP uses each set's own templates."""
+        zeroshot = isinstance(learner, ZeroShotCLIP)
+        if learner is self.run.learner and (es.role == "source" or es.rows is not None):
+            return self.base_texts
+        key = (id(learner), es.name)
+        if key not in self._set_texts:
+            names = self.base.classnames if (es.rows is not None or es.role == "source") \
+                else es.classnames
+            new = not (zeroshot or es.rows is not None or es.role == "source")
+            self._set_texts[key] = replicate(learner.prepare(self.run.clip_params, names,
+                                                             new_classes=new), self.run.mesh)
+        return self._set_texts[key]
+
+    def evaluate_sets(self, base_prompt, new_prompt, state=None, learner=None,
+                      new_state=None) -> dict:
+        """{"accuracy": {eval set: %}}: the source with the base prompt and state, each target
+        with the ones `config.dpc.transfer_prompt` names (`protocols.select_prompt`)."""
+        cfg, ev = self.run.config, self.run.evaluator
+        out = {}
+        new_state = state if new_state is None else new_state
+        for es in self.eval_sets:
+            lrn = learner or self.run.learner
+            if isinstance(lrn, ZeroShotCLIP):
+                lrn = self.run.zeroshot_learner(es.templates)
+            consts = self.consts if lrn is self.run.learner else {}
+            prompt = protocols.select_prompt(cfg, es.role, base_prompt, new_prompt)
+            st = protocols.select_prompt(cfg, es.role, state, new_state)
+            out[es.name] = ev.accuracy(lrn, es.test, prompt, self.set_texts(lrn, es),
+                                       f"seed {self.seed} {es.name}", st, consts, rows=es.rows)
+        return {"accuracy": out}
 
     def stage_dir(self, stage_id: int) -> StageDir:
         name = "backbone" if stage_id == BACKBONE else "dpc"
@@ -305,6 +354,8 @@ class SeedRun:
 
 def run_zeroshot(sr: SeedRun, train: bool) -> dict:
     learner = sr.run.zeroshot_learner(sr.base.templates)
+    if sr.eval_sets is not None:  # each set with its own templates
+        return sr.evaluate({}, {}, learner=learner)
     texts = (learner.prepare(sr.run.clip_params, sr.base.classnames),
              learner.prepare(sr.run.clip_params, sr.new.classnames, new_classes=True))
     return sr.evaluate({}, {}, learner=learner, texts=texts)

@@ -4,7 +4,9 @@ This module checks the config, loads the CLIP once, builds what every seed share
 (`stages.Run`: learner, evaluator, compiled steps) and runs the configured stages for every
 seed. The pieces live beside it: `step` (mesh, per-device step), `objectives` (stage-1 and DPC
 objectives), `loop` (epoch loop, metric log, hooks), `checkpoints` (stage directories),
-`stages` (per-seed stage runners); evaluation in `dpc_jax.evaluation`.
+`stages` (per-seed stage runners); evaluation in `dpc_jax.evaluation` (the protocol,
+`config.protocol`, in `dpc_jax.evaluation.protocols`: it decides the training classes, the
+test sets and the results.json layout).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import ml_collections
 from ml_collections.config_flags import config_flags
 from tqdm import tqdm
 
-from dpc_jax.evaluation.results import format_table, summarize
+from dpc_jax.evaluation import protocols
 from dpc_jax.models.clip import CLIPConfig
 from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import dpc as dpc_lib
@@ -76,13 +78,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not isinstance(config.shots, int) or config.shots < 1:
         raise ValueError(f"config.shots={config.shots!r}; expected a positive integer (images "
                          f"per base class; the papers use 16)")
-    if (config.clip.source in SHIPPED_CLIPS) != (config.dataset == "world"):
+    if (config.clip.source in SHIPPED_CLIPS) != protocols.is_world(config.dataset):
         raise ValueError(
             f"config.dataset={config.dataset!r} with config.clip.source={config.clip.source!r}: "
-            f"the shipped world CLIP belongs to dataset 'world' only. Choose a dataset with "
+            f"the shipped world CLIP belongs to the world datasets only. Choose a dataset with "
             f"`--config configs/dpc_coop.py:dataset=NAME,root=DIR` (which also sets the CLIP "
             f"and schedules), not with --config.dataset")
-    if config.dataset != "world" and config.source == "coop" and not str(config.root).strip():
+    if (not protocols.is_world(config.dataset) and config.source == "coop"
+            and not str(config.root).strip()):
         raise ValueError(f"config.root is empty for dataset {config.dataset!r}: expected the "
                          f"folder that holds the CoOp-layout dataset, e.g. `--config "
                          f"configs/dpc_coop.py:dataset={config.dataset},root=/data` (root=. for "
@@ -115,6 +118,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                 f"{config.optim.warmup_lr}; set more epochs, or --config.optim.warmup_epochs=0")
     dpc_lib.DualPrompt(config.dpc)  # validates mode, w_base, w_new
     stages_lib.model_selection(config)
+    protocols.check_config(config, get_learner(config.backbone.get("name", "")))
 
 
 # Shipped CLIPs named by `config.clip.source` (and `config.backbone.teacher_clip.source`).
@@ -230,20 +234,37 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str, hooks) -> dict:
             if jax.process_index() == 0:
                 os.makedirs(os.path.join(sr.seed_dir, stage), exist_ok=True)
                 write_json(os.path.join(sr.seed_dir, stage, "results.json"), result)
-            tqdm.write(f"seed {seed} {stage}: base {result['base']:.2f} new {result['new']:.2f} "
-                       f"H {result['hm']:.2f}")
-    results = summarize(per_seed)
+            tqdm.write(protocols.seed_line(config, stage, seed, result))
+    results = protocols.summarize(config, per_seed)
     if jax.process_index() == 0:
         # The config of the run that wrote results.json: written when it has finished, so a
         # refused or failed run leaves the record of the last finished one in place.
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
-        # Stages this run did not run keep their summaries from earlier runs of the workdir
-        # (e.g. `--config.stages=zeroshot` on a finished workdir drops nothing).
-        write_json(results_path, {**{k: v for k, v in earlier.items() if k not in results},
-                                  **results})
-    print(format_table(results, config.backbone.name), flush=True)
+        write_json(results_path, _merge_results(earlier, results, workdir))
+    print(protocols.format_table(config, results), flush=True)
     return results
+
+
+def _merge_results(earlier: dict, results: dict, workdir: str) -> dict:
+    """What results.json holds after this run: stages this run did not run keep their
+    summaries from earlier runs of the same protocol (`--config.stages=zeroshot` on a finished
+    workdir drops nothing); an earlier results.json of another protocol is kept beside it as
+    results.<protocol>.json."""
+    old_protocol = earlier.get("protocol", "base_to_new") if earlier else None
+    new_protocol = results.get("protocol", "base_to_new")
+    if not earlier:
+        return results
+    if old_protocol != new_protocol or (new_protocol != "base_to_new" and any(
+            earlier.get(k) != results.get(k) for k in ("source", "targets", "shots"))):
+        name = f"results.{old_protocol}.json"
+        write_json(os.path.join(workdir, name), earlier)
+        print(f"the earlier results.json ({old_protocol}) is kept as {name}", flush=True)
+        return results
+    if new_protocol == "base_to_new":
+        return {**{k: v for k, v in earlier.items() if k not in results}, **results}
+    stages = {**earlier.get("stages", {}), **results.get("stages", {})}
+    return {**results, "stages": stages}
 
 
 def _read_results(path: str) -> dict:

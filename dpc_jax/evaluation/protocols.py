@@ -1,0 +1,281 @@
+"""The evaluation protocols of the CoOp/DPC paper family, chosen by `config.protocol`.
+
+- `base_to_new` (default): train on the base half of the classes, report base and new accuracy
+  and their harmonic mean (`dpc_jax.evaluation.results.summarize`; results.json unchanged).
+- `few_shot`: train on all classes of `config.dataset` with `config.shots` in {1, 2, 4, 8, 16}
+  images per class; report the accuracy on the full test set of all classes.
+- `cross_dataset`: train on all classes of the source `config.dataset` (the papers: ImageNet,
+  16 shots); evaluate on the full test sets of the target datasets `config.targets` (a comma
+  list; default: the other ten datasets of the paper for a real source, `world_studio,
+  world_night` for the world), each with a classifier over its own classes.
+- `domain_generalisation`: train as for cross_dataset; evaluate on target domains that share
+  the source's classes (default: ImageNet-V2, -Sketch, -A, -R for ImageNet; `world_v2,
+  world_clean, world_a, world_r` for the world). A target covering a subset of the source's
+  classes (ImageNet-A and -R: 200 of 1000) is scored on that subset of the source classifier:
+  `EvalSet.rows[t]` is the source class index of target class t (matched by class name).
+
+The source's own test set is reported too (role 'source'). Which DPC prompt a target gets is
+`config.dpc.transfer_prompt`: 'new' (default) the new-class mix w_n Q + (1 - w_n) P, 'base'
+the base-class mix (w_b). The released CoOp+DPC (trainers/sple_coop.py, `load_model`) applies
+the w_n re-weighting when DATASET.SUBSAMPLE_CLASSES is 'new', or 'all' on any dataset whose
+NAME is not 'ImageNet' -- the cross-dataset targets and ImageNet-V2/-Sketch/-A/-R alike --
+and the base mix on ImageNet itself, which is what 'new' does here. (The released
+StackSPLE_PromptKD re-weights for 'new' only, but PromptKD's cross-dataset stage 1 is
+transductive on the target and is not supported here.) The source always gets the base mix.
+
+results.json of a protocol other than base_to_new:
+
+    {"protocol": "cross_dataset", "source": "world", "targets": ["world_studio", ...],
+     "shots": 16, "transfer_prompt": "new",
+     "stages": {"<stage>": {"accuracy": {"<eval set>": {"mean": %, "std": %,
+                                                        "per_seed": {"<seed>": %}}},
+                            "target_average": %}}}
+
+Eval sets are the source (few_shot: the only one) and each target, in config order; accuracy
+is top-1 in percent; std is over seeds (numpy's population std, as base_to_new's);
+`target_average` (transfer protocols only) is the mean over targets of their means. Each seed's
+W/seed_N/<stage>/results.json holds {"accuracy": {"<eval set>": %}}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import numpy as np
+
+from dpc_jax.data import registry
+from dpc_jax.data.base import BaseToNewData, ImageSplit
+from dpc_jax.evaluation import results as results_lib
+
+PROTOCOLS = ("base_to_new", "few_shot", "cross_dataset", "domain_generalisation")
+TRANSFER = ("cross_dataset", "domain_generalisation")
+TRANSFER_PROMPTS = ("new", "base")
+FEW_SHOT_SHOTS = (1, 2, 4, 8, 16)
+WORLD_TARGETS = {"cross_dataset": ("world_studio", "world_night"),
+                 "domain_generalisation": ("world_v2", "world_clean", "world_a", "world_r")}
+DG_TARGETS = {"imagenet": registry.IMAGENET_VARIANTS}
+
+
+@dataclasses.dataclass
+class EvalSet:
+    """One test set of a protocol: its images and labels, the class names its labels index,
+    its zero-shot templates, and (domain generalisation) the source class of each label."""
+
+    name: str
+    role: str  # 'source' | 'target'
+    test: ImageSplit
+    classnames: list
+    templates: list
+    rows: Optional[np.ndarray] = None  # int [C_target]: source class index of each class
+
+
+def protocol_name(config) -> str:
+    value = config.get("protocol", "base_to_new")
+    if value not in PROTOCOLS:
+        raise ValueError(f"config.protocol={value!r}; expected one of {PROTOCOLS}")
+    return value
+
+
+def transfer_prompt(config) -> str:
+    value = config.dpc.get("transfer_prompt", "new")
+    if value not in TRANSFER_PROMPTS:
+        raise ValueError(f"config.dpc.transfer_prompt={value!r}; expected one of "
+                         f"{TRANSFER_PROMPTS} ('new': the w_n mix, as the released CoOp+DPC "
+                         f"evaluates targets; 'base': the w_b mix)")
+    return value
+
+
+def is_world(name: str) -> bool:
+    from dpc_jax.data import world
+
+    return world.world_dataset_domain(name) is not None
+
+
+def dataset_name(name: str, field: str) -> str:
+    """The key of a world or registry dataset; an unknown name is an error naming `field`."""
+    from dpc_jax.data import world
+
+    name = name.strip()
+    if is_world(name):
+        return name
+    try:
+        return registry.get(name).name
+    except KeyError:
+        raise ValueError(f"config.{field}: unknown dataset {name!r}; expected a world dataset "
+                         f"({world.world_datasets()}) or one of {sorted(registry.DATASETS)}"
+                         ) from None
+
+
+def targets(config) -> list:
+    """The target datasets of a transfer protocol (`config.targets`, or the default)."""
+    protocol = protocol_name(config)
+    if protocol not in TRANSFER:
+        if config.get("targets", ""):
+            raise ValueError(f"config.targets={config.targets!r} with config.protocol="
+                             f"{protocol!r}: targets belong to {TRANSFER} only")
+        return []
+    source = config.dataset
+    value = config.get("targets", "")
+    if value:
+        names = [dataset_name(s, "targets") for s in str(value).split(",") if s.strip()]
+    elif is_world(source):
+        names = list(WORLD_TARGETS[protocol])
+    elif protocol == "cross_dataset":
+        names = [d for d in registry.BASE_TO_NEW if d != source]
+    elif source in DG_TARGETS:
+        names = list(DG_TARGETS[source])
+    else:
+        raise ValueError(f"config.targets is empty and source config.dataset={source!r} has no "
+                         f"default domain-shift targets (only {sorted(DG_TARGETS)} and the "
+                         f"world do); set config.targets to datasets sharing its classes")
+    if not names:
+        raise ValueError(f"config.targets={value!r} is empty; expected a comma-separated list")
+    for name in names:
+        if name == source:
+            raise ValueError(f"config.targets lists the source {name!r} (config.dataset); its "
+                             f"test set is always reported as the source")
+        if is_world(name) != is_world(source):
+            raise ValueError(f"config.targets: {name!r} with source config.dataset={source!r}: "
+                             f"world datasets and real ones need different CLIPs; use "
+                             f"{'world' if is_world(source) else 'real'} targets")
+        if protocol == "cross_dataset" and not is_world(name) and registry.get(name).test_only:
+            raise ValueError(f"config.targets: {name!r} is a domain-shift set of ImageNet's "
+                             f"classes; it belongs to config.protocol='domain_generalisation'")
+    if len(set(names)) != len(names):
+        raise ValueError(f"config.targets={value!r} lists a dataset twice")
+    return names
+
+
+def check_config(config, learner) -> None:
+    """Fail early, naming the field, on protocol settings the run cannot use."""
+    protocol = protocol_name(config)
+    transfer_prompt(config)
+    targets(config)
+    if protocol == "base_to_new":
+        return
+    if not is_world(config.dataset) and registry.get(config.dataset).test_only:
+        raise ValueError(f"config.dataset={config.dataset!r} has test data only; a "
+                         f"{protocol!r} source needs training data (e.g. imagenet)")
+    if protocol == "few_shot" and config.shots not in FEW_SHOT_SHOTS:
+        raise ValueError(f"config.shots={config.shots!r} with config.protocol='few_shot'; "
+                         f"expected one of {FEW_SHOT_SHOTS}")
+    if config.shots < 1:
+        raise ValueError(f"config.shots={config.shots!r} with config.protocol={protocol!r}; "
+                         f"expected a positive number of training images per class")
+    if learner.train_split != "fewshot" or learner.needs_teacher:
+        raise ValueError(f"config.protocol={protocol!r} with config.backbone.name="
+                         f"{learner.name!r}: protocols other than base_to_new train on the "
+                         f"labelled few-shot split without a teacher; {learner.name!r} does not "
+                         f"(PromptKD's transfer settings distil on the target's unlabeled "
+                         f"images)")
+    if config.dpc.get("init_from", ""):
+        raise ValueError(f"config.dpc.init_from={config.dpc.init_from!r} with config.protocol="
+                         f"{protocol!r}: importing a released stage 2 is for base_to_new only")
+
+
+def load_dataset(config, name: str, seed: int, shots: int) -> BaseToNewData:
+    """All classes of world or registry dataset `name`, few-shot sampled with `shots` (< 1:
+    full splits) for `seed`."""
+    from dpc_jax.data import train_sets
+
+    return train_sets.load_named(config, name, seed, shots)
+
+
+def class_rows(source_classnames: Sequence[str], target: str, target_classnames: Sequence[str],
+               source: str) -> np.ndarray:
+    """int [C_target]: the source class index of each target class (by name); every target
+    class must be a source class, and source names must be unambiguous."""
+    index = {}
+    for i, c in enumerate(source_classnames):
+        index.setdefault(c, []).append(i)
+    missing = [c for c in target_classnames if c not in index]
+    if missing:
+        raise ValueError(f"config.targets: {target!r} has {len(missing)} class(es) that the "
+                         f"source config.dataset={source!r} lacks, e.g. {missing[:5]}; "
+                         f"domain_generalisation targets must share the source's classes "
+                         f"(use config.protocol='cross_dataset' for other classes)")
+    ambiguous = [c for c in target_classnames if len(index[c]) > 1]
+    if ambiguous:
+        raise ValueError(f"config.targets: {target!r} classes {ambiguous[:5]} name several "
+                         f"classes of the source {source!r}; the class mapping is ambiguous")
+    if len(set(target_classnames)) != len(target_classnames):
+        raise ValueError(f"config.targets: {target!r} names a class twice")
+    return np.asarray([index[c][0] for c in target_classnames], np.int64)
+
+
+def eval_sets(config, source: BaseToNewData, seed: int) -> list:
+    """The protocol's test sets for one seed: the source's, then each target's (full test
+    sets, all their classes)."""
+    protocol = protocol_name(config)
+    out = [EvalSet(config.dataset, "source", source.test, list(source.classnames),
+                   list(source.templates))]
+    for name in targets(config):
+        data = load_dataset(config, name, seed, shots=0)
+        rows = None
+        classnames = list(data.classnames)
+        if protocol == "domain_generalisation":
+            rows = class_rows(source.classnames, name, data.classnames, config.dataset)
+        out.append(EvalSet(name, "target", data.test, classnames, list(data.templates), rows))
+    return out
+
+
+def select_prompt(config, role: str, base, new):
+    """The prompt (or learner state) of an eval set: the source gets the base one; a target
+    the one `config.dpc.transfer_prompt` names."""
+    if role == "source":
+        return base
+    return new if transfer_prompt(config) == "new" else base
+
+
+# --- results ----------------------------------------------------------------------------------
+
+def summarize(config, per_seed: dict) -> dict:
+    """{stage: {seed: {"accuracy": {set: %}}}} -> the results.json layout of the module
+    docstring (base_to_new: `results.summarize`, unchanged)."""
+    protocol = protocol_name(config)
+    if protocol == "base_to_new":
+        return results_lib.summarize(per_seed)
+    names = targets(config)
+    stages = {}
+    for stage, by_seed in per_seed.items():
+        sets = list(next(iter(by_seed.values()))["accuracy"])
+        acc = {}
+        for s in sets:
+            values = np.array([r["accuracy"][s] for r in by_seed.values()])
+            acc[s] = {"mean": float(values.mean()), "std": float(values.std()),
+                      "per_seed": {str(seed): float(r["accuracy"][s])
+                                   for seed, r in by_seed.items()}}
+        stages[stage] = {"accuracy": acc}
+        if protocol in TRANSFER:
+            stages[stage]["target_average"] = float(np.mean([acc[t]["mean"] for t in names]))
+    return {"protocol": protocol, "source": config.dataset, "targets": names,
+            "shots": int(config.shots), "transfer_prompt": transfer_prompt(config),
+            "stages": stages}
+
+
+def seed_line(config, stage: str, seed: int, result: dict) -> str:
+    if protocol_name(config) == "base_to_new":
+        return (f"seed {seed} {stage}: base {result['base']:.2f} new {result['new']:.2f} "
+                f"H {result['hm']:.2f}")
+    return f"seed {seed} {stage}: " + " ".join(f"{k} {v:.2f}"
+                                               for k, v in result["accuracy"].items())
+
+
+def format_table(config, results: dict) -> str:
+    if protocol_name(config) == "base_to_new":
+        return results_lib.format_table(results, config.backbone.name)
+    pretty = results_lib.LEARNER_NAMES.get(config.backbone.name, config.backbone.name)
+    names = {**results_lib.STAGE_NAMES, "backbone": pretty, "dpc": f"{pretty}+DPC"}
+    stages = results["stages"]
+    sets = list(next(iter(stages.values()))["accuracy"])
+    avg = results["protocol"] in TRANSFER
+    width = max(8, *(len(s) for s in sets))
+    head = f"{'method':<20} " + " ".join(f"{s:>{width}}" for s in sets)
+    lines = [head + (f" {'avg':>{width}}" if avg else "")]
+    for stage, r in stages.items():
+        row = f"{names.get(stage, stage):<20} " + " ".join(
+            f"{r['accuracy'][s]['mean']:{width}.2f}" for s in sets)
+        lines.append(row + (f" {r['target_average']:{width}.2f}" if avg else ""))
+    return f"{results['protocol']} (source {results['source']}, {results['shots']} shots)\n" \
+        + "\n".join(lines)
