@@ -149,3 +149,26 @@ def test_missing_ftfy_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "ftfy", None)  # makes `import ftfy` raise ImportError
     with pytest.raises(ImportError, match=r"needs the `ftfy` package"):
         basic_clean("a photo")
+
+
+def test_an_uncached_hub_tokenizer_offline_fails_at_once_naming_it(monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.time()
+    with pytest.raises(FileNotFoundError, match=r"tokenizer 'dpc-jax-tests/no-such-tokenizer': "
+                                                r"not a local directory, not in the Hugging "
+                                                r"Face cache"):
+        Tokenizer.from_pretrained("dpc-jax-tests/no-such-tokenizer")
+    assert time.time() - start < 30  # no minutes of retries
+
+
+def test_a_tokenizer_that_does_not_fit_the_clip_is_refused(tiny_config):
+    from dpc_jax.training import train_lib
+
+    tok = Tokenizer.from_pretrained(train_lib.world_assets_dir())  # 646 tokens
+    with pytest.raises(ValueError, match=r"tokenizer 'world' does not fit the CLIP from 'tiny': "
+                                         r"it has 646 tokens \(start token 644, end token "
+                                         r"645\); the CLIP embeds 1000 tokens with start 998"):
+        train_lib.check_tokenizer_fits(tok, tiny_config, "world", "tiny")
+    train_lib.check_tokenizer_fits(tok, tiny_config.replace(vocab_size=646), "world", "tiny")

@@ -47,10 +47,11 @@ class Tokenizer:
                 raise FileNotFoundError(
                     f"tokenizer directory {source!r} holds neither vocab.json + merges.txt nor "
                     f"tokenizer.json (found: {sorted(os.listdir(source))})")
-        elif os.path.exists(source):
+            return cls(CLIPTokenizer.from_pretrained(source), context_length)
+        if os.path.exists(source):
             raise NotADirectoryError(f"tokenizer source {source!r} is a file; expected a "
                                      f"directory with vocab.json and merges.txt, or a hub id")
-        return cls(CLIPTokenizer.from_pretrained(source), context_length)
+        return cls(_hub_tokenizer(CLIPTokenizer, source), context_length)
 
     @property
     def vocab_size(self) -> int:
@@ -80,6 +81,42 @@ class Tokenizer:
         """Text of one id sequence (padding and special tokens dropped)."""
         keep = [int(t) for t in ids if t not in (0, self.sot_token_id, self.eot_token_id)]
         return self.hf.decode(keep).strip()
+
+
+HUB_HOST = "huggingface.co"
+
+
+def _hub_tokenizer(tokenizer_class, source: str):
+    """A hub tokenizer: from the local Hugging Face cache when it is there, else downloaded.
+    Offline without a cached copy this fails at once, naming the source, instead of retrying
+    for minutes (transformers then falls back to a tokenizer without the vocabulary)."""
+    missing = FileNotFoundError(
+        f"tokenizer {source!r}: not a local directory, not in the Hugging Face cache, and "
+        f"{HUB_HOST} cannot be reached; set config.clip.tokenizer to a directory holding "
+        f"vocab.json and merges.txt (e.g. one written by `python -m dpc_jax.convert`), or "
+        f"download it once while online")
+    try:
+        cached = tokenizer_class.from_pretrained(source, local_files_only=True)
+        if len(cached) > 2:  # without its files transformers builds one of 2 special tokens
+            return cached
+    except Exception:  # not cached (transformers raises OSError or ValueError)
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or not _hub_reachable():
+        raise missing
+    loaded = tokenizer_class.from_pretrained(source)
+    if len(loaded) <= 2:
+        raise missing
+    return loaded
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    import socket
+
+    try:
+        socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 TRIM_MULTIPLE = 8  # trimmed text lengths are multiples of this (fewer distinct compiled shapes)

@@ -147,11 +147,23 @@ def load_clip_and_tokenizer(config) -> tuple[CLIPConfig, Any, Tokenizer]:
     clip_config, params = load_clip(config.clip)
     tok_source = world if config.clip.tokenizer == "world" else config.clip.tokenizer
     tokenizer = Tokenizer.from_pretrained(tok_source, context_length=clip_config.context_length)
-    if tokenizer.vocab_size > clip_config.vocab_size:
-        raise ValueError(f"tokenizer {config.clip.tokenizer!r} has {tokenizer.vocab_size} tokens; "
-                         f"the CLIP from {config.clip.source!r} embeds only "
-                         f"{clip_config.vocab_size}")
+    check_tokenizer_fits(tokenizer, clip_config, config.clip.tokenizer, config.clip.source)
     return clip_config, params, tokenizer
+
+
+def check_tokenizer_fits(tokenizer, clip_config, tokenizer_name, clip_name) -> None:
+    """The tokenizer belongs to the CLIP: the same vocabulary size, and CLIP's special tokens
+    (start = vocab - 2, end = vocab - 1, the largest id, where the text tower pools). A smaller
+    or foreign tokenizer runs but gives other numbers without a word, so it is refused."""
+    v = clip_config.vocab_size
+    found = (tokenizer.vocab_size, tokenizer.sot_token_id, tokenizer.eot_token_id)
+    if found != (v, v - 2, v - 1):
+        raise ValueError(
+            f"tokenizer {tokenizer_name!r} does not fit the CLIP from {clip_name!r}: it has "
+            f"{found[0]} tokens (start token {found[1]}, end token {found[2]}); the CLIP embeds "
+            f"{v} tokens with start {v - 2} and end {v - 1}. Set config.clip.tokenizer to that "
+            f"CLIP's own tokenizer (the directory `python -m dpc_jax.convert` wrote, or its "
+            f"hub id)")
 
 
 def preflight(sr: stages_lib.SeedRun, stages, train: bool) -> None:
