@@ -2,7 +2,7 @@
 WORKDIR [field=value ...]`, e.g.
 
     python benchmarks/compile_count.py configs/dpc_coop.py /tmp/cc seeds=1,2,3 \
-        backbone.epochs=1 dpc.epochs=1
+        backbone.epochs=1 dpc.epochs=1 optim.warmup_epochs=0
 
 (epochs do not change what is compiled). Prints how many functions were traced to jaxprs,
 lowered to MLIR and compiled by XLA, with the time spent; compare seeds=1 with seeds=1,2,3 to

@@ -268,7 +268,7 @@ def test_command_line_error_has_no_traceback(tmp_path):
 
 TINY = ["--set", "shots=2", "--set", "backbone.epochs=2", "--set", "backbone.batch_size=16",
         "--set", "batch_size=4", "--set", "dhno.top_k=4", "--set", "dpc.epochs=1",
-        "--set", "log_every_steps=1", "--set", "checkpoint_every_steps=4"]
+        "--set", "optim.warmup_epochs=0", "--set", "log_every_steps=1", "--set", "checkpoint_every_steps=4"]
 
 
 class Interrupted(RuntimeError):

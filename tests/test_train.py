@@ -319,3 +319,64 @@ def test_reruns_keep_the_records_of_finished_work(tmp_path, full_run):
         assert json.load(f) == meta_before
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["stages"] == "zeroshot,backbone"
+
+
+# -- kill -9 through the real command line -----------------------------------------------------
+
+KILL_FLAGS = ["--config.shots=2", "--config.progress=False", "--config.backbone.epochs=2",
+              "--config.backbone.batch_size=16", "--config.batch_size=4",
+              "--config.dhno.top_k=4", "--config.dpc.epochs=1", "--config.optim.warmup_epochs=0",
+              "--config.log_every_steps=1", "--config.checkpoint_every_steps=2"]
+
+
+def _saving(stage_dir):
+    """True while Orbax writes a checkpoint of the stage (its temporary step directory)."""
+    d = os.path.join(stage_dir, "checkpoints")
+    return os.path.isdir(d) and any("tmp" in name for name in os.listdir(d))
+
+
+def _steps_logged(stage_dir):
+    path = os.path.join(stage_dir, "log.jsonl")
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        return sum(1 for line in f if line.strip())
+
+
+def test_sigkill_in_both_stages_and_inside_a_save_then_resume_equals_uninterrupted(tmp_path,
+                                                                                   full_run):
+    """SIGKILL the training command (i) inside a stage-1 checkpoint save, (ii) in the middle of
+    stage 2; each rerun resumes, and the final results and parameters equal the uninterrupted
+    run's (`full_run`, which saves every 4 steps, not 2) bitwise."""
+    import signal
+    import time
+
+    reference, want = full_run
+    workdir = str(tmp_path / "killed")
+    cmd = [sys.executable, "-m", "dpc_jax.train", "--config", DPC_COOP, "--workdir", workdir,
+           *KILL_FLAGS]
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    stage1, stage2 = (os.path.join(workdir, "seed_1", s) for s in ("backbone", "dpc"))
+    kills = [("inside a stage-1 save", lambda: _saving(stage1) and _steps_logged(stage1) >= 3),
+             ("mid stage 2", lambda: _steps_logged(stage2) >= 3)]
+    for what, when in kills:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        deadline = time.time() + 600
+        while not when() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.002)
+        assert proc.poll() is None, f"the run ended before the kill {what}: " + \
+            proc.stderr.read().decode()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(workdir, "results.json")) as f:
+        got = json.load(f)
+    for stage in ("zeroshot", "backbone", "dpc"):
+        assert got[stage]["per_seed"] == json.loads(json.dumps(want[stage]["per_seed"])), stage
+    for stage in ("backbone", "dpc"):
+        a = _restore(os.path.join(workdir, "seed_1", stage))
+        b = _restore(os.path.join(reference, "seed_1", stage))
+        assert all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a),
+                                                        jax.tree_util.tree_leaves(b))), stage
