@@ -90,6 +90,7 @@ def config(**changes):
     c.update_from_flattened_dict({"stages": "backbone,dpc", "shots": 2, "progress": False,
                                   "backbone.epochs": 3, "backbone.batch_size": 16,
                                   "batch_size": 8, "dhno.top_k": 3, "dpc.epochs": 1,
+                                  "optim.warmup_epochs": 0,
                                   "checkpoint_every_steps": 5, **changes})
     return c
 
