@@ -20,6 +20,7 @@ import os
 import ml_collections
 
 from dpc_jax.configs import common
+from dpc_jax.evaluation import protocols
 from dpc_jax.prompts.dept import INNER, DePT
 
 _NOT_INNER = ("epochs", "lr", "batch_size", "init_from")
@@ -48,7 +49,7 @@ def get_config(arg=None):
     b.inner = ml_collections.ConfigDict(
         {k: v for k, v in inner.to_dict().items() if k not in _NOT_INNER})
     b.epochs, b.lr, b.batch_size, b.init_from = inner.epochs, inner.lr, inner.batch_size, ""
-    if c.dataset != "world" and name in ("coop", "maple"):
+    if not protocols.is_world(c.dataset) and name in ("coop", "maple"):
         b.epochs, b.batch_size, b.lr = 10, 4, 0.0035
         if name == "coop":
             b.inner.n_ctx, b.inner.ctx_init = 16, ""

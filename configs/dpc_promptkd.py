@@ -22,6 +22,7 @@ Arguments (comma-separated key=value): dataset, root, source (coop|tfds), clip (
 import ml_collections
 
 from dpc_jax.configs import base_to_new, common
+from dpc_jax.evaluation import protocols
 from dpc_jax.prompts.promptkd import RELEASED_OPTIONS, PromptKD
 
 SMALL_KD_WEIGHT = {"fgvc_aircraft": 200.0, "oxford_flowers": 200.0, "dtd": 200.0}
@@ -33,7 +34,7 @@ def get_config(arg=None):
     b = PromptKD.default_config()
     b.epochs, b.lr, b.batch_size, b.init_from = 20, 0.005, 8, ""
     b.kd_weight = SMALL_KD_WEIGHT.get(c.dataset, 1000.0)
-    if c.dataset == "world":
+    if protocols.is_world(c.dataset):
         b.teacher_clip.source = "world_teacher"
     c.backbone = b
     c.dpc.w_base, c.dpc.w_new, c.dpc.lr, c.dpc.epochs = 0.2, 0.0, 0.002, 20

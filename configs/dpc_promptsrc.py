@@ -19,6 +19,7 @@ Arguments (comma-separated key=value): dataset, root, source (coop|tfds), clip, 
 """
 
 from dpc_jax.configs import base_to_new, common
+from dpc_jax.evaluation import protocols
 
 VARIANTS = ("base_to_new", "cross_dataset", "few_shot", "teacher")
 FEW_SHOT_GPA = {**{d: (30.0, 30.0) for d in ("imagenet", "caltech101", "oxford_pets", "food101",
@@ -45,7 +46,7 @@ def get_config(arg=None):
         b.epochs = 50
         b.gpa_mean, b.gpa_std = FEW_SHOT_GPA.get(c.dataset, (30.0, 30.0))
     elif variant == "teacher":
-        if c.dataset != "world":
+        if not protocols.is_world(c.dataset):
             c.clip.source = common.parse_arguments(arg).get("clip", "ViT-L/14")
             c.clip.tokenizer = "openai/clip-vit-large-patch14"
         b.batch_size, b.lr = 8, 0.005

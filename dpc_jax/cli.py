@@ -101,6 +101,9 @@ def absl_flags_parser(name: str = "config") -> Callable[[List[str]], List[str]]:
     from absl import flags
 
     def parse(argv: List[str]) -> List[str]:
+        if any(a in ("-h", "--help", "--helpshort") for a in argv[1:]):
+            print_config_help(argv, name)
+            sys.exit(0)
         try:
             rest = flags.FLAGS(argv)
             value = flags.FLAGS[name].value
@@ -113,6 +116,45 @@ def absl_flags_parser(name: str = "config") -> Callable[[List[str]], List[str]]:
             sys.exit(print_error(_explain(argv, e, name)))
 
     return parse
+
+
+def print_config_help(argv: List[str], name: str = "config") -> None:
+    """The command's docstring, then every field of the config (`--config` if given and
+    loadable, else configs/dpc_coop.py) with its default and meaning."""
+    import __main__
+
+    from dpc_jax.configs.base_to_new import FIELD_HELP
+    from dpc_jax.training.train_lib import load_config
+
+    print((__main__.__doc__ or "").strip() + "\n")
+    spec = _config_spec(argv, name)
+    default = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "configs", "dpc_coop.py")
+    try:
+        config = load_config(spec or default)
+        shown = spec or os.path.relpath(default)
+    except Exception as e:  # the help still lists the defaults of the default config
+        print(f"(--{name} {spec} did not load: {message(e)}; showing configs/dpc_coop.py)")
+        config, shown = load_config(default), os.path.relpath(default)
+    print(f"flags: --{name} FILE[:key=val,...]  --workdir DIR  --{name}.FIELD=VALUE\n")
+    print(f"config fields (defaults of {shown}):")
+    flat = _flatten(config.to_dict())
+    width = min(36, max(len(k) for k in flat) + 2 + len(name) + 3)
+    for key, value in flat.items():
+        text = FIELD_HELP.get(key, "learner field (see its module)" if key.startswith(
+            "backbone.") else "")
+        left = f"  --{name}.{key}={value!r}"
+        print(f"{left:<{width + 12}} {text}" if text else left)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _explain(argv: List[str], error: BaseException, name: str) -> str:

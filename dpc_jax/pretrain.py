@@ -44,6 +44,7 @@ from dpc_jax.evaluation import zeroshot
 from dpc_jax.models.checkpoint import PARAMS_FILE, save_clip_checkpoint
 from dpc_jax.models.clip import CLIP, CLIP_MEAN, CLIP_STD, CLIPConfig, init_params, normalize
 from dpc_jax.models.tokenizer import Tokenizer
+from dpc_jax.progress import progress_bar
 
 # Fixed test subset recorded in the model card for fast regression tests: the first
 # EVAL_SUBSET_PER_CLASS test images of every class of each half.
@@ -239,8 +240,8 @@ def pretrain(cfg: PretrainConfig, command: str = "") -> dict:
     step_fn = make_train_step(config, cfg.text_context, tx, cfg.fixed_logit_scale)
     model = CLIP(config)
 
-    bar = tqdm(batches(cfg.seed, cfg.steps, cfg.batch_size), total=cfg.steps,
-               desc="pretrain", dynamic_ncols=True)
+    bar = progress_bar(batches(cfg.seed, cfg.steps, cfg.batch_size), total=cfg.steps,
+                       desc="pretrain")
     for step, (images, cap) in enumerate(bar):
         params, opt_state, metrics = step_fn(params, opt_state, images, caption_ids[cap],
                                              caption_eot[cap])

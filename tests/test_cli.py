@@ -71,3 +71,20 @@ def test_run_cli_reports_user_errors_and_keeps_bugs(capsys, tmp_path):
         assert capsys.readouterr().err == f"Error: {text}\n"
     with pytest.raises(ZeroDivisionError):  # a bug is not a user error: its traceback stays
         cli.run_cli(lambda: 1 / 0)
+
+
+def test_help_exits_0_and_lists_the_config_fields(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dpc_jax.train", "--help"], cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "config fields (defaults of configs/dpc_coop.py):" in out
+    for line in ("--config.dhno.top_k=8", "K: hard negatives per anchor",
+                 "--config.seeds='1'", "--config.backbone.n_ctx=4"):
+        assert line in out, line
+    with_kd = subprocess.run([sys.executable, "-m", "dpc_jax.train", "--config",
+                              "configs/dpc_promptkd.py", "--help"], cwd=REPO,
+                             env=dict(os.environ, PYTHONPATH=REPO), capture_output=True,
+                             text=True, timeout=300)
+    assert with_kd.returncode == 0 and "--config.backbone.teacher.epochs=" in with_kd.stdout

@@ -207,6 +207,29 @@ def test_dpc_backbone_adds_the_teachers_text_branch_and_new_classes_stay_promptk
     assert float(jnp.abs(g["parallel"]["text_deep"]).sum()) > 0
 
 
+def test_new_classes_at_w_new_mix_the_prompts_and_restore_the_projector(kd):
+    """Reference mode, w_n = 0.3: for new classes the prompt leaves are w_n-mixed (ctx through
+    the released converse arithmetic), while the projector, not a prompt, is stage 1's
+    (BACKBONES.md §8); base classes use the trained projector."""
+    learner, params, consts = kd
+    prompt = jax.tree_util.tree_map(np.asarray, learner.init(jax.random.key(0), params))
+    backbone = learner.dpc_backbone(prompt, consts)
+    c = released()
+    c.w_new = 0.3
+    dual = DualPrompt(c, learner.dual_rules())
+    dpc = dual.init(backbone)
+    dpc["parallel"] = jax.tree_util.tree_map(lambda x: x + 0.5, dpc["parallel"])  # trained
+    new, base = dual.eval_prompt(dpc, "new"), dual.eval_prompt(dpc, "base")
+    for leaf in jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+            lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(), new["projector"],
+            backbone["projector"])):
+        assert leaf == 0
+    assert not np.array_equal(base["projector"]["dense0"]["kernel"],
+                              backbone["projector"]["dense0"]["kernel"])
+    np.testing.assert_allclose(new["vision_ctx"], 0.3 * (backbone["vision_ctx"] + 0.5)
+                               + 0.7 * backbone["vision_ctx"], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("option", RELEASED_OPTIONS)
 def test_each_released_defect_changes_exactly_what_it_names(kd, option):
     learner, params, consts = kd

@@ -142,6 +142,10 @@ def test_resume_equals_uninterrupted(tmp_path, full_run):
     ({"dataset": "oxford_pets"}, "world CLIP"),
     ({"dpc.lr": 0.0}, "dpc.lr"),
     ({"seeds": "1,2,1"}, "config.seeds='1,2,1' repeats seed(s) [1]"),
+    ({"stages": "dpc,backbone"}, "config.stages='dpc,backbone': 'backbone' must come before "
+                                 "'dpc' (stages run in the order zeroshot, teacher, backbone, "
+                                 "dpc); e.g. config.stages=backbone,dpc"),
+    ({"stages": "dpc"}, "config.stages='dpc': stage 'dpc' needs stage 1, and "),
     ({"shots": 0}, "config.shots=0; expected a positive integer"),
     ({"optim.warmup_epochs": 1}, "config.dpc.epochs=1 with config.optim.warmup_epochs=1: every "
                                  "epoch would be a warm-up epoch"),

@@ -94,3 +94,52 @@ def get_config(arg=None, variants=("base_to_new",)) -> ml_collections.ConfigDict
     c.progress = True
     c.distributed = False  # call jax.distributed.initialize() (multi-host)
     return c
+
+
+# One line per field for `python -m dpc_jax.train --help` (learner fields under `backbone.`
+# are described in each learner's module docstring).
+FIELD_HELP = {
+    "mode": "train | eval (re-evaluate the saved checkpoints) | export (PyTorch files)",
+    "stages": "comma list of zeroshot, teacher, backbone, dpc, run in this order",
+    "seeds": "comma list of seeds; 1,2,3 is the papers' protocol",
+    "protocol": "base_to_new | few_shot | cross_dataset | domain_generalisation",
+    "targets": "transfer protocols: comma list of target datasets ('' = the default set)",
+    "dataset": "world (offline) or a dataset name; set it with the config argument dataset=",
+    "root": "folder of the CoOp-layout data, or TFDS data_dir (config argument root=)",
+    "source": "coop | tfds: how a real dataset is read",
+    "shots": "images per training class (16 in the papers)",
+    "stored_size": "side the few-shot images are kept at on device (0: the CLIP resolution)",
+    "crop_scale": "area range of the training RandomResizedCrop",
+    "skip_bad_images": "skip unreadable training images instead of failing",
+    "max_resident_mb": "a transductive split larger than this is streamed from the host",
+    "eval_batch_size": "images per evaluation batch",
+    "num_workers": "image decoding threads",
+    "clip.source": "world, an OpenAI name (ViT-B/16), a Hugging Face id or a checkpoint dir",
+    "clip.tokenizer": "the CLIP's tokenizer: world, a hub id or a directory",
+    "clip.dtype": "compute dtype: float32 | bfloat16",
+    "clip.precision": "matmul precision: default | high | highest",
+    "clip.trim_text": "encode class texts up to their last EOT only (exact; False: all 77)",
+    "backbone.name": "the stage-1 learner (coop, cocoop, ivlp, maple, promptsrc, promptkd, dept)",
+    "backbone.epochs": "stage-1 epochs",
+    "backbone.lr": "stage-1 learning rate (SGD, cosine, Dassl warm-up)",
+    "backbone.batch_size": "stage-1 per-device batch",
+    "backbone.init_from": "a PyTorch stage-1 checkpoint to use as P instead of training",
+    "batch_size": "stage-2 per-device batch B (the global batch is B x devices)",
+    "dpc.mode": "reference (the released converse map) | paper",
+    "dpc.w_base": "weight of the parallel prompt for base classes",
+    "dpc.w_new": "weight of the parallel prompt for new classes (0: stage 1's prompt)",
+    "dpc.transfer_prompt": "transfer targets get the 'new' (w_n) or the 'base' (w_b) mix",
+    "dpc.epochs": "stage-2 epochs",
+    "dpc.lr": "stage-2 learning rate",
+    "dpc.init_from": "a released stage-2 checkpoint to evaluate (PromptKD) instead of training",
+    "dhno.top_k": "K: hard negatives per anchor",
+    "dhno.policy": "reference (the released selection rule) | hardest",
+    "optim.momentum": "SGD momentum",
+    "optim.weight_decay": "SGD weight decay",
+    "optim.warmup_epochs": "epochs at warmup_lr before the cosine schedule",
+    "optim.warmup_lr": "the constant warm-up learning rate",
+    "log_every_steps": "a log.jsonl line every this many steps",
+    "checkpoint_every_steps": "a checkpoint every this many steps (and at each stage's end)",
+    "progress": "progress output (a bar on a terminal, a line every 30 s in a log)",
+    "distributed": "call jax.distributed.initialize() (one process per host)",
+}

@@ -171,9 +171,9 @@ class BatchIterator:
         window = max(bs * self.prefetch, self.num_threads)
         bar = None
         if self.progress:
-            from tqdm.auto import tqdm
+            from dpc_jax.progress import progress_bar
 
-            bar = tqdm(total=n, desc=self.desc, unit="img", leave=False)
+            bar = progress_bar(total=n, desc=self.desc, unit="img", leave=False)
         pool = concurrent.futures.ThreadPoolExecutor(self.num_threads)
         pending: collections.deque = collections.deque()
         next_item = 0

@@ -115,6 +115,10 @@ class DualRules:
 
     double: Tuple[Tuple[str, bool], ...] = ((".*", True),)
     converse: Tuple[Tuple[str, bool], ...] = (("ctx", True), (".*", False))
+    # Doubled leaves that reference mode gives back to P for new classes instead of mixing
+    # them with w_n: the modules that are not prompts (PromptKD's projector), which the
+    # released loaders restore from stage 1 (BACKBONES.md §8). Only matters for w_n > 0.
+    new_from_backbone: Tuple[Tuple[str, bool], ...] = ((".*", False),)
     # Optional map from a prompt to the prompts that enter the towers (MaPLe: its vision prompts
     # are coupled from the text prompts). When given, the weighting-decoupling mix
     # w*P' + (1-w)*P (0 < w < 1) is taken over those tower prompts, not over the learned leaves,

@@ -173,8 +173,9 @@ class DualPrompt:
             # the released arithmetic below, up to rounding).
             return _mix(w, towers(self.train_prompt(params)), towers(backbone))
         conv = self._converse(params)
-        return self._compose(params, lambda k, t, p: (self._unmix(_mix(w, t, p), p) if conv[k]
-                                                      else _mix(w, t, p)))
+        keep = self._decide(self._split(params)[0], self.rules.new_from_backbone)
+        return self._compose(params, lambda k, t, p: (
+            p if keep[k] else self._unmix(_mix(w, t, p), p) if conv[k] else _mix(w, t, p)))
 
     @staticmethod
     def trainable_rules(prefix: str = "") -> List[Tuple[str, bool]]:

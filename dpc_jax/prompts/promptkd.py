@@ -75,8 +75,8 @@ import numpy as np
 
 from dpc_jax.models.clip import cosine_logits, logit_scale, normalize
 from dpc_jax.models.tokenizer import trim_context
-from dpc_jax.prompts.base import (Array, ClassTexts, Prompt, PromptLearner, check_class_ids,
-                                  config_field)
+from dpc_jax.prompts.base import (Array, ClassTexts, DualRules, Prompt, PromptLearner,
+                                  check_class_ids, config_field)
 from dpc_jax.prompts.ivlp import IVLP, PROMPT_STD, VisionPrompts, positive_int
 
 _WHERE = "config.backbone"
@@ -332,6 +332,12 @@ class PromptKD(VisionPrompts, PromptLearner):
         return loss, {"kd": loss, "agree": agree}, {"bn": bn}
 
     # -- DPC ----------------------------------------------------------------------------------
+    def dual_rules(self) -> DualRules:
+        """Every leaf doubled, the converse map on the text branch's ctx only; for new classes
+        at w_n > 0, reference mode mixes the prompts and restores the projector to stage 1's
+        (the released StackSPLE_PromptKD loader restores non-prompt modules)."""
+        return DualRules(new_from_backbone=(("projector/.*", True), (".*", False)))
+
     def dpc_backbone(self, prompt: Prompt, consts: dict) -> Prompt:
         """The student's prompts and projector plus the teacher's text prompts."""
         out = dict(prompt)

@@ -15,10 +15,10 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 from jax.sharding import Mesh
-from tqdm import tqdm
 
 from dpc_jax.training import checkpoints
 from dpc_jax.training.step import replicate, shard_batch
+from dpc_jax.progress import progress_bar
 
 SELECTION = "selection"  # the `extra` entry of the trainer's model selection (not a learner's)
 
@@ -137,8 +137,7 @@ def train_loop(*, name: str, stage: checkpoints.StageDir, step_fn: Callable, sch
     device_state = replicate({"params": params, "opt_state": opt_state, "state": lstate}, mesh)
     key = jax.random.fold_in(jax.random.key(seed), stage.stage_id)
     log = MetricLog(stage.path, resume_step=start)
-    bar = tqdm(total=total, initial=start, desc=name, disable=not config.progress,
-               dynamic_ncols=True)
+    bar = progress_bar(total=total, initial=start, desc=name, enabled=config.progress)
     order, order_epoch = None, -1
     t0 = time.time()
     try:

@@ -25,6 +25,7 @@ from dpc_jax.models.clip import CLIPConfig
 from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import dpc as dpc_lib
 from dpc_jax.prompts import get_learner
+from dpc_jax.training import checkpoints
 from dpc_jax.training import stages as stages_lib
 from dpc_jax.training.checkpoints import WorkdirLock, write_json
 from dpc_jax.data.train_sets import load_unlabeled
@@ -69,7 +70,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     """Fail early, naming the field, on values the run cannot use."""
     if config.mode not in MODES:
         raise ValueError(f"config.mode={config.mode!r}; expected one of {MODES}")
-    parse_list(config.stages, "stages", STAGES)
+    stages = parse_list(config.stages, "stages", STAGES)
+    for i, later in enumerate(stages):
+        for earlier in stages[i + 1:]:
+            if STAGES.index(earlier) < STAGES.index(later):
+                raise ValueError(f"config.stages={config.stages!r}: {earlier!r} must come before "
+                                 f"{later!r} (stages run in the order {', '.join(STAGES)}); "
+                                 f"e.g. config.stages="
+                                 f"{','.join(sorted(set(stages), key=STAGES.index))}")
     seeds = parse_list(config.seeds, "seeds", cast=int)
     repeated = sorted({s for s in seeds if seeds.count(s) > 1})
     if repeated:
@@ -178,6 +186,12 @@ def preflight(sr: stages_lib.SeedRun, stages, train: bool) -> None:
         raise ValueError(f"config.stages={cfg.stages!r} includes 'dpc', which the "
                          f"{cfg.backbone.name!r} learner does not support: "
                          f"{sr.run.learner.dpc_unsupported}; use config.stages=zeroshot,backbone")
+    if ("dpc" in stages and "backbone" not in stages and not cfg.backbone.init_from
+            and checkpoints.read_stage_meta(os.path.join(sr.seed_dir, "backbone")) is None):
+        raise ValueError(f"config.stages={cfg.stages!r}: stage 'dpc' needs stage 1, and "
+                         f"{os.path.join(sr.seed_dir, 'backbone')} holds no finished one; add "
+                         f"'backbone' to config.stages (e.g. backbone,dpc), or set "
+                         f"config.backbone.init_from to a PyTorch stage-1 checkpoint")
     if "dpc" in stages:
         learner.check_dpc_config(cfg.dpc)
         stages_lib.check_dpc_import(cfg, learner)
