@@ -132,11 +132,68 @@ def test_unknown_protocol_is_skipped_with_a_notice(tmp_path):
     root = str(tmp_path)
     write_run(os.path.join(root, "a"), "dtd", "coop", {"backbone": {1: (70.0, 40.0)}})
     write_run(os.path.join(root, "b"), "imagenet", "coop", {"backbone": {1: (70.0, 40.0)}},
-              protocol="cross_dataset")
+              protocol="open_vocabulary")
     notes = []
     runs = report.collect(root, notice=notes.append)
     assert [r.dataset for r in runs] == ["dtd"]
-    assert len(notes) == 1 and "protocol 'cross_dataset' is not reported" in notes[0]
+    assert len(notes) == 1 and "protocol 'open_vocabulary' is not reported" in notes[0]
+
+
+def write_protocol_run(workdir, protocol, method, accuracy, source="world",
+                       targets=("world_a", "world_r"), shots=16):
+    """A run of another protocol as `protocols.summarize` writes it. `accuracy`:
+    {stage: {set: {seed: %}}}."""
+    os.makedirs(workdir)
+    stages = {st: {"accuracy": {s: {"mean": float(np.mean(list(v.values()))),
+                                    "std": float(np.std(list(v.values()))),
+                                    "per_seed": {str(k): x for k, x in v.items()}}
+                                for s, v in sets.items()}} for st, sets in accuracy.items()}
+    results = {"protocol": protocol, "source": source, "targets": list(targets),
+               "shots": shots, "transfer_prompt": "new", "stages": stages}
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump({"dataset": source, "backbone": {"name": method}}, f)
+
+
+def test_protocol_runs_get_their_own_tables(tmp_path):
+    root = str(tmp_path / "root")
+    dg = {"backbone": {"world": {1: 60.0, 2: 62.0}, "world_a": {1: 30.0, 2: 34.0},
+                       "world_r": {1: 50.0, 2: 50.0}},
+          "zeroshot": {"world": {1: 40.0, 2: 40.0}, "world_a": {1: 20.0, 2: 20.0},
+                       "world_r": {1: 45.0, 2: 45.0}}}
+    # Seeds 1 and 2 in two directories (two shards): pooled.
+    for seed in (1, 2):
+        write_protocol_run(os.path.join(root, f"dg{seed}"), "domain_generalisation", "coop",
+                           {st: {s: {seed: v[seed]} for s, v in sets.items()}
+                            for st, sets in dg.items()})
+    write_protocol_run(os.path.join(root, "fs"), "few_shot", "coop",
+                       {"backbone": {"world": {1: 55.5}}}, targets=(), shots=4)
+    out = report.write_report(root, notice=lambda s: None)
+    assert out["table"] is None  # no base-to-new run
+    assert set(out["files"]) == {"table_domain_generalisation.md",
+                                 "table_domain_generalisation.csv", "table_few_shot.md",
+                                 "table_few_shot.csv"}
+    (table,) = out["protocols"]["domain_generalisation"]
+    assert table["sets"] == ["world", "world_a", "world_r"]
+    zs, coop = table["rows"]
+    assert (zs["label"], coop["label"]) == ("zero-shot CLIP", "CoOp")
+    assert coop["cells"]["world_a"] == (32.0, 2.0, 2)
+    assert coop["average"] == pytest.approx((32.0 + 50.0) / 2)  # targets only, not the source
+    md = open(os.path.join(root, "table_domain_generalisation.md")).read()
+    assert "| CoOp | 61.00 ± 1.00 | 32.00 ± 2.00 | 50.00 ± 0.00 | 41.00 |" in md
+    assert "## domain_generalisation: source world, 16 shots" in md
+    few = open(os.path.join(root, "table_few_shot.md")).read()
+    assert "| CoOp | 55.50 ± 0.00 |" in few and "target average" not in few
+    with open(os.path.join(root, "table_domain_generalisation.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and {r["set"] for r in rows} == {"world", "world_a", "world_r"}
+    # The same seed with other numbers in two runs is an error naming both.
+    write_protocol_run(os.path.join(root, "dg_clash"), "domain_generalisation", "coop",
+                       {"backbone": {"world": {1: 99.0}, "world_a": {1: 30.0},
+                                     "world_r": {1: 50.0}}})
+    with pytest.raises(ValueError, match="seed 1 of coop backbone on world"):
+        report.write_report(root, notice=lambda s: None)
 
 
 def test_report_writes_table_csv_and_plots(synthetic_root, capsys):

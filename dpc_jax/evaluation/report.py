@@ -16,8 +16,12 @@ of N and the H of those two means (this reproduces the paper's "Average (11)" ro
 per-dataset rows, see tests/test_benchmark.py).
 
 results.json may carry a top-level 'protocol' (absent: 'base_to_new'); `READERS` maps a protocol
-to the function that reads its stages. Runs of other protocols are skipped with a one-line
-notice.
+to the function that reads its stages. Runs of the other protocols (few_shot, cross_dataset,
+domain_generalisation; `dpc_jax.evaluation.protocols`) go to ROOT/table_<protocol>.md and .csv
+(`collect_protocol_runs`, `protocol_tables`): per (source, shots), one row per method and stage,
+the accuracy on the source and on each target as mean ± population std over the pooled seeds,
+and for the transfer protocols the mean over the targets (of the seed means). Runs of a protocol
+nothing here reads are skipped with a one-line notice.
 """
 
 from __future__ import annotations
@@ -81,32 +85,165 @@ READERS: Dict[str, Callable[[dict], Dict[str, Dict[str, dict]]]] = {
     "base_to_new": read_base_to_new}
 
 
-def collect(root: str, notice: Callable[[str], None] = print) -> List[Run]:
-    """Every run under `root` whose protocol has a reader (others: one notice each)."""
+def _walk_runs(root: str):
+    """(directory, results, config) of every run under `root`."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"ROOT {root!r} is not a directory; expected the directory "
                                 f"`python -m dpc_jax.benchmark run` wrote")
-    runs = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         if "results.json" not in filenames or "config.json" not in filenames:
             continue
         with open(os.path.join(dirpath, "results.json")) as f:
             results = json.load(f)
-        protocol = results.get("protocol", "base_to_new")
-        if protocol not in READERS:
-            notice(f"skipping {dirpath}: protocol {protocol!r} is not reported yet (known: "
-                   f"{', '.join(READERS)})")
-            continue
         with open(os.path.join(dirpath, "config.json")) as f:
             config = json.load(f)
+        yield dirpath, results, config
+
+
+def _no_runs(root: str) -> FileNotFoundError:
+    return FileNotFoundError(f"ROOT {root!r} holds no runs; expected directories with "
+                             f"results.json and config.json (from `python -m "
+                             f"dpc_jax.benchmark run {root} ...`)")
+
+
+def collect(root: str, notice: Callable[[str], None] = print, required: bool = True
+            ) -> List[Run]:
+    """Every base-to-new run under `root` (the other protocols: `collect_protocol_runs`;
+    unknown ones: one notice each). `required`: no run at all is an error."""
+    runs, others = [], 0
+    for dirpath, results, config in _walk_runs(root):
+        protocol = results.get("protocol", "base_to_new")
+        if protocol not in READERS:
+            others += 1
+            if protocol not in PROTOCOL_TABLES:
+                notice(f"skipping {dirpath}: protocol {protocol!r} is not reported (known: "
+                       f"{', '.join([*READERS, *PROTOCOL_TABLES])})")
+            continue
         runs.append(Run(dirpath, config["dataset"], method_key(config),
                         READERS[protocol](results)))
-    if not runs:
-        raise FileNotFoundError(f"ROOT {root!r} holds no runs; expected directories with "
-                                f"results.json and config.json (from `python -m "
-                                f"dpc_jax.benchmark run {root} ...`)")
+    if not runs and not others and required:
+        raise _no_runs(root)
     return runs
+
+
+# ---------------------------------------------------------------- the other protocols
+
+PROTOCOL_TABLES = ("few_shot", "cross_dataset", "domain_generalisation")
+TRANSFER_PROTOCOLS = ("cross_dataset", "domain_generalisation")
+
+
+@dataclasses.dataclass
+class ProtocolRun:
+    workdir: str
+    protocol: str
+    source: str
+    shots: int
+    method: str
+    sets: List[str]  # the source, then the targets
+    per_seed: Dict[str, Dict[str, Dict[str, float]]]  # stage -> set -> seed -> accuracy %
+
+
+def collect_protocol_runs(root: str) -> List[ProtocolRun]:
+    """Every run under `root` of few_shot, cross_dataset or domain_generalisation."""
+    runs = []
+    for dirpath, results, config in _walk_runs(root):
+        protocol = results.get("protocol", "base_to_new")
+        if protocol not in PROTOCOL_TABLES:
+            continue
+        source, targets = results["source"], list(results.get("targets", []))
+        per_seed = {stage: {s: dict(v["per_seed"]) for s, v in r["accuracy"].items()}
+                    for stage, r in results["stages"].items()}
+        runs.append(ProtocolRun(dirpath, protocol, source, int(results["shots"]),
+                                method_key(config), [source, *[t for t in targets
+                                                               if t != source]], per_seed))
+    return runs
+
+
+def protocol_tables(runs: Sequence[ProtocolRun]) -> Dict[str, List[dict]]:
+    """protocol -> its tables, one per (source, shots): {'protocol', 'source', 'shots',
+    'sets', 'rows': [{'method', 'stage', 'label', 'cells': {set: (mean, std, n seeds)},
+    'average': mean over the targets' means or None}]}. Seeds of one (protocol, source,
+    shots, method) are pooled over runs; the same seed with different numbers is an error."""
+    groups: dict = {}
+    for run in runs:
+        key = (run.protocol, run.source, run.shots)
+        table = groups.setdefault(key, {"protocol": run.protocol, "source": run.source,
+                                        "shots": run.shots, "sets": [], "values": {}})
+        table["sets"] += [s for s in run.sets if s not in table["sets"]]
+        for stage, by_set in run.per_seed.items():
+            for name, by_seed in by_set.items():
+                dest = table["values"].setdefault((run.method, stage), {}).setdefault(name, {})
+                for seed, acc in by_seed.items():
+                    if seed in dest and dest[seed][0] != acc:
+                        raise ValueError(f"seed {seed} of {run.method} {stage} on {name} "
+                                         f"({run.protocol}) differs between {dest[seed][1]} "
+                                         f"and {run.workdir}")
+                    dest[seed] = (acc, run.workdir)
+    out: Dict[str, List[dict]] = {}
+    stage_order = {"zeroshot": 0, "backbone": 1, "dpc": 2}
+    for (protocol, _, _), table in sorted(groups.items()):
+        rows = []
+        for (method, stage), by_set in sorted(
+                table["values"].items(), key=lambda kv: (method_sort(kv[0][0]),
+                                                         stage_order.get(kv[0][1], 9))):
+            cells = {name: (float(np.mean([v for v, _ in seeds.values()])),
+                            float(np.std([v for v, _ in seeds.values()])), len(seeds))
+                     for name, seeds in by_set.items()}
+            targets = [s for s in table["sets"][1:] if s in cells]
+            average = (float(np.mean([cells[t][0] for t in targets]))
+                       if protocol in TRANSFER_PROTOCOLS and targets else None)
+            column = {"zeroshot": "zeroshot", "backbone": "backbone", "dpc": "+DPC"}.get(
+                stage, stage)
+            learner = method[len("dept_"):] if method.startswith("dept_") else method
+            name = label(learner, "+DePT" if method.startswith("dept_") else column)
+            rows.append({"method": method, "stage": stage, "label": name, "cells": cells,
+                         "average": average})
+        out.setdefault(protocol, []).append({k: table[k] for k in ("protocol", "source",
+                                                                   "shots", "sets")}
+                                            | {"rows": rows})
+    return out
+
+
+def method_sort(method: str) -> tuple:
+    learner = method[len("dept_"):] if method.startswith("dept_") else method
+    order = LEARNER_ORDER.index(learner) if learner in LEARNER_ORDER else len(LEARNER_ORDER)
+    return (order, learner, method.startswith("dept_"))
+
+
+def protocol_markdown(tables: List[dict]) -> str:
+    lines = []
+    for t in tables:
+        transfer = t["protocol"] in TRANSFER_PROTOCOLS
+        lines += [f"## {t['protocol']}: source {t['source']}, {t['shots']} shots", ""]
+        head = ["method", *(f"{s} (source)" if i == 0 else s for i, s in enumerate(t["sets"]))]
+        head += ["target average"] if transfer else []
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in t["rows"]:
+            cells = [f"{r['cells'][s][0]:.2f} ± {r['cells'][s][1]:.2f}" if s in r["cells"]
+                     else "" for s in t["sets"]]
+            if transfer:
+                cells.append("" if r["average"] is None else f"{r['average']:.2f}")
+            lines.append("| " + " | ".join([r["label"], *cells]) + " |")
+        seeds = sorted({c[2] for r in t["rows"] for c in r["cells"].values()})
+        lines += ["", f"Mean ± population std over {'/'.join(map(str, seeds))} seed(s).", ""]
+    return "\n".join(lines)
+
+
+def protocol_csv(tables: List[dict], path: str) -> None:
+    fields = ["protocol", "source", "shots", "method", "stage", "set", "mean", "std", "seeds"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for t in tables:
+            for r in t["rows"]:
+                for s in t["sets"]:
+                    if s in r["cells"]:
+                        mean, std, n = r["cells"][s]
+                        w.writerow({"protocol": t["protocol"], "source": t["source"],
+                                    "shots": t["shots"], "method": r["method"],
+                                    "stage": r["stage"], "set": s, "mean": f"{mean:.4f}",
+                                    "std": f"{std:.4f}", "seeds": n})
 
 
 def pool(runs: Sequence[Run]) -> Dict[str, Dict[str, Dict[str, Dict[str, dict]]]]:
@@ -499,11 +636,21 @@ def write_report(root: str, notice: Callable[[str], None] = print) -> dict:
     """ROOT/table.md, ROOT/table.csv, ROOT/plots/*.png from every run under ROOT; returns
     {'table': ..., 'files': [paths relative to ROOT]}."""
     runs = collect(root, notice)
-    table = build_table(runs)
-    plots = write_plots(table, runs, root)
-    text = markdown(table, plots)
-    with open(os.path.join(root, "table.md"), "w") as f:
-        f.write(text)
-    write_csv(table, os.path.join(root, "table.csv"))
-    notice(f"wrote {os.path.join(root, 'table.md')}, table.csv and {len(plots)} plots")
-    return {"table": table, "files": ["table.md", "table.csv"] + plots}
+    files, table = [], None
+    if runs:
+        table = build_table(runs)
+        plots = write_plots(table, runs, root)
+        text = markdown(table, plots)
+        with open(os.path.join(root, "table.md"), "w") as f:
+            f.write(text)
+        write_csv(table, os.path.join(root, "table.csv"))
+        notice(f"wrote {os.path.join(root, 'table.md')}, table.csv and {len(plots)} plots")
+        files += ["table.md", "table.csv"] + plots
+    others = protocol_tables(collect_protocol_runs(root))
+    for protocol, tables in others.items():
+        with open(os.path.join(root, f"table_{protocol}.md"), "w") as f:
+            f.write(protocol_markdown(tables))
+        protocol_csv(tables, os.path.join(root, f"table_{protocol}.csv"))
+        files += [f"table_{protocol}.md", f"table_{protocol}.csv"]
+        notice(f"wrote {os.path.join(root, f'table_{protocol}.md')} and .csv")
+    return {"table": table, "protocols": others, "files": files}
