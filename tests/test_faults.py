@@ -140,6 +140,27 @@ def test_a_stage_recorded_before_text_trimming_resumes_only_untrimmed(tmp_path):
     checkpoints.check_stage_settings(path, 1, c)
 
 
+def test_a_stage_recorded_before_the_accelerator_options_resumes_with_their_defaults(tmp_path):
+    """settings.json written before `clip.attention` and `clip.remat` existed: that stage ran
+    the einsum attention without remat, so it resumes with those and is refused with others."""
+    import json
+
+    c = small_config()
+    path = str(tmp_path / "stage")
+    checkpoints.check_stage_settings(path, 1, c)
+    with open(os.path.join(path, "settings.json")) as f:
+        stored = json.load(f)
+    assert (stored["clip.attention"], stored["clip.remat"]) == ("einsum", False)  # recorded
+    del stored["clip.attention"], stored["clip.remat"]
+    with open(os.path.join(path, "settings.json"), "w") as f:
+        json.dump(stored, f)
+    checkpoints.check_stage_settings(path, 1, c)
+    c.clip.attention, c.clip.remat = "dot_product", True
+    with pytest.raises(ValueError, match=r"config\.clip\.attention 'einsum' -> 'dot_product', "
+                                         r"config\.clip\.remat False -> True"):
+        checkpoints.check_stage_settings(path, 1, c)
+
+
 def test_a_second_run_on_a_locked_workdir_is_refused_and_a_dead_holder_frees_it(tmp_path):
     import signal
     import subprocess

@@ -53,6 +53,11 @@ def get_config(arg=None, variants=("base_to_new",)) -> ml_collections.ConfigDict
     # fewer text-tower FLOPs for ~10-token class texts); False: all 77 positions, bitwise the
     # computation the README's earlier world tables were measured with.
     c.clip.trim_text = True
+    # Accelerator options, the same numbers up to rounding (README, Devices): the attention
+    # kernel einsum | dot_product (jax.nn.dot_product_attention) | cudnn (its flash attention,
+    # GPU, float16/bfloat16); remat recomputes block activations in the backward pass.
+    c.clip.attention = "einsum"
+    c.clip.remat = False
 
     # Stage 1: the prompt learner; its own fields are set by the method's config file.
     c.backbone = ml_collections.ConfigDict()

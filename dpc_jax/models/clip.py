@@ -10,6 +10,12 @@ LayerNorm, softmax and feature normalisation are computed in float32; every matm
 explicit `config.precision` (float32 parity with PyTorch needs 'highest': TPUs and Ampere+ GPUs
 otherwise default to bf16/TF32 passes).
 
+Accelerator options (same numbers up to rounding, `tests/test_accel.py`): `config.attention`
+picks the attention kernel ('einsum': the explicit einsum/softmax below; 'dot_product':
+`jax.nn.dot_product_attention` with jax's choice of implementation, XLA in jax 0.10; 'cudnn': its
+cuDNN flash attention, GPU with float16/bfloat16 only). `config.remat` recomputes each residual
+block's activations in the backward pass (`nn.remat`) instead of storing them.
+
 Prompt hooks (DPC_PROTOCOL.md §5):
 - `encode_text_embeddings(x, eot_indices, deep_prompts)` takes token embeddings [N, L, W] instead
   of ids, so prompt learners can replace the embeddings of placeholder tokens with context
@@ -39,6 +45,8 @@ _PRECISIONS = {
     "highest": jax.lax.Precision.HIGHEST,
 }
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# config.attention -> jax.nn.dot_product_attention's `implementation` (None: jax's choice).
+ATTENTIONS = {"einsum": None, "dot_product": None, "cudnn": "cudnn"}
 
 # CLIP's image normalisation (OpenAI clip/clip.py, _transform).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -66,10 +74,19 @@ class CLIPConfig:
     # causal mask, `tokenizer.trim_context`); False: all context_length positions (bitwise
     # the computation before trimming existed).
     trim_text: bool = True
+    # Attention kernel: einsum | dot_product | cudnn (see the module docstring).
+    attention: str = "einsum"
+    # Recompute each residual block's activations in the backward pass (less memory).
+    remat: bool = False
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
             raise ValueError(f"CLIPConfig.dtype={self.dtype!r}; expected one of {sorted(_DTYPES)}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"CLIPConfig.attention={self.attention!r}; expected one of "
+                             f"{sorted(ATTENTIONS)}")
+        if not isinstance(self.remat, bool):
+            raise ValueError(f"CLIPConfig.remat={self.remat!r}; expected True or False")
         if self.precision not in _PRECISIONS:
             raise ValueError(
                 f"CLIPConfig.precision={self.precision!r}; expected one of {sorted(_PRECISIONS)}")
@@ -179,6 +196,7 @@ class MultiheadAttention(nn.Module):
     heads: int
     dtype: Any
     precision: Any
+    attention: str = "einsum"
 
     @nn.compact
     def __call__(self, x, mask: Optional[Array] = None):
@@ -192,12 +210,21 @@ class MultiheadAttention(nn.Module):
         q, k, v = (t.reshape(n, length, self.heads, head_dim) for t in (q, k, v))
         # torch scales q before the product, as done here.
         q = q * jnp.asarray(head_dim ** -0.5, dtype=q.dtype)
-        scores = jnp.einsum("nqhd,nkhd->nhqk", q, k, precision=self.precision)
-        scores = scores.astype(jnp.float32)
-        if mask is not None:
-            scores = jnp.where(mask, scores, -jnp.inf)
-        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("nhqk,nkhd->nqhd", weights, v, precision=self.precision)
+        if self.attention == "einsum":
+            scores = jnp.einsum("nqhd,nkhd->nhqk", q, k, precision=self.precision)
+            scores = scores.astype(jnp.float32)
+            if mask is not None:
+                scores = jnp.where(mask, scores, -jnp.inf)
+            weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+            out = jnp.einsum("nhqk,nkhd->nqhd", weights, v, precision=self.precision)
+        else:
+            # q is already scaled (torch's order), so scale=1: jax's `scale` would multiply the
+            # float32 logits after the product instead, which rounds differently unless the
+            # scale is a power of two (head_dim 64 in every OpenAI CLIP). Its XLA einsums take
+            # no precision argument; the context states ours (bf16 inputs: jax's BF16_BF16_F32).
+            with jax.default_matmul_precision(self.precision.name.lower()):
+                out = jax.nn.dot_product_attention(
+                    q, k, v, mask=mask, scale=1.0, implementation=ATTENTIONS[self.attention])
         return dense(self.width, "out_proj")(out.reshape(n, length, self.width))
 
 
@@ -219,10 +246,12 @@ class ResidualAttentionBlock(nn.Module):
     heads: int
     dtype: Any
     precision: Any
+    attention: str = "einsum"
 
     @nn.compact
     def __call__(self, x, mask=None):
         x = x + MultiheadAttention(self.width, self.heads, self.dtype, self.precision,
+                                   self.attention,
                                    name="attn")(LayerNorm(self.dtype, name="ln_1")(x), mask)
         x = x + MLP(self.width, self.dtype, self.precision,
                     name="mlp")(LayerNorm(self.dtype, name="ln_2")(x))
@@ -246,7 +275,8 @@ class Transformer(nn.Module):
 
     `deep_prompts` holds prompts for blocks 1..len(deep_prompts); before block i (i >= 1) the
     tokens at `prompt_slot` are replaced: 'front' replaces positions 1..n (text), 'back' replaces
-    the last n positions (vision).
+    the last n positions (vision). `remat` wraps each block in `nn.remat` (same parameter
+    names and numbers; its activations are recomputed in the backward pass).
     """
 
     width: int
@@ -254,6 +284,8 @@ class Transformer(nn.Module):
     heads: int
     dtype: Any
     precision: Any
+    attention: str = "einsum"
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x, mask=None, deep_prompts=None, prompt_slot: str = "front"):
@@ -261,6 +293,7 @@ class Transformer(nn.Module):
         if n_deep > self.layers - 1:
             raise ValueError(f"{n_deep} deep prompt layers given; this transformer has "
                              f"{self.layers} blocks, so at most {self.layers - 1} can be replaced")
+        block = nn.remat(ResidualAttentionBlock) if self.remat else ResidualAttentionBlock
         for i in range(self.layers):
             if 1 <= i <= n_deep:
                 p = _broadcast_prompt(deep_prompts[i - 1], x.shape[0], x.dtype, self.width)
@@ -273,8 +306,8 @@ class Transformer(nn.Module):
                     x = jnp.concatenate([x[:, :1], p, x[:, 1 + n:]], axis=1)
                 else:
                     x = jnp.concatenate([x[:, :-n], p], axis=1)
-            x = ResidualAttentionBlock(self.width, self.heads, self.dtype, self.precision,
-                                       name=f"resblocks_{i}")(x, mask)
+            x = block(self.width, self.heads, self.dtype, self.precision, self.attention,
+                      name=f"resblocks_{i}")(x, mask)
         return x
 
 
@@ -318,7 +351,8 @@ class VisionTransformer(nn.Module):
                         f"{tuple(jnp.shape(deep_prompts[i]))}; its token count must equal the "
                         f"{n_prompt} shallow visual prompt tokens")
         x = Transformer(width, cfg.vision_layers, cfg.vision_heads, dtype, precision,
-                        name="transformer")(x, None, deep_prompts, prompt_slot="back")
+                        cfg.attention, cfg.remat, name="transformer")(x, None, deep_prompts,
+                                                                      prompt_slot="back")
         x = LayerNorm(dtype, name="ln_post")(x[:, 0])
         proj = self.param("proj", nn.initializers.normal(scale), (width, cfg.embed_dim))
         return jnp.dot(x, proj.astype(dtype), precision=precision)
@@ -340,7 +374,7 @@ class CLIP(nn.Module):
         self.positional_embedding = self.param("positional_embedding", nn.initializers.normal(0.01),
                                                (cfg.context_length, width))
         self.transformer = Transformer(width, cfg.transformer_layers, cfg.transformer_heads,
-                                       dtype, precision)
+                                       dtype, precision, cfg.attention, cfg.remat)
         self.ln_final = LayerNorm(dtype)
         self.text_projection = self.param("text_projection", nn.initializers.normal(width ** -0.5),
                                           (width, cfg.embed_dim))

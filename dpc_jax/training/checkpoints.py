@@ -92,6 +92,10 @@ def check_stage_settings(stage_dir: str, stage_id: int, config) -> None:
         # Recorded before class-text trimming existed: such a stage encoded all positions.
         if any(k.startswith("clip.") for k in stored):
             stored.setdefault("clip.trim_text", False)
+        # Recorded before the accelerator options existed: the einsum attention, no remat.
+        for key, old in (("clip.attention", "einsum"), ("clip.remat", False)):
+            if key in flat:
+                stored.setdefault(key, old)
         changed = sorted(k for k in set(stored) | set(flat) if stored.get(k) != flat.get(k))
         if changed:
             raise ValueError(

@@ -21,7 +21,7 @@ from ml_collections.config_flags import config_flags
 from tqdm import tqdm
 
 from dpc_jax.evaluation import protocols
-from dpc_jax.models.clip import CLIPConfig
+from dpc_jax.models.clip import ATTENTIONS, CLIPConfig
 from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import dpc as dpc_lib
 from dpc_jax.prompts import get_learner
@@ -141,7 +141,12 @@ def load_clip(clip_config, field: str = "config.clip") -> tuple[CLIPConfig, Any]
     """(CLIP config, parameters) of `clip_config.source`: a shipped CLIP ('world',
     'world_teacher'), an OpenAI name, a Hugging Face id, or a checkpoint path."""
     overrides = dict(dtype=clip_config.dtype, precision=clip_config.precision,
-                     trim_text=bool(clip_config.get("trim_text", True)))
+                     trim_text=bool(clip_config.get("trim_text", True)),
+                     attention=clip_config.get("attention", "einsum"),
+                     remat=bool(clip_config.get("remat", False)))
+    if overrides["attention"] not in ATTENTIONS:  # before a download or a load
+        raise ValueError(f"{field}.attention={overrides['attention']!r}; expected one of "
+                         f"{sorted(ATTENTIONS)}")
     source = clip_config.source
     if source in SHIPPED_CLIPS:
         source = world_assets_dir(SHIPPED_CLIPS[source])
