@@ -124,6 +124,8 @@ FIELD_HELP = {
     "clip.dtype": "compute dtype: float32 | bfloat16",
     "clip.precision": "matmul precision: default | high | highest",
     "clip.trim_text": "encode class texts up to their last EOT only (exact; False: all 77)",
+    "clip.attention": "einsum | dot_product (jax.nn.dot_product_attention) | cudnn (GPU)",
+    "clip.remat": "recompute each tower block in the backward pass (less memory)",
     "backbone.name": "the stage-1 learner (coop, cocoop, ivlp, maple, promptsrc, promptkd, dept)",
     "backbone.epochs": "stage-1 epochs",
     "backbone.lr": "stage-1 learning rate (SGD, cosine, Dassl warm-up)",
