@@ -402,12 +402,9 @@ class PromptKD(VisionPrompts, PromptLearner):
         reference mode's parallel prompt and the BatchNorm statistics of the base classes."""
         from dpc_jax.convert import promptkd_torch
 
-        if not state or "bn" not in state:
-            raise ValueError("exporting a promptkd DPC stage 2 needs the BatchNorm statistics "
-                             "its base classes are evaluated with")
-        host = lambda t: jax.tree_util.tree_map(np.asarray, jax.device_get(t))
-        path = promptkd_torch.student_checkpoint_path(run_dir, epoch)
-        return promptkd_torch.export_promptkd_dpc(host(parallel), host(state), path, epoch)
+        args = _export_args(parallel, state, run_dir, epoch, "a promptkd DPC stage 2 needs the "
+                            "BatchNorm statistics its base classes are evaluated with")
+        return promptkd_torch.export_promptkd_dpc(*args, epoch)
 
     def export_torch_prompt(self, prompt: Prompt, run_dir: str, epoch: int,
                             state=None) -> str:
@@ -415,12 +412,9 @@ class PromptKD(VisionPrompts, PromptLearner):
         and BatchNorm statistics in the released PromptKD key layout."""
         from dpc_jax.convert import promptkd_torch
 
-        if not state or "bn" not in state:
-            raise ValueError("exporting a promptkd student needs its state (BatchNorm "
-                             "statistics)")
-        host = lambda t: jax.tree_util.tree_map(np.asarray, jax.device_get(t))
-        path = promptkd_torch.student_checkpoint_path(run_dir, epoch)
-        return promptkd_torch.export_promptkd_student(host(prompt), host(state), path, epoch)
+        args = _export_args(prompt, state, run_dir, epoch,
+                            "a promptkd student needs its state (BatchNorm statistics)")
+        return promptkd_torch.export_promptkd_student(*args, epoch)
 
 
 def _positive(value, field: str) -> float:
@@ -432,3 +426,14 @@ def _positive(value, field: str) -> float:
 
 __all__ = ["PromptKD", "kd_loss", "batch_norm", "project", "init_projector", "ClassTokens",
            "RELEASED_OPTIONS", "positive_int"]
+
+
+def _export_args(prompt, state, run_dir: str, epoch: int, needs: str) -> tuple:
+    """(host prompt, host state, file path) of a PyTorch export; `needs`: the message's end
+    when the BatchNorm state is missing."""
+    from dpc_jax.convert import promptkd_torch
+
+    if not state or "bn" not in state:
+        raise ValueError(f"exporting {needs}")
+    host = lambda t: jax.tree_util.tree_map(np.asarray, jax.device_get(t))
+    return host(prompt), host(state), promptkd_torch.student_checkpoint_path(run_dir, epoch)
