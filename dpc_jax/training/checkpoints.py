@@ -107,6 +107,16 @@ def check_stage_settings(stage_dir: str, stage_id: int, config) -> None:
     write_json(path, flat, sort_keys=True)
 
 
+def nonfinite_leaves(tree) -> list:
+    """'/'-joined paths of the floating-point leaves of `tree` holding a NaN or an inf."""
+    bad = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        array = np.asarray(jax.device_get(leaf))
+        if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+            bad.append("/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path))
+    return bad
+
+
 LOCK_FILE = ".lock"
 
 
@@ -195,11 +205,9 @@ class StageDir:
         for step in steps:
             try:
                 restored = self.restore(step, like)
-                bad = [k for k, v in restored.items() for leaf in jax.tree_util.tree_leaves(v)
-                       if np.issubdtype(np.asarray(leaf).dtype, np.floating)
-                       and not np.all(np.isfinite(np.asarray(leaf)))]
+                bad = nonfinite_leaves(restored)
                 if bad:
-                    raise ValueError(f"non-finite values in {sorted(set(bad))}")
+                    raise ValueError(f"non-finite values in {bad}")
             except Exception as e:  # orbax/tensorstore raise many kinds for damaged files
                 line = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
                 problems.append(f"step {step}: {type(e).__name__}: {line}")

@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from dpc_jax.training import checkpoints
+from dpc_jax.training.checkpoints import nonfinite_leaves
 from dpc_jax.training.step import replicate, shard_batch
 from dpc_jax.progress import progress_bar
 
@@ -77,16 +78,6 @@ class MetricLog:
             self.file.close()
         if self.writer is not None:
             self.writer.close()
-
-
-def nonfinite_leaves(tree) -> list:
-    """'/'-joined paths of the floating-point leaves of `tree` holding a NaN or an inf."""
-    bad = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        array = np.asarray(jax.device_get(leaf))
-        if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
-            bad.append("/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path))
-    return bad
 
 
 def check_finite_state(device_state: dict, name: str, step: int, seed: int,

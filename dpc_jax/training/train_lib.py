@@ -71,13 +71,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.mode not in MODES:
         raise ValueError(f"config.mode={config.mode!r}; expected one of {MODES}")
     stages = parse_list(config.stages, "stages", STAGES)
-    for i, later in enumerate(stages):
-        for earlier in stages[i + 1:]:
-            if STAGES.index(earlier) < STAGES.index(later):
-                raise ValueError(f"config.stages={config.stages!r}: {earlier!r} must come before "
-                                 f"{later!r} (stages run in the order {', '.join(STAGES)}); "
-                                 f"e.g. config.stages="
-                                 f"{','.join(sorted(set(stages), key=STAGES.index))}")
+    ordered = sorted(stages, key=STAGES.index)
+    if stages != ordered:  # the first place they differ names the stage that must come first
+        later, earlier = next((a, b) for a, b in zip(stages, ordered) if a != b)
+        raise ValueError(f"config.stages={config.stages!r}: {earlier!r} must come before "
+                         f"{later!r} (stages run in the order {', '.join(STAGES)}); "
+                         f"e.g. config.stages={','.join(dict.fromkeys(ordered))}")
     seeds = parse_list(config.seeds, "seeds", cast=int)
     repeated = sorted({s for s in seeds if seeds.count(s) > 1})
     if repeated:
@@ -247,13 +246,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 def _run_locked(config: ml_collections.ConfigDict, workdir: str, hooks) -> dict:
     results_path = os.path.join(workdir, "results.json")
     earlier = _read_results(results_path)  # checked before anything trains
-    mesh = make_mesh()
     stages = parse_list(config.stages, "stages", STAGES)
     seeds = parse_list(config.seeds, "seeds", cast=int)
-    clip_config, clip_params, tokenizer = load_clip_and_tokenizer(config)
-    run = stages_lib.Run(config=config, mesh=mesh, clip_config=clip_config,
-                         clip_params=replicate(clip_params, mesh), tokenizer=tokenizer,
-                         hooks=tuple(hooks))
+    run = _build_run(config, hooks)
     train = config.mode == "train"
     per_seed = {stage: {} for stage in stages}
     for seed in seeds:
@@ -282,10 +277,10 @@ def _merge_results(earlier: dict, results: dict, workdir: str) -> dict:
     summaries from earlier runs of the same protocol (`--config.stages=zeroshot` on a finished
     workdir drops nothing); an earlier results.json of another protocol is kept beside it as
     results.<protocol>.json."""
-    old_protocol = earlier.get("protocol", "base_to_new") if earlier else None
-    new_protocol = results.get("protocol", "base_to_new")
     if not earlier:
         return results
+    old_protocol = earlier.get("protocol", "base_to_new")
+    new_protocol = results.get("protocol", "base_to_new")
     if old_protocol != new_protocol or (new_protocol != "base_to_new" and any(
             earlier.get(k) != results.get(k) for k in ("source", "targets", "shots"))):
         name = f"results.{old_protocol}.json"
@@ -315,18 +310,21 @@ def _read_results(path: str) -> dict:
     return results
 
 
-def _export_run(config: ml_collections.ConfigDict) -> stages_lib.Run:
-    check_config(config)
+def _build_run(config: ml_collections.ConfigDict, hooks: Sequence[Callable] = ()
+               ) -> stages_lib.Run:
+    """The run every seed shares: the mesh, the CLIP (loaded once, replicated), the learner."""
     mesh = make_mesh()
     clip_config, clip_params, tokenizer = load_clip_and_tokenizer(config)
     return stages_lib.Run(config=config, mesh=mesh, clip_config=clip_config,
-                          clip_params=replicate(clip_params, mesh), tokenizer=tokenizer)
+                          clip_params=replicate(clip_params, mesh), tokenizer=tokenizer,
+                          hooks=tuple(hooks))
 
 
 def export_backbone(config: ml_collections.ConfigDict, workdir: str) -> list:
     """Write each seed's trained stage-1 prompt in the released PyTorch code's checkpoint layout,
     to workdir/seed_N/torch/<model dir>/model.pth.tar-<backbone.epochs>; returns the paths."""
-    run = _export_run(config)
+    check_config(config)
+    run = _build_run(config)
     paths = []
     for seed in parse_list(config.seeds, "seeds", cast=int):
         sr = stages_lib.SeedRun.create(run, seed, workdir, train_mode=False)
@@ -355,7 +353,8 @@ def export_dpc(config: ml_collections.ConfigDict, workdir: str) -> list:
         raise ValueError(f"config.dpc.mode={config.dpc.mode!r}: the released DPC trainers store "
                          f"theta of the 'reference' (converse) parameterisation; a 'paper' "
                          f"stage 2 has no equivalent file")
-    run = _export_run(config)
+    check_config(config)
+    run = _build_run(config)
     paths = []
     for seed in parse_list(config.seeds, "seeds", cast=int):
         sr = stages_lib.SeedRun.create(run, seed, workdir, train_mode=False)
