@@ -1,4 +1,4 @@
-"""Faults in one training stage, on a toy step of the loop's signature: a non-finite update is
+"""Faults in one training stage, on a toy step (3 steps per call): a non-finite update is
 never saved (its loss is taken before the update), and a damaged checkpoint is set aside with
 the previous one used, or named with what to delete when none is good."""
 
@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from dpc_jax.training import checkpoints, loop
-from dpc_jax.training.step import make_mesh
+from dpc_jax.training.step import make_mesh, map_steps
 from test_train import small_config
 
 
-def toy_step(bad_step):
-    """A step_fn of the loop's signature: w <- w + 1, finite loss; at `bad_step` (1-based) the
-    update writes a NaN into the parameters."""
+def toy_step(bad_step, bad_loss_step=-1):
+    """A step_fn of `map_step`'s signature: w <- w + 1, finite loss; at `bad_step` (1-based)
+    the update writes a NaN into the parameters; at `bad_loss_step` the loss is NaN."""
 
     def step_fn(state, consts, batch, key):
         del consts, batch, key
@@ -24,7 +24,8 @@ def toy_step(bad_step):
         w = state["params"]["w"] + 1.0
         w = jnp.where(count == bad_step, w.at[0].set(jnp.nan), w)
         new = {"params": {"w": w}, "opt_state": {"count": count}, "state": state["state"]}
-        return new, jnp.zeros((1,), jnp.float32), {}
+        loss = jnp.where(count == bad_loss_step, jnp.nan, 0.0)
+        return new, jnp.full((1,), loss, jnp.float32), {}
 
     return step_fn
 
@@ -33,8 +34,8 @@ class Interrupted(RuntimeError):
     pass
 
 
-def run(tmp_path, bad_step, total=8, stop_at=None):
-    c = small_config()
+def run(tmp_path, bad_step, total=8, stop_at=None, bad_loss_step=-1, steps_per_call=3):
+    c = small_config(steps_per_call=steps_per_call)
     c.checkpoint_every_steps = 4
 
     def stop(step, **_):
@@ -43,7 +44,7 @@ def run(tmp_path, bad_step, total=8, stop_at=None):
 
     stage = checkpoints.StageDir(str(tmp_path / "stage"), 1, c)
     return stage, lambda: loop.train_loop(
-        name="toy", stage=stage, step_fn=toy_step(bad_step),
+        name="toy", stage=stage, steps_fn=map_steps(toy_step(bad_step, bad_loss_step)),
         schedule=lambda s: 0.1,
         train_state={"params": {"w": np.zeros(3, np.float32)},
                      "opt_state": {"count": np.zeros((), np.int32)}, "state": {}},
@@ -113,6 +114,18 @@ def test_a_nan_update_on_a_save_step_is_neither_saved_nor_finished(tmp_path, bad
                                      "opt_state": {"count": np.zeros((), np.int32)},
                                      "aux": {}})
         np.testing.assert_array_equal(restored["params"]["w"], np.full(3, 4.0, np.float32))
+
+
+@pytest.mark.parametrize("steps_per_call", [1, 3])
+def test_a_nonfinite_loss_names_its_step_inside_a_stretch_too(tmp_path, steps_per_call):
+    # Checkpoints every 4; with 3 steps per call, step 6 is inside the stretch of steps 5-7.
+    stage, train = run(tmp_path, bad_step=-1, total=12, bad_loss_step=6,
+                       steps_per_call=steps_per_call)
+    with pytest.raises(FloatingPointError, match=r"^toy: non-finite loss \[nan\] at step 6 "
+                                                 r"\(epoch 0, seed 1\); nothing after step 4 "
+                                                 r"was saved$"):
+        train()
+    assert stage.latest_step() == 4
 
 
 def test_nonfinite_leaves_names_float_leaves_only():

@@ -96,6 +96,10 @@ def get_config(arg=None, variants=("base_to_new",)) -> ml_collections.ConfigDict
     # Logging and checkpoints.
     c.log_every_steps = 10
     c.checkpoint_every_steps = 200  # plus one at the end of every stage
+    # Training steps per device call (a loop on device; the numbers are those of one step per
+    # call): more amortise the per-call dispatch and host read of a small model; the log lines
+    # of a call's steps are written when it returns.
+    c.steps_per_call = 1
     c.progress = True
     c.distributed = False  # call jax.distributed.initialize() (multi-host)
     return c
@@ -147,6 +151,7 @@ FIELD_HELP = {
     "optim.warmup_lr": "the constant warm-up learning rate",
     "log_every_steps": "a log.jsonl line every this many steps",
     "checkpoint_every_steps": "a checkpoint every this many steps (and at each stage's end)",
+    "steps_per_call": "training steps per device call (a loop on device; the same numbers)",
     "progress": "progress output (a bar on a terminal, a line every 30 s in a log)",
     "distributed": "call jax.distributed.initialize() (one process per host)",
 }

@@ -1,5 +1,5 @@
-"""The epoch loop of one training stage: epoch order, batches, metric log, non-finite guard,
-epoch hooks, checkpoints and resume.
+"""The epoch loop of one training stage: epoch order, batches (a stretch of steps per device
+call), metric log, non-finite guard, epoch hooks, checkpoints and resume.
 
 Per-step keys are `fold_in(key, step)` and the epoch order depends only on (seed, stage,
 epoch), so a resumed run computes exactly the numbers of an uninterrupted one.
@@ -94,22 +94,41 @@ def check_finite_state(device_state: dict, name: str, step: int, seed: int,
             f"learning rate or check the data, then rerun to resume from that checkpoint")
 
 
-def train_loop(*, name: str, stage: checkpoints.StageDir, step_fn: Callable, schedule: Callable,
-               train_state: dict, extra: dict, consts, n: int, global_batch: int,
-               epoch_steps: int, epochs: int,
+def stretch_end(step: int, total: int, capacity: int, epoch_steps: int, checkpoint_every: int,
+                at_epoch_ends: bool) -> int:
+    """Where the call of the stretch that starts at `step` ends (exclusive): after at most
+    `capacity` steps, and at the next checkpoint step, the stage's end and, when epoch hooks
+    run, the epoch's end, since the host acts on the state there. Where the cuts fall does not
+    change the numbers: every step is the same loop body with its own batch and key."""
+    ends = [step + capacity, total, (step // checkpoint_every + 1) * checkpoint_every]
+    if at_epoch_ends:
+        ends.append((step // epoch_steps + 1) * epoch_steps)
+    return min(ends)
+
+
+def train_loop(*, name: str, stage: checkpoints.StageDir, steps_fn: Callable,
+               schedule: Callable, train_state: dict, extra: dict, consts, n: int,
+               global_batch: int, epoch_steps: int, epochs: int,
                seed: int, mesh: Mesh, config, learner=None, hooks: Sequence[Callable] = (),
                epoch_hook: Optional[Callable] = None, stream=None):
     """Run (or resume) one training stage. `train_state` {'params', 'opt_state', 'state'} and
     `extra` (the epoch-hook carry) are host trees; returns their final values (host arrays).
 
+    `steps_fn` (`step.map_steps`) runs a stretch of up to `config.steps_per_call` steps per
+    call; stretches end at checkpoint steps, at the stage's end and, with epoch hooks, at
+    epoch ends (`stretch_end`). The log holds the same records as one call per step (lines of
+    steps inside a stretch are written, with their 'seconds', when it returns). `stream` (a
+    `data.train_sets.StreamSource`): each step's images are decoded on the host by index, in
+    the same epoch order, and passed in the batch as 'images', one step per call (a stretch
+    would hold S image batches on the host and device; a resumed run streams from its step on,
+    so it computes the same numbers).
+
     `learner.on_epoch_end` (if a learner is given) runs after every epoch, then
     `epoch_hook(epoch, {'params', 'state'}, extra) -> extra` (model selection: it keeps its
     record under `extra[SELECTION]`, checkpointed with the stage); each hook in `hooks`
-    is called as hook(name=..., step=..., start=..., total=...) after every step (after its
-    checkpoint), e.g. to stop a run as if it were killed. `stream` (a
-    `data.train_sets.StreamSource`): each step's images are decoded on the host by index, in
-    the same epoch order, and passed in the batch as 'images' (a resumed run streams from its
-    step on, so it computes the same numbers).
+    is called as hook(name=..., step=..., start=..., total=...) after every step (those inside
+    a stretch when it returns, the last one after its checkpoint), so that raising from one
+    stops the run as if it were killed after that step, e.g. to test a resume.
     """
     total = epochs * epoch_steps
     os.makedirs(stage.path, exist_ok=True)
@@ -129,37 +148,56 @@ def train_loop(*, name: str, stage: checkpoints.StageDir, step_fn: Callable, sch
     key = jax.random.fold_in(jax.random.key(seed), stage.stage_id)
     log = MetricLog(stage.path, resume_step=start)
     bar = progress_bar(total=total, initial=start, desc=name, enabled=config.progress)
+    capacity = 1 if stream is not None else config.steps_per_call
+    at_epoch_ends = learner is not None or epoch_hook is not None
     order, order_epoch = None, -1
     t0 = time.time()
+    step = start
     try:
-        for step in range(start, total):
-            epoch, i = divmod(step, epoch_steps)
-            if epoch != order_epoch:
-                order, order_epoch = epoch_order(seed, stage.stage_id, epoch, n), epoch
-                if stream is not None:  # this epoch's remaining batches, decoded ahead
-                    images = stream.batches(order[i * global_batch:epoch_steps * global_batch],
-                                            global_batch)
-            index = order[i * global_batch:(i + 1) * global_batch].astype(np.int32)
+        while step < total:
+            end = stretch_end(step, total, capacity, epoch_steps, config.checkpoint_every_steps,
+                              at_epoch_ends)
+            # The stretch's index batches, one column per step (the batch axis first, so that
+            # it is placed as one step's batch); columns past its end are never read.
+            index = np.zeros((global_batch, capacity), np.int32)
+            for j, s in enumerate(range(step, end)):
+                epoch, i = divmod(s, epoch_steps)
+                if epoch != order_epoch:
+                    order, order_epoch = epoch_order(seed, stage.stage_id, epoch, n), epoch
+                    if stream is not None:  # this epoch's remaining batches, decoded ahead
+                        images = stream.batches(
+                            order[i * global_batch:epoch_steps * global_batch], global_batch)
+                index[:, j] = order[i * global_batch:(i + 1) * global_batch]
             batch = {"index": shard_batch(index, mesh)}
             if stream is not None:
-                batch["images"] = shard_batch(next(images), mesh)
-            device_state, loss, aux = step_fn(device_state, consts, batch,
-                                              jax.random.fold_in(key, step))
-            loss = np.asarray(loss)
-            if not np.all(np.isfinite(loss)):
+                batch["images"] = shard_batch(next(images)[:, None], mesh)
+            device_state, losses, aux = steps_fn(device_state, consts, batch, key,
+                                                 np.int32(step), np.int32(end - step))
+            losses = np.asarray(losses)[:end - step]
+            aux = {k: np.asarray(v)[:end - step] for k, v in jax.device_get(aux).items()}
+            bad = np.flatnonzero(~np.all(np.isfinite(losses), axis=1))
+            if bad.size:
+                s = step + int(bad[0])
                 raise FloatingPointError(
-                    f"{name}: non-finite loss {loss.tolist()} at step {step + 1} (epoch {epoch}, "
-                    f"seed {seed}); nothing after step {stage.latest_step()} was saved")
-            bar.update(1)
-            if (step + 1) % config.log_every_steps == 0 or step + 1 == total:
-                record = {"step": step + 1, "epoch": epoch, "lr": float(schedule(step)),
-                          "loss": float(loss.mean()), "per_device_loss": loss.tolist(),
-                          "seconds": round(time.time() - t0, 3)}
-                record.update({k: float(np.mean(v)) for k, v in jax.device_get(aux).items()})
-                log.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-            if (step + 1) % epoch_steps == 0 and (learner is not None or epoch_hook):
-                # A host copy: the device buffers are donated to the next step.
+                    f"{name}: non-finite loss {losses[bad[0]].tolist()} at step {s + 1} (epoch "
+                    f"{s // epoch_steps}, seed {seed}); nothing after step "
+                    f"{stage.latest_step()} was saved")
+            bar.update(end - step)
+            for j, s in enumerate(range(step, end)):
+                if (s + 1) % config.log_every_steps == 0 or s + 1 == total:
+                    record = {"step": s + 1, "epoch": s // epoch_steps, "lr": float(schedule(s)),
+                              "loss": float(losses[j].mean()),
+                              "per_device_loss": losses[j].tolist(),
+                              "seconds": round(time.time() - t0, 3)}
+                    record.update({k: float(np.mean(v[j])) for k, v in aux.items()})
+                    log.write(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            for s in range(step + 1, end):  # nothing is saved inside a stretch
+                for hook in hooks:
+                    hook(name=name, step=s, start=start, total=total)
+            step, epoch = end, (end - 1) // epoch_steps
+            if step % epoch_steps == 0 and at_epoch_ends:
+                # A host copy: the device buffers are donated to the next call.
                 current = checkpoints.host(device_state["params"])
                 if learner is not None:  # the learner's carry, without the trainer's entry
                     kept = {k: v for k, v in extra.items() if k == SELECTION}
@@ -170,15 +208,15 @@ def train_loop(*, name: str, stage: checkpoints.StageDir, step_fn: Callable, sch
                     extra = epoch_hook(epoch, {"params": current,
                                                "state": checkpoints.host(device_state["state"])},
                                        extra)
-            if (step + 1) % config.checkpoint_every_steps == 0 or step + 1 == total:
+            if step % config.checkpoint_every_steps == 0 or step == total:
                 # The loss above is the one before this step's update: check the update itself
                 # before it is saved (or the stage marked finished), so that no checkpoint
                 # holds non-finite parameters or optimiser state.
-                check_finite_state(device_state, name, step + 1, seed, stage.latest_step())
-                stage.save(step + 1, {**device_state,
-                                      "aux": {"state": device_state["state"], "extra": extra}})
+                check_finite_state(device_state, name, step, seed, stage.latest_step())
+                stage.save(step, {**device_state,
+                                  "aux": {"state": device_state["state"], "extra": extra}})
             for hook in hooks:
-                hook(name=name, step=step + 1, start=start, total=total)
+                hook(name=name, step=step, start=start, total=total)
     finally:
         bar.close()
         log.close()

@@ -28,7 +28,7 @@ from dpc_jax.prompts import DualPrompt, PromptLearner, ZeroShotCLIP, build_learn
 from dpc_jax.training import masks, objectives, optim
 from dpc_jax.training.checkpoints import StageDir, host
 from dpc_jax.training.loop import SELECTION, check_batch_fits, steps_per_epoch, train_loop
-from dpc_jax.training.step import make_per_device_step, map_step, replicate
+from dpc_jax.training.step import make_per_device_step, map_step, map_steps, replicate
 
 BACKBONE, DPC = 1, 2  # stage ids (they seed the epoch order and the step keys)
 TRAIN_SPLITS = ("fewshot", "unlabeled")
@@ -75,7 +75,8 @@ class Run:
         return self._zeroshot[key]
 
     def step(self, stage_id: int, params, n: int, batch_size: int, batch_field: str):
-        """(step_fn, optimizer, schedule, mask, epoch_steps) of a stage, built once per shape."""
+        """(steps_fn, optimizer, schedule, mask, epoch_steps) of a stage, built once per shape
+        (`steps_fn`: the stretch of steps `loop.train_loop` calls, `step.map_steps`)."""
         cfg = self.config
         check_batch_fits(batch_field, batch_size, self.mesh.size, n, cfg.dataset, cfg.shots)
         epoch_steps = steps_per_epoch(n, batch_size, self.mesh.size)
@@ -97,8 +98,9 @@ class Run:
                 scales = masks.rule_values(params, self.learner.lr_multipliers(), float)
             optimizer, schedule = _optimizer(cfg, name, stage_cfg.lr, stage_cfg.epochs,
                                              epoch_steps, mask, scales)
-            step_fn = map_step(make_per_device_step(objective, optimizer, mask), self.mesh)
-            self._steps[key] = (step_fn, optimizer, schedule, mask, epoch_steps)
+            step_fn = map_step(make_per_device_step(objective, optimizer, mask), self.mesh,
+                               donate=False)  # its caller, the stretch, donates the state
+            self._steps[key] = (map_steps(step_fn), optimizer, schedule, mask, epoch_steps)
         return self._steps[key]
 
 
@@ -338,11 +340,11 @@ class SeedRun:
               epochs: int, name: str, learner=None, more_consts: Optional[dict] = None,
               epoch_hook: Optional[Callable] = None):
         ts = self.stage_set(stage_id)
-        step_fn, optimizer, schedule, _, epoch_steps = self.run.step(
+        steps_fn, optimizer, schedule, _, epoch_steps = self.run.step(
             stage_id, params, ts.size, batch_size, batch_field)
         train_state = {"params": params, "opt_state": host(optimizer.init(params)),
                        "state": lstate}
-        return train_loop(name=name, stage=self.stage_dir(stage_id), step_fn=step_fn,
+        return train_loop(name=name, stage=self.stage_dir(stage_id), steps_fn=steps_fn,
                           schedule=schedule, train_state=train_state, extra=extra,
                           consts={**self.train_consts(stage_id), **(more_consts or {})},
                           n=ts.size,

@@ -4,6 +4,8 @@ The step is a per-device function (it computes exactly the released code's singl
 DHNO included) mapped over a 1-D ('data',) mesh of all devices with `jax.shard_map`; gradients
 and the learner's mutable state are averaged with `lax.pmean`. One code path serves 1 device,
 N devices and N hosts. A train state is a plain dict {'params', 'opt_state', 'state'}.
+`map_steps` runs a stretch of such steps in one call (a loop on device), so that a small model
+is not bound by one dispatch and one host read per step.
 """
 
 from __future__ import annotations
@@ -74,6 +76,44 @@ def map_step(per_device: Callable, mesh: Mesh, donate: bool = True):
     mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P("data"), P()),
                            out_specs=(P(), P(), P()))
     return jax.jit(mapped, donate_argnums=(0,) if donate else ())
+
+
+def map_steps(step_fn: Callable, donate: bool = True):
+    """A stretch of up to S steps of `step_fn` (a `map_step` function) in one jitted call:
+
+        steps_fn(train_state, consts, batches, key, first, count)
+            -> (train_state, losses [S, devices], metrics {name: [S, devices]})
+
+    runs steps first, ..., first + count - 1 (1 <= count <= S) in a `lax.fori_loop` on device;
+    step first + i takes `batches[:, i]` (every leaf [global_batch, S, ...]: the batch axis
+    first, so the stretch is placed by `shard_batch` like one step's batch) and the key
+    `fold_in(key, first + i)`, the key the per-step loop gave it. Rows count.. of the outputs
+    are zeros. The trip count is an argument, not a shape, so every stretch length up to S is
+    one compiled program; the loop body is the step, so the numbers are the per-step calls'."""
+
+    def steps_fn(train_state, consts, batches, key, first, count):
+        def batch_at(i):
+            return jax.tree_util.tree_map(
+                lambda x: jax.lax.dynamic_index_in_dim(x, i, axis=1, keepdims=False), batches)
+
+        capacity = jax.tree_util.tree_leaves(batches)[0].shape[1]
+        _, loss_shape, metric_shapes = jax.eval_shape(step_fn, train_state, consts,
+                                                      batch_at(0), key)
+        stacked = jax.tree_util.tree_map(
+            lambda s: jnp.zeros((capacity, *s.shape), s.dtype), (loss_shape, metric_shapes))
+
+        def body(i, carry):
+            state, (losses, metrics) = carry
+            state, loss, m = step_fn(state, consts, batch_at(i),
+                                     jax.random.fold_in(key, first + i))
+            rows = jax.tree_util.tree_map(lambda buf, v: buf.at[i].set(v), (losses, metrics),
+                                          (loss, m))
+            return state, rows
+
+        state, (losses, metrics) = jax.lax.fori_loop(0, count, body, (train_state, stacked))
+        return state, losses, metrics
+
+    return jax.jit(steps_fn, donate_argnums=(0,) if donate else ())
 
 
 def _gather(x):

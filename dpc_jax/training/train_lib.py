@@ -99,7 +99,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                          f"the current directory)")
     if config.dhno.policy not in POLICIES:
         raise ValueError(f"config.dhno.policy={config.dhno.policy!r}; expected one of {POLICIES}")
-    for field in ("batch_size", "backbone.batch_size", "dhno.top_k", "eval_batch_size"):
+    for field in ("batch_size", "backbone.batch_size", "dhno.top_k", "eval_batch_size",
+                  "log_every_steps", "checkpoint_every_steps", "steps_per_call"):
         value = _field(config, field)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"config.{field}={value!r}; expected a positive integer")
