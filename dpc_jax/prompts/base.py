@@ -216,8 +216,8 @@ class PromptLearner(abc.ABC):
                             state: Optional[State] = None) -> str:
         """Write a stage-1 prompt (and the learner's state) as the released PyTorch code saves
         it under `run_dir` (its output folder); returns the file's path."""
-        raise ValueError(f"the {self.name!r} learner has no PyTorch checkpoint export; it exists "
-                         f"for ivlp and maple")
+        raise ValueError(f"the {self.name!r} learner has no PyTorch checkpoint export; coop, "
+                         f"cocoop, ivlp, maple, promptsrc, promptkd and dept have one")
 
     # -- features ---------------------------------------------------------------------------------
     @abc.abstractmethod
