@@ -98,6 +98,11 @@ def get_config(arg=None, variants=("base_to_new",)) -> ml_collections.ConfigDict
     c.checkpoint_every_steps = 200  # plus one at the end of every stage
     c.progress = True
     c.distributed = False  # call jax.distributed.initialize() (multi-host)
+    # Its arguments where the cluster does not provide them (TPU pod slices, SLURM and Open MPI
+    # do; JAX_COORDINATOR_ADDRESS is read too): '' / 0 / -1 = detect.
+    c.coordinator_address = ""  # host:port of process 0
+    c.num_processes = 0
+    c.process_id = -1
     return c
 
 
@@ -149,4 +154,7 @@ FIELD_HELP = {
     "checkpoint_every_steps": "a checkpoint every this many steps (and at each stage's end)",
     "progress": "progress output (a bar on a terminal, a line every 30 s in a log)",
     "distributed": "call jax.distributed.initialize() (one process per host)",
+    "coordinator_address": "distributed: host:port of process 0 ('' = detect)",
+    "num_processes": "distributed: number of processes (0 = detect)",
+    "process_id": "distributed: this process's index (-1 = detect)",
 }
