@@ -101,6 +101,11 @@ def check_stage_settings(stage_dir: str, stage_id: int, config) -> None:
         # Recorded before class-text trimming existed: such a stage encoded all positions.
         if any(k.startswith("clip.") for k in stored):
             stored.setdefault("clip.trim_text", False)
+        # Recorded before the stage-2 work elimination existed: every slot's text and every
+        # negative slot's image were encoded.
+        if any(k.startswith("dpc.") for k in stored):
+            for key in ("dpc.dedupe_text", "dpc.compact_negatives"):
+                stored.setdefault(key, False)
         # Recorded before the accelerator options existed: the einsum attention, no remat.
         for key, old in (("clip.attention", "einsum"), ("clip.remat", False)):
             if key in flat:
