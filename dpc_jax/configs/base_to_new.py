@@ -78,6 +78,12 @@ def get_config(arg=None, variants=("base_to_new",)) -> ml_collections.ConfigDict
     c.dpc.transfer_prompt = "new"
     c.dpc.epochs = 20
     c.dpc.lr = 0.002
+    # Exact work elimination in the stage-2 step (the same loss and gradients up to float32
+    # rounding; False: bitwise the step the README's earlier world tables were measured with):
+    # each distinct slot label's text encoded once and gathered, and only the valid negative
+    # slots sent through the image tower.
+    c.dpc.dedupe_text = True
+    c.dpc.compact_negatives = True
     # A released stage-2 checkpoint (PromptKD: StackSPLE_PromptKD's VLPromptLearner/
     # model-best.pth.tar) to evaluate instead of training stage 2; needs backbone.init_from
     # (and the teacher's) set to the stage-1 files it started from, and mode 'reference'.
@@ -102,6 +108,11 @@ def get_config(arg=None, variants=("base_to_new",)) -> ml_collections.ConfigDict
     c.steps_per_call = 1
     c.progress = True
     c.distributed = False  # call jax.distributed.initialize() (multi-host)
+    # Its arguments where the cluster does not provide them (TPU pod slices, SLURM and Open MPI
+    # do; JAX_COORDINATOR_ADDRESS is read too): '' / 0 / -1 = detect.
+    c.coordinator_address = ""  # host:port of process 0
+    c.num_processes = 0
+    c.process_id = -1
     return c
 
 
@@ -142,6 +153,8 @@ FIELD_HELP = {
     "dpc.transfer_prompt": "transfer targets get the 'new' (w_n) or the 'base' (w_b) mix",
     "dpc.epochs": "stage-2 epochs",
     "dpc.lr": "stage-2 learning rate",
+    "dpc.dedupe_text": "encode each distinct slot label's text once (exact; False: every slot's)",
+    "dpc.compact_negatives": "only valid negative slots enter the image tower (exact; False: all)",
     "dpc.init_from": "a released stage-2 checkpoint to evaluate (PromptKD) instead of training",
     "dhno.top_k": "K: hard negatives per anchor",
     "dhno.policy": "reference (the released selection rule) | hardest",
@@ -154,4 +167,7 @@ FIELD_HELP = {
     "steps_per_call": "training steps per device call (a loop on device; the same numbers)",
     "progress": "progress output (a bar on a terminal, a line every 30 s in a log)",
     "distributed": "call jax.distributed.initialize() (one process per host)",
+    "coordinator_address": "distributed: host:port of process 0 ('' = detect)",
+    "num_processes": "distributed: number of processes (0 = detect)",
+    "process_id": "distributed: this process's index (-1 = detect)",
 }

@@ -153,6 +153,24 @@ def write_dassl_checkpoint(state_dict, path: str, epoch: int) -> str:
     return path
 
 
+def export_coop_torch_checkpoint(ctx, path: str, epoch: int) -> str:
+    """Write CoOp context vectors as the upstream `prompt_learner/model.pth.tar-<epoch>`:
+    state_dict {'ctx'} (float32; [n_ctx, W], or [classes, n_ctx, W] with class-specific
+    contexts). Upstream also saves its token_prefix/token_suffix buffers, but its load_model
+    deletes them before load_state_dict(strict=False), so the file loads there as one it wrote
+    (the buffers stay the ones the model builds from its own class names)."""
+    import collections
+
+    import torch
+
+    array = np.array(ctx, np.float32, order="C")
+    if array.ndim not in (2, 3):
+        raise ValueError(f"CoOp context of shape {array.shape}; expected [n_ctx, width] or "
+                         f"[classes, n_ctx, width]")
+    return write_dassl_checkpoint(collections.OrderedDict(ctx=torch.from_numpy(array)), path,
+                                  epoch)
+
+
 # CoCoOp (`prompt_learner/model.pth.tar-N`, no prefix): upstream key -> (leaf, transposed).
 COCOOP_KEYS = {"ctx": ("ctx", False),
                "meta_net.linear1.weight": ("meta_net/linear1/kernel", True),

@@ -1,8 +1,10 @@
-"""`python -m dpc_jax.data check|list`: validate benchmark data on disk, list the registry.
+"""`python -m dpc_jax.data check|list|synth`: validate benchmark data on disk, list the registry,
+write a world stand-in of a dataset.
 
   python -m dpc_jax.data check --dataset oxford_pets --root $DATA [--shots 16] [--seed 1]
       [--subsample base|new|all] [--source coop|tfds] [--json] [--list-files] [--verify-images]
   python -m dpc_jax.data list [--json]
+  python -m dpc_jax.data synth --dataset oxford_pets --root DIR [--train 8 --val 2 --test 4]
 
 `check` exits 0 when the layout is complete, 1 when something is missing or unreadable.
 """
@@ -38,6 +40,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--classnames-file", default=None,
                    help="CoOp's ImageNet classnames.txt (TFDS ImageNet)")
     c.add_argument("--threads", type=int, default=8)
+    sy = sub.add_parser("synth", help="write a stand-in of a dataset in the CoOp layout, with "
+                                      "world images (offline end-to-end checks)")
+    sy.add_argument("--dataset", required=True, help="a split-file dataset, e.g. oxford_pets")
+    sy.add_argument("--root", required=True, help="the CoOp data folder to write into")
+    sy.add_argument("--train", type=int, default=8, help="train images per class")
+    sy.add_argument("--val", type=int, default=2, help="val images per class")
+    sy.add_argument("--test", type=int, default=4, help="test images per class")
+    sy.add_argument("--image-size", type=int, default=32, help="pixels (square JPEGs)")
     ls = sub.add_parser("list", help="list the registered datasets")
     ls.add_argument("--json", action="store_true")
     return p
@@ -64,6 +74,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "list":
         return _list(args.json)
+    if args.command == "synth":
+        from dpc_jax import cli
+        from dpc_jax.data import synth
+
+        try:
+            folder = synth.write_coop_layout(args.dataset, args.root, train=args.train,
+                                             val=args.val, test=args.test,
+                                             image_size=args.image_size)
+        except cli.USER_ERRORS as e:  # one line, no traceback (DPC_JAX_TRACEBACK=1 shows it)
+            if cli.show_tracebacks():
+                raise
+            return cli.print_error(cli.message(e))
+        print(synth.describe(folder, args.dataset))
+        return 0
     from dpc_jax.data.check import check_dataset, format_report
 
     kwargs = {"classnames_file": args.classnames_file} if args.source == "tfds" else {

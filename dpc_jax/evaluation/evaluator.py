@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from dpc_jax.data import augment, transforms
 from dpc_jax.data.base import ImageSplit
+from dpc_jax.training.step import shard_batch
 
 CLASS_CHUNK = 256  # class ids per classifier call (a static shape; ImageNet has 1000 classes)
 
@@ -74,7 +75,7 @@ class Evaluator:
             skip_bad=self.skip_bad, desc=f"encode {key} test")
         feats, valid = [], []
         for images, _, ok in batches:
-            images = jax.device_put(images, NamedSharding(self.mesh, P("data")))
+            images = shard_batch(images, self.mesh)
             feats.append(np.asarray(fn(self.clip_params, prompt, state or {}, images)))
             valid.append(ok)
         n = len(split)
@@ -94,7 +95,7 @@ class Evaluator:
         for s in range(0, n, self.batch):
             chunk = features[s:s + self.batch]
             pad = np.concatenate([chunk, np.repeat(chunk[:1], self.batch - len(chunk), 0)])
-            pad = jax.device_put(pad, NamedSharding(self.mesh, P("data")))
+            pad = shard_batch(pad, self.mesh)
             preds.append(np.asarray(fn(self.clip_params, prompt, w, pad, consts or {}))[
                 :len(chunk)])
         return np.concatenate(preds)

@@ -133,8 +133,9 @@ class PromptLearner(abc.ABC):
     - uses_image_prompts: `image_features` depends on the prompt (IVLP, MaPLe, ...). When False
       (CoOp), image features computed once per image serve every prompt: evaluation caches
       them and the DHNO scorer reuses the anchors' features.
-    - text_needs_image: the class text depends on the image (CoCoOp): `classify` and
-      `pair_logits` must then be overridden, and nothing caches text per class list.
+    - text_needs_image: the class text depends on the image (CoCoOp): `classify` must then be
+      overridden (DPC's slot logits would need per-image texts too), and nothing caches text
+      per class list.
     - train_split: what stage 1 trains on: 'fewshot' (the labelled base few-shot set) or
       'unlabeled' (PromptKD: images of all classes, labels unused).
     - dpc_unsupported: '' when DPC's stage 2 runs on this learner; otherwise why not (the
@@ -216,8 +217,8 @@ class PromptLearner(abc.ABC):
                             state: Optional[State] = None) -> str:
         """Write a stage-1 prompt (and the learner's state) as the released PyTorch code saves
         it under `run_dir` (its output folder); returns the file's path."""
-        raise ValueError(f"the {self.name!r} learner has no PyTorch checkpoint export; it exists "
-                         f"for ivlp and maple")
+        raise ValueError(f"the {self.name!r} learner has no PyTorch checkpoint export; coop, "
+                         f"cocoop, ivlp, maple, promptsrc, promptkd and dept have one")
 
     # -- features ---------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -249,17 +250,18 @@ class PromptLearner(abc.ABC):
         return cosine_logits(image_features, classifier, logit_scale(clip_params),
                              self.clip_config.matmul_precision)
 
-    def pair_logits(self, clip_params, prompt: Prompt, image_features: Array, class_texts,
-                    class_ids: Array, consts: Optional[dict] = None) -> Array:
+    def pair_logits(self, clip_params, prompt: Prompt, image_features: Array,
+                    slot_classifier: Array, consts: Optional[dict] = None) -> Array:
         """Logits [M, M] of slot images against the texts of the slot labels (DHNO's enlarged
-        batch; text features are computed for these labels only)."""
-        txt = self.classifier(clip_params, prompt, class_texts, class_ids, consts)
+        batch): `slot_classifier` [M, E] holds the unit-norm text feature of each slot's label,
+        rows of `classifier` for these labels only (`objectives.dpc_objective` encodes each
+        distinct label once and gathers, or every slot's label, per `config.dpc.dedupe_text`)."""
         # The scale multiplies the cosines after the matmul here, as the released contrastive
         # loss computes them (the stage-1 logits of `classify` scale the image side, as CoOp's
         # `logit_scale * image_features @ text_features.t()` does); kept so both stages
         # reproduce their earlier numbers bit for bit.
-        return logit_scale(clip_params) * cosine_logits(image_features, txt, 1.0,
-                                                        self.clip_config.matmul_precision)
+        return logit_scale(clip_params) * cosine_logits(
+            image_features, slot_classifier, 1.0, self.clip_config.matmul_precision)
 
     def classification_logits(self, clip_params, prompt: Prompt, class_texts, images: Array,
                               state: Optional[State] = None,

@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from dpc_jax.prompts.base import (PLACEHOLDER, ClassTexts, Prompt, PromptLearner,
                                   check_class_ids, class_texts_from_names, config_field,
@@ -149,3 +150,16 @@ class CoOp(PromptLearner):
 
         ctx = load_coop_torch_checkpoint(path, expected_shape=self.ctx_shape(num_classes))
         return {"ctx": jnp.asarray(ctx)}
+
+    def export_torch_prompt(self, prompt: Prompt, run_dir: str, epoch: int,
+                            state=None) -> str:
+        """`<run_dir>/prompt_learner/model.pth.tar-<epoch>`, the upstream CoOp layout (what
+        `load_torch_prompt` reads and CoOp's trainer loads with --model-dir run_dir)."""
+        import os
+
+        from dpc_jax.convert.coop_torch import export_coop_torch_checkpoint
+
+        del state  # CoOp has no learner state
+        ctx = np.asarray(jax.device_get(prompt["ctx"]))
+        path = os.path.join(run_dir, "prompt_learner", f"model.pth.tar-{int(epoch)}")
+        return export_coop_torch_checkpoint(ctx, path, epoch)

@@ -38,6 +38,15 @@ def write_json(path: str, obj, **kw) -> None:
     os.replace(tmp, path)
 
 
+def sync_processes(name: str) -> None:
+    """Wait until every process of a multi-host run has reached this point (e.g. process 0
+    has written a file the others read next)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def host(tree):
     return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
 
@@ -92,6 +101,11 @@ def check_stage_settings(stage_dir: str, stage_id: int, config) -> None:
         # Recorded before class-text trimming existed: such a stage encoded all positions.
         if any(k.startswith("clip.") for k in stored):
             stored.setdefault("clip.trim_text", False)
+        # Recorded before the stage-2 work elimination existed: every slot's text and every
+        # negative slot's image were encoded.
+        if any(k.startswith("dpc.") for k in stored):
+            for key in ("dpc.dedupe_text", "dpc.compact_negatives"):
+                stored.setdefault(key, False)
         # Recorded before the accelerator options existed: the einsum attention, no remat.
         for key, old in (("clip.attention", "einsum"), ("clip.remat", False)):
             if key in flat:
@@ -256,6 +270,7 @@ class StageDir:
         recompute (e.g. the global batch and device count of the run that trained it)."""
         write_json(os.path.join(self.path, "stage.json"), {**(read_stage_meta(self.path) or {}),
                                                            **meta})
+        sync_processes(f"{self.path}/stage.json")  # the next stage may read it on any process
 
     def final(self, like: dict) -> dict:
         """{'params', 'aux'} at the end of the finished stage (stage 2's P; the eval mode)."""

@@ -12,6 +12,16 @@ Pieces, in the order the step uses them:
 - `assemble_batch` / `interleave`: the released slot order [anchor_i, negatives_i...] for i in
   batch order.
 - `contrastive_loss`: the symmetric InfoNCE over the valid slots.
+
+Exact work elimination inside the static shapes (each behind its own `config.dpc` switch, since
+the towers then see other batch shapes and the gradient sums run in another order, which moves
+float32 rounding):
+- `distinct_labels`: each distinct label of the valid slots once (its text is encoded once and
+  gathered for every slot that has it).
+- `compact`: the valid negative slots moved to the front, so that only they are encoded.
+- `chunked_rows`: a function applied to the first `count` rows only, in static chunks under a
+  `lax.scan` whose chunks past `count` are skipped by a `lax.cond`.
+- `encode_labels` / `encode_valid_rows`: what the step calls, built from the three above.
 """
 
 from __future__ import annotations
@@ -282,3 +292,105 @@ def symmetric_infonce(logits: Array, valid: Array) -> Array:
         return jnp.sum(jnp.where(valid, per_row, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
     return (ce(masked) + ce(masked.T)) / 2
+
+
+def distinct_labels(labels: Array, valid: Array, num_classes: int) -> Tuple[Array, Array, Array]:
+    """Each distinct label of the valid slots once, with static shapes.
+
+    Args:
+      labels: int [M] slot labels in [0, num_classes); valid: bool [M].
+
+    Returns:
+      ids int32 [M] (the distinct valid labels in increasing order, then class 0 as padding),
+      count int32 [] (how many there are) and gather int32 [M] with ids[gather] == labels on
+      the valid slots; an invalid slot gets 0, the position of a real label whenever one slot
+      is valid.
+    """
+    if labels.ndim != 1 or valid.shape != labels.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} and valid {tuple(valid.shape)} must "
+                         f"both be [M]")
+    m = labels.shape[0]
+    key = jnp.where(valid, labels.astype(jnp.int32), num_classes)  # invalid slots sort last
+    order = jnp.argsort(key, stable=True)
+    ranked = key[order]
+    first = jnp.concatenate([jnp.ones((1,), bool), ranked[1:] != ranked[:-1]])
+    first = first & (ranked < num_classes)
+    rank = jnp.cumsum(first.astype(jnp.int32)) - 1  # position of each sorted slot's label
+    ids = jnp.zeros((m,), jnp.int32).at[jnp.where(first, rank, m)].set(ranked, mode="drop")
+    gather = jnp.zeros((m,), jnp.int32).at[order].set(jnp.maximum(rank, 0))
+    return ids, jnp.sum(first).astype(jnp.int32), jnp.where(valid, gather, 0)
+
+
+def compact(valid: Array) -> Tuple[Array, Array, Array]:
+    """The valid slots moved to the front, in slot order.
+
+    Returns order int32 [N] (slot indices, valid ones first: x[order] is the compacted x),
+    count int32 [] (valid slots) and position int32 [N] (where each valid slot sits in the
+    compacted order; 0 for invalid slots, the position of a real slot whenever one is valid).
+    """
+    if valid.ndim != 1:
+        raise ValueError(f"valid must be [N]; got shape {tuple(valid.shape)}")
+    n = valid.shape[0]
+    valid = valid.astype(bool)
+    order = jnp.argsort(~valid, stable=True).astype(jnp.int32)
+    position = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+    return order, jnp.sum(valid).astype(jnp.int32), jnp.where(valid, position, 0)
+
+
+def chunked_rows(fn, rows: Array, count: Array, chunk: int):
+    """fn applied to the leading `count` rows of `rows` only: [N, ...] outputs, fn's on the
+    chunks that hold one of those rows (and always on the first chunk), zeros elsewhere.
+
+    `fn` maps [chunk, ...] rows to [chunk, ...] outputs (a pytree), row by row (no coupling
+    across rows). The rows are cut into static chunks of `chunk`, the last one zero-padded;
+    a `lax.scan` over the chunks runs `fn` under a `lax.cond` that skips every chunk past
+    `count`, in the forward and the backward pass. A scan of one traced `fn` rather than a
+    `lax.switch` over a few bucket sizes: under `jax.grad` a switch keeps the residuals of every
+    branch (jax merges them by shape, each branch fills the others' with zeros), so its
+    memory would be the sum of all bucket sizes, and it would compile one tower per bucket.
+    The first chunk always runs, so every output row that a caller gathers at position 0 is a
+    real output of `fn` (the features of an invalid slot stay finite and non-zero).
+    """
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise ValueError(f"chunk={chunk!r}; expected a positive int")
+    n = rows.shape[0]
+    chunks = -(-n // chunk)
+    padded = jnp.pad(rows, [(0, chunks * chunk - n)] + [(0, 0)] * (rows.ndim - 1))
+    xs = padded.reshape((chunks, chunk) + rows.shape[1:])
+    out_shape = jax.eval_shape(fn, xs[0])
+    needed = jnp.maximum(count, 1)
+
+    def zero(s):  # with fn's manual axes under shard_map, so that both branches match
+        z = jnp.zeros(s.shape, s.dtype)
+        varying = getattr(getattr(s, "manual_axis_type", None), "varying", None)
+        return jax.lax.pcast(z, tuple(sorted(varying)), to="varying") if varying else z
+
+    def zeros(_):
+        return jax.tree_util.tree_map(zero, out_shape)
+
+    def body(carry, x):
+        x_j, j = x
+        return carry, jax.lax.cond(j * chunk < needed, fn, zeros, x_j)
+
+    _, ys = jax.lax.scan(body, None, (xs, jnp.arange(chunks, dtype=jnp.int32)))
+    return jax.tree_util.tree_map(
+        lambda y: y.reshape((chunks * chunk,) + y.shape[2:])[:n], ys)
+
+
+def encode_labels(encode, labels: Array, valid: Array, num_classes: int, chunk: int) -> Array:
+    """encode(class ids [n]) -> rows [n, ...], for the slot labels [M], each distinct label of
+    the valid slots encoded once and gathered: all `num_classes` classes at once when
+    num_classes <= M, else the distinct labels (`distinct_labels`) in chunks of `chunk`
+    (`chunked_rows`). An invalid slot gets a real row (masked by the caller)."""
+    if num_classes <= labels.shape[0]:
+        return encode(jnp.arange(num_classes, dtype=jnp.int32))[labels]
+    ids, count, gather = distinct_labels(labels, valid, num_classes)
+    return chunked_rows(encode, ids, count, chunk)[gather]
+
+
+def encode_valid_rows(encode, rows: Array, valid: Array, chunk: int) -> Array:
+    """encode(rows [n, ...]) -> [n, ...] on the valid rows only (`compact`, then
+    `chunked_rows`), back in row order; an invalid row gets a real output (that of the first
+    compacted row), to be masked by the caller."""
+    order, count, position = compact(valid)
+    return chunked_rows(encode, rows[order], count, chunk)[position]

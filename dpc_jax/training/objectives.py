@@ -32,9 +32,23 @@ def backbone_objective(learner, res: int, crop_scale=(0.08, 1.0)):
     return objective
 
 
-def dpc_objective(learner, dual, res: int, top_k: int, policy: str, crop_scale=(0.08, 1.0)):
+def dpc_objective(learner, dual, res: int, top_k: int, policy: str, crop_scale=(0.08, 1.0),
+                  dedupe_text: bool = True, compact_negatives: bool = True):
     """Stage 2: DHNO inside the step (DPC_PROTOCOL.md §3), on B anchors of this device. The
-    learner's state is frozen (passed through unchanged)."""
+    learner's state is frozen (passed through unchanged).
+
+    Two exact eliminations of work, the same loss and gradients up to float32 rounding
+    (`tests/test_dpc_elimination.py`; both False: bitwise the step before they existed):
+    - dedupe_text (`config.dpc.dedupe_text`): the text tower encodes each distinct label of the
+      valid slots once (all C classes once when C <= B*(K+1)) and the slots gather their rows,
+      instead of one text per slot, repeats and invalid slots included.
+    - compact_negatives (`config.dpc.compact_negatives`): only the valid negative slots go
+      through the image tower (compacted to the front, in chunks of B; invalid slots reuse a
+      real row, masked out of the loss as before).
+    """
+    for name, value in (("dedupe_text", dedupe_text), ("compact_negatives", compact_negatives)):
+        if not isinstance(value, bool):
+            raise ValueError(f"config.dpc.{name}={value!r}; expected True or False")
 
     def forward(params, state, consts, batch, key):
         """The step's loss and what DHNO decided: {'loss', 'scores' [B, C] (the scorer's
@@ -67,13 +81,29 @@ def dpc_objective(learner, dual, res: int, top_k: int, policy: str, crop_scale=(
             neg_images = augment.random_resized_crop_flip(k_neg_aug, neg_images, res, crop_scale)
         else:  # the test transform (PromptKD+DPC as released)
             neg_images = augment.center_normalize(neg_images, res)
-        neg_feats = learner.image_features(clip_params, prompt, neg_images, state)
+
+        def encode_images(images):
+            return learner.image_features(clip_params, prompt, images, state)
+
+        if compact_negatives:  # augmented above for every slot: the same random crops
+            neg_feats = dhno.encode_valid_rows(encode_images, neg_images, valid.reshape(-1), b)
+        else:
+            neg_feats = encode_images(neg_images)
         # 3. The enlarged batch [anchor_i, negatives_i] and its symmetric contrastive loss; text
         #    features only for the slot labels (the cost does not depend on the class count).
         slot_labels, slot_valid = dhno.assemble_batch(labels, negatives, valid)
         slot_images = dhno.interleave(anchor_feats, neg_feats.reshape(b, top_k, -1))
-        logits = learner.pair_logits(clip_params, prompt, slot_images, consts["class_texts"],
-                                     slot_labels, lconsts)
+        texts = consts["class_texts"]
+
+        def encode_texts(ids):
+            return learner.classifier(clip_params, prompt, texts, ids, lconsts)
+
+        if dedupe_text:
+            slot_text = dhno.encode_labels(encode_texts, slot_labels, slot_valid,
+                                           texts.num_classes, b)
+        else:
+            slot_text = encode_texts(slot_labels)
+        logits = learner.pair_logits(clip_params, prompt, slot_images, slot_text, lconsts)
         return {"loss": dhno.symmetric_infonce(logits, slot_valid), "scores": scores,
                 "negatives": negatives, "valid": valid}
 

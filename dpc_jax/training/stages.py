@@ -90,9 +90,10 @@ class Run:
                                                           tuple(cfg.crop_scale))
             else:  # P frozen, the parallel prompt trained; every leaf must be covered by a rule
                 mask = masks.trainable_mask(params, DualPrompt.trainable_rules())
-                objective = objectives.dpc_objective(self.learner, self.dual, self.res,
-                                                     cfg.dhno.top_k, cfg.dhno.policy,
-                                                     tuple(cfg.crop_scale))
+                objective = objectives.dpc_objective(
+                    self.learner, self.dual, self.res, cfg.dhno.top_k, cfg.dhno.policy,
+                    tuple(cfg.crop_scale), dedupe_text=cfg.dpc.get("dedupe_text", True),
+                    compact_negatives=cfg.dpc.get("compact_negatives", True))
             scales = None
             if stage_id == BACKBONE and self.learner.lr_multipliers():
                 scales = masks.rule_values(params, self.learner.lr_multipliers(), float)

@@ -34,8 +34,12 @@ def replicate(tree, mesh: Mesh):
     return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
-def shard_batch(x, mesh: Mesh):
-    return jax.device_put(x, NamedSharding(mesh, P("data")))
+def shard_batch(x: np.ndarray, mesh: Mesh):
+    """The global host batch `x` (the same on every process) split over 'data' along its first
+    axis; each process transfers only the rows of its own devices."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, P("data")),
+                                        lambda index: x[index])
 
 
 def make_per_device_step(objective: Objective, optimizer: optax.GradientTransformation, mask,

@@ -231,7 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                          "call export_backbone(config, workdir) and, for PromptKD's stage 2, "
                          "export_dpc(config, workdir) (the command line does)")
     if config.distributed:
-        jax.distributed.initialize()
+        initialize_distributed(config)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ValueError(f"--workdir {workdir!r} is a file; expected a directory (new or one "
                          f"a run wrote)")
@@ -242,6 +242,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                          f"file") from None
     with WorkdirLock(workdir):
         return _run_locked(config, workdir, hooks)
+
+
+def initialize_distributed(config: ml_collections.ConfigDict) -> None:
+    """`jax.distributed.initialize` (once per process) with the config's coordinator_address,
+    num_processes and process_id where they are set; JAX detects the rest (TPU pod slices,
+    SLURM, Open MPI; JAX_COORDINATOR_ADDRESS). CPU processes use gloo collectives, JAX's
+    default."""
+    if jax.distributed.is_initialized():  # a notebook's second run
+        return
+    given = {"coordinator_address": config.coordinator_address or None,
+             "num_processes": config.num_processes if config.num_processes > 0 else None,
+             "process_id": config.process_id if config.process_id >= 0 else None}
+    jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
 
 
 def _run_locked(config: ml_collections.ConfigDict, workdir: str, hooks) -> dict:

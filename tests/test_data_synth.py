@@ -1,0 +1,42 @@
+"""The world stand-in of a CoOp-layout dataset (`python -m dpc_jax.data synth`)."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dpc_jax.data import check, registry, sources, synth, world
+
+
+def test_stand_in_reads_as_the_dataset(tmp_path):
+    folder = synth.write_coop_layout("oxford_pets", str(tmp_path), train=3, val=1, test=2)
+    assert folder == str(tmp_path / "oxford_pets")
+    report = check.check_dataset("oxford_pets", str(tmp_path), shots=2, seed=1,
+                                 verify_images=True)
+    assert report["ok"], report
+    data, _ = sources.load_dataset("oxford_pets", str(tmp_path), "coop", 2, 1, "all")
+    info = registry.get("oxford_pets")
+    assert len(data.classnames) == info.num_classes == 37
+    assert data.classnames == world.load_world_full().classnames[:37]
+    assert len(data.train.labels) == 2 * 37 and len(data.test.labels) == 2 * 37
+    # Each test image is the world's test item of its class (JPEG-compressed at 32 pixels).
+    split = world.WorldSplit("test", per_class=2)
+    for i in (0, 11, 40):
+        label = int(data.test.labels[i])
+        ours = data.test.load_image(i, 32).astype(np.float32)
+        candidates = [split.load_image(label * 2 + k, 32).astype(np.float32) for k in range(2)]
+        assert min(np.abs(ours - c).mean() for c in candidates) < 6.0
+
+
+def test_bad_requests_name_what_is_expected(tmp_path):
+    with pytest.raises(ValueError, match=r"imagenet.*split_zhou.*\['dtd', 'oxford_pets'\]"):
+        synth.write_coop_layout("imagenet", str(tmp_path))
+    with pytest.raises(ValueError, match=r"food101.*101 classes; the world has 64"):
+        synth.write_coop_layout("food101", str(tmp_path))
+    with pytest.raises(ValueError, match=r"test=0; expected at least 1"):
+        synth.write_coop_layout("dtd", str(tmp_path), test=0)
+    out = subprocess.run([sys.executable, "-m", "dpc_jax.data", "synth", "--dataset", "eurosat",
+                          "--root", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.startswith("Error: dataset 'eurosat'")
+    assert "Traceback" not in out.stderr
