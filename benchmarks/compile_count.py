@@ -27,12 +27,12 @@ def _listener(event, duration, **kwargs):
         SEEN[EVENTS[event]].append(duration)
 
 
-def main(argv):
+def config_from_argv(argv, doc: str):
+    """The config of `SCRIPT CONFIG WORKDIR [field=value ...]` (progress off); also used by
+    stage_speed.py."""
     if len(argv) < 3:
-        raise SystemExit(__doc__)
+        raise SystemExit(doc)
     from ml_collections.config_flags import config_flags
-
-    from dpc_jax.training import train_lib
 
     config = config_flags.ConfigFileFlagParser("config", lock_config=False).parse(argv[1])
     changes = {"progress": False}
@@ -44,6 +44,13 @@ def main(argv):
         old = current[key.split(".")[-1]]
         changes[key] = type(old)(value) if not isinstance(old, str) else value
     config.update_from_flattened_dict(changes)
+    return config
+
+
+def main(argv):
+    from dpc_jax.training import train_lib
+
+    config = config_from_argv(argv, __doc__)
     monitoring.register_event_duration_secs_listener(_listener)
     t0 = time.time()
     train_lib.train_and_evaluate(config, argv[2])

@@ -31,22 +31,11 @@ def stage_rates(workdir: str) -> list:
 
 
 def main(argv):
-    if len(argv) < 3:
-        raise SystemExit(__doc__)
-    from ml_collections.config_flags import config_flags
+    from compile_count import config_from_argv  # this folder is on sys.path for a script
 
     from dpc_jax.training import train_lib
 
-    config = config_flags.ConfigFileFlagParser("config", lock_config=False).parse(argv[1])
-    changes = {"progress": False}
-    for item in argv[3:]:
-        key, value = item.split("=", 1)
-        current = config
-        for part in key.split(".")[:-1]:
-            current = current[part]
-        old = current[key.split(".")[-1]]
-        changes[key] = type(old)(value) if not isinstance(old, str) else value
-    config.update_from_flattened_dict(changes)
+    config = config_from_argv(argv, __doc__)
     train_lib.train_and_evaluate(config, argv[2])
     print(f"steps_per_call={config.get('steps_per_call', 1)}, jax {jax.__version__}, "
           f"{jax.devices()[0].platform}")
