@@ -106,6 +106,10 @@ def get_config(arg=None, variants=("base_to_new",)) -> ml_collections.ConfigDict
     # call): more amortise the per-call dispatch and host read of a small model; the log lines
     # of a call's steps are written when it returns.
     c.steps_per_call = 1
+    # JAX's persistent compilation cache: a rerun of the same shapes on this machine loads its
+    # compiled programs instead of compiling them (dpc_jax/training/compile_cache.py; one
+    # subfolder per machine). '' = off; a JAX_COMPILATION_CACHE_DIR already set is kept.
+    c.compilation_cache = "~/.cache/dpc_jax/xla"
     c.progress = True
     c.distributed = False  # call jax.distributed.initialize() (multi-host)
     # Its arguments where the cluster does not provide them (TPU pod slices, SLURM and Open MPI
@@ -165,6 +169,7 @@ FIELD_HELP = {
     "log_every_steps": "a log.jsonl line every this many steps",
     "checkpoint_every_steps": "a checkpoint every this many steps (and at each stage's end)",
     "steps_per_call": "training steps per device call (a loop on device; the same numbers)",
+    "compilation_cache": "persistent XLA compilation cache directory ('' = off)",
     "progress": "progress output (a bar on a terminal, a line every 30 s in a log)",
     "distributed": "call jax.distributed.initialize() (one process per host)",
     "coordinator_address": "distributed: host:port of process 0 ('' = detect)",

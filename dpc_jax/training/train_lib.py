@@ -25,7 +25,7 @@ from dpc_jax.models.clip import ATTENTIONS, CLIPConfig
 from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import dpc as dpc_lib
 from dpc_jax.prompts import get_learner
-from dpc_jax.training import checkpoints
+from dpc_jax.training import checkpoints, compile_cache
 from dpc_jax.training import stages as stages_lib
 from dpc_jax.training.checkpoints import WorkdirLock, write_json
 from dpc_jax.data.train_sets import load_unlabeled
@@ -231,7 +231,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                          "call export_backbone(config, workdir) and, for PromptKD's stage 2, "
                          "export_dpc(config, workdir) (the command line does)")
     if config.distributed:
-        initialize_distributed(config)
+        initialize_distributed(config)  # before anything touches the devices
+    compile_cache.enable(config.get("compilation_cache", ""))
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ValueError(f"--workdir {workdir!r} is a file; expected a directory (new or one "
                          f"a run wrote)")
