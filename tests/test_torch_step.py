@@ -1,16 +1,19 @@
-"""benchmarks/torch_step.py: its two PyTorch stage-2 steps compute dpc_jax's stage-2 loss.
+"""benchmarks/torch_step.py: its three PyTorch stage-2 steps compute dpc_jax's stage-2 loss.
 
 On the same tiny random weights, data and anchors, with dpc_jax's own random draws fed to the
-PyTorch steps (augmentation, fallback classes, negative images), the 'same_algorithm' step must
-choose the same negatives and give the same loss and gradient on theta as
-`objectives.dpc_objective`, and the 'released' step (compacted batch of variable size, text of
-all classes at 77 tokens, in one pass or in chunks) the same loss and gradient again. float32
-on both sides: loss to a relative 1e-5, gradient to a max relative error (max|a - b| / max|b|)
-of 5e-4 (the figures reached are printed with `pytest -s`).
+PyTorch steps (augmentation, fallback classes, negative images), the 'same_algorithm' step
+(every slot through both towers) and the 'same_eliminated' step (only the valid negatives'
+images, each distinct valid label's text once) must choose the same negatives and give the same
+loss and gradient on theta as `objectives.dpc_objective` (its default path, both eliminations
+on), and the 'released' step (compacted batch of variable size, text of all classes at 77
+tokens, in one pass or in chunks) the same loss and gradient again. float32 on both sides: loss
+to a relative 1e-5, gradient to a max relative error (max|a - b| / max|b|) of 5e-4 (the figures
+reached are printed with `pytest -s`).
 """
 
 import importlib.util
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -161,14 +164,23 @@ def test_torch_steps_compute_dpc_jax_stage2_loss_and_gradient(tmp_path):
         return JaxDraws(key, res, data, neg_idx, neg_pixels, valid)
 
     errors = {}
-    same = bench.SameAlgorithmStep(model, tokenizer, data, backbone, theta, index, K, draws())
-    t_loss, info = same.forward()
-    t_loss.backward()
-    np.testing.assert_array_equal(info["negatives"].numpy(), negatives)
-    np.testing.assert_array_equal(info["valid"].numpy(), valid)
-    np.testing.assert_allclose(float(t_loss.detach()), float(loss), rtol=LOSS_RTOL)
-    errors["same_algorithm"] = (abs(float(t_loss.detach()) / float(loss) - 1),
-                                max_rel_err(same.theta.grad.numpy(), grad))
+    slot_count = B * (K + 1)
+    distinct = len(set(released_labels.tolist()))
+    # (step class, image tower rows, text tower rows): the anchors plus every negative slot and
+    # one text per slot; the anchors plus the valid negatives and each distinct valid label.
+    for name, cls, image_rows, text_rows in (
+            ("same_algorithm", bench.SameAlgorithmStep, slot_count, slot_count),
+            ("same_eliminated", bench.SameEliminatedStep, B + int(valid.sum()), distinct)):
+        same = cls(model, tokenizer, data, backbone, theta, index, K, draws())
+        t_loss, info = same.forward()
+        t_loss.backward()
+        np.testing.assert_array_equal(info["negatives"].numpy(), negatives)
+        np.testing.assert_array_equal(info["valid"].numpy(), valid)
+        assert (info["image_rows"], info["text_rows"]) == (image_rows, text_rows), name
+        np.testing.assert_allclose(float(t_loss.detach()), float(loss), rtol=LOSS_RTOL)
+        errors[name] = (abs(float(t_loss.detach()) / float(loss) - 1),
+                        max_rel_err(same.theta.grad.numpy(), grad))
+    assert distinct < slot_count and B + valid.sum() < slot_count  # both eliminations act
 
     for chunk in (0, 3):  # one pass over all C classes; chunks of 3 (slot classes first)
         released = bench.ReleasedStep(model, tokenizer, data, backbone, theta, index, K,
@@ -204,3 +216,37 @@ def test_torch_selection_matches_dhno_reference_policy():
     assert np.asarray(valid).sum(axis=1).min() < k - 1  # the fallback acted
     np.testing.assert_array_equal(t_valid.numpy(), np.asarray(valid))
     np.testing.assert_array_equal(t_neg.numpy(), np.asarray(negatives))
+
+
+def test_same_eliminated_encodes_only_valid_rows_and_distinct_labels(monkeypatch):
+    """SameEliminatedStep's two tower hooks on stand-in towers (a row-wise map): the valid rows
+    equal the full encoding's, invalid rows are finite, only the valid negatives and each
+    distinct valid label are encoded; with no valid negative, one row is."""
+    bench = load_torch_step()
+    encoded = []
+
+    def tower(x):
+        encoded.append(x.shape[0])
+        return torch.tanh(x.flatten(1)[:, :5] * 3.0) + 2.0
+
+    fake = types.SimpleNamespace(model=types.SimpleNamespace(encode_image=tower),
+                                 texts=(torch.randn(6, 4, 5), torch.zeros(6, dtype=torch.long)))
+    monkeypatch.setattr(bench, "encode_text", lambda model, emb, eot: tower(emb.sum(1)))
+    monkeypatch.setattr(bench, "insert_context", lambda emb, ctx: emb + ctx.sum())
+    images = torch.randn(6, 3, 2, 2)
+    for valid in ([False, True, True, False, True, False], [False] * 6):
+        valid = torch.tensor(valid)
+        encoded.clear()
+        feats, rows = bench.SameEliminatedStep.negative_features(fake, images, valid)
+        assert rows == encoded[0] == max(int(valid.sum()), 1) and len(encoded) == 1
+        assert feats.shape == (6, 5) and bool(torch.isfinite(feats).all())
+        torch.testing.assert_close(feats[valid], tower(images)[valid])
+    labels = torch.tensor([3, 0, 3, 5, 1, 0])
+    valid = torch.tensor([True, False, True, True, True, False])
+    q = torch.zeros(2, 5)
+    encoded.clear()
+    feats, rows = bench.SameEliminatedStep.slot_text_features(fake, q, labels, valid)
+    full, full_rows = bench.SameAlgorithmStep.slot_text_features(fake, q, labels, valid)
+    assert (rows, full_rows, encoded) == (3, 6, [3, 6])  # classes 1, 3, 5 once; every slot
+    assert bool(torch.isfinite(feats).all())
+    torch.testing.assert_close(feats[valid], full[valid])
