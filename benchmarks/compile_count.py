@@ -29,13 +29,16 @@ def _listener(event, duration, **kwargs):
 
 def config_from_argv(argv, doc: str):
     """The config of `SCRIPT CONFIG WORKDIR [field=value ...]` (progress off); also used by
-    stage_speed.py."""
+    stage_speed.py. The persistent compilation cache is off unless a field=value sets
+    compilation_cache (a warm cache would load programs instead of compiling them)."""
     if len(argv) < 3:
         raise SystemExit(doc)
     from ml_collections.config_flags import config_flags
 
     config = config_flags.ConfigFileFlagParser("config", lock_config=False).parse(argv[1])
     changes = {"progress": False}
+    if "compilation_cache" in config:  # not in configs older than the field
+        changes["compilation_cache"] = ""
     for item in argv[3:]:
         key, value = item.split("=", 1)
         current = config

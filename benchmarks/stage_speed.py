@@ -7,7 +7,9 @@ trains the run (WORKDIR should be new: a finished stage is not retrained) and pr
 seed and trained stage, its steps, the wall seconds of its loop (the last record of its
 log.jsonl: from its first step to its last, compilation included) and steps per second. Seed 1
 compiles the stage's program; later seeds reuse it (the steps are built once per run), so
-their figure is the training alone.
+their figure is the training alone. The persistent compilation cache is off unless
+`compilation_cache=DIR` is given: run twice with the same DIR to time a rerun whose programs
+load from the cache.
 """
 
 import json

@@ -82,27 +82,33 @@ def dpc_objective(learner, dual, res: int, top_k: int, policy: str, crop_scale=(
         else:  # the test transform (PromptKD+DPC as released)
             neg_images = augment.center_normalize(neg_images, res)
 
-        def encode_images(images):
-            return learner.image_features(clip_params, prompt, images, state)
+        # The towers take the prompt as an argument: the chunked encodings differentiate it
+        # alone (dhno.chunked_rows), the CLIP weights and learner constants are constants.
+        def encode_images(prompt_, images):
+            return learner.image_features(clip_params, prompt_, images, state)
 
-        if compact_negatives:  # augmented above for every slot: the same random crops
-            neg_feats = dhno.encode_valid_rows(encode_images, neg_images, valid.reshape(-1), b)
+        if compact_negatives and learner.uses_image_prompts:  # the same crops, augmented above
+            neg_feats = dhno.encode_valid_rows(encode_images, neg_images, valid.reshape(-1), b,
+                                               diff=prompt)
+        elif compact_negatives:  # an unprompted image tower: nothing in it to differentiate
+            neg_feats = dhno.encode_valid_rows(lambda images: encode_images(prompt, images),
+                                               neg_images, valid.reshape(-1), b)
         else:
-            neg_feats = encode_images(neg_images)
+            neg_feats = encode_images(prompt, neg_images)
         # 3. The enlarged batch [anchor_i, negatives_i] and its symmetric contrastive loss; text
         #    features only for the slot labels (the cost does not depend on the class count).
         slot_labels, slot_valid = dhno.assemble_batch(labels, negatives, valid)
         slot_images = dhno.interleave(anchor_feats, neg_feats.reshape(b, top_k, -1))
         texts = consts["class_texts"]
 
-        def encode_texts(ids):
-            return learner.classifier(clip_params, prompt, texts, ids, lconsts)
+        def encode_texts(prompt_, ids):
+            return learner.classifier(clip_params, prompt_, texts, ids, lconsts)
 
         if dedupe_text:
             slot_text = dhno.encode_labels(encode_texts, slot_labels, slot_valid,
-                                           texts.num_classes, b)
+                                           texts.num_classes, b, diff=prompt)
         else:
-            slot_text = encode_texts(slot_labels)
+            slot_text = encode_texts(prompt, slot_labels)
         logits = learner.pair_logits(clip_params, prompt, slot_images, slot_text, lconsts)
         return {"loss": dhno.symmetric_infonce(logits, slot_valid), "scores": scores,
                 "negatives": negatives, "valid": valid}
