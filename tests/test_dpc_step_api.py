@@ -31,3 +31,25 @@ def test_build_step_gives_a_jitted_step_that_lowers_compiles_and_trains():
                     jax.tree_util.tree_leaves(state["params"]["backbone"])):
         np.testing.assert_array_equal(a, b)  # P frozen
     assert bench.matmul_flops_per_s(n=128, repeats=1) > 0
+
+
+def test_mapped_step_with_chunked_text_matches_the_step_without_elimination():
+    """The trainer's mapped (shard_map) step with C = 12 > B(K+1) = 9 classes, so the distinct
+    slot labels' texts run in chunks through `dhno.chunked_rows`' custom VJP: its update of P'
+    equals the step without the elimination (every slot's text, every slot's image), within
+    float32 rounding (tests/test_dpc_elimination.py's tolerance)."""
+    bench = load_benchmark()
+    updates = {}
+    for eliminate in (True, False):
+        step_fn, args = bench.build_step("tiny", num_classes=12, batch=3, top_k=2, layers=1,
+                                         dedupe_text=eliminate, compact_negatives=eliminate)
+        state, loss, _ = step_fn(*args)
+        updates[eliminate] = (float(np.asarray(loss)[0]), jax.tree_util.tree_map(
+            lambda new, old: np.asarray(new) - np.asarray(old),
+            state["params"]["parallel"], args[0]["params"]["parallel"]))
+    (loss, update), (base_loss, base_update) = updates[True], updates[False]
+    np.testing.assert_allclose(loss, base_loss, rtol=1e-6)
+    for new, old in zip(jax.tree_util.tree_leaves(update), jax.tree_util.tree_leaves(base_update)):
+        scale = float(np.max(np.abs(old)))
+        assert scale > 0  # the step moved P'
+        np.testing.assert_allclose(new, old, rtol=0, atol=1e-4 * scale)

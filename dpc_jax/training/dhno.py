@@ -20,7 +20,9 @@ float32 rounding):
   gathered for every slot that has it).
 - `compact`: the valid negative slots moved to the front, so that only they are encoded.
 - `chunked_rows`: a function applied to the first `count` rows only, in static chunks under a
-  `lax.scan` whose chunks past `count` are skipped by a `lax.cond`.
+  `lax.scan` whose chunks past `count` are skipped by a `lax.cond`; the values to differentiate
+  (the prompt) are passed to it and differentiated through a custom VJP that recomputes each
+  chunk.
 - `encode_labels` / `encode_valid_rows`: what the step calls, built from the three above.
 """
 
