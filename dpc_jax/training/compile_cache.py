@@ -25,9 +25,6 @@ from typing import Optional
 
 import jax
 
-DEFAULT = "~/.cache/dpc_jax/xla"  # config.compilation_cache's default; '' turns the cache off
-
-
 def machine_key() -> str:
     """A short name for this machine's compile target: platform and device kind, plus a hash
     of the processor model and feature flags (from /proc/cpuinfo where there is one)."""
