@@ -45,7 +45,12 @@ def config_from_argv(argv, doc: str):
         for part in key.split(".")[:-1]:
             current = current[part]
         old = current[key.split(".")[-1]]
-        changes[key] = type(old)(value) if not isinstance(old, str) else value
+        if isinstance(old, bool):
+            if value not in ("True", "False"):
+                raise SystemExit(f"{key}={value!r}: expected True or False")
+            changes[key] = value == "True"
+        else:
+            changes[key] = type(old)(value) if not isinstance(old, str) else value
     config.update_from_flattened_dict(changes)
     return config
 

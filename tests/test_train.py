@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 
 import jax
 import numpy as np
@@ -57,10 +58,31 @@ def tree_equal(a, b):
         np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
 
 
+LOWERINGS = []  # (function name, thread name) of every lowering to MLIR in this process
+FULL_RUN_LOWERED = []  # those of the full_run fixture
+
+
+def _record_lowering(event, duration, **kwargs):
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+        LOWERINGS.append((kwargs.get("fun_name"), threading.current_thread().name))
+
+
+jax.monitoring.register_event_duration_secs_listener(_record_lowering)
+
+
+def lowered_during(fn):
+    """(fn(), the (function, thread) of each lowering while it ran)."""
+    start = len(LOWERINGS)
+    out = fn()
+    return out, LOWERINGS[start:]
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
-    results = train_lib.train_and_evaluate(small_config(), workdir)
+    results, lowered = lowered_during(lambda: train_lib.train_and_evaluate(small_config(),
+                                                                           workdir))
+    FULL_RUN_LOWERED[:] = lowered
     return workdir, results
 
 
@@ -100,6 +122,36 @@ def _restore(stage_dir):
     mngr = checkpoints.checkpoint_manager(os.path.join(stage_dir, "checkpoints"))
     return mngr.restore(meta["final_step"], args=ocp.args.Composite(
         params=ocp.args.StandardRestore()))["params"]
+
+
+def test_stage2_compiled_ahead_is_the_same_run(tmp_path, full_run):
+    """config.compile_ahead (on in full_run): stage 2's stretch program is lowered (and
+    compiled) once, in the background thread, while stage 1 trains, and never again on the
+    main thread; the run is bitwise the one that compiles it on its first call."""
+    reference_dir, results = full_run
+    stretches = [thread for name, thread in FULL_RUN_LOWERED if "steps_fn" in name]
+    assert sorted(stretches) == ["MainThread", "dpc_jax-compile-ahead"]  # stage 1, stage 2
+    workdir = str(tmp_path)
+    plain, lowered = lowered_during(lambda: train_lib.train_and_evaluate(
+        small_config(compile_ahead=False), workdir))
+    assert [t for name, t in lowered if "steps_fn" in name] == ["MainThread"] * 2
+    assert plain == results
+    for stage in ("backbone", "dpc"):
+        assert tree_equal(_restore(os.path.join(workdir, "seed_1", stage)),
+                          _restore(os.path.join(reference_dir, "seed_1", stage))), stage
+        got, want = ([{k: v for k, v in r.items() if k != "seconds"}
+                      for r in read_log(os.path.join(d, "seed_1", stage, "log.jsonl"))]
+                     for d in (workdir, reference_dir))
+        assert got == want, stage
+
+
+def test_compile_ahead_must_be_a_bool(tmp_path):
+    config = small_config()
+    with config.ignore_type():  # a config file's own value (overrides are type-checked)
+        config.compile_ahead = "yes"
+    with pytest.raises(ValueError, match=re.escape(
+            "config.compile_ahead='yes'; expected True or False")):
+        train_lib.train_and_evaluate(config, str(tmp_path))
 
 
 def test_eval_mode_reproduces_results(full_run):

@@ -110,6 +110,9 @@ def get_config(arg=None, variants=("base_to_new",)) -> ml_collections.ConfigDict
     # compiled programs instead of compiling them (dpc_jax/training/compile_cache.py; one
     # subfolder per machine). '' = off; a JAX_COMPILATION_CACHE_DIR already set is kept.
     c.compilation_cache = "~/.cache/dpc_jax/xla"
+    # While stage 1 trains, compile stage 2's program in a background thread (the same program
+    # and numbers; dpc_jax/training/ahead.py).
+    c.compile_ahead = True
     c.progress = True
     c.distributed = False  # call jax.distributed.initialize() (multi-host)
     # Its arguments where the cluster does not provide them (TPU pod slices, SLURM and Open MPI
@@ -170,6 +173,7 @@ FIELD_HELP = {
     "checkpoint_every_steps": "a checkpoint every this many steps (and at each stage's end)",
     "steps_per_call": "training steps per device call (a loop on device; the same numbers)",
     "compilation_cache": "persistent XLA compilation cache directory ('' = off)",
+    "compile_ahead": "compile stage 2's program in the background while stage 1 trains",
     "progress": "progress output (a bar on a terminal, a line every 30 s in a log)",
     "distributed": "call jax.distributed.initialize() (one process per host)",
     "coordinator_address": "distributed: host:port of process 0 ('' = detect)",

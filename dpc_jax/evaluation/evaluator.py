@@ -64,6 +64,15 @@ class Evaluator:
         # A classifier is an array [C, ...] or a pytree of them (CoCoOp: the class texts).
         return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *out)
 
+    def classifier_shape(self, learner, prompt, class_texts, consts=None):
+        """`jax.ShapeDtypeStruct`s of what `classifier` returns (nothing is computed)."""
+        _, fn, _ = self._jitted(learner)
+        n = int(jax.tree_util.tree_leaves(class_texts)[0].shape[0])
+        chunk = jax.eval_shape(fn, self.clip_params, prompt, class_texts,
+                               np.arange(CLASS_CHUNK) % n, consts or {})
+        return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct((n, *s.shape[1:]),
+                                                                     s.dtype), chunk)
+
     def image_features(self, learner, split: ImageSplit, prompt, key: str, state=None):
         """(un-normalised features [N, E], valid [N]); invalid = skipped unreadable images."""
         cacheable = not learner.uses_image_prompts

@@ -94,6 +94,40 @@ def check_finite_state(device_state: dict, name: str, step: int, seed: int,
             f"learning rate or check the data, then rerun to resume from that checkpoint")
 
 
+def stage_key(seed: int, stage_id: int):
+    """The stage's base key (step s of the stage takes `fold_in` of it with s)."""
+    return jax.random.fold_in(jax.random.key(seed), stage_id)
+
+
+def stretch_capacity(config, stream) -> int:
+    """Steps per device call: `config.steps_per_call`, one for a set streamed from the host."""
+    return 1 if stream is not None else config.steps_per_call
+
+
+def device_train_state(train_state: dict, mesh: Mesh):
+    """The train state {'params', 'opt_state', 'state'} as the stretch function takes it."""
+    return replicate({k: train_state[k] for k in ("params", "opt_state", "state")}, mesh)
+
+
+def stretch_batch(index: np.ndarray, mesh: Mesh, images=None) -> dict:
+    """One call's batch: the index columns [global batch, capacity] (and streamed images)."""
+    batch = {"index": shard_batch(index, mesh)}
+    if images is not None:
+        batch["images"] = shard_batch(images, mesh)
+    return batch
+
+
+def first_call_args(train_state: dict, consts, mesh: Mesh, global_batch: int, seed: int,
+                    stage_id: int, config) -> tuple:
+    """Arguments of the kind `train_loop` passes its `steps_fn` (the same avals and
+    shardings; placeholder batch and step values), for compiling the stage's program ahead of
+    its loop (`ahead.AheadProgram`); sets streamed from the host are not covered."""
+    capacity = stretch_capacity(config, None)
+    return (device_train_state(train_state, mesh), consts,
+            stretch_batch(np.zeros((global_batch, capacity), np.int32), mesh),
+            stage_key(seed, stage_id), np.int32(0), np.int32(1))
+
+
 def stretch_end(step: int, total: int, capacity: int, epoch_steps: int, checkpoint_every: int,
                 at_epoch_ends: bool) -> int:
     """Where the call of the stretch that starts at `step` ends (exclusive): after at most
@@ -144,11 +178,12 @@ def train_loop(*, name: str, stage: checkpoints.StageDir, steps_fn: Callable,
     if start >= total:
         stage.finish({"final_step": total, "steps_per_epoch": epoch_steps})
         return {"params": params, "opt_state": opt_state, "state": lstate}, extra
-    device_state = replicate({"params": params, "opt_state": opt_state, "state": lstate}, mesh)
-    key = jax.random.fold_in(jax.random.key(seed), stage.stage_id)
+    device_state = device_train_state({"params": params, "opt_state": opt_state,
+                                       "state": lstate}, mesh)
+    key = stage_key(seed, stage.stage_id)
     log = MetricLog(stage.path, resume_step=start)
     bar = progress_bar(total=total, initial=start, desc=name, enabled=config.progress)
-    capacity = 1 if stream is not None else config.steps_per_call
+    capacity = stretch_capacity(config, stream)
     at_epoch_ends = learner is not None or epoch_hook is not None
     order, order_epoch = None, -1
     t0 = time.time()
@@ -168,9 +203,8 @@ def train_loop(*, name: str, stage: checkpoints.StageDir, steps_fn: Callable,
                         images = stream.batches(
                             order[i * global_batch:epoch_steps * global_batch], global_batch)
                 index[:, j] = order[i * global_batch:(i + 1) * global_batch]
-            batch = {"index": shard_batch(index, mesh)}
-            if stream is not None:
-                batch["images"] = shard_batch(next(images)[:, None], mesh)
+            batch = stretch_batch(index, mesh,
+                                  None if stream is None else next(images)[:, None])
             device_state, losses, aux = steps_fn(device_state, consts, batch, key,
                                                  np.int32(step), np.int32(end - step))
             losses = np.asarray(losses)[:end - step]

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from dpc_jax.data.base import BaseToNewData
@@ -26,8 +26,10 @@ from dpc_jax.evaluation.results import scores
 from dpc_jax.models.clip import CLIPConfig
 from dpc_jax.prompts import DualPrompt, PromptLearner, ZeroShotCLIP, build_learner, get_learner
 from dpc_jax.training import masks, objectives, optim
-from dpc_jax.training.checkpoints import StageDir, host
-from dpc_jax.training.loop import SELECTION, check_batch_fits, steps_per_epoch, train_loop
+from dpc_jax.training.ahead import AheadProgram
+from dpc_jax.training.checkpoints import StageDir, host, read_stage_meta
+from dpc_jax.training.loop import (SELECTION, check_batch_fits, first_call_args,
+                                   steps_per_epoch, train_loop)
 from dpc_jax.training.step import make_per_device_step, map_step, map_steps, replicate
 
 BACKBONE, DPC = 1, 2  # stage ids (they seed the epoch order and the step keys)
@@ -76,7 +78,8 @@ class Run:
 
     def step(self, stage_id: int, params, n: int, batch_size: int, batch_field: str):
         """(steps_fn, optimizer, schedule, mask, epoch_steps) of a stage, built once per shape
-        (`steps_fn`: the stretch of steps `loop.train_loop` calls, `step.map_steps`)."""
+        (`steps_fn`: the stretch of steps `loop.train_loop` calls, `step.map_steps`, as an
+        `ahead.AheadProgram`, which `SeedRun.compile_dpc_ahead` may compile early)."""
         cfg = self.config
         check_batch_fits(batch_field, batch_size, self.mesh.size, n, cfg.dataset, cfg.shots)
         epoch_steps = steps_per_epoch(n, batch_size, self.mesh.size)
@@ -101,7 +104,8 @@ class Run:
                                              epoch_steps, mask, scales)
             step_fn = map_step(make_per_device_step(objective, optimizer, mask), self.mesh,
                                donate=False)  # its caller, the stretch, donates the state
-            self._steps[key] = (map_steps(step_fn), optimizer, schedule, mask, epoch_steps)
+            self._steps[key] = (AheadProgram(map_steps(step_fn)), optimizer, schedule, mask,
+                                epoch_steps)
         return self._steps[key]
 
 
@@ -158,6 +162,9 @@ class SeedRun:
     base: BaseToNewData
     new: BaseToNewData
     train_mode: bool = True  # False: stages restore what they need (config.mode 'eval')
+    # Compile stage 2's program in the background while stage 1 trains (`compile_dpc_ahead`);
+    # set by the trainer when this seed trains both and config.compile_ahead is on.
+    compile_ahead: bool = False
     # Protocols other than base_to_new: `base` is the training source (all its classes), `new`
     # is None and these are the test sets (`dpc_jax.evaluation.protocols`).
     eval_sets: Optional[list] = None
@@ -337,22 +344,52 @@ class SeedRun:
 
         return hook
 
-    def train(self, stage_id: int, params, lstate, extra, batch_size: int, batch_field: str,
-              epochs: int, name: str, learner=None, more_consts: Optional[dict] = None,
-              epoch_hook: Optional[Callable] = None):
+    def stage_inputs(self, stage_id: int, params, lstate, batch_size: int, batch_field: str,
+                     more_consts: Optional[dict] = None) -> dict:
+        """What a stage's loop starts from: its program, schedule, epoch steps, train state
+        {'params', 'opt_state', 'state'} (host trees), constants and training set."""
         ts = self.stage_set(stage_id)
         steps_fn, optimizer, schedule, _, epoch_steps = self.run.step(
             stage_id, params, ts.size, batch_size, batch_field)
-        train_state = {"params": params, "opt_state": host(optimizer.init(params)),
-                       "state": lstate}
-        return train_loop(name=name, stage=self.stage_dir(stage_id), steps_fn=steps_fn,
-                          schedule=schedule, train_state=train_state, extra=extra,
-                          consts={**self.train_consts(stage_id), **(more_consts or {})},
-                          n=ts.size,
+        return {"steps_fn": steps_fn, "schedule": schedule, "epoch_steps": epoch_steps,
+                "train_state": {"params": params, "opt_state": host(optimizer.init(params)),
+                                "state": lstate},
+                "consts": {**self.train_consts(stage_id), **(more_consts or {})}, "set": ts}
+
+    def train(self, stage_id: int, params, lstate, extra, batch_size: int, batch_field: str,
+              epochs: int, name: str, learner=None, more_consts: Optional[dict] = None,
+              epoch_hook: Optional[Callable] = None):
+        inputs = self.stage_inputs(stage_id, params, lstate, batch_size, batch_field,
+                                   more_consts)
+        ts = inputs["set"]
+        return train_loop(name=name, stage=self.stage_dir(stage_id),
+                          steps_fn=inputs["steps_fn"], schedule=inputs["schedule"],
+                          train_state=inputs["train_state"], extra=extra,
+                          consts=inputs["consts"], n=ts.size,
                           global_batch=batch_size * self.run.mesh.size, stream=ts.stream,
-                          epoch_steps=epoch_steps, epochs=epochs, seed=self.seed,
+                          epoch_steps=inputs["epoch_steps"], epochs=epochs, seed=self.seed,
                           mesh=self.run.mesh, config=self.run.config, learner=learner,
                           hooks=self.run.hooks, epoch_hook=epoch_hook)
+
+    def compile_dpc_ahead(self, stage1_params, lstate, extra) -> None:
+        """Start compiling stage 2's program in the background (`ahead.AheadProgram`), from
+        stand-in arguments of its first call built from stage 1's initial parameters: the same
+        shapes as the trained ones (the scorer's classifier only as shapes). Seeds after the
+        first share the compiled program; a finished or imported stage 2 needs none."""
+        cfg = self.run.config
+        if (cfg.dpc.get("init_from", "") or self.stage_set(DPC).stream is not None
+                or read_stage_meta(self.stage_dir(DPC).path) is not None):
+            return
+        learner = self.run.learner
+        backbone = host(learner.dpc_backbone(host(learner.final_prompt(stage1_params, extra)),
+                                             self.consts))
+        inputs = self.stage_inputs(DPC, dpc_init(self, backbone), host(lstate), cfg.batch_size,
+                                   "batch_size", {"scorer": dpc_scorer(self, backbone, True)})
+        if inputs["steps_fn"].started:
+            return
+        args = first_call_args(inputs["train_state"], inputs["consts"], self.run.mesh,
+                               cfg.batch_size * self.run.mesh.size, self.seed, DPC, cfg)
+        inputs["steps_fn"].start(args)
 
 
 def run_zeroshot(sr: SeedRun, train: bool) -> dict:
@@ -386,6 +423,8 @@ def backbone_prompt(sr: SeedRun, train: bool):
                                               "aux": {"state": init_state, "extra": extra}})
         return _selected(sr, learner, final["params"], final["aux"]["state"],
                          final["aux"]["extra"])
+    if sr.compile_ahead:
+        sr.compile_dpc_ahead(init, init_state, extra)
     out, extra = sr.train(BACKBONE, init, init_state, extra, cfg.backbone.batch_size,
                           "backbone.batch_size", cfg.backbone.epochs,
                           f"seed {sr.seed} backbone ({cfg.backbone.name})", learner=learner,
@@ -465,26 +504,42 @@ def dpc_model(sr: SeedRun, train: bool):
     both states are stage 1's (frozen in stage 2)."""
     cfg, run, learner = sr.run.config, sr.run, sr.run.learner
     backbone, lstate = backbone_prompt(sr, train=False)
-    backbone = learner.dpc_backbone(host(backbone), sr.consts)
-    backbone, lstate = host(backbone), host(lstate)
+    backbone, lstate = host(learner.dpc_backbone(host(backbone), sr.consts)), host(lstate)
     if cfg.dpc.get("init_from", ""):
         check_dpc_import(cfg, learner)
         parallel, state = learner.load_torch_dpc(cfg.dpc.init_from)
         return ({"backbone": backbone, "parallel": parallel},
                 lstate if state is None else state, lstate)
-    init = learner.dpc_init(run.dual.init(backbone), cfg.dpc,
-                            jax.random.fold_in(jax.random.key(sr.seed), 202))
+    init = dpc_init(sr, backbone)
     if train:
-        rep_backbone = replicate(learner.scorer_prompt(backbone, cfg.dpc, sr.consts),
-                                 run.mesh)
-        scorer = run.evaluator.classifier(learner, rep_backbone, sr.base_texts, sr.consts)
         out, _ = sr.train(DPC, init, lstate, {}, cfg.batch_size, "batch_size", cfg.dpc.epochs,
                           f"seed {sr.seed} dpc ({cfg.dpc.mode}, {cfg.dhno.policy})",
-                          more_consts={"scorer": replicate(scorer, run.mesh)})
+                          more_consts={"scorer": dpc_scorer(sr, backbone)})
         params = out["params"]
     else:
         params = sr.stage_dir(DPC).final({"params": init, "aux": {}})["params"]
     return params, lstate, lstate
+
+
+def dpc_init(sr: SeedRun, backbone):
+    """Stage 2's initial parameters {'backbone', 'parallel'} from P (after the learner's
+    `dpc_backbone`): `DualPrompt.init`, then the learner's `dpc_init`."""
+    return sr.run.learner.dpc_init(sr.run.dual.init(backbone), sr.run.config.dpc,
+                                   jax.random.fold_in(jax.random.key(sr.seed), 202))
+
+
+def dpc_scorer(sr: SeedRun, backbone, shape: bool = False):
+    """The frozen stage-1 classifier over the base classes that DHNO ranks with, replicated;
+    with `shape`, only its `jax.ShapeDtypeStruct`s (for a program compiled ahead)."""
+    run, learner = sr.run, sr.run.learner
+    prompt = replicate(learner.scorer_prompt(backbone, run.config.dpc, sr.consts), run.mesh)
+    if not shape:
+        return replicate(run.evaluator.classifier(learner, prompt, sr.base_texts, sr.consts),
+                         run.mesh)
+    replicated = NamedSharding(run.mesh, PartitionSpec())
+    return jax.tree_util.tree_map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+        run.evaluator.classifier_shape(learner, prompt, sr.base_texts, sr.consts))
 
 
 def run_dpc(sr: SeedRun, train: bool = True) -> dict:

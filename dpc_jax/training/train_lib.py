@@ -104,6 +104,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         value = _field(config, field)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"config.{field}={value!r}; expected a positive integer")
+    if not isinstance(config.get("compile_ahead", True), bool):
+        raise ValueError(f"config.compile_ahead={config.compile_ahead!r}; expected True or "
+                         f"False")
     scale = tuple(config.crop_scale)
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise ValueError(f"config.crop_scale={scale}; expected (min, max) with "
@@ -269,6 +272,8 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str, hooks) -> dict:
     for seed in seeds:
         sr = stages_lib.SeedRun.create(run, seed, workdir, train_mode=train)
         preflight(sr, stages, train)
+        sr.compile_ahead = (train and {"backbone", "dpc"} <= set(stages)
+                            and config.get("compile_ahead", True))
         for stage in stages:
             result = stages_lib.STAGE_RUNNERS[stage](sr, train)
             per_seed[stage][seed] = result
