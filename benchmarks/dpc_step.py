@@ -156,10 +156,12 @@ def step_flops(step_fn, args) -> float:
 def executed_flops(built, flops: float, valid_negatives: int) -> float:
     """The FLOPs a step of `build` ran, from XLA's count `flops` (`step_flops`) and the step's
     valid negatives. XLA counts each `dhno.chunked_rows` loop body once: add the chunks that
-    ran beyond it, at XLA's count of one chunk (B negative images through the image tower, B
-    texts through the text tower and back). The text chunks that ran: the distinct labels of
-    the valid slots (the anchors' distinct labels plus the valid negatives, which repeat
-    neither) in chunks of B, when the classes outnumber the slots."""
+    ran beyond it, at XLA's count of one chunk: B negative images through the image tower;
+    B texts through the text tower forward, then forward again and back (the text chunks'
+    custom VJP, `dhno.chunked_rows` with `diff`, recomputes each chunk's forward pass in its
+    backward scan). The text chunks that ran: the distinct labels of the valid slots (the
+    anchors' distinct labels plus the valid negatives, which repeat neither) in chunks of B,
+    when the classes outnumber the slots."""
     b, k = built.batch, built.top_k
     extra = 0.0
     if built.compact_negatives:
@@ -172,8 +174,13 @@ def executed_flops(built, flops: float, valid_negatives: int) -> float:
         labels = built.args[1]["train"]["labels"][built.args[2]["index"]]
         distinct = len(set(np.asarray(labels).tolist())) + valid_negatives
         ids = jnp.arange(b)
-        chunk = step_flops(jax.jit(jax.grad(lambda p, c, t: jnp.sum(built.learner.classifier(
-            c, p, t, ids)))), (built.prompt, built.clip_params, built.class_texts))
+
+        def text(p, c, t):
+            return jnp.sum(built.learner.classifier(c, p, t, ids))
+
+        text_args = (built.prompt, built.clip_params, built.class_texts)
+        chunk = (step_flops(jax.jit(text), text_args)
+                 + step_flops(jax.jit(jax.grad(text)), text_args))
         extra += (max(-(-distinct // b), 1) - 1) * chunk
     return flops + extra
 

@@ -570,11 +570,12 @@ def _read_image(root, path):
 # -------------------------------------------------------------------------------- harness
 
 def build_all(arch, num_classes, batch, top_k, layers=None, seed=0, shots=2, root=None,
-              text_chunk=100, model_py=None):
+              text_chunk=100, model_py=None, same_steps=("same_algorithm", "same_eliminated")):
     """dpc_jax's step (`dpc_step.build_step`) and the PyTorch steps over its weights, data and
     anchors: {'dpc_jax': (step_fn, args), 'config': the CLIP config, 'same_algorithm':
     SameAlgorithmStep, 'same_eliminated': SameEliminatedStep, and, when `root` (a directory for
-    the few-shot set's PNG files and negative JSON) is given, 'released': ReleasedStep}. Each
+    the few-shot set's PNG files and negative JSON) is given, 'released': ReleasedStep}; of the
+    two same_* steps, those named in `same_steps` (each computes its scorer at setup). Each
     PyTorch step has its own theta, optimizer and `TorchDraws(seed + 3)` (the same seed for
     all: the two same_* steps draw the same numbers in the same order)."""
     bench = load_dpc_step()
@@ -593,6 +594,8 @@ def build_all(arch, num_classes, batch, top_k, layers=None, seed=0, shots=2, roo
     out = {"dpc_jax": (step_fn, args), "config": cfg}
     for name, cls in (("same_algorithm", SameAlgorithmStep),
                       ("same_eliminated", SameEliminatedStep)):
+        if name not in same_steps:
+            continue
         out[name] = cls(model, tokenizer, data, p, theta, index, top_k, TorchDraws(seed + 3, res))
     if root is not None:
         out["released"] = ReleasedStep(model, tokenizer, data, p, theta, index, top_k,
@@ -686,7 +689,8 @@ def main():
             # The PNG files and JSON on disk only for the released step.
             steps = build_all(args.arch, c, args.batch, args.top_k, args.layers, shots=args.shots,
                               root=root if "released" in steps_run else None,
-                              text_chunk=args.text_chunk, model_py=model_py)
+                              text_chunk=args.text_chunk, model_py=model_py,
+                              same_steps=[n for n in steps_run if n.startswith("same_")])
             step_fn, jargs = steps["dpc_jax"]
             t = {"dpc_jax": _median_time(lambda: jax.block_until_ready(step_fn(*jargs)),
                                          args.repeats)[0]}
