@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from dpc_jax.training import checkpoints, train_lib
+from dpc_jax.training import stages as stages_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DPC_COOP = os.path.join(REPO, "configs", "dpc_coop.py")
@@ -143,6 +144,29 @@ def test_stage2_compiled_ahead_is_the_same_run(tmp_path, full_run):
                       for r in read_log(os.path.join(d, "seed_1", stage, "log.jsonl"))]
                      for d in (workdir, reference_dir))
         assert got == want, stage
+
+
+def test_a_stand_in_that_fails_skips_compile_ahead_and_the_run_goes_on(tmp_path, full_run,
+                                                                       monkeypatch, capsys):
+    """A stand-in whose scorer shapes cannot be built: one line says so, stage 2 compiles on
+    the main thread as without compile_ahead, and the numbers are the same."""
+    calls = []
+
+    def shape_fails(sr, backbone, shape=False):
+        if shape:
+            calls.append(sr.seed)
+            raise RuntimeError("no stand-in")
+        return real(sr, backbone)
+
+    real = stages_lib.dpc_scorer
+    monkeypatch.setattr(stages_lib, "dpc_scorer", shape_fails)
+    results, lowered = lowered_during(lambda: train_lib.train_and_evaluate(
+        small_config(), str(tmp_path)))
+    assert calls == [1]
+    assert ("seed 1: config.compile_ahead skipped (RuntimeError: no stand-in); stage 2 "
+            "compiles on its first call") in capsys.readouterr().out
+    assert [t for name, t in lowered if "steps_fn" in name] == ["MainThread"] * 2
+    assert results == full_run[1]
 
 
 def test_compile_ahead_must_be_a_bool(tmp_path):

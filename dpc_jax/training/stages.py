@@ -381,14 +381,20 @@ class SeedRun:
                 or read_stage_meta(self.stage_dir(DPC).path) is not None):
             return
         learner = self.run.learner
-        backbone = host(learner.dpc_backbone(host(learner.final_prompt(stage1_params, extra)),
-                                             self.consts))
-        inputs = self.stage_inputs(DPC, dpc_init(self, backbone), host(lstate), cfg.batch_size,
-                                   "batch_size", {"scorer": dpc_scorer(self, backbone, True)})
-        if inputs["steps_fn"].started:
+        try:  # a speedup only: a stand-in that cannot be built must not stop the run
+            backbone = host(learner.dpc_backbone(
+                host(learner.final_prompt(stage1_params, extra)), self.consts))
+            inputs = self.stage_inputs(DPC, dpc_init(self, backbone), host(lstate),
+                                       cfg.batch_size, "batch_size",
+                                       {"scorer": dpc_scorer(self, backbone, True)})
+            if inputs["steps_fn"].started:
+                return
+            args = first_call_args(inputs["train_state"], inputs["consts"], self.run.mesh,
+                                   cfg.batch_size * self.run.mesh.size, self.seed, DPC, cfg)
+        except Exception as e:
+            tqdm.write(f"seed {self.seed}: config.compile_ahead skipped ({type(e).__name__}: "
+                       f"{e}); stage 2 compiles on its first call")
             return
-        args = first_call_args(inputs["train_state"], inputs["consts"], self.run.mesh,
-                               cfg.batch_size * self.run.mesh.size, self.seed, DPC, cfg)
         inputs["steps_fn"].start(args)
 
 
