@@ -508,7 +508,7 @@ def dpc_model(sr: SeedRun, train: bool):
     released stage-2 checkpoint (`config.dpc.init_from`: evaluated, never trained; its own
     state, e.g. PromptKD's stage-2 BatchNorm statistics, serves the base classes). Otherwise
     both states are stage 1's (frozen in stage 2)."""
-    cfg, run, learner = sr.run.config, sr.run, sr.run.learner
+    cfg, learner = sr.run.config, sr.run.learner
     backbone, lstate = backbone_prompt(sr, train=False)
     backbone, lstate = host(learner.dpc_backbone(host(backbone), sr.consts)), host(lstate)
     if cfg.dpc.get("init_from", ""):
