@@ -380,22 +380,22 @@ class SeedRun:
         if (cfg.dpc.get("init_from", "") or self.stage_set(DPC).stream is not None
                 or read_stage_meta(self.stage_dir(DPC).path) is not None):
             return
-        learner = self.run.learner
         try:  # a speedup only: a stand-in that cannot be built must not stop the run
-            backbone = host(learner.dpc_backbone(
-                host(learner.final_prompt(stage1_params, extra)), self.consts))
-            inputs = self.stage_inputs(DPC, dpc_init(self, backbone), host(lstate),
-                                       cfg.batch_size, "batch_size",
-                                       {"scorer": dpc_scorer(self, backbone, True)})
-            if inputs["steps_fn"].started:
+            backbone = dpc_backbone(self, self.run.learner.final_prompt(stage1_params, extra))
+            init = dpc_init(self, backbone)
+            steps_fn = self.run.step(DPC, init, self.stage_set(DPC).size, cfg.batch_size,
+                                     "batch_size")[0]
+            if steps_fn.started:  # a seed before this one compiled it
                 return
+            inputs = self.stage_inputs(DPC, init, host(lstate), cfg.batch_size, "batch_size",
+                                       {"scorer": dpc_scorer(self, backbone, True)})
             args = first_call_args(inputs["train_state"], inputs["consts"], self.run.mesh,
                                    cfg.batch_size * self.run.mesh.size, self.seed, DPC, cfg)
         except Exception as e:
             tqdm.write(f"seed {self.seed}: config.compile_ahead skipped ({type(e).__name__}: "
                        f"{e}); stage 2 compiles on its first call")
             return
-        inputs["steps_fn"].start(args)
+        steps_fn.start(args)
 
 
 def run_zeroshot(sr: SeedRun, train: bool) -> dict:
@@ -510,7 +510,7 @@ def dpc_model(sr: SeedRun, train: bool):
     both states are stage 1's (frozen in stage 2)."""
     cfg, learner = sr.run.config, sr.run.learner
     backbone, lstate = backbone_prompt(sr, train=False)
-    backbone, lstate = host(learner.dpc_backbone(host(backbone), sr.consts)), host(lstate)
+    backbone, lstate = dpc_backbone(sr, backbone), host(lstate)
     if cfg.dpc.get("init_from", ""):
         check_dpc_import(cfg, learner)
         parallel, state = learner.load_torch_dpc(cfg.dpc.init_from)
@@ -525,6 +525,11 @@ def dpc_model(sr: SeedRun, train: bool):
     else:
         params = sr.stage_dir(DPC).final({"params": init, "aux": {}})["params"]
     return params, lstate, lstate
+
+
+def dpc_backbone(sr: SeedRun, prompt):
+    """Stage 1's prompt P as stage 2 holds it (the learner's `dpc_backbone`), a host tree."""
+    return host(sr.run.learner.dpc_backbone(host(prompt), sr.consts))
 
 
 def dpc_init(sr: SeedRun, backbone):
