@@ -22,6 +22,7 @@ import time
 import jax
 import numpy as np
 
+from dpc_jax.prompts import capabilities
 from dpc_jax.training import checkpoints, objectives, stages, train_lib
 from dpc_jax.training.step import make_per_device_step, map_step, replicate, shard_batch
 
@@ -35,11 +36,12 @@ def build(seed: int = 1):
     learner, clip_params = run.learner, run.clip_params
     prompt = checkpoints.host(learner.init(jax.random.key(seed), clip_params,
                                            sr.base.num_classes))
-    lstate = checkpoints.host(learner.init_state(clip_params))
-    backbone = checkpoints.host(learner.dpc_backbone(prompt, sr.consts))
-    params = learner.dpc_init(run.dual.init(backbone), cfg.dpc, jax.random.key(seed + 1))
+    lstate = checkpoints.host(capabilities.init_state(learner, clip_params))
+    dual = capabilities.dual(learner)
+    backbone = checkpoints.host(dual.dpc_backbone(prompt, sr.consts))
+    params = dual.dpc_init(run.dual.init(backbone), cfg.dpc, jax.random.key(seed + 1))
     scorer = run.evaluator.classifier(
-        learner, replicate(learner.scorer_prompt(backbone, cfg.dpc, sr.consts), run.mesh),
+        learner, replicate(dual.scorer_prompt(backbone, cfg.dpc, sr.consts), run.mesh),
         sr.base_texts, sr.consts)
     n = sr.stage_set(stages.DPC).size
     steps_fn, optimizer, _, mask, _ = run.step(stages.DPC, params, n, cfg.batch_size,

@@ -21,7 +21,7 @@ import ml_collections
 
 from dpc_jax.configs import common
 from dpc_jax.evaluation import protocols
-from dpc_jax.prompts.dept import INNER, DePT
+from dpc_jax.prompts.dept import DePT, inner_learners
 
 _NOT_INNER = ("epochs", "lr", "batch_size", "init_from")
 
@@ -40,8 +40,9 @@ def _backbone_config(name, arg):
 def get_config(arg=None):
     args = common.parse_arguments(arg)
     name = args.pop("backbone", "coop")
-    if name not in INNER:
-        raise ValueError(f"config argument backbone={name!r}; DePT wraps one of {list(INNER)}")
+    if name not in inner_learners():
+        raise ValueError(f"config argument backbone={name!r}; DePT wraps one of "
+                         f"{inner_learners()}")
     c = _backbone_config(name, ",".join(f"{k}={v}" for k, v in args.items()))
     c.stages = "zeroshot,backbone"
     inner = c.backbone

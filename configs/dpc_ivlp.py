@@ -1,7 +1,7 @@
 """IVLP backbone + DPC (BACKBONES.md §2, §8).
 
 Default: the embedded offline world and its shipped CLIP (minutes on a CPU). Its towers have 2
-text and 3 image blocks, so the prompt depths there are 2/3 (`common.METHOD_SETTINGS`).
+text and 3 image blocks, so the prompt depths there are 2/3 (the learner's `info.world`).
 `--config configs/dpc_ivlp.py:dataset=oxford_pets,root=/data` switches to a real dataset with
 the published stage-1 settings (PromptSRC repo's IVLP, the config DPC's script names: 4+4
 tokens, depth 9/9, B 4, LR 0.0025, 20 epochs) and DPC's stage 2 at the released CoOp/vit_b16_ep20

@@ -1,7 +1,7 @@
 """MaPLe backbone + DPC (BACKBONES.md §3, §8).
 
 Default: the embedded offline world and its shipped CLIP (minutes on a CPU). Its text tower has
-2 blocks, so the coupling depth there is J = 2 (`common.METHOD_SETTINGS`).
+2 blocks, so the coupling depth there is J = 2 (the learner's `info.world`).
 `--config configs/dpc_maple.py:dataset=oxford_pets,root=/data` switches to a real dataset with
 MaPLe's published settings (J 9, 2 context tokens from "a photo of a", B 4, LR 0.0035, 5 epochs)
 and DPC's stage 2 at the values BACKBONES.md §8 gives for backbones without a released DPC config

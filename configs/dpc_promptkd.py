@@ -3,7 +3,7 @@
 Default: the embedded offline world. The student is the shipped world CLIP; the teacher is
 the larger shipped `world_teacher` CLIP with a PromptSRC prompt that the run trains per seed
 (W/seed_N/teacher/, the 'teacher' stage reports its accuracy). Depths, epochs and LRs there:
-`common.METHOD_SETTINGS`.
+the learner's `info.world`.
 
 On a real dataset (`--config configs/dpc_promptkd.py:dataset=oxford_pets,root=/data`):
 - teacher: PromptSRC on ViT-L/14 (4+4 tokens, depth 9/9), read from the released teacher

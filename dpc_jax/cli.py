@@ -123,7 +123,7 @@ def print_config_help(argv: List[str], name: str = "config") -> None:
     loadable, else configs/dpc_coop.py) with its default and meaning."""
     import __main__
 
-    from dpc_jax.configs.base_to_new import FIELD_HELP
+    from dpc_jax.configs.base_to_new import field_help
     from dpc_jax.training.train_lib import load_config
 
     print((__main__.__doc__ or "").strip() + "\n")
@@ -139,10 +139,10 @@ def print_config_help(argv: List[str], name: str = "config") -> None:
     print(f"flags: --{name} FILE[:key=val,...]  --workdir DIR  --{name}.FIELD=VALUE\n")
     print(f"config fields (defaults of {shown}):")
     flat = _flatten(config.to_dict())
+    helps = field_help(config)
     width = min(36, max(len(k) for k in flat) + 2 + len(name) + 3)
     for key, value in flat.items():
-        text = FIELD_HELP.get(key, "learner field (see its module)" if key.startswith(
-            "backbone.") else "")
+        text = helps.get(key, "")
         left = f"  --{name}.{key}={value!r}"
         print(f"{left:<{width + 12}} {text}" if text else left)
 

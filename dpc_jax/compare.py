@@ -20,11 +20,13 @@ from typing import Dict, List, Sequence
 
 from dpc_jax.benchmark import has_seeds, run_or_reuse  # noqa: F401 (the shared reuse rule)
 from dpc_jax.evaluation.report import bar_chart as _bar_chart, row as _row
+from dpc_jax.prompts import capabilities, display_name, get_learner, learner_names
 
 REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "configs")
-BACKBONES = ("coop", "ivlp", "maple", "promptsrc")
-LABELS = {"coop": "CoOp", "ivlp": "IVLP", "maple": "MaPLe", "promptsrc": "PromptSRC"}
+# The learners both methods plug into: DePT wraps them and DPC's stage 2 runs on them.
+BACKBONES = tuple(n for n in learner_names() if get_learner(n).info.dept_inner
+                  and not capabilities.dpc_unsupported(get_learner(n)))
 METHODS = ("backbone", "+DePT", "+DPC")
 
 
@@ -57,8 +59,8 @@ def markdown(table: dict) -> str:
     for b, rows in table.items():
         for m in METHODS:
             r = rows[m]
-            name = LABELS[b] if m == "backbone" else f"{LABELS[b]}{m}"
-            lines.append(f"| {LABELS[b]} | {name} | {r['base']:.2f} ± {r['base_std']:.2f} | "
+            name = display_name(b) if m == "backbone" else f"{display_name(b)}{m}"
+            lines.append(f"| {display_name(b)} | {name} | {r['base']:.2f} ± {r['base_std']:.2f} | "
                          f"{r['new']:.2f} ± {r['new_std']:.2f} | {r['hm']:.2f} ± "
                          f"{r['hm_std']:.2f} |")
     return "\n".join(lines) + "\n"

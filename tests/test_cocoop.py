@@ -12,7 +12,7 @@ import pytest
 
 from dpc_jax import tree as tree_lib
 from dpc_jax.models.tokenizer import Tokenizer
-from dpc_jax.prompts import CoCoOp
+from dpc_jax.prompts import CoCoOp, capabilities
 from dpc_jax.training import train_lib
 
 NAMES = ["red circle", "blue star", "pink ring"]
@@ -35,7 +35,7 @@ def test_shapes_and_init(tiny_config, tiny_params, tok):
         "ctx": (4, 48), "meta_net/linear1/kernel": (32, 2), "meta_net/linear1/bias": (2,),
         "meta_net/linear2/kernel": (2, 48), "meta_net/linear2/bias": (48,)}
     assert learner.text_needs_image and not learner.uses_image_prompts
-    assert learner.dpc_unsupported
+    assert capabilities.dpc_unsupported(learner)
 
 
 def test_per_image_texts_match_a_torch_transcription(tmp_path):

@@ -61,7 +61,7 @@ def test_every_config_file_builds_and_shape_checks(path):
 
     from dpc_jax.models.clip import CLIPConfig, abstract_params
     from dpc_jax.models.tokenizer import Tokenizer
-    from dpc_jax.prompts import DualPrompt, build_learner
+    from dpc_jax.prompts import DualPrompt, LearnerContext, build_learner, capabilities
     from dpc_jax.training import objectives
 
     c = train_lib.load_config(path)
@@ -82,15 +82,16 @@ def test_every_config_file_builds_and_shape_checks(path):
     names = ["red circle", "blue star", "pink ring", "green cross"]
     prompt = jax.eval_shape(lambda cp: learner.init(jax.random.key(0), cp, len(names)), clip)
     texts = jax.eval_shape(lambda cp: learner.prepare(cp, names), clip)
-    state = jax.eval_shape(learner.init_state, clip)
+    state = jax.eval_shape(lambda cp: capabilities.init_state(learner, cp), clip)
     n, res = 8, tiny_config.image_resolution
     # The learner's per-seed constants are computed for real (PromptSRC's frozen text targets
     # read values on the host), on the world CLIP's weights.
     from dpc_jax.convert import load_clip
 
     _, world_params = load_clip(train_lib.world_assets_dir())
-    real_consts = learner.constants(world_params, names, **({"teacher": teacher} if teacher
-                                                             else {}))
+    real_consts = learner.constants(world_params, LearnerContext(
+        dataset=c.dataset, classnames=tuple(names), templates=("a photo of a {}.",),
+        teacher=teacher))
     lconsts = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                      real_consts)
     scorer = jax.eval_shape(lambda cp, p, t, k: learner.classifier(cp, p, t, jnp.arange(4), k),
@@ -106,12 +107,13 @@ def test_every_config_file_builds_and_shape_checks(path):
     stage1 = objectives.backbone_objective(learner, res, tuple(c.crop_scale))
     loss, (metrics, _) = jax.eval_shape(stage1, prompt, state, consts, batch, key)
     assert loss.shape == () and ("acc" in metrics or learner.train_split == "unlabeled")
-    if learner.dpc_unsupported:  # refused before training (tests/test_cocoop.py)
+    if capabilities.dpc_unsupported(learner):  # refused before training (tests/test_cocoop.py)
         assert "dpc" not in c.stages
         return
-    dual = DualPrompt(c.dpc, learner.dual_rules())
+    hooks = capabilities.dual(learner)
+    dual = DualPrompt(c.dpc, hooks.dual_rules())
     init = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), prompt)
-    params = jax.eval_shape(dual.init, learner.dpc_backbone(init, real_consts))
+    params = jax.eval_shape(dual.init, hooks.dpc_backbone(init, real_consts))
     stage2 = objectives.dpc_objective(learner, dual, res, 3, c.dhno.policy,
                                       tuple(c.crop_scale))
     loss, _ = jax.eval_shape(stage2, params, state, consts, batch, key)

@@ -11,6 +11,7 @@ import pytest
 from dpc_jax.models import clip as clip_lib
 from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import CoOp, DualPrompt
+from dpc_jax.prompts.base import classification_logits, cross_entropy
 from dpc_jax.prompts import dpc as dpc_lib
 from dpc_jax.training import optim
 from dpc_jax.training.masks import trainable_mask
@@ -146,7 +147,8 @@ def coop_problem(tmp_path_factory):
     labels = jnp.array([0, 1, 2, 3])
 
     def loss(clip_params, prompt):
-        return learner.classification_loss(clip_params, prompt, class_texts, images, labels)
+        return cross_entropy(classification_logits(learner, clip_params, prompt, class_texts,
+                                                   images), labels)
 
     return clip_params, P, loss
 

@@ -11,15 +11,15 @@ import ml_collections
 import numpy as np
 import pytest
 
-import dpc_jax.prompts
-from dpc_jax.prompts import CoOp, DualRules, register_learner
-from dpc_jax.prompts.base import cross_entropy
+from dpc_jax.prompts import CoOp, DualRules, register_learner, unregister_learner
+from dpc_jax.prompts.base import classification_logits, cross_entropy
+from dpc_jax.prompts.capabilities import EpochHooks, Stateful
 from dpc_jax.training import checkpoints, train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class BiasedCoOp(CoOp):
+class BiasedCoOp(Stateful, EpochHooks, CoOp):
     """CoOp plus a learned bias added to every text feature.
 
     state: {'steps': number of stage-1 loss evaluations} (non-trainable, mutable);
@@ -36,15 +36,15 @@ class BiasedCoOp(CoOp):
     def init_state(self, clip_params):
         return {"steps": jnp.zeros((), jnp.float32)}
 
-    def constants(self, clip_params, classnames):
-        return {"margin": jnp.asarray(0.1 * len(classnames) / 32, jnp.float32)}
+    def constants(self, clip_params, context):
+        return {"margin": jnp.asarray(0.1 * len(context.classnames) / 32, jnp.float32)}
 
     def text_features(self, clip_params, prompt, class_texts, class_ids):
         return super().text_features(clip_params, prompt, class_texts, class_ids) + prompt["bias"]
 
     def loss(self, clip_params, prompt, state, consts, class_texts, images, labels, key):
-        logits = self.classification_logits(clip_params, prompt, class_texts, images, state,
-                                            consts)
+        logits = classification_logits(self, clip_params, prompt, class_texts, images, state,
+                                       consts)
         logits = logits - consts["margin"] * jax.nn.one_hot(labels, logits.shape[-1])
         return cross_entropy(logits, labels), {"margin": consts["margin"]}, \
             {"steps": state["steps"] + 1.0}
@@ -70,7 +70,7 @@ def registered():
     """Selectable as config.backbone.name='coop_bias' for this module's tests only."""
     register_learner(BiasedCoOp)
     yield
-    dpc_jax.prompts._LEARNERS.pop(BiasedCoOp.name)
+    unregister_learner(BiasedCoOp.name)
 
 
 class Interrupted(RuntimeError):

@@ -12,7 +12,7 @@ from conftest import random_clip_params
 from dpc_jax import tree as tree_lib
 from dpc_jax.models.clip import get_config, normalize
 from dpc_jax.models.tokenizer import Tokenizer
-from dpc_jax.prompts import DualPrompt, PromptKD, PromptSRC
+from dpc_jax.prompts import DualPrompt, LearnerContext, PromptKD, PromptSRC
 from dpc_jax.prompts.promptkd import RELEASED_OPTIONS, batch_norm, kd_loss, project
 from dpc_jax.training import masks, optim, train_lib
 from dpc_jax.training.step import make_per_device_step
@@ -39,7 +39,8 @@ def kd(tok, tiny_config, tiny_params):
     cfg = PromptKD.default_config()
     cfg.depth_vision = 2
     learner = PromptKD(tiny_config, tok, cfg, teacher=teacher)
-    consts = learner.constants(tiny_params, NAMES, teacher={"clip": tparams, "prompt": tprompt})
+    consts = learner.constants(tiny_params, LearnerContext(
+        dataset="world", classnames=tuple(NAMES), teacher={"clip": tparams, "prompt": tprompt}))
     return learner, tiny_params, consts
 
 

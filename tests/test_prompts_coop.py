@@ -2,6 +2,7 @@
 loading PyTorch CoOp checkpoints."""
 
 import collections
+import re
 import sys
 import types
 
@@ -13,8 +14,8 @@ import pytest
 
 from dpc_jax.models import clip as clip_lib
 from dpc_jax.models.tokenizer import Tokenizer, trim_context
-from dpc_jax.prompts import CoOp, build_learner, get_learner
-from dpc_jax.prompts.base import cross_entropy
+from dpc_jax.prompts import CoOp, build_learner, get_learner, learner_names
+from dpc_jax.prompts.base import classification_logits, cross_entropy
 from dpc_jax.convert.coop_torch import load_coop_torch_checkpoint
 
 from conftest import random_clip_params, write_tiny_vocab
@@ -145,7 +146,8 @@ def test_gradients_reach_the_context_only(tokenizer, clip_setup):
     labels = jnp.array([0, 2, 4])
 
     def loss(prompt, class_texts):
-        return learner.classification_loss(params, prompt, class_texts, images, labels)
+        return cross_entropy(classification_logits(learner, params, prompt, class_texts, images),
+                             labels)
 
     def loss_of_embeddings(prompt, embeddings):
         return loss(prompt, class_texts.replace(embeddings=embeddings))
@@ -175,7 +177,7 @@ def test_logits_and_loss(tokenizer, clip_setup):
 
     @jax.jit
     def forward(params):
-        return (learner.classification_logits(params, prompt, class_texts, images),
+        return (classification_logits(learner, params, prompt, class_texts, images),
                 learner.image_features(params, prompt, images),
                 learner.text_features(params, prompt, class_texts, jnp.arange(5)))
 
@@ -198,7 +200,6 @@ def test_logits_and_loss(tokenizer, clip_setup):
 def test_class_specific_contexts(tokenizer, clip_setup):
     config, params = clip_setup
     learner = CoOp(config, tokenizer, coop_config(csc=True))
-    assert not learner.supports_new_classes
     with pytest.raises(ValueError, match="csc=True .* needs the number of training classes"):
         learner.init(jax.random.key(0), params)
     prompt = learner.init(jax.random.key(0), params, num_classes=len(CLASSNAMES))
@@ -248,8 +249,11 @@ def test_bad_config_values_name_the_field(tokenizer, clip_setup, changes, match)
 def test_registry_and_missing_fields(tokenizer, clip_setup):
     config, _ = clip_setup
     assert get_learner("coop") is CoOp
-    with pytest.raises(ValueError, match=r"config\.backbone\.name='mapel'; allowed values: "
-                                         r"\['cocoop', 'coop', 'dept', 'ivlp', 'maple', "):
+    # Every learner module of the package is found, none listed by hand.
+    shipped = {"cocoop", "coop", "dept", "ivlp", "maple", "promptkd", "promptsrc"}
+    assert shipped <= set(learner_names())
+    with pytest.raises(ValueError, match=re.escape(
+            f"config.backbone.name='mapel'; allowed values: {sorted(learner_names())}")):
         get_learner("mapel")
     incomplete = ml_collections.ConfigDict({"name": "coop", "n_ctx": 4, "ctx_init": "",
                                             "class_token_position": "end"})

@@ -14,7 +14,7 @@ import dpc_jax.prompts
 from dpc_jax import tree as tree_lib
 from dpc_jax.models.clip import CLIP, normalize
 from dpc_jax.models.tokenizer import Tokenizer
-from dpc_jax.prompts import PromptSRC, register_learner
+from dpc_jax.prompts import LearnerContext, PromptSRC, register_learner, unregister_learner
 from dpc_jax.prompts.promptsrc import gpa_weights, promptsrc_loss, read_templates
 from dpc_jax.training import train_lib
 from test_train import REPO, Interrupted, interrupt_after
@@ -87,7 +87,7 @@ def images(cfg, n=4, seed=0):
 
 def test_frozen_text_target_is_the_unnormalised_template_mean(tiny_config, tiny_params, tok):
     learner = learner_for(tiny_config, tok)
-    g = learner.constants(tiny_params, NAMES[:2])["text_target"]
+    g = learner.constants(tiny_params, LearnerContext("world", tuple(NAMES[:2])))["text_target"]
     assert g.shape == (2, tiny_config.embed_dim)
     ids, _ = tok([t.format("blue star") for t in read_templates()])
     feats = CLIP(tiny_config).apply({"params": tiny_params}, jnp.asarray(ids),
@@ -105,7 +105,7 @@ def test_each_weight_moves_the_gradient_by_its_own_term(tiny_config, tiny_params
     prompt = jax.tree_util.tree_map(lambda x: x + 0.05 * jax.random.normal(
         jax.random.key(3), x.shape), prompt)
     texts = base.prepare(tiny_params, NAMES)
-    consts = base.constants(tiny_params, NAMES)
+    consts = base.constants(tiny_params, LearnerContext("world", tuple(NAMES)))
     x, y = images(tiny_config), jnp.array([0, 1, 2, 3])
 
     def grads(**weights):
@@ -147,7 +147,7 @@ class Recording(PromptSRC):
 def recording():
     register_learner(Recording)
     yield
-    dpc_jax.prompts._LEARNERS.pop(Recording.name)
+    unregister_learner(Recording.name)
 
 
 def gpa_config(**changes):

@@ -26,7 +26,7 @@ def stage1_prompt(name, workdir):
     carry (PromptSRC: the GPA sum; the others: the last parameters)."""
     import orbax.checkpoint as ocp
 
-    from dpc_jax.prompts import build_learner
+    from dpc_jax.prompts import build_learner, capabilities
     from dpc_jax.training import checkpoints
 
     stage = os.path.join(workdir, "seed_1", "backbone")
@@ -36,11 +36,12 @@ def stage1_prompt(name, workdir):
     config = small_config(name)
     clip_config, _, tok = train_lib.load_clip_and_tokenizer(config)
     learner = build_learner(clip_config, tok, config.backbone)
-    extra = learner.init_extra(params)
+    hooks = capabilities.epoch_hooks(learner)
+    extra = hooks.init_extra(params)
     if extra:  # an empty carry is not written to the checkpoint
         extra = manager.restore(meta["final_step"], args=ocp.args.Composite(
             aux=ocp.args.StandardRestore()))["aux"]["extra"]
-    return learner.final_prompt(params, extra)
+    return hooks.final_prompt(params, extra)
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))

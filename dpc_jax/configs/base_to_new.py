@@ -123,8 +123,7 @@ def get_config(arg=None, variants=("base_to_new",)) -> ml_collections.ConfigDict
     return c
 
 
-# One line per field for `python -m dpc_jax.train --help` (learner fields under `backbone.`
-# are described in each learner's module docstring).
+# One line per field for `python -m dpc_jax.train --help`; `field_help` adds the learner's own.
 FIELD_HELP = {
     "mode": "train | eval (re-evaluate the saved checkpoints) | export (PyTorch files)",
     "stages": "comma list of zeroshot, teacher, backbone, dpc, run in this order",
@@ -148,7 +147,6 @@ FIELD_HELP = {
     "clip.trim_text": "encode class texts up to their last EOT only (exact; False: all 77)",
     "clip.attention": "einsum | dot_product (jax.nn.dot_product_attention) | cudnn (GPU)",
     "clip.remat": "recompute each tower block in the backward pass (less memory)",
-    "backbone.name": "the stage-1 learner (coop, cocoop, ivlp, maple, promptsrc, promptkd, dept)",
     "backbone.epochs": "stage-1 epochs",
     "backbone.lr": "stage-1 learning rate (SGD, cosine, Dassl warm-up)",
     "backbone.batch_size": "stage-1 per-device batch",
@@ -180,3 +178,17 @@ FIELD_HELP = {
     "num_processes": "distributed: number of processes (0 = detect)",
     "process_id": "distributed: this process's index (-1 = detect)",
 }
+
+
+def field_help(config: ml_collections.ConfigDict) -> dict:
+    """One line per field of `config`: the run's fields, then the learner's own
+    (`LearnerInfo.field_help` of `config.backbone.name`, and of DePT's inner learner)."""
+    from dpc_jax.prompts import get_learner, learner_names
+
+    out = {**FIELD_HELP, "backbone.name": f"the stage-1 learner ({', '.join(learner_names())})"}
+    backbone = config.get("backbone", ml_collections.ConfigDict())
+    for prefix, sub in (("backbone.", backbone), ("backbone.inner.", backbone.get("inner"))):
+        if sub is not None and sub.get("name") in learner_names():
+            for field, text in get_learner(sub.name).info.field_help.items():
+                out.setdefault(prefix + field, text)
+    return out

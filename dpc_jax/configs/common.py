@@ -1,6 +1,6 @@
 """Config arguments (`--config file.py:key=val,...`), dataset keys, and the settings that
-depend on the dataset or on the (dataset, method) pair. Values only; the config files apply
-them with `apply_settings`."""
+depend on the dataset (and, on the world, the learner's own world schedule). Values only; the
+config files apply them with `apply_settings`."""
 
 from __future__ import annotations
 
@@ -29,33 +29,6 @@ DATASET_SETTINGS = {
     "world": WORLD,
     "eurosat": {"dhno.top_k": 4},
 }
-
-# Per-(dataset, method) stage-1 settings.
-METHOD_SETTINGS = {
-    # The world's CoOp at LR 0.003: at 0.002 (the paper's value) CoOp does not move base
-    # accuracy off zero-shot in 10 epochs; README "Results on the embedded world".
-    ("world", "coop"): {"backbone.epochs": 10, "backbone.batch_size": 32, "backbone.lr": 0.003},
-    # The world CLIP has 2 text and 3 image blocks: the deepest prompts it can take. Epochs and
-    # LR chosen from a seed-1 sweep (README "Results on the embedded world").
-    ("world", "ivlp"): {"backbone.depth_text": 2, "backbone.depth_vision": 3,
-                        "backbone.epochs": 20, "backbone.batch_size": 32, "backbone.lr": 0.001},
-    ("world", "promptsrc"): {"backbone.depth_text": 2, "backbone.depth_vision": 3,
-                             "backbone.epochs": 20, "backbone.batch_size": 32,
-                             "backbone.lr": 0.001},
-    ("world", "cocoop"): {"backbone.epochs": 10, "backbone.batch_size": 8,
-                          "backbone.lr": 0.003},
-    # Teacher: PromptSRC on the larger world_teacher CLIP at its full depth (3 text, 4 image
-    # blocks), IVLP's world schedule (seed-1 teacher: depth 3/4 gave H 56.29, 2/3 gave 50.38;
-    # LR 0.005 at depth 2/3 gave 45.56); student: the world CLIP's 3 image blocks.
-    ("world", "promptkd"): {"backbone.depth_vision": 3, "backbone.epochs": 20,
-                            "backbone.batch_size": 32, "backbone.lr": 0.005,
-                            "backbone.teacher.depth_text": 3, "backbone.teacher.depth_vision": 4,
-                            "backbone.teacher.epochs": 20, "backbone.teacher.batch_size": 32,
-                            "backbone.teacher.lr": 0.001},
-    ("world", "maple"): {"backbone.depth": 2, "backbone.epochs": 20, "backbone.batch_size": 32,
-                         "backbone.lr": 0.003},
-}
-
 
 def parse_arguments(arg) -> dict:
     """'dataset=x,root=y' -> {'dataset': 'x', 'root': 'y'}; unknown keys are errors."""
@@ -93,11 +66,13 @@ def dataset_key(name: str) -> str:
 
 
 def apply_settings(config) -> None:
-    """The dataset's and the (dataset, method) pair's settings, in that order."""
+    """The dataset's settings, then, on the world, the learner's world schedule
+    (`LearnerInfo.world`, declared by the learner)."""
     from dpc_jax.data import world
+    from dpc_jax.prompts import get_learner
 
     # Every world dataset (a shifted domain as the training source, too) takes the world's.
     dataset = "world" if world.world_dataset_domain(config.dataset) else config.dataset
     config.update_from_flattened_dict(dict(DATASET_SETTINGS.get(dataset, {})))
-    key = (dataset, config.backbone.name)
-    config.update_from_flattened_dict(dict(METHOD_SETTINGS.get(key, {})))
+    if dataset == "world":
+        config.update_from_flattened_dict(dict(get_learner(config.backbone.name).info.world))

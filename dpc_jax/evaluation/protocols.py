@@ -47,6 +47,7 @@ import numpy as np
 from dpc_jax.data import registry
 from dpc_jax.data.base import BaseToNewData, ImageSplit
 from dpc_jax.evaluation import results as results_lib
+from dpc_jax.prompts import capabilities, display_name
 
 PROTOCOLS = ("base_to_new", "few_shot", "cross_dataset", "domain_generalisation")
 TRANSFER = ("cross_dataset", "domain_generalisation")
@@ -163,7 +164,7 @@ def check_config(config, learner) -> None:
     if config.shots < 1:
         raise ValueError(f"config.shots={config.shots!r} with config.protocol={protocol!r}; "
                          f"expected a positive number of training images per class")
-    if learner.train_split != "fewshot" or learner.needs_teacher:
+    if learner.train_split != "fewshot" or capabilities.distils(learner):
         raise ValueError(f"config.protocol={protocol!r} with config.backbone.name="
                          f"{learner.name!r}: protocols other than base_to_new train on the "
                          f"labelled few-shot split without a teacher; {learner.name!r} does not "
@@ -265,7 +266,7 @@ def seed_line(config, stage: str, seed: int, result: dict) -> str:
 def format_table(config, results: dict) -> str:
     if protocol_name(config) == "base_to_new":
         return results_lib.format_table(results, config.backbone.name)
-    pretty = results_lib.LEARNER_NAMES.get(config.backbone.name, config.backbone.name)
+    pretty = display_name(config.backbone.name)
     names = {**results_lib.STAGE_NAMES, "backbone": pretty, "dpc": f"{pretty}+DPC"}
     stages = results["stages"]
     sets = list(next(iter(stages.values()))["accuracy"])

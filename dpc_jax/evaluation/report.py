@@ -35,7 +35,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from dpc_jax.evaluation.results import LEARNER_NAMES, STAGE_NAMES, harmonic_mean, summarize
+from dpc_jax.evaluation.results import STAGE_NAMES, harmonic_mean, summarize
+from dpc_jax.prompts import display_name, learner_names
 
 PAPER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_results.json")
 # The paper's dataset order (its table's rows); other datasets follow, sorted.
@@ -45,15 +46,13 @@ PAPER_NAMES = {"imagenet": "ImageNet", "caltech101": "Caltech101", "oxford_pets"
                "stanford_cars": "StanfordCars", "oxford_flowers": "Flowers102",
                "food101": "Food101", "fgvc_aircraft": "FGVCAircraft", "sun397": "SUN397",
                "dtd": "DTD", "eurosat": "EuroSAT", "ucf101": "UCF101", "world": "world"}
-LEARNER_ORDER = ("coop", "cocoop", "ivlp", "maple", "promptsrc", "promptkd")
-NAMES = {**LEARNER_NAMES, "promptkd": "PromptKD"}
 # A family's columns: (column key, the method key's form, the stage read from that run).
 COLUMNS = (("zeroshot", "{l}", "zeroshot"), ("backbone", "{l}", "backbone"),
            ("+DePT", "dept_{l}", "backbone"), ("+DPC", "{l}", "dpc"))
 
 
 def label(learner: str, column: str) -> str:
-    name = NAMES.get(learner, learner)
+    name = display_name(learner)
     return {"zeroshot": STAGE_NAMES["zeroshot"], "backbone": name}.get(column, name + column)
 
 
@@ -207,7 +206,8 @@ def protocol_tables(runs: Sequence[ProtocolRun]) -> Dict[str, List[dict]]:
 
 def method_sort(method: str) -> tuple:
     learner = method[len("dept_"):] if method.startswith("dept_") else method
-    order = LEARNER_ORDER.index(learner) if learner in LEARNER_ORDER else len(LEARNER_ORDER)
+    known = learner_names()
+    order = known.index(learner) if learner in known else len(known)
     return (order, learner, method.startswith("dept_"))
 
 
@@ -296,8 +296,8 @@ def build_table(runs: Sequence[Run], paper: Optional[dict] = None) -> dict:
     pooled = pool(runs)
     datasets = dataset_order(pooled)
     learners = {m[5:] if m.startswith("dept_") else m for d in pooled.values() for m in d}
-    learners = [l for l in LEARNER_ORDER if l in learners] + sorted(
-        l for l in learners if l not in LEARNER_ORDER)
+    learners = [l for l in learner_names() if l in learners] + sorted(
+        l for l in learners if l not in learner_names())
     families = {}
     for l in learners:
         rows: dict = {}
@@ -374,7 +374,7 @@ def markdown(table: dict, plots: Sequence[str] = ()) -> str:
         if has_paper:
             head += [f"paper {label(l, 'backbone')}", f"paper {label(l, '+DPC')}",
                      f"{label(l, 'backbone')} − paper", f"{label(l, '+DPC')} − paper"]
-        out += [f"## {NAMES.get(l, l)}", "", "| " + " | ".join(head) + " |",
+        out += [f"## {display_name(l)}", "", "| " + " | ".join(head) + " |",
                 "|" + "---|" * len(head)]
         order = [d for d in table["datasets"] if d in fam["rows"]]
         if "average" in fam["rows"]:
@@ -486,7 +486,7 @@ def bar_chart(table: dict, path: str, title: str = "",
     values = [(table[b][m]["hm"], table[b][m].get("hm_std", 0.0))
               for b in backbones for m in methods]
     ax.set_ylim(max(0.0, min(v - e for v, e in values) - 5), max(v + e for v, e in values) + 4)
-    ax.set_xticks(x, [NAMES.get(b, b) for b in backbones])
+    ax.set_xticks(x, [display_name(b) for b in backbones])
     ax.set_ylabel("harmonic mean H (%)")
     ax.set_title(title or "Plug-and-play: " + ", ".join(methods))
     ax.legend(frameon=False, fontsize=8, ncol=len(methods), loc="upper left")
@@ -514,7 +514,7 @@ def dataset_bars(table: dict, dataset: str, path: str) -> None:
                    linewidth=0.5)
         ax.set_xticks(np.arange(3), ["base", "new", "H"])
         ax.set_ylim(0, 100)
-        ax.set_title(NAMES.get(l, l), fontsize=10)
+        ax.set_title(display_name(l), fontsize=10)
         ax.legend(frameon=False, fontsize=7, loc="lower right")
         ax.spines[["top", "right"]].set_visible(False)
     axes[0][0].set_ylabel("accuracy (%)")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from dpc_jax.prompts import display_name
+
 STAGE_NAMES = {"zeroshot": "zero-shot CLIP"}
-LEARNER_NAMES = {"coop": "CoOp", "cocoop": "CoCoOp", "ivlp": "IVLP", "maple": "MaPLe",
-                 "promptsrc": "PromptSRC", "promptkd": "PromptKD", "dept": "DePT"}
 
 
 def harmonic_mean(base: float, new: float) -> float:
@@ -31,7 +31,7 @@ def summarize(per_seed: dict) -> dict:
 
 
 def format_table(results: dict, backbone_name: str = "coop") -> str:
-    pretty = LEARNER_NAMES.get(backbone_name, backbone_name)
+    pretty = display_name(backbone_name)
     names = {**STAGE_NAMES, "backbone": pretty, "dpc": f"{pretty}+DPC"}
     lines = [f"{'method':<20} {'base':>7} {'new':>7} {'H':>7}"]
     for stage, r in results.items():

@@ -1,4 +1,4 @@
-"""The prompt-learner interface shared by CoOp, IVLP, MaPLe, PromptSRC, PromptKD and DPC.
+"""The prompt-learner core shared by every learner, and DPC's doubling rules.
 
 A learner is a stateless object built from (CLIP config, tokenizer, `config.backbone`). Its
 prompts are plain pytrees (dicts of float32 arrays), so DPC (`dpc_jax.prompts.dpc`), optax masks
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Callable, ClassVar, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, Tuple
 
 import flax.struct
 import jax
@@ -126,44 +126,67 @@ class DualRules:
     towers: Optional[Callable[[Any], Any]] = None
 
 
-class PromptLearner(abc.ABC):
-    """Base class of prompt learners; every hook below has a default that suits CoOp.
+@dataclasses.dataclass(frozen=True)
+class LearnerInfo:
+    """What a learner declares about itself, read by configs, reports and DePT.
 
-    Declared needs (class attributes), read by the trainer instead of asking what a learner is:
+    display_name: its name in tables ('CoOp').
+    world: flattened `config` overrides for the embedded world (its schedule: the world's tiny
+      CLIP takes shallower prompts and shorter runs than the papers' settings); applied by
+      `dpc_jax.configs.common.apply_settings` after the world's dataset settings.
+    field_help: one line per `config.backbone.<field>` for `python -m dpc_jax.train --help`.
+    dept_inner: DePT (`dpc_jax.prompts.dept`) can wrap it.
+    order: its place among the learners in report tables (the papers' order; new ones after).
+    """
+
+    display_name: str
+    world: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    field_help: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    dept_inner: bool = False
+    order: int = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerContext:
+    """What a learner may need per seed, handed to `constants` in one object so a new learner
+    never needs a trainer change.
+
+    dataset: the dataset key ('world', 'oxford_pets', ...).
+    classnames: the training classes (all classes, base then new, for a learner whose
+      `train_split` is 'unlabeled').
+    templates: the dataset's zero-shot templates (one '{}' each), the hand-crafted prompts.
+    teacher: {'clip': its CLIP parameters, 'prompt': its frozen prompt} for a learner that
+      distils (`capabilities.Distils`); None otherwise.
+    """
+
+    dataset: str
+    classnames: Tuple[str, ...]
+    templates: Tuple[str, ...] = ()
+    teacher: Optional[dict] = None
+
+
+class PromptLearner(abc.ABC):
+    """The core every learner has; optional behaviour is opted into through the capability
+    classes of `dpc_jax.prompts.capabilities` (mutable state, epoch hooks, a teacher, DPC,
+    PyTorch files).
+
+    Declared needs (class attributes), read instead of asking what a learner is:
     - uses_image_prompts: `image_features` depends on the prompt (IVLP, MaPLe, ...). When False
       (CoOp), image features computed once per image serve every prompt: evaluation caches
       them and the DHNO scorer reuses the anchors' features.
-    - text_needs_image: the class text depends on the image (CoCoOp): `classify` must then be
-      overridden (DPC's slot logits would need per-image texts too), and nothing caches text
-      per class list.
     - train_split: what stage 1 trains on: 'fewshot' (the labelled base few-shot set) or
-      'unlabeled' (PromptKD: images of all classes, labels unused).
-    - dpc_unsupported: '' when DPC's stage 2 runs on this learner; otherwise why not (the
-      trainer refuses the 'dpc' stage before anything trains, with this reason).
-    - needs_teacher: the learner distils from a teacher learner (PromptKD). The trainer builds
-      the teacher from `config.backbone.teacher` / `teacher_clip`, passes it to the constructor
-      as `teacher=`, trains or loads its prompt per seed, and hands both to `constants`.
-    - augment_negatives: DHNO's negative images get the training augmentation (True, CoOp) or
-      the test transform (False, PromptKD+DPC as released).
-    - torch_dpc_trainer: the released DPC trainer whose stage-2 checkpoints `load_torch_dpc`
-      and `export_torch_dpc` read and write ('StackSPLE_PromptKD'); '' when there are none
-      (`config.dpc.init_from` and stage-2 export are refused).
+      'unlabeled' (images of all classes, labels unused).
 
     The array methods are pure functions of their inputs (the learner object is static
-    configuration), so the trainer jits them once per run. `state` is non-trainable mutable
-    state (e.g. BatchNorm statistics; `{}` by default): threaded through the stage-1 step,
-    averaged over devices, checkpointed, frozen in stage 2. `consts` are frozen per-seed
-    constants from `constants` (template-ensemble features, a teacher): never checkpointed.
+    configuration), so the trainer jits them once per run. `state` is the learner's
+    non-trainable state (`capabilities.Stateful`; `{}` otherwise); `consts` are the frozen
+    per-seed constants from `constants`, never checkpointed.
     """
 
     name: ClassVar[str]
+    info: ClassVar[LearnerInfo]
     uses_image_prompts: ClassVar[bool] = False
-    text_needs_image: ClassVar[bool] = False
     train_split: ClassVar[str] = "fewshot"
-    dpc_unsupported: ClassVar[str] = ""
-    needs_teacher: ClassVar[bool] = False
-    augment_negatives: ClassVar[bool] = True
-    torch_dpc_trainer: ClassVar[str] = ""
 
     def __init__(self, clip_config: CLIPConfig, tokenizer, config: ml_collections.ConfigDict):
         if not isinstance(clip_config, CLIPConfig):
@@ -182,43 +205,14 @@ class PromptLearner(abc.ABC):
     def default_config(cls) -> ml_collections.ConfigDict:
         """The learner's `config.backbone` with default values."""
 
-    @property
-    def supports_new_classes(self) -> bool:
-        """Whether prompts can be applied to classes not seen in training."""
-        return True
-
     # -- parameters and constants -----------------------------------------------------------------
     @abc.abstractmethod
     def init(self, key: jax.Array, clip_params, num_classes: Optional[int] = None) -> Prompt:
         """Initial prompt pytree. `num_classes` is needed only by class-specific prompts."""
 
-    def init_state(self, clip_params) -> State:
-        """Initial non-trainable state (a pytree; `{}`: none)."""
+    def constants(self, clip_params, context: LearnerContext) -> dict:
+        """Frozen per-seed constants (`{}`: none), computed once per seed from the context."""
         return {}
-
-    def constants(self, clip_params, classnames: Sequence[str], teacher=None) -> dict:
-        """Frozen per-seed constants for the training classes `classnames` (`{}`: none); for
-        a `train_split` of 'unlabeled' these are all classes (base, then new). `teacher`:
-        {'clip': its CLIP parameters, 'prompt': its prompt} for learners that need one."""
-        return {}
-
-    def load_torch_backbone(self, path: str, num_classes: Optional[int] = None):
-        """(prompt, state) of a PyTorch stage-1 checkpoint, read once; state None: the file
-        holds none (the learner's initial state serves). Default: `load_torch_prompt`."""
-        return self.load_torch_prompt(path, num_classes), None
-
-    def load_torch_prompt(self, path: str, num_classes: Optional[int] = None) -> Prompt:
-        """The stage-1 prompt of a checkpoint written by the released PyTorch code."""
-        raise ValueError(f"config.backbone.init_from={path!r}: the {self.name!r} learner cannot "
-                         f"import PyTorch checkpoints yet; train stage 1 here instead (leave "
-                         f"init_from empty)")
-
-    def export_torch_prompt(self, prompt: Prompt, run_dir: str, epoch: int,
-                            state: Optional[State] = None) -> str:
-        """Write a stage-1 prompt (and the learner's state) as the released PyTorch code saves
-        it under `run_dir` (its output folder); returns the file's path."""
-        raise ValueError(f"the {self.name!r} learner has no PyTorch checkpoint export; coop, "
-                         f"cocoop, ivlp, maple, promptsrc, promptkd and dept have one")
 
     # -- features ---------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -250,43 +244,14 @@ class PromptLearner(abc.ABC):
         return cosine_logits(image_features, classifier, logit_scale(clip_params),
                              self.clip_config.matmul_precision)
 
-    def pair_logits(self, clip_params, prompt: Prompt, image_features: Array,
-                    slot_classifier: Array, consts: Optional[dict] = None) -> Array:
-        """Logits [M, M] of slot images against the texts of the slot labels (DHNO's enlarged
-        batch): `slot_classifier` [M, E] holds the unit-norm text feature of each slot's label,
-        rows of `classifier` for these labels only (`objectives.dpc_objective` encodes each
-        distinct label once and gathers, or every slot's label, per `config.dpc.dedupe_text`)."""
-        # The scale multiplies the cosines after the matmul here, as the released contrastive
-        # loss computes them (the stage-1 logits of `classify` scale the image side, as CoOp's
-        # `logit_scale * image_features @ text_features.t()` does); kept so both stages
-        # reproduce their earlier numbers bit for bit.
-        return logit_scale(clip_params) * cosine_logits(
-            image_features, slot_classifier, 1.0, self.clip_config.matmul_precision)
-
-    def classification_logits(self, clip_params, prompt: Prompt, class_texts, images: Array,
-                              state: Optional[State] = None,
-                              consts: Optional[dict] = None) -> Array:
-        """Logits [N, C] of images against every class of `class_texts` (stage-1 training)."""
-        ids = jnp.arange(class_texts.num_classes)
-        w = self.classifier(clip_params, prompt, class_texts, ids, consts)
-        img = self.image_features(clip_params, prompt, images, state)
-        return self.classify(clip_params, prompt, w, img, consts)
-
-    def classification_loss(self, clip_params, prompt: Prompt, class_texts, images: Array,
-                            labels: Array, state: Optional[State] = None,
-                            consts: Optional[dict] = None) -> Array:
-        """Cross-entropy over all classes of `class_texts` (CoOp's loss)."""
-        return cross_entropy(self.classification_logits(clip_params, prompt, class_texts, images,
-                                                        state, consts), labels)
-
     # -- stage 1 ----------------------------------------------------------------------------------
     def loss(self, clip_params, prompt: Prompt, state: State, consts: dict, class_texts,
              images: Array, labels: Array, key: jax.Array) -> Tuple[Array, dict, State]:
         """Stage-1 loss on augmented images: (loss, metrics, new state). Default: CE over all
         classes, with training accuracy as a metric."""
         del key
-        logits = self.classification_logits(clip_params, prompt, class_texts, images, state,
-                                            consts)
+        logits = classification_logits(self, clip_params, prompt, class_texts, images, state,
+                                       consts)
         acc = jnp.mean(jnp.argmax(logits, -1) == labels)
         return cross_entropy(logits, labels), {"acc": acc}, state
 
@@ -295,63 +260,29 @@ class PromptLearner(abc.ABC):
         '/'-joined leaf paths, first match decides ([] = all 1; DePT's head trains at 6.5x)."""
         return []
 
-    # -- epoch hooks (their carried `extra` is checkpointed with the stage) -----------------------
-    def init_extra(self, prompt: Prompt) -> dict:
-        """What `on_epoch_end` carries between epochs (`{}`: nothing)."""
-        return {}
 
-    def on_epoch_end(self, epoch: int, epochs: int, prompt: Prompt, extra: dict) -> dict:
-        """Called on the host after each stage-1 epoch (0-based); returns the new `extra`."""
-        return extra
+def classification_logits(learner: PromptLearner, clip_params, prompt: Prompt, class_texts,
+                          images: Array, state: Optional[State] = None,
+                          consts: Optional[dict] = None) -> Array:
+    """Logits [N, C] of images against every class of `class_texts` (stage-1 training)."""
+    ids = jnp.arange(class_texts.num_classes)
+    w = learner.classifier(clip_params, prompt, class_texts, ids, consts)
+    img = learner.image_features(clip_params, prompt, images, state)
+    return learner.classify(clip_params, prompt, w, img, consts)
 
-    def final_prompt(self, prompt: Prompt, extra: dict) -> Prompt:
-        """Stage 1's result P from the last parameters (e.g. a prompt aggregate)."""
-        return prompt
 
-    # -- DPC ----------------------------------------------------------------------------------------
-    def dual_rules(self) -> DualRules:
-        """Which leaves DPC doubles and which get the converse map (default: double every leaf,
-        converse map on `ctx`)."""
-        return DualRules()
-
-    def dpc_backbone(self, prompt: Prompt, consts: dict) -> Prompt:
-        """The stage-1 prompt P as DPC's stage 2 sees it (PromptKD adds the teacher's text
-        prompts, which become a trainable text branch). Default: the prompt itself."""
-        return prompt
-
-    def check_dpc_config(self, dpc_config) -> None:
-        """Raise, naming the field, on `config.dpc` options this learner reads and cannot use
-        (run before anything trains). Default: nothing to check."""
-
-    def dpc_init(self, params: dict, dpc_config, key: jax.Array) -> dict:
-        """DPC's initial {'backbone', 'parallel'} after cloning (a learner may reproduce a
-        released initialisation here). Default: unchanged."""
-        return params
-
-    def scorer_prompt(self, backbone: Prompt, dpc_config, consts: dict) -> Prompt:
-        """The prompt whose classifier over the base classes is DHNO's scorer (default P)."""
-        return backbone
-
-    def load_torch_dpc(self, path: str):
-        """(parallel, state) of a released DPC stage-2 checkpoint (`config.dpc.init_from`):
-        reference mode's parallel prompt and the learner state its base classes are evaluated
-        with (None: the stage-1 state). Learners with a `torch_dpc_trainer` override it."""
-        raise ValueError(f"config.dpc.init_from={path!r}: the {self.name!r} learner has no "
-                         f"importer of PyTorch DPC stage-2 checkpoints (only promptkd: "
-                         f"StackSPLE_PromptKD); leave config.dpc.init_from empty and train "
-                         f"stage 2 here")
-
-    def export_torch_dpc(self, parallel: Prompt, state, run_dir: str, epoch: int) -> str:
-        """Write reference mode's parallel prompt (and the state its base classes use) as the
-        released DPC trainer saves it under `run_dir`; returns the file's path."""
-        raise ValueError(f"the {self.name!r} learner has no PyTorch DPC stage-2 export (only "
-                         f"promptkd: StackSPLE_PromptKD)")
-
-    def scorer_image_features(self, clip_params, backbone: Prompt, images: Array, state,
-                              consts: dict) -> Array:
-        """Image features of DHNO's scorer on the anchors (default: the frozen stage-1 model;
-        PromptKD: its teacher). Used only when `uses_image_prompts`."""
-        return self.image_features(clip_params, backbone, images, state)
+def classifier_rows(learner: PromptLearner, clip_params, prompt: Prompt, class_texts,
+                    consts: Optional[dict] = None, chunk: int = 256) -> Array:
+    """The learner's classifier [C, E] over every class of `class_texts`, computed once on the
+    host for per-seed constants: one jitted program over `chunk` class ids (the last chunk wraps
+    around to full size), so a long class list never encodes all its texts at once."""
+    encode = jax.jit(lambda cp, p, t, c, ids: learner.classifier(cp, p, t, ids, c))
+    n, rows = class_texts.num_classes, []
+    for start in range(0, n, chunk):
+        ids = jnp.arange(start, start + chunk) % n
+        rows.append(jax.device_get(encode(clip_params, prompt, class_texts, consts, ids))
+                    [:min(chunk, n - start)])
+    return jnp.asarray(jnp.concatenate([jnp.asarray(r) for r in rows]))
 
 
 def check_class_ids(class_ids: Array) -> Array:

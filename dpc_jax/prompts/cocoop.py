@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from dpc_jax.models.clip import cosine_logits, logit_scale, normalize
-from dpc_jax.prompts.base import ClassTexts, Prompt, check_class_ids, insert_context
+from dpc_jax.prompts.base import ClassTexts, LearnerInfo, Prompt, check_class_ids, insert_context
 from dpc_jax.prompts.coop import CoOp
 
 _WHERE = "config.backbone"
@@ -39,6 +39,13 @@ class CoCoOp(CoOp):
     """Conditional context optimisation: the context is shifted per image by a meta-net."""
 
     name = "cocoop"
+    info = LearnerInfo(display_name="CoCoOp", order=20, dept_inner=True,
+                       world={"backbone.epochs": 10, "backbone.batch_size": 8,
+                              "backbone.lr": 0.003},
+                       field_help={"n_ctx": "context tokens (ctx_init's BPE token count)",
+                                   "ctx_init": "words that initialise the context"})
+    # Its class texts depend on the image: `classify` conditions them on each image, and a
+    # wrapper (DePT) must ask for each image's own label text.
     text_needs_image = True
     dpc_unsupported = ("DPC on CoCoOp is not in the paper, and its slot logits would need the "
                        "text of every slot label conditioned on every slot image")

@@ -39,11 +39,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from dpc_jax.models.clip import normalize
-from dpc_jax.prompts.base import (Array, Prompt, PromptLearner, check_class_ids, config_field,
+from dpc_jax.prompts import capabilities
+from dpc_jax.prompts.base import (Array, LearnerContext, LearnerInfo, Prompt, PromptLearner,
+                                  check_class_ids, config_field,
                                   cross_entropy)
 
 _WHERE = "config.backbone"
-INNER = ("coop", "cocoop", "ivlp", "maple", "promptsrc")
 
 
 @flax.struct.dataclass
@@ -82,25 +83,39 @@ def head_logits(head: dict, features: Array, kernel: Optional[Array] = None,
     return jnp.dot(features, kernel, precision=precision) + bias
 
 
-class DePT(PromptLearner):
+def inner_learners() -> list:
+    """The learners DePT can wrap (those whose `info.dept_inner` says so)."""
+    from dpc_jax.prompts import registry  # the registry imports every learner module
+
+    return [n for n in registry.learner_names() if registry.get_learner(n).info.dept_inner]
+
+
+class DePT(capabilities.Stateful, capabilities.EpochHooks, capabilities.TorchFormat,
+           PromptLearner):
     """DePT's channel-wise head around an inner prompt learner."""
 
     name = "dept"
+    info = LearnerInfo(display_name="DePT", order=70,
+                       field_help={"inner": "the wrapped learner's config (its name: one of the "
+                                            "learners DePT wraps)",
+                                   "cos_weight": "weight of the cosine logits (the head's: 1 - "
+                                                 "cos_weight)",
+                                   "head_lr_scale": "the head's learning-rate multiplier"})
     dpc_unsupported = ("DePT fuses the base logits with a head tied to the base classes, which "
                        "DPC's prompt-level stage 2 neither trains nor can mix; run DPC on the "
                        "plain backbone (configs/dpc_<backbone>.py) for the comparison")
 
     def __init__(self, clip_config, tokenizer, config: ml_collections.ConfigDict):
         super().__init__(clip_config, tokenizer, config)
-        from dpc_jax.prompts import build_learner
+        from dpc_jax.prompts import registry
 
         inner = config_field(config, "inner", _WHERE)
-        if inner.get("name") not in INNER:
+        if inner.get("name") not in inner_learners():
             raise ValueError(f"{_WHERE}.inner.name={inner.get('name')!r}; DePT wraps one of "
-                             f"{list(INNER)}")
-        self.inner = build_learner(clip_config, tokenizer, inner)
+                             f"{inner_learners()}")
+        self.inner = registry.build_learner(clip_config, tokenizer, inner)
         self.uses_image_prompts = self.inner.uses_image_prompts
-        self.text_needs_image = self.inner.text_needs_image
+        self.text_needs_image = getattr(self.inner, "text_needs_image", False)
         self.cos_weight = float(config_field(config, "cos_weight", _WHERE))
         if not 0 <= self.cos_weight <= 1:
             raise ValueError(f"{_WHERE}.cos_weight={self.cos_weight!r}; expected a number in "
@@ -133,10 +148,10 @@ class DePT(PromptLearner):
                 "head": init_head(k_head, self.clip_config.embed_dim, num_classes)}
 
     def init_state(self, clip_params):
-        return self.inner.init_state(clip_params)
+        return capabilities.init_state(self.inner, clip_params)
 
-    def constants(self, clip_params, classnames: Sequence[str], teacher=None) -> dict:
-        return self.inner.constants(clip_params, classnames)
+    def constants(self, clip_params, context: LearnerContext) -> dict:
+        return self.inner.constants(clip_params, context)
 
     def lr_multipliers(self):
         return [("head/.*", self.head_lr_scale), (".*", 1.0)]
@@ -227,7 +242,7 @@ class DePT(PromptLearner):
         texts = class_texts.texts
         ids = jnp.arange(texts.num_classes)
         image = self.inner.image_features(clip_params, inner, images, state)
-        if self.inner.text_needs_image:  # CoCoOp: each image's own class texts
+        if self.text_needs_image:  # CoCoOp: each image's own class texts
             classifier = self.inner.classifier(clip_params, inner, texts, ids, consts)
             logits = self.inner.classify(clip_params, inner, classifier, image, consts)
             label_text = self.inner.conditioned_text_features(clip_params, inner, texts, image,
@@ -252,11 +267,12 @@ class DePT(PromptLearner):
 
     # -- epoch hooks: the inner learner's, on its prompt ---------------------------------------
     def init_extra(self, prompt: Prompt) -> dict:
-        return self.inner.init_extra(prompt["inner"])
+        return capabilities.epoch_hooks(self.inner).init_extra(prompt["inner"])
 
     def on_epoch_end(self, epoch: int, epochs: int, prompt: Prompt, extra: dict) -> dict:
-        return self.inner.on_epoch_end(epoch, epochs, prompt["inner"], extra)
+        return capabilities.epoch_hooks(self.inner).on_epoch_end(epoch, epochs, prompt["inner"],
+                                                                 extra)
 
     def final_prompt(self, prompt: Prompt, extra: dict) -> Prompt:
-        return {"inner": self.inner.final_prompt(prompt["inner"], extra),
+        return {"inner": capabilities.epoch_hooks(self.inner).final_prompt(prompt["inner"], extra),
                 "head": prompt["head"]}

@@ -32,9 +32,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dpc_jax.prompts.base import (PLACEHOLDER, ClassTexts, Prompt, PromptLearner,
+from dpc_jax.prompts.base import (PLACEHOLDER, ClassTexts, LearnerInfo, Prompt, PromptLearner,
                                   check_class_ids, class_texts_from_names, config_field,
                                   insert_context)
+from dpc_jax.prompts.capabilities import Dual, TorchFormat
 
 _WHERE = "config.backbone"
 PROMPT_STD = 0.02  # N(0, 0.02) init of deep and visual prompts (upstream nn.init.normal_)
@@ -193,10 +194,20 @@ class VisionPrompts:
         return out
 
 
-class IVLP(PhraseContextText, VisionPrompts, PromptLearner):
+class IVLP(PhraseContextText, VisionPrompts, Dual, TorchFormat, PromptLearner):
     """Independent vision-language prompting: free deep prompts on both towers."""
 
     name = "ivlp"
+    # The world CLIP has 2 text and 3 image blocks: the deepest prompts it can take; epochs and
+    # LR from a seed-1 sweep.
+    info = LearnerInfo(
+        display_name="IVLP", order=30, dept_inner=True,
+        world={"backbone.depth_text": 2, "backbone.depth_vision": 3, "backbone.epochs": 20,
+               "backbone.batch_size": 32, "backbone.lr": 0.001},
+        field_help={"n_ctx_text": "text prompt tokens", "n_ctx_vision": "image prompt tokens",
+                    "depth_text": "text blocks that take prompts",
+                    "depth_vision": "image blocks that take prompts",
+                    "ctx_init": "phrase that initialises the text context"})
     uses_image_prompts = True
     torch_layout = "ivlp"  # the key layout of `dpc_jax.convert.vlp_torch`
 

@@ -35,17 +35,24 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dpc_jax.prompts.base import DualRules, Prompt, PromptLearner, config_field
+from dpc_jax.prompts.base import DualRules, LearnerInfo, Prompt, PromptLearner, config_field
+from dpc_jax.prompts.capabilities import Dual, TorchFormat
 from dpc_jax.prompts.ivlp import PhraseContextText, check_leaf, positive_int
 
 _WHERE = "config.backbone"
 TOWER_LEAVES = ("ctx", "text_deep", "vision_ctx", "vision_deep")
 
 
-class MaPLe(PhraseContextText, PromptLearner):
+class MaPLe(PhraseContextText, Dual, TorchFormat, PromptLearner):
     """Multi-modal prompt learning: vision prompts coupled from the text prompts."""
 
     name = "maple"
+    info = LearnerInfo(
+        display_name="MaPLe", order=40, dept_inner=True,
+        world={"backbone.depth": 2, "backbone.epochs": 20, "backbone.batch_size": 32,
+               "backbone.lr": 0.003},
+        field_help={"n_ctx": "prompt tokens per block", "depth": "blocks that take prompts",
+                    "ctx_init": "phrase that initialises the text context"})
     uses_image_prompts = True
     torch_layout = "maple"
 

@@ -40,7 +40,8 @@ import numpy as np
 
 from dpc_jax.models.clip import cosine_logits, logit_scale, normalize
 from dpc_jax.models.tokenizer import trim_context
-from dpc_jax.prompts.base import Prompt, config_field, cross_entropy
+from dpc_jax.prompts.base import LearnerContext, LearnerInfo, Prompt, config_field, cross_entropy
+from dpc_jax.prompts.capabilities import EpochHooks
 from dpc_jax.prompts.ivlp import IVLP
 
 _WHERE = "config.backbone"
@@ -84,10 +85,19 @@ def promptsrc_loss(logits, zs_logits, text, text_target, image, image_target, la
     return ce + scl_text + scl_image + kl, terms
 
 
-class PromptSRC(IVLP):
+class PromptSRC(EpochHooks, IVLP):
     """IVLP prompts trained with PromptSRC's self-regulating loss and GPA."""
 
     name = "promptsrc"
+    info = LearnerInfo(
+        display_name="PromptSRC", order=50, dept_inner=True,
+        world={"backbone.depth_text": 2, "backbone.depth_vision": 3, "backbone.epochs": 20,
+               "backbone.batch_size": 32, "backbone.lr": 0.001},
+        field_help={**IVLP.info.field_help,
+                    "text_loss_weight": "weight of the text self-regulating term",
+                    "image_loss_weight": "weight of the image self-regulating term",
+                    "gpa_mean": "Gaussian prompt aggregation: mean epoch",
+                    "gpa_std": "Gaussian prompt aggregation: std in epochs"})
 
     def __init__(self, clip_config, tokenizer, config: ml_collections.ConfigDict):
         super().__init__(clip_config, tokenizer, config)
@@ -112,8 +122,8 @@ class PromptSRC(IVLP):
         return config
 
     # -- constants: the frozen text target of every training class -----------------------------
-    def constants(self, clip_params, classnames: Sequence[str], teacher=None) -> dict:
-        return {"text_target": self.frozen_text_target(clip_params, classnames)}
+    def constants(self, clip_params, context: LearnerContext) -> dict:
+        return {"text_target": self.frozen_text_target(clip_params, context.classnames)}
 
     def frozen_text_target(self, clip_params, classnames: Sequence[str]) -> jax.Array:
         """g [C, E]: frozen CLIP's un-normalised features averaged over the templates, then

@@ -143,7 +143,7 @@ def stretch_end(step: int, total: int, capacity: int, epoch_steps: int, checkpoi
 def train_loop(*, name: str, stage: checkpoints.StageDir, steps_fn: Callable,
                schedule: Callable, train_state: dict, extra: dict, consts, n: int,
                global_batch: int, epoch_steps: int, epochs: int,
-               seed: int, mesh: Mesh, config, learner=None, hooks: Sequence[Callable] = (),
+               seed: int, mesh: Mesh, config, epoch_hooks=None, hooks: Sequence[Callable] = (),
                epoch_hook: Optional[Callable] = None, stream=None):
     """Run (or resume) one training stage. `train_state` {'params', 'opt_state', 'state'} and
     `extra` (the epoch-hook carry) are host trees; returns their final values (host arrays).
@@ -157,7 +157,8 @@ def train_loop(*, name: str, stage: checkpoints.StageDir, steps_fn: Callable,
     would hold S image batches on the host and device; a resumed run streams from its step on,
     so it computes the same numbers).
 
-    `learner.on_epoch_end` (if a learner is given) runs after every epoch, then
+    `epoch_hooks.on_epoch_end` (stage 1: the learner's `capabilities.epoch_hooks`) runs after
+    every epoch, then
     `epoch_hook(epoch, {'params', 'state'}, extra) -> extra` (model selection: it keeps its
     record under `extra[SELECTION]`, checkpointed with the stage); each hook in `hooks`
     is called as hook(name=..., step=..., start=..., total=...) after every step (those inside
@@ -184,7 +185,7 @@ def train_loop(*, name: str, stage: checkpoints.StageDir, steps_fn: Callable,
     log = MetricLog(stage.path, resume_step=start)
     bar = progress_bar(total=total, initial=start, desc=name, enabled=config.progress)
     capacity = stretch_capacity(config, stream)
-    at_epoch_ends = learner is not None or epoch_hook is not None
+    at_epoch_ends = epoch_hooks is not None or epoch_hook is not None
     order, order_epoch = None, -1
     t0 = time.time()
     step = start
@@ -233,9 +234,9 @@ def train_loop(*, name: str, stage: checkpoints.StageDir, steps_fn: Callable,
             if step % epoch_steps == 0 and at_epoch_ends:
                 # A host copy: the device buffers are donated to the next call.
                 current = checkpoints.host(device_state["params"])
-                if learner is not None:  # the learner's carry, without the trainer's entry
+                if epoch_hooks is not None:  # the learner's carry, without the trainer's entry
                     kept = {k: v for k, v in extra.items() if k == SELECTION}
-                    extra = {**learner.on_epoch_end(
+                    extra = {**epoch_hooks.on_epoch_end(
                         epoch, epochs, current,
                         {k: v for k, v in extra.items() if k != SELECTION}), **kept}
                 if epoch_hook is not None:

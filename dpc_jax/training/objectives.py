@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from dpc_jax.data import augment
+from dpc_jax.prompts import capabilities
 from dpc_jax.training import dhno
 
 
@@ -49,6 +50,7 @@ def dpc_objective(learner, dual, res: int, top_k: int, policy: str, crop_scale=(
     for name, value in (("dedupe_text", dedupe_text), ("compact_negatives", compact_negatives)):
         if not isinstance(value, bool):
             raise ValueError(f"config.dpc.{name}={value!r}; expected True or False")
+    hooks = capabilities.dual(learner)
 
     def forward(params, state, consts, batch, key):
         """The step's loss and what DHNO decided: {'loss', 'scores' [B, C] (the scorer's
@@ -64,7 +66,7 @@ def dpc_objective(learner, dual, res: int, top_k: int, policy: str, crop_scale=(
         #    scorer's image features are the anchors' own features.
         anchor_feats = learner.image_features(clip_params, prompt, anchors, state)
         if learner.uses_image_prompts:
-            scorer_feats = learner.scorer_image_features(clip_params, backbone, anchors, state,
+            scorer_feats = hooks.scorer_image_features(clip_params, backbone, anchors, state,
                                                          lconsts)
         else:
             scorer_feats = anchor_feats
@@ -77,7 +79,7 @@ def dpc_objective(learner, dual, res: int, top_k: int, policy: str, crop_scale=(
                                               train["class_counts"], negatives, valid)
         b = idx.shape[0]
         neg_images = train["images"][neg_idx.reshape(-1)]
-        if learner.augment_negatives:
+        if hooks.augment_negatives:
             neg_images = augment.random_resized_crop_flip(k_neg_aug, neg_images, res, crop_scale)
         else:  # the test transform (PromptKD+DPC as released)
             neg_images = augment.center_normalize(neg_images, res)
@@ -109,7 +111,7 @@ def dpc_objective(learner, dual, res: int, top_k: int, policy: str, crop_scale=(
                                            texts.num_classes, b, diff=prompt)
         else:
             slot_text = encode_texts(prompt, slot_labels)
-        logits = learner.pair_logits(clip_params, prompt, slot_images, slot_text, lconsts)
+        logits = hooks.pair_logits(clip_params, prompt, slot_images, slot_text, lconsts)
         return {"loss": dhno.symmetric_infonce(logits, slot_valid), "scores": scores,
                 "negatives": negatives, "valid": valid}
 

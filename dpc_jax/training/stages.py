@@ -24,7 +24,8 @@ from dpc_jax.evaluation import protocols
 from dpc_jax.evaluation.evaluator import Evaluator
 from dpc_jax.evaluation.results import scores
 from dpc_jax.models.clip import CLIPConfig
-from dpc_jax.prompts import DualPrompt, PromptLearner, ZeroShotCLIP, build_learner, get_learner
+from dpc_jax.prompts import (DualPrompt, LearnerContext, PromptLearner, ZeroShotCLIP,
+                             build_learner, capabilities, get_learner, learner_names)
 from dpc_jax.training import masks, objectives, optim
 from dpc_jax.training.ahead import AheadProgram
 from dpc_jax.training.checkpoints import StageDir, host, read_stage_meta
@@ -54,7 +55,8 @@ class Run:
 
     def __post_init__(self):
         extra = {}
-        if get_learner(self.config.backbone.get("name", "")).needs_teacher and self.teacher is None:
+        distils = capabilities.distils(get_learner(self.config.backbone.get("name", "")))
+        if distils and self.teacher is None:
             self.teacher = teacher_run(self)
         if self.teacher is not None:
             extra["teacher"] = self.teacher.learner
@@ -63,7 +65,9 @@ class Run:
         if self.learner.train_split not in TRAIN_SPLITS:
             raise ValueError(f"config.backbone.name={self.learner.name!r} trains on the "
                              f"{self.learner.train_split!r} split; supported: {TRAIN_SPLITS}")
-        self.dual = DualPrompt(self.config.dpc, self.learner.dual_rules())
+        rules = (self.learner.dual_rules() if isinstance(self.learner, capabilities.Dual)
+                 else None)
+        self.dual = DualPrompt(self.config.dpc, rules)
         self.res = self.clip_config.image_resolution
         self.evaluator = Evaluator(self.clip_params, self.res, self.mesh, self.config)
         self._steps: Dict[tuple, tuple] = {}
@@ -204,18 +208,19 @@ class SeedRun:
             names = list(self.base.classnames)
             if learner.train_split == "unlabeled":  # transductive: every class
                 names += list(self.new.classnames)
-            if learner.needs_teacher:
+            if capabilities.distils(learner):
                 kw["teacher"] = {"clip": run.teacher.clip_params,
                                  "prompt": replicate(self.teacher_prompt(), run.mesh)}
-            self._consts = replicate(learner.constants(run.clip_params, names, **kw), run.mesh)
+            context = LearnerContext(dataset=run.config.dataset, classnames=tuple(names),
+                                     templates=tuple(self.base.templates), **kw)
+            self._consts = replicate(learner.constants(run.clip_params, context), run.mesh)
         return self._consts
 
     def teacher(self) -> "SeedRun":
         """The teacher's seed (its stage directory is W/seed_N/teacher/backbone)."""
         if self.run.teacher is None:
             raise ValueError(f"config.backbone.name={self.run.config.backbone.name!r} has no "
-                             f"teacher; the 'teacher' stage is for learners that distil "
-                             f"(promptkd)")
+                             f"teacher; the 'teacher' stage is for learners that distil")
         if self._teacher is None:
             self._teacher = SeedRun(run=self.run.teacher, seed=self.seed,
                                     seed_dir=os.path.join(self.seed_dir, "teacher"),
@@ -223,7 +228,7 @@ class SeedRun:
         return self._teacher
 
     def teacher_prompt(self):
-        """The teacher's frozen prompt: trained (or restored) by its PromptSRC stage 1, or read
+        """The teacher's frozen prompt: trained (or restored) by its own stage 1, or read
         from `config.backbone.teacher.init_from`."""
         if self._teacher_prompt is None:
             teacher = self.teacher()
@@ -240,7 +245,7 @@ class SeedRun:
 
     def unlabeled_set(self) -> TrainSet:
         """The training split of all classes (labels kept only for the per-class table):
-        stage 1 of learners with train_split 'unlabeled' (PromptKD)."""
+        stage 1 of learners with train_split 'unlabeled'."""
         if self._unlabeled_set is None:
             size = self.run.config.stored_size or self.run.res
             split = load_unlabeled(self.run.config, self.seed)
@@ -325,7 +330,7 @@ class SeedRun:
 
     def selection_hook(self, selection: str) -> Callable:
         """The epoch hook of stage-1 model selection: evaluate the epoch's prompt on the base
-        test split (the released PromptKD's choice) or the base validation split, and keep the
+        test split (a released learner's choice) or the base validation split, and keep the
         best (the first on ties) in `extra['selection']`."""
         split, key = ((self.base.test, f"seed {self.seed} base") if selection == "best_base_test"
                       else (self.base.val, f"seed {self.seed} base val"))
@@ -357,7 +362,7 @@ class SeedRun:
                 "consts": {**self.train_consts(stage_id), **(more_consts or {})}, "set": ts}
 
     def train(self, stage_id: int, params, lstate, extra, batch_size: int, batch_field: str,
-              epochs: int, name: str, learner=None, more_consts: Optional[dict] = None,
+              epochs: int, name: str, epoch_hooks=None, more_consts: Optional[dict] = None,
               epoch_hook: Optional[Callable] = None):
         inputs = self.stage_inputs(stage_id, params, lstate, batch_size, batch_field,
                                    more_consts)
@@ -368,7 +373,7 @@ class SeedRun:
                           consts=inputs["consts"], n=ts.size,
                           global_batch=batch_size * self.run.mesh.size, stream=ts.stream,
                           epoch_steps=inputs["epoch_steps"], epochs=epochs, seed=self.seed,
-                          mesh=self.run.mesh, config=self.run.config, learner=learner,
+                          mesh=self.run.mesh, config=self.run.config, epoch_hooks=epoch_hooks,
                           hooks=self.run.hooks, epoch_hook=epoch_hook)
 
     def compile_dpc_ahead(self, stage1_params, lstate, extra) -> None:
@@ -381,7 +386,8 @@ class SeedRun:
                 or read_stage_meta(self.stage_dir(DPC).path) is not None):
             return
         try:  # a speedup only: a stand-in that cannot be built must not stop the run
-            backbone = dpc_backbone(self, self.run.learner.final_prompt(stage1_params, extra))
+            backbone = dpc_backbone(self, capabilities.epoch_hooks(self.run.learner).final_prompt(
+                stage1_params, extra))
             init = dpc_init(self, backbone)
             steps_fn = self.run.step(DPC, init, self.stage_set(DPC).size, cfg.batch_size,
                                      "batch_size")[0]
@@ -412,13 +418,14 @@ def backbone_prompt(sr: SeedRun, train: bool):
     a PyTorch checkpoint (`config.backbone.init_from`)."""
     cfg, learner = sr.run.config, sr.run.learner
     clip_params = sr.run.clip_params
-    init_state = host(learner.init_state(clip_params))
+    init_state = host(capabilities.init_state(learner, clip_params))
     if cfg.backbone.init_from:
-        prompt, state = learner.load_torch_backbone(cfg.backbone.init_from, sr.base.num_classes)
+        prompt, state = capabilities.torch_format(learner).load_torch_backbone(
+            cfg.backbone.init_from, sr.base.num_classes)
         return prompt, init_state if state is None else host(state)
     init = host(learner.init(jax.random.fold_in(jax.random.key(sr.seed), 101), clip_params,
                              sr.base.num_classes))
-    extra = host(learner.init_extra(init))
+    extra = host(capabilities.epoch_hooks(learner).init_extra(init))
     selection = model_selection(cfg)
     if selection != "last":
         extra[SELECTION] = {"accuracy": np.asarray(-1, np.float32),
@@ -433,7 +440,8 @@ def backbone_prompt(sr: SeedRun, train: bool):
         sr.compile_dpc_ahead(init, init_state, extra)
     out, extra = sr.train(BACKBONE, init, init_state, extra, cfg.backbone.batch_size,
                           "backbone.batch_size", cfg.backbone.epochs,
-                          f"seed {sr.seed} backbone ({cfg.backbone.name})", learner=learner,
+                          f"seed {sr.seed} backbone ({cfg.backbone.name})",
+                          epoch_hooks=capabilities.epoch_hooks(learner),
                           epoch_hook=None if selection == "last" else sr.selection_hook(selection))
     return _selected(sr, learner, out["params"], out["state"], extra)
 
@@ -443,8 +451,8 @@ def model_selection(cfg) -> str:
     value = cfg.backbone.get("selection", "last")
     if value not in SELECTIONS:
         raise ValueError(f"config.backbone.selection={value!r}; expected one of {SELECTIONS} "
-                         f"('best_base_test' reproduces the released PromptKD, which selects "
-                         f"on test data)")
+                         f"('best_base_test' reproduces released code that selects on test "
+                         f"data)")
     return value
 
 
@@ -456,7 +464,7 @@ def _selected(sr: SeedRun, learner, params, state, extra):
         tqdm.write(f"seed {sr.seed} backbone: selected epoch {int(best['epoch'])} "
                    f"(base accuracy {float(best['accuracy']):.2f} on the selection split)")
         return best["params"], best["state"]
-    return learner.final_prompt(params, extra), state
+    return capabilities.epoch_hooks(learner).final_prompt(params, extra), state
 
 
 def run_backbone(sr: SeedRun, train: bool = True) -> dict:
@@ -479,18 +487,20 @@ def check_dpc_import(cfg, learner) -> None:
     path = cfg.dpc.get("init_from", "")
     if not path:
         return
-    if not learner.torch_dpc_trainer:
+    trainer = capabilities.torch_dpc_trainer(learner)
+    if not trainer:
+        having = [n for n in learner_names() if capabilities.torch_dpc_trainer(get_learner(n))]
         raise ValueError(f"config.dpc.init_from={path!r}: the {learner.name!r} learner has no "
-                         f"importer of PyTorch DPC stage-2 checkpoints (only promptkd: "
-                         f"StackSPLE_PromptKD); leave config.dpc.init_from empty and train "
+                         f"importer of PyTorch DPC stage-2 checkpoints (learners with one: "
+                         f"{', '.join(having)}); leave config.dpc.init_from empty and train "
                          f"stage 2 here")
     if cfg.dpc.mode != "reference":
         raise ValueError(f"config.dpc.init_from={path!r} with config.dpc.mode="
-                         f"{cfg.dpc.mode!r}: a released {learner.torch_dpc_trainer} file stores "
+                         f"{cfg.dpc.mode!r}: a released {trainer} file stores "
                          f"the released ('reference', converse) parameterisation; set "
                          f"config.dpc.mode='reference'")
     stage1 = {"backbone.init_from": cfg.backbone.init_from}
-    if learner.needs_teacher:
+    if capabilities.distils(learner):
         stage1["backbone.teacher.init_from"] = cfg.backbone.teacher.init_from
     for field, value in stage1.items():
         if not value:
@@ -506,14 +516,15 @@ def dpc_model(sr: SeedRun, train: bool):
     """Stage 2's (params, base_state, new_state): DPC parameters {'backbone', 'parallel'} and
     the learner states of base and new evaluation. Trained here, restored, or imported from a
     released stage-2 checkpoint (`config.dpc.init_from`: evaluated, never trained; its own
-    state, e.g. PromptKD's stage-2 BatchNorm statistics, serves the base classes). Otherwise
+    state, e.g. stage-2 BatchNorm statistics, serves the base classes). Otherwise
     both states are stage 1's (frozen in stage 2)."""
     cfg, learner = sr.run.config, sr.run.learner
     backbone, lstate = backbone_prompt(sr, train=False)
     backbone, lstate = dpc_backbone(sr, backbone), host(lstate)
     if cfg.dpc.get("init_from", ""):
         check_dpc_import(cfg, learner)
-        parallel, state = learner.load_torch_dpc(cfg.dpc.init_from)
+        parallel, state = capabilities.torch_dpc_format(learner).load_torch_dpc(
+            cfg.dpc.init_from)
         return ({"backbone": backbone, "parallel": parallel},
                 lstate if state is None else state, lstate)
     init = dpc_init(sr, backbone)
@@ -529,13 +540,14 @@ def dpc_model(sr: SeedRun, train: bool):
 
 def dpc_backbone(sr: SeedRun, prompt):
     """Stage 1's prompt P as stage 2 holds it (the learner's `dpc_backbone`), a host tree."""
-    return host(sr.run.learner.dpc_backbone(host(prompt), sr.consts))
+    return host(capabilities.dual(sr.run.learner).dpc_backbone(host(prompt), sr.consts))
 
 
 def dpc_init(sr: SeedRun, backbone):
     """Stage 2's initial parameters {'backbone', 'parallel'} from P (after the learner's
     `dpc_backbone`): `DualPrompt.init`, then the learner's `dpc_init`."""
-    return sr.run.learner.dpc_init(sr.run.dual.init(backbone), sr.run.config.dpc,
+    return capabilities.dual(sr.run.learner).dpc_init(sr.run.dual.init(backbone),
+                                                      sr.run.config.dpc,
                                    jax.random.fold_in(jax.random.key(sr.seed), 202))
 
 
@@ -543,7 +555,8 @@ def dpc_scorer(sr: SeedRun, backbone, shape: bool = False):
     """The frozen stage-1 classifier over the base classes that DHNO ranks with, replicated;
     with `shape`, only its `jax.ShapeDtypeStruct`s (for a program compiled ahead)."""
     run, learner = sr.run, sr.run.learner
-    prompt = replicate(learner.scorer_prompt(backbone, run.config.dpc, sr.consts), run.mesh)
+    prompt = replicate(capabilities.dual(learner).scorer_prompt(backbone, run.config.dpc,
+                                                                sr.consts), run.mesh)
     if not shape:
         return replicate(run.evaluator.classifier(learner, prompt, sr.base_texts, sr.consts),
                          run.mesh)

@@ -24,7 +24,7 @@ from dpc_jax.evaluation import protocols
 from dpc_jax.models.clip import ATTENTIONS, CLIPConfig
 from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import dpc as dpc_lib
-from dpc_jax.prompts import get_learner
+from dpc_jax.prompts import capabilities, get_learner
 from dpc_jax.training import checkpoints, compile_cache
 from dpc_jax.training import stages as stages_lib
 from dpc_jax.training.checkpoints import WorkdirLock, write_json
@@ -186,14 +186,15 @@ def preflight(sr: stages_lib.SeedRun, stages, train: bool) -> None:
     """Checks that need the data, run before any stage trains (nothing is half-done on error)."""
     cfg, n, devices = sr.run.config, len(sr.base.train), sr.run.mesh.size
     learner = sr.run.learner
-    if "teacher" in stages and not learner.needs_teacher:
+    if "teacher" in stages and not capabilities.distils(learner):
         raise ValueError(f"config.stages={cfg.stages!r} includes 'teacher', but the "
-                         f"{cfg.backbone.name!r} learner has no teacher (only distilling "
-                         f"learners such as promptkd do)")
-    if "dpc" in stages and sr.run.learner.dpc_unsupported:
+                         f"{cfg.backbone.name!r} learner has no teacher (only learners that "
+                         f"distil do)")
+    if "dpc" in stages and capabilities.dpc_unsupported(learner):
         raise ValueError(f"config.stages={cfg.stages!r} includes 'dpc', which the "
                          f"{cfg.backbone.name!r} learner does not support: "
-                         f"{sr.run.learner.dpc_unsupported}; use config.stages=zeroshot,backbone")
+                         f"{capabilities.dpc_unsupported(learner)}; use "
+                         f"config.stages=zeroshot,backbone")
     if ("dpc" in stages and "backbone" not in stages and not cfg.backbone.init_from
             and checkpoints.read_stage_meta(os.path.join(sr.seed_dir, "backbone")) is None):
         raise ValueError(f"config.stages={cfg.stages!r}: stage 'dpc' needs stage 1, and "
@@ -201,7 +202,7 @@ def preflight(sr: stages_lib.SeedRun, stages, train: bool) -> None:
                          f"'backbone' to config.stages (e.g. backbone,dpc), or set "
                          f"config.backbone.init_from to a PyTorch stage-1 checkpoint")
     if "dpc" in stages:
-        learner.check_dpc_config(cfg.dpc)
+        capabilities.dual(learner).check_dpc_config(cfg.dpc)
         stages_lib.check_dpc_import(cfg, learner)
     if "dpc" in stages and cfg.dhno.top_k >= sr.base.num_classes:
         raise ValueError(
@@ -215,7 +216,7 @@ def preflight(sr: stages_lib.SeedRun, stages, train: bool) -> None:
         if learner.train_split == "unlabeled":
             size = len(load_unlabeled(cfg, sr.seed))
         checks.append(("backbone.batch_size", cfg.backbone.batch_size, size))
-    if learner.needs_teacher and not cfg.backbone.teacher.init_from:
+    if capabilities.distils(learner) and not cfg.backbone.teacher.init_from:
         checks.append(("backbone.teacher.batch_size", cfg.backbone.teacher.batch_size, n))
     if "dpc" in stages:
         checks.append(("batch_size", cfg.batch_size, n))
@@ -350,7 +351,8 @@ def export_backbone(config: ml_collections.ConfigDict, workdir: str) -> list:
         sr = stages_lib.SeedRun.create(run, seed, workdir, train_mode=False)
         prompt, state = stages_lib.backbone_prompt(sr, train=False)
         if jax.process_index() == 0:
-            paths.append(run.learner.export_torch_prompt(
+            exporter = capabilities.torch_format(run.learner, "config.mode=export")
+            paths.append(exporter.export_torch_prompt(
                 prompt, os.path.join(sr.seed_dir, "torch"), config.backbone.epochs,
                 state=state))
             tqdm.write(f"seed {seed}: wrote {paths[-1]}")
@@ -359,9 +361,10 @@ def export_backbone(config: ml_collections.ConfigDict, workdir: str) -> list:
 
 def exports_dpc(config: ml_collections.ConfigDict) -> bool:
     """Whether export mode also writes stage 2: 'dpc' is a configured stage and the learner
-    has a released DPC trainer's layout (PromptKD: StackSPLE_PromptKD)."""
+    has a released DPC trainer's layout."""
     learner = get_learner(config.backbone.get("name", ""))
-    return "dpc" in parse_list(config.stages, "stages", STAGES) and bool(learner.torch_dpc_trainer)
+    return ("dpc" in parse_list(config.stages, "stages", STAGES)
+            and bool(capabilities.torch_dpc_trainer(learner)))
 
 
 def export_dpc(config: ml_collections.ConfigDict, workdir: str) -> list:
@@ -380,7 +383,8 @@ def export_dpc(config: ml_collections.ConfigDict, workdir: str) -> list:
         sr = stages_lib.SeedRun.create(run, seed, workdir, train_mode=False)
         params, base_state, _ = stages_lib.dpc_model(sr, train=False)
         if jax.process_index() == 0:
-            paths.append(run.learner.export_torch_dpc(
+            exporter = capabilities.torch_dpc_format(run.learner, "config.mode=export")
+            paths.append(exporter.export_torch_dpc(
                 params["parallel"], base_state, os.path.join(sr.seed_dir, "torch", "dpc"),
                 config.dpc.epochs))
             tqdm.write(f"seed {seed}: wrote {paths[-1]}")
