@@ -42,7 +42,8 @@ from dpc_jax.models.tokenizer import Tokenizer, write_vocab_from_openai_bpe
 from dpc_jax.prompts import get_learner
 from dpc_jax.prompts.dpc import DualPrompt
 from dpc_jax.evaluation.evaluator import Evaluator
-from dpc_jax.training import dhno, masks, objectives, stages, step as step_lib
+from dpc_jax.training import dhno, masks, objectives, step as step_lib
+from dpc_jax.training.run import stage_optimizer
 
 
 def _bpe_tokenizer() -> Tokenizer:
@@ -109,7 +110,7 @@ def build(arch: str, num_classes: int, batch: int, top_k: int, layers=None, seed
                         "class_table": jnp.asarray(table), "class_counts": jnp.asarray(counts)}}
     mask = masks.trainable_mask(params, DualPrompt.trainable_rules())
     epoch_steps = max(1, len(labels) // batch)
-    optimizer, _ = stages._optimizer(_optim_cfg(), "dpc", 0.002, 20, epoch_steps, mask)
+    optimizer, _ = stage_optimizer(_optim_cfg(), "dpc", 0.002, 20, epoch_steps, mask)
     loss_fn = objectives.dpc_objective(learner, dpc, res, top_k, "reference",
                                        dedupe_text=dedupe_text,
                                        compact_negatives=compact_negatives)

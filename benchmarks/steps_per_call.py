@@ -23,7 +23,9 @@ import jax
 import numpy as np
 
 from dpc_jax.prompts import capabilities
-from dpc_jax.training import checkpoints, objectives, stages, train_lib
+from dpc_jax.training import checkpoints, objectives, train_lib
+from dpc_jax.training.run import DPC
+from dpc_jax.training.seed import SeedRun
 from dpc_jax.training.step import make_per_device_step, map_step, replicate, shard_batch
 
 
@@ -32,7 +34,7 @@ def build(seed: int = 1):
     cfg = train_lib.load_config("configs/dpc_coop.py")
     cfg.progress = False
     run = train_lib._build_run(cfg)
-    sr = stages.SeedRun.create(run, seed, tempfile.mkdtemp(), train_mode=False)
+    sr = SeedRun.create(run, seed, tempfile.mkdtemp(), train_mode=False)
     learner, clip_params = run.learner, run.clip_params
     prompt = checkpoints.host(learner.init(jax.random.key(seed), clip_params,
                                            sr.base.num_classes))
@@ -43,13 +45,13 @@ def build(seed: int = 1):
     scorer = run.evaluator.classifier(
         learner, replicate(dual.scorer_prompt(backbone, cfg.dpc, sr.consts), run.mesh),
         sr.base_texts, sr.consts)
-    n = sr.stage_set(stages.DPC).size
-    steps_fn, optimizer, _, mask, _ = run.step(stages.DPC, params, n, cfg.batch_size,
-                                               "batch_size")
+    n = sr.stage_set(DPC).size
+    program = run.program(DPC, params, n, cfg.batch_size, "batch_size")
+    steps_fn, optimizer, mask = program.program, program.optimizer, program.mask
     objective = objectives.dpc_objective(learner, run.dual, run.res, cfg.dhno.top_k,
                                          cfg.dhno.policy, tuple(cfg.crop_scale))
     step_fn = map_step(make_per_device_step(objective, optimizer, mask), run.mesh)
-    consts = {**sr.train_consts(stages.DPC), "scorer": replicate(scorer, run.mesh)}
+    consts = {**sr.train_consts(DPC), "scorer": replicate(scorer, run.mesh)}
     state = checkpoints.host({"params": params, "opt_state": optimizer.init(params),
                               "state": lstate})
     return step_fn, steps_fn, state, consts, run.mesh, n, cfg.batch_size * run.mesh.size

@@ -71,9 +71,9 @@ def test_every_config_file_builds_and_shape_checks(path):
     tok = Tokenizer.from_pretrained(train_lib.world_assets_dir(), context_length=77)
     kw, teacher = {}, None
     if "teacher" in c.backbone:  # a distilling learner: its teacher on the shipped teacher CLIP
-        from dpc_jax.training import stages
+        from dpc_jax.training import teacher as teacher_lib
 
-        tconfig = stages.teacher_config(c)
+        tconfig = teacher_lib.teacher_config(c)
         tclip_config, tclip = train_lib.load_clip(tconfig.clip)
         kw["teacher"] = build_learner(tclip_config, tok, tconfig.backbone)
         teacher = {"clip": tclip, "prompt": kw["teacher"].init(jax.random.key(2), tclip)}

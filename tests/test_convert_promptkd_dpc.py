@@ -384,31 +384,31 @@ def test_expected_and_export_argument_errors(tmp_path):
 
 def test_config_dpc_init_from_is_checked_before_anything_runs():
     from dpc_jax.prompts import get_learner
-    from dpc_jax.training import stages, train_lib
+    from dpc_jax.training import stage2, train_lib
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = train_lib.load_config(os.path.join(root, "configs", "dpc_promptkd.py"))
     promptkd = get_learner("promptkd")
-    stages.check_dpc_import(cfg, promptkd)  # empty: nothing to check
+    stage2.check_dpc_import(cfg, promptkd)  # empty: nothing to check
     cfg.dpc.init_from = "/runs/dpc/VLPromptLearner/model-best.pth.tar"
     with pytest.raises(ValueError, match=r"needs config\.backbone\.init_from: the stage-1 "
                                          r"PyTorch file that stage 2 started from"):
-        stages.check_dpc_import(cfg, promptkd)
+        stage2.check_dpc_import(cfg, promptkd)
     cfg.backbone.init_from = "/runs/kd/VLPromptLearner/model-best.pth.tar"
     with pytest.raises(ValueError, match=r"needs config\.backbone\.teacher\.init_from"):
-        stages.check_dpc_import(cfg, promptkd)
+        stage2.check_dpc_import(cfg, promptkd)
     cfg.backbone.teacher.init_from = cfg.dpc.init_from
     with pytest.raises(ValueError, match=r"config\.backbone\.teacher\.init_from and "
                                          r"config\.dpc\.init_from are the same file"):
-        stages.check_dpc_import(cfg, promptkd)
+        stage2.check_dpc_import(cfg, promptkd)
     cfg.backbone.teacher.init_from = "/teacher_model/X/VLPromptLearner/model-best.pth.tar"
-    stages.check_dpc_import(cfg, promptkd)
+    stage2.check_dpc_import(cfg, promptkd)
     cfg.dpc.mode = "paper"
     with pytest.raises(ValueError, match=r"config\.dpc\.mode='paper': a released "
                                          r"StackSPLE_PromptKD file stores the released"):
-        stages.check_dpc_import(cfg, promptkd)
+        stage2.check_dpc_import(cfg, promptkd)
     coop = train_lib.load_config(os.path.join(root, "configs", "dpc_coop.py"))
     coop.dpc.init_from = "/runs/x/prompt_learner/model.pth.tar-20"
     with pytest.raises(ValueError, match=r"the 'coop' learner has no importer of PyTorch DPC "
-                                         r"stage-2 checkpoints \(only promptkd"):
-        stages.check_dpc_import(coop, get_learner("coop"))
+                                         r"stage-2 checkpoints \(learners with one: promptkd\)"):
+        stage2.check_dpc_import(coop, get_learner("coop"))

@@ -43,12 +43,13 @@ def run(tmp_path, bad_step, total=8, stop_at=None, bad_loss_step=-1, steps_per_c
             raise Interrupted(step)
 
     stage = checkpoints.StageDir(str(tmp_path / "stage"), 1, c)
-    return stage, lambda: loop.train_loop(
-        name="toy", stage=stage, steps_fn=map_steps(toy_step(bad_step, bad_loss_step)),
-        schedule=lambda s: 0.1,
-        train_state={"params": {"w": np.zeros(3, np.float32)},
-                     "opt_state": {"count": np.zeros((), np.int32)}, "state": {}},
-        extra={}, consts={}, n=total, global_batch=1, epoch_steps=total, epochs=1, seed=1,
+    return stage, lambda: loop.run_stage(
+        loop.Stage(name="toy", directory=stage,
+                   program=map_steps(toy_step(bad_step, bad_loss_step)),
+                   schedule=lambda s: 0.1, consts={}, train_size=total, global_batch=1,
+                   epoch_steps=total, epochs=1),
+        {"params": {"w": np.zeros(3, np.float32)},
+         "opt_state": {"count": np.zeros((), np.int32)}, "state": {}}, {}, seed=1,
         mesh=make_mesh(), config=c, hooks=(stop,))
 
 

@@ -4,7 +4,7 @@ parameters, the optimiser state and the epoch-hook carry, also when it is stoppe
 stretch and resumed; and every stretch length is one compiled program.
 
 The step is the trainer's own (`make_per_device_step`, `map_step`, the Dassl SGD with a frozen
-leaf, `train_loop` with its checkpoints); the objective is a small softmax regression whose
+leaf, `run_stage` with its checkpoints); the objective is a small softmax regression whose
 inputs are jittered with the step key, so that a step given another key, batch or state than
 its own gives other numbers."""
 
@@ -94,13 +94,13 @@ def train(setup, path, steps_per_call, with_hook, hooks=()):
     c = small_config(steps_per_call=steps_per_call)  # logs every step, saves every 4
     stage = checkpoints.StageDir(str(path), 2, c)
     params = setup["params"]
-    return loop.train_loop(
-        name="toy", stage=stage, steps_fn=setup["steps_fn"], schedule=setup["schedule"],
-        train_state={"params": params, "opt_state": checkpoints.host(
-            setup["optimizer"].init(params)), "state": {}},
-        extra=start_extra(), consts=setup["consts"], n=N, global_batch=GLOBAL_BATCH,
-        epoch_steps=EPOCH_STEPS, epochs=EPOCHS, seed=1, mesh=setup["mesh"], config=c,
-        epoch_hook=epoch_hook if with_hook else None, hooks=hooks)
+    return loop.run_stage(
+        loop.Stage(name="toy", directory=stage, program=setup["steps_fn"],
+                   schedule=setup["schedule"], consts=setup["consts"], train_size=N,
+                   global_batch=GLOBAL_BATCH, epoch_steps=EPOCH_STEPS, epochs=EPOCHS,
+                   epoch_hook=epoch_hook if with_hook else None),
+        {"params": params, "opt_state": checkpoints.host(setup["optimizer"].init(params)),
+         "state": {}}, start_extra(), seed=1, mesh=setup["mesh"], config=c, hooks=hooks)
 
 
 def without_seconds(records):

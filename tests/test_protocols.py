@@ -70,8 +70,8 @@ def trained(tmp_path_factory):
             built.append((np.asarray(split.labels), num_classes))
             return make(split, num_classes, *a, **kw)
 
-        from dpc_jax.training import stages
-        mp.setattr(stages, "make_train_set", record)
+        from dpc_jax.training import seed
+        mp.setattr(seed, "make_train_set", record)
         spy = Spy(mp)
         results = train_lib.train_and_evaluate(tiny(protocol="few_shot"), workdir)
     return workdir, results, built, spy

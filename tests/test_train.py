@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from dpc_jax.training import checkpoints, train_lib
-from dpc_jax.training import stages as stages_lib
+from dpc_jax.training import stage2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DPC_COOP = os.path.join(REPO, "configs", "dpc_coop.py")
@@ -158,8 +158,8 @@ def test_a_stand_in_that_fails_skips_compile_ahead_and_the_run_goes_on(tmp_path,
             raise RuntimeError("no stand-in")
         return real(sr, backbone)
 
-    real = stages_lib.dpc_scorer
-    monkeypatch.setattr(stages_lib, "dpc_scorer", shape_fails)
+    real = stage2.dpc_scorer
+    monkeypatch.setattr(stage2, "dpc_scorer", shape_fails)
     results, lowered = lowered_during(lambda: train_lib.train_and_evaluate(
         small_config(), str(tmp_path)))
     assert calls == [1]
@@ -244,23 +244,23 @@ def test_one_and_four_devices_give_the_same_per_device_losses(tmp_path):
     script = textwrap.dedent("""
         import json, sys
         import jax, jax.numpy as jnp, numpy as np
-        from dpc_jax.training import train_lib as T, stages as S, step as ST
+        from dpc_jax.training import train_lib as T, objectives, run as R, seed as S, step as ST
         assert jax.device_count() == 4, jax.devices()
         c = T.load_config("configs/dpc_coop.py"); c.shots = 2; c.progress = False
         c.dhno.top_k = 4
         mesh = ST.make_mesh()
         cc, cp, tok = T.load_clip_and_tokenizer(c)
-        run = S.Run(config=c, mesh=mesh, clip_config=cc, clip_params=ST.replicate(cp, mesh),
+        run = R.Run(config=c, mesh=mesh, clip_config=cc, clip_params=ST.replicate(cp, mesh),
                     tokenizer=tok)
         sr = S.SeedRun.create(run, 1, "unused")
         dpc = run.dual
         p = run.learner.init(jax.random.key(0), cp)
         params = dpc.init(jax.tree_util.tree_map(lambda x: x + 0.01, p))
-        _, opt, _, mask, _ = run.step(S.DPC, params, sr.train_set().size, c.batch_size,
-                                      "batch_size")
-        consts = sr.train_consts(S.DPC)
+        program = run.program(R.DPC, params, sr.train_set().size, c.batch_size, "batch_size")
+        opt, mask = program.optimizer, program.mask
+        consts = sr.train_consts(R.DPC)
         consts["scorer"] = jnp.asarray(run.evaluator.classifier(run.learner, p, sr.base_texts))
-        loss_fn = S.objectives.dpc_objective(run.learner, dpc, cc.image_resolution, 4,
+        loss_fn = objectives.dpc_objective(run.learner, dpc, cc.image_resolution, 4,
                                              "reference")
         per_device = ST.make_per_device_step(loss_fn, opt, mask)
         index = np.arange(16, dtype=np.int32)

@@ -44,14 +44,14 @@ def export_teacher(workdir, run_dir):
     import orbax.checkpoint as ocp
 
     from dpc_jax.prompts.promptsrc import PromptSRC
-    from dpc_jax.training import stages
+    from dpc_jax.training import teacher as teacher_lib
 
     stage = os.path.join(workdir, "seed_1", "teacher", "backbone")
     teacher_params, _ = restore_final(stage)
     extra = checkpoints.checkpoint_manager(os.path.join(stage, "checkpoints")).restore(
         checkpoints.read_stage_meta(stage)["final_step"],
         args=ocp.args.Composite(aux=ocp.args.StandardRestore()))["aux"]["extra"]
-    tconfig = stages.teacher_config(small_config())
+    tconfig = teacher_lib.teacher_config(small_config())
     _, _, tok = train_lib.load_clip_and_tokenizer(small_config())
     teacher = PromptSRC(train_lib.load_clip(tconfig.clip)[0], tok, tconfig.backbone)
     teacher_prompt = teacher.final_prompt(teacher_params, extra)  # the GPA sum
@@ -166,7 +166,8 @@ def test_exported_dpc_stage_imports_as_dpc_init_from(kd_run, tmp_path):
     import torch
 
     from dpc_jax.convert.coop_torch import write_dassl_checkpoint
-    from dpc_jax.training import stages
+    from dpc_jax.training import stage2, teacher
+    from dpc_jax.training.seed import SeedRun
     from dpc_jax.training.step import make_mesh, replicate
 
     state_dict = torch.load(dpc_file, map_location="cpu", weights_only=True)["state_dict"]
@@ -180,14 +181,13 @@ def test_exported_dpc_stage_imports_as_dpc_init_from(kd_run, tmp_path):
     train_lib.check_config(config)
     mesh = make_mesh()
     clip_config, clip_params, tokenizer = train_lib.load_clip_and_tokenizer(config)
-    run = stages.Run(config=config, mesh=mesh, clip_config=clip_config,
-                     clip_params=replicate(clip_params, mesh), tokenizer=tokenizer)
-    sr = stages.SeedRun.create(run, 1, str(tmp_path / "imported"))
+    run = teacher.build_run(config, mesh, clip_config, replicate(clip_params, mesh), tokenizer)
+    sr = SeedRun.create(run, 1, str(tmp_path / "imported"))
     train_lib.preflight(sr, ["dpc"], train=True)
-    assert stages.run_dpc(sr, train=True) == results["dpc"]["per_seed"]["1"]
+    assert stage2.run_dpc(sr, train=True) == results["dpc"]["per_seed"]["1"]
     assert not os.path.exists(tmp_path / "imported" / "seed_1" / "dpc")  # nothing trained
     config.dpc.init_from = moved
-    again = stages.run_dpc(sr, train=True)
+    again = stage2.run_dpc(sr, train=True)
     assert again["new"] == results["dpc"]["new"]
     assert again["base"] != results["dpc"]["base"]
 

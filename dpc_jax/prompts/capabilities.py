@@ -169,8 +169,8 @@ def dpc_unsupported(learner_or_class: Any) -> str:
     if reason:
         return reason
     if not issubclass(cls, Dual):
-        return (f"it does not declare DPC's hooks (dpc_jax.prompts.capabilities.Dual; a learner "
-                f"whose hook defaults fit inherits Dual)")
+        return ("it does not declare DPC's hooks (dpc_jax.prompts.capabilities.Dual; a learner "
+                "whose hook defaults fit inherits Dual)")
     return ""
 
 

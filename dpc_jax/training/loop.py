@@ -7,10 +7,11 @@ epoch), so a resumed run computes exactly the numbers of an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -119,7 +120,7 @@ def stretch_batch(index: np.ndarray, mesh: Mesh, images=None) -> dict:
 
 def first_call_args(train_state: dict, consts, mesh: Mesh, global_batch: int, seed: int,
                     stage_id: int, config) -> tuple:
-    """Arguments of the kind `train_loop` passes its `steps_fn` (the same avals and
+    """Arguments of the kind `run_stage` passes its program (the same avals and
     shardings; placeholder batch and step values), for compiling the stage's program ahead of
     its loop (`ahead.AheadProgram`); sets streamed from the host are not covered."""
     capacity = stretch_capacity(config, None)
@@ -140,31 +141,54 @@ def stretch_end(step: int, total: int, capacity: int, epoch_steps: int, checkpoi
     return min(ends)
 
 
-def train_loop(*, name: str, stage: checkpoints.StageDir, steps_fn: Callable,
-               schedule: Callable, train_state: dict, extra: dict, consts, n: int,
-               global_batch: int, epoch_steps: int, epochs: int,
-               seed: int, mesh: Mesh, config, epoch_hooks=None, hooks: Sequence[Callable] = (),
-               epoch_hook: Optional[Callable] = None, stream=None):
+@dataclasses.dataclass
+class Stage:
+    """One training stage as a value: everything `run_stage` needs to train or resume it.
+
+    program: the stretch function (`step.map_steps`, often an `ahead.AheadProgram`): up to
+      `config.steps_per_call` steps per call. schedule: step -> learning rate (logged).
+    consts: the device constants every step reads. train_size: images in the training set
+      (the epoch order permutes them); stream: a `data.train_sets.StreamSource` when the set is
+      decoded on the host by index instead of held on device.
+    epoch_hooks: `on_epoch_end` after every epoch (stage 1: the learner's
+      `capabilities.epoch_hooks`); epoch_hook(epoch, {'params', 'state'}, extra) -> extra
+      after it (model selection keeps its record under `extra[SELECTION]`).
+    """
+
+    name: str
+    directory: checkpoints.StageDir
+    program: Callable
+    schedule: Callable
+    consts: Any
+    train_size: int
+    global_batch: int
+    epoch_steps: int
+    epochs: int
+    stream: Any = None
+    epoch_hooks: Any = None
+    epoch_hook: Optional[Callable] = None
+
+
+def run_stage(stage: Stage, train_state: dict, extra: dict, *, seed: int, mesh: Mesh, config,
+              hooks: Sequence[Callable] = ()):
     """Run (or resume) one training stage. `train_state` {'params', 'opt_state', 'state'} and
     `extra` (the epoch-hook carry) are host trees; returns their final values (host arrays).
 
-    `steps_fn` (`step.map_steps`) runs a stretch of up to `config.steps_per_call` steps per
-    call; stretches end at checkpoint steps, at the stage's end and, with epoch hooks, at
+    Stretches of steps end at checkpoint steps, at the stage's end and, with epoch hooks, at
     epoch ends (`stretch_end`). The log holds the same records as one call per step (lines of
-    steps inside a stretch are written, with their 'seconds', when it returns). `stream` (a
-    `data.train_sets.StreamSource`): each step's images are decoded on the host by index, in
-    the same epoch order, and passed in the batch as 'images', one step per call (a stretch
-    would hold S image batches on the host and device; a resumed run streams from its step on,
-    so it computes the same numbers).
-
-    `epoch_hooks.on_epoch_end` (stage 1: the learner's `capabilities.epoch_hooks`) runs after
-    every epoch, then
-    `epoch_hook(epoch, {'params', 'state'}, extra) -> extra` (model selection: it keeps its
-    record under `extra[SELECTION]`, checkpointed with the stage); each hook in `hooks`
-    is called as hook(name=..., step=..., start=..., total=...) after every step (those inside
-    a stretch when it returns, the last one after its checkpoint), so that raising from one
-    stops the run as if it were killed after that step, e.g. to test a resume.
+    steps inside a stretch are written, with their 'seconds', when it returns). A streamed set
+    decodes each step's images on the host in the same epoch order, one step per call (a
+    stretch would hold S image batches on the host and device; a resumed run streams from its
+    step on, so it computes the same numbers). Each hook in `hooks` is called as
+    hook(name=..., step=..., start=..., total=...) after every step (those inside a stretch
+    when it returns, the last one after its checkpoint), so that raising from one stops the
+    run as if it were killed after that step, e.g. to test a resume.
     """
+    name, steps_fn, schedule, consts = stage.name, stage.program, stage.schedule, stage.consts
+    n, global_batch, stream = stage.train_size, stage.global_batch, stage.stream
+    epoch_steps, epochs = stage.epoch_steps, stage.epochs
+    epoch_hooks, epoch_hook = stage.epoch_hooks, stage.epoch_hook
+    stage = stage.directory
     total = epochs * epoch_steps
     os.makedirs(stage.path, exist_ok=True)
     stage.check_settings()

@@ -26,13 +26,16 @@ from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import dpc as dpc_lib
 from dpc_jax.prompts import capabilities, get_learner
 from dpc_jax.training import checkpoints, compile_cache
-from dpc_jax.training import stages as stages_lib
+from dpc_jax.training import stage1, stage2, teacher
+from dpc_jax.training.run import Run
+from dpc_jax.training.seed import SeedRun
+from dpc_jax.training.stages import STAGE_RUNNERS
 from dpc_jax.training.checkpoints import WorkdirLock, write_json
 from dpc_jax.data.train_sets import load_unlabeled
 from dpc_jax.training.loop import check_batch_fits
 from dpc_jax.training.step import make_mesh, replicate
 
-STAGES = tuple(stages_lib.STAGE_RUNNERS)
+STAGES = tuple(STAGE_RUNNERS)
 MODES = ("train", "eval", "export")
 POLICIES = ("reference", "hardest")
 
@@ -128,7 +131,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                 f"{warmup}: every epoch would be a warm-up epoch at config.optim.warmup_lr="
                 f"{config.optim.warmup_lr}; set more epochs, or --config.optim.warmup_epochs=0")
     dpc_lib.DualPrompt(config.dpc)  # validates mode, w_base, w_new
-    stages_lib.model_selection(config)
+    stage1.model_selection(config)
     protocols.check_config(config, get_learner(config.backbone.get("name", "")))
 
 
@@ -182,7 +185,7 @@ def check_tokenizer_fits(tokenizer, clip_config, tokenizer_name, clip_name) -> N
             f"hub id)")
 
 
-def preflight(sr: stages_lib.SeedRun, stages, train: bool) -> None:
+def preflight(sr: SeedRun, stages, train: bool) -> None:
     """Checks that need the data, run before any stage trains (nothing is half-done on error)."""
     cfg, n, devices = sr.run.config, len(sr.base.train), sr.run.mesh.size
     learner = sr.run.learner
@@ -203,7 +206,7 @@ def preflight(sr: stages_lib.SeedRun, stages, train: bool) -> None:
                          f"config.backbone.init_from to a PyTorch stage-1 checkpoint")
     if "dpc" in stages:
         capabilities.dual(learner).check_dpc_config(cfg.dpc)
-        stages_lib.check_dpc_import(cfg, learner)
+        stage2.check_dpc_import(cfg, learner)
     if "dpc" in stages and cfg.dhno.top_k >= sr.base.num_classes:
         raise ValueError(
             f"config.dhno.top_k={cfg.dhno.top_k} needs more than {cfg.dhno.top_k} base classes; "
@@ -228,7 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        hooks: Sequence[Callable] = ()) -> dict:
     """Run the configured stages for every seed, write workdir/results.json, return it.
 
-    `hooks` are called after every training step (see `loop.train_loop`)."""
+    `hooks` are called after every training step (see `loop.run_stage`)."""
     check_config(config)
     if config.mode == "export":
         raise ValueError("config.mode='export' writes PyTorch checkpoints and trains nothing: "
@@ -271,12 +274,12 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str, hooks) -> dict:
     train = config.mode == "train"
     per_seed = {stage: {} for stage in stages}
     for seed in seeds:
-        sr = stages_lib.SeedRun.create(run, seed, workdir, train_mode=train)
+        sr = SeedRun.create(run, seed, workdir, train_mode=train)
         preflight(sr, stages, train)
-        sr.compile_ahead = (train and {"backbone", "dpc"} <= set(stages)
-                            and config.get("compile_ahead", True))
+        if train and {"backbone", "dpc"} <= set(stages) and config.get("compile_ahead", True):
+            sr.before_stage1 = stage2.compile_ahead
         for stage in stages:
-            result = stages_lib.STAGE_RUNNERS[stage](sr, train)
+            result = STAGE_RUNNERS[stage](sr, train)
             per_seed[stage][seed] = result
             if jax.process_index() == 0:
                 os.makedirs(os.path.join(sr.seed_dir, stage), exist_ok=True)
@@ -331,14 +334,12 @@ def _read_results(path: str) -> dict:
     return results
 
 
-def _build_run(config: ml_collections.ConfigDict, hooks: Sequence[Callable] = ()
-               ) -> stages_lib.Run:
+def _build_run(config: ml_collections.ConfigDict, hooks: Sequence[Callable] = ()) -> Run:
     """The run every seed shares: the mesh, the CLIP (loaded once, replicated), the learner."""
     mesh = make_mesh()
     clip_config, clip_params, tokenizer = load_clip_and_tokenizer(config)
-    return stages_lib.Run(config=config, mesh=mesh, clip_config=clip_config,
-                          clip_params=replicate(clip_params, mesh), tokenizer=tokenizer,
-                          hooks=tuple(hooks))
+    return teacher.build_run(config, mesh, clip_config, replicate(clip_params, mesh), tokenizer,
+                             hooks)
 
 
 def export_backbone(config: ml_collections.ConfigDict, workdir: str) -> list:
@@ -348,8 +349,8 @@ def export_backbone(config: ml_collections.ConfigDict, workdir: str) -> list:
     run = _build_run(config)
     paths = []
     for seed in parse_list(config.seeds, "seeds", cast=int):
-        sr = stages_lib.SeedRun.create(run, seed, workdir, train_mode=False)
-        prompt, state = stages_lib.backbone_prompt(sr, train=False)
+        sr = SeedRun.create(run, seed, workdir, train_mode=False)
+        prompt, state = stage1.stage1_prompt(sr, train=False)
         if jax.process_index() == 0:
             exporter = capabilities.torch_format(run.learner, "config.mode=export")
             paths.append(exporter.export_torch_prompt(
@@ -380,8 +381,8 @@ def export_dpc(config: ml_collections.ConfigDict, workdir: str) -> list:
     run = _build_run(config)
     paths = []
     for seed in parse_list(config.seeds, "seeds", cast=int):
-        sr = stages_lib.SeedRun.create(run, seed, workdir, train_mode=False)
-        params, base_state, _ = stages_lib.dpc_model(sr, train=False)
+        sr = SeedRun.create(run, seed, workdir, train_mode=False)
+        params, base_state, _ = stage2.dpc_model(sr, train=False)
         if jax.process_index() == 0:
             exporter = capabilities.torch_dpc_format(run.learner, "config.mode=export")
             paths.append(exporter.export_torch_dpc(
