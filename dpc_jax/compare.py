@@ -18,11 +18,10 @@ import os
 import sys
 from typing import Dict, List, Sequence
 
+from dpc_jax.benchmark import REPO_CONFIGS
 from dpc_jax.benchmark import has_seeds, run_or_reuse  # noqa: F401 (the shared reuse rule)
 from dpc_jax.evaluation.report import bar_chart as _bar_chart, row as _row
 
-REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "configs")
 BACKBONES = ("coop", "ivlp", "maple", "promptsrc")
 LABELS = {"coop": "CoOp", "ivlp": "IVLP", "maple": "MaPLe", "promptsrc": "PromptSRC"}
 METHODS = ("backbone", "+DePT", "+DPC")
