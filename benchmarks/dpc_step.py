@@ -156,10 +156,10 @@ def step_flops(step_fn, args) -> float:
 
 def executed_flops(built, flops: float, valid_negatives: int) -> float:
     """The FLOPs a step of `build` ran, from XLA's count `flops` (`step_flops`) and the step's
-    valid negatives. XLA counts each `dhno.chunked_rows` loop body once: add the chunks that
+    valid negatives. XLA counts each `row_skipping.chunked_rows` loop body once: add the chunks that
     ran beyond it, at XLA's count of one chunk: B negative images through the image tower;
     B texts through the text tower forward, then forward again and back (the text chunks'
-    custom VJP, `dhno.chunked_rows` with `diff`, recomputes each chunk's forward pass in its
+    custom VJP, `row_skipping.chunked_rows` with `diff`, recomputes each chunk's forward pass in its
     backward scan). The text chunks that ran: the distinct labels of the valid slots (the
     anchors' distinct labels plus the valid negatives, which repeat neither) in chunks of B,
     when the classes outnumber the slots."""

@@ -40,8 +40,8 @@ images per class) and the same B anchors, float32 on the CPU:
   the distinct labels of the valid slots (`torch.unique`; never more rows than dpc_jax's)
   through the text tower; the slots gather their rows back (an invalid slot gets a real row,
   masked out of the loss). dpc_jax does the same inside static shapes
-  (`dhno.encode_valid_rows`, `dhno.encode_labels`: chunks of B rows under `lax.cond`, all C
-  classes at once when C <= B*(K+1)).
+  (`row_skipping.encode_valid_rows`, `row_skipping.encode_labels`: chunks of B rows under
+  `lax.cond`, all C classes at once when C <= B*(K+1)).
 - dpc_jax: `benchmarks/dpc_step.py` `build_step` (the trainer's jitted step, one device, with
   the `config.dpc` defaults: both eliminations on).
 

@@ -18,12 +18,11 @@ import os
 import sys
 from typing import Dict, List, Sequence
 
+from dpc_jax.benchmark import REPO_CONFIGS
 from dpc_jax.benchmark import has_seeds, run_or_reuse  # noqa: F401 (the shared reuse rule)
 from dpc_jax.evaluation.report import bar_chart as _bar_chart, row as _row
 from dpc_jax.prompts import capabilities, display_name, get_learner, learner_names
 
-REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "configs")
 # The learners both methods plug into: DePT wraps them and DPC's stage 2 runs on them.
 BACKBONES = tuple(n for n in learner_names() if get_learner(n).info.dept_inner
                   and not capabilities.dpc_unsupported(get_learner(n)))

@@ -1,7 +1,7 @@
 """Exact work elimination in DPC's stage-2 step (`config.dpc.dedupe_text`,
-`config.dpc.compact_negatives`): the helpers' exact outputs, and the step's loss and gradients
-against the step without them, on a tiny CLIP with repeated anchor labels, invalid negative
-slots, and class counts below and above the B*(K+1) slots.
+`config.dpc.compact_negatives`): the step's loss and gradients against the step without them,
+on a tiny CLIP with repeated anchor labels, invalid negative slots, and class counts below and
+above the B*(K+1) slots. The helpers' own outputs: tests/test_row_skipping.py.
 """
 
 import time
@@ -15,7 +15,7 @@ import pytest
 from dpc_jax.models.clip import get_config
 from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import IVLP, CoOp, DualPrompt
-from dpc_jax.training import dhno, objectives, train_lib
+from dpc_jax.training import dhno, objectives, row_skipping, train_lib
 
 from conftest import random_clip_params
 
@@ -26,51 +26,6 @@ INDEX = np.array([0, 1, 4], np.int32)
 WORDS = ["red", "blue", "pink", "green", "orange", "cyan"]
 SHAPES = ["circle", "star", "ring", "cross"]
 
-
-# -- the helpers --------------------------------------------------------------------------------
-
-def test_distinct_labels_gathers_every_valid_slot_from_one_row_per_label():
-    labels = jnp.array([7, 3, 7, 0, 3, 9, 9, 2], jnp.int32)
-    valid = jnp.array([1, 1, 1, 0, 1, 1, 0, 1], bool)  # class 0 only on an invalid slot
-    ids, count, gather = jax.jit(dhno.distinct_labels, static_argnums=2)(labels, valid, 10)
-    assert int(count) == 4
-    np.testing.assert_array_equal(np.asarray(ids), [2, 3, 7, 9, 0, 0, 0, 0])
-    np.testing.assert_array_equal(np.asarray(ids)[np.asarray(gather)][np.asarray(valid)],
-                                  np.asarray(labels)[np.asarray(valid)])
-    np.testing.assert_array_equal(np.asarray(gather)[~np.asarray(valid)], [0, 0])
-
-
-def test_compact_puts_valid_slots_first_in_slot_order():
-    valid = jnp.array([0, 1, 1, 0, 0, 1], bool)
-    order, count, position = dhno.compact(valid)
-    assert int(count) == 3
-    np.testing.assert_array_equal(np.asarray(order)[:3], [1, 2, 5])
-    np.testing.assert_array_equal(np.asarray(order)[np.asarray(position)][np.asarray(valid)],
-                                  [1, 2, 5])
-    np.testing.assert_array_equal(np.asarray(position)[~np.asarray(valid)], [0, 0, 0])
-
-
-def test_chunked_rows_computes_only_the_chunks_holding_the_first_count_rows():
-    rows = jnp.arange(10, dtype=jnp.float32)[:, None] + 1.0
-    calls = []
-
-    def fn(x):
-        calls.append(x.shape)
-        return {"double": 2.0 * x}
-
-    run = jax.jit(lambda r, n: dhno.chunked_rows(fn, r, n, 4))
-    for count, computed in ((5, 8), (8, 8), (10, 10), (0, 4), (1, 4)):
-        out = np.asarray(run(rows, count)["double"])[:, 0]
-        want = np.where(np.arange(10) < computed, 2.0 * (np.arange(10) + 1.0), 0.0)
-        np.testing.assert_array_equal(out, want, err_msg=f"count={count}")
-    # Traced for one chunk shape only (by its output shape and by the cond), whatever the
-    # count: one fn in the compiled step, not one per bucket size.
-    assert calls == [(4, 1)] * 2
-    with pytest.raises(ValueError, match="chunk=0"):
-        dhno.chunked_rows(fn, rows, 1, 0)
-
-
-# -- the step -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def setup():
@@ -194,9 +149,10 @@ def test_eliminated_step_gives_the_same_loss_and_gradients(setup, name, num_clas
 
 
 def test_ivlp_gradients_through_both_eliminated_encodings(setup):
-    """The two encodings the step calls (`dhno.encode_valid_rows`, `dhno.encode_labels`) with
-    IVLP's prompted towers, gradients through both (the visual prompt included), inside the
-    slot loss, with C = 5 <= M classes (all encoded once, then gathered)."""
+    """The two encodings the step calls (`row_skipping.encode_valid_rows`,
+    `row_skipping.encode_labels`) with IVLP's prompted towers, gradients through both (the
+    visual prompt included), inside the slot loss, with C = 5 <= M classes (all encoded once,
+    then gathered)."""
     cfg, clip_params, tok = setup
     learner = IVLP(cfg, tok, ml_collections.ConfigDict(
         {**IVLP.default_config().to_dict(), "depth_text": 1, "depth_vision": 1}))
@@ -217,11 +173,11 @@ def test_ivlp_gradients_through_both_eliminated_encodings(setup):
 
         def loss(p, how):
             if how == "prompt as diff":  # the objective's way: the chunks' custom VJP
-                img = dhno.encode_valid_rows(images_of, images, valid, B, diff=p)
-                txt = dhno.encode_labels(texts_of, labels, valid, c, B, diff=p)
+                img = row_skipping.encode_valid_rows(images_of, images, valid, B, diff=p)
+                txt = row_skipping.encode_labels(texts_of, labels, valid, c, B, diff=p)
             elif how == "closed over":  # the plain scan, differentiated through
-                img = dhno.encode_valid_rows(lambda x: images_of(p, x), images, valid, B)
-                txt = dhno.encode_labels(lambda i: texts_of(p, i), labels, valid, c, B)
+                img = row_skipping.encode_valid_rows(lambda x: images_of(p, x), images, valid, B)
+                txt = row_skipping.encode_labels(lambda i: texts_of(p, i), labels, valid, c, B)
             else:
                 img, txt = images_of(p, images), texts_of(p, labels)
             return dhno.symmetric_infonce(learner.pair_logits(clip_params, p, img, txt), valid)

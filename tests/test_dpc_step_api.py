@@ -35,9 +35,9 @@ def test_build_step_gives_a_jitted_step_that_lowers_compiles_and_trains():
 
 def test_mapped_step_with_chunked_text_matches_the_step_without_elimination():
     """The trainer's mapped (shard_map) step with C = 12 > B(K+1) = 9 classes, so the distinct
-    slot labels' texts run in chunks through `dhno.chunked_rows`' custom VJP: its update of P'
-    equals the step without the elimination (every slot's text, every slot's image), within
-    float32 rounding (tests/test_dpc_elimination.py's tolerance)."""
+    slot labels' texts run in chunks through `row_skipping.chunked_rows`' custom VJP: its update
+    of P' equals the step without the elimination (every slot's text, every slot's image),
+    within float32 rounding (tests/test_dpc_elimination.py's tolerance)."""
     bench = load_benchmark()
     updates = {}
     for eliminate in (True, False):

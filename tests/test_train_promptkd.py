@@ -165,7 +165,7 @@ def test_exported_dpc_stage_imports_as_dpc_init_from(kd_run, tmp_path):
 
     import torch
 
-    from dpc_jax.convert.coop_torch import write_dassl_checkpoint
+    from dpc_jax.convert.torch_files import write_dassl_checkpoint
     from dpc_jax.training import stage2, teacher
     from dpc_jax.training.seed import SeedRun
     from dpc_jax.training.step import make_mesh, replicate

@@ -51,8 +51,10 @@ from typing import Dict, Mapping, Optional, Sequence
 import numpy as np
 
 from dpc_jax import tree as tree_lib
-from dpc_jax.convert.coop_torch import read_dassl_state_dict, write_dassl_checkpoint
-from dpc_jax.convert.vlp_torch import _natural, _strip_module, key_problem_lines
+from dpc_jax.convert.torch_files import (key_problem_lines, leaf_from_tensors, misshape_line,
+                                         natural_key, not_float, read_state_dict,
+                                         tensor_of, tensor_problems, widen_to_float32,
+                                         write_dassl_checkpoint)
 
 # The upstream key layout of each inner learner (dpc_jax learner name -> layout).
 INNER_LAYOUTS = {"coop": "coop", "cocoop": "cocoop", "maple": "maple", "ivlp": "ivlp",
@@ -109,7 +111,7 @@ def expected_head_shapes(embed_dim: int, num_classes: Optional[int]) -> Dict[str
 
 
 def _read(path: str) -> dict:
-    return _strip_module(read_dassl_state_dict(path, "DePT checkpoint", _EXAMPLE), path)
+    return read_state_dict(path, "DePT checkpoint", _EXAMPLE)
 
 
 def _looks_like(state_dict: Mapping) -> str:
@@ -125,55 +127,18 @@ def _looks_like(state_dict: Mapping) -> str:
     return "no DePT checkpoint (no head or prompt keys)"
 
 
-def _misshape_line(key: str, found: tuple, want: tuple, hints: Sequence[str],
-                   values: Mapping[str, int]) -> str:
-    if len(found) != len(want):
-        return f"{key}: file {found}, expected {want} (a rank-{len(want)} tensor)"
-    fields = [f"{hints[d]} ({values[hints[d]]})" for d in range(len(want))
-              if found[d] != want[d]]
-    return f"{key}: file {found}, expected {want} (set by {', '.join(fields)})"
-
-
-def _not_float(key: str, value) -> Optional[str]:
-    import torch  # read_dassl_state_dict has imported it already
-
-    if isinstance(value, torch.Tensor) and value.is_floating_point():
-        return None
-    return f"{key}: {type(value).__name__}" + (
-        f" {value.dtype}" if isinstance(value, torch.Tensor) else "")
-
-
-def _float32(value) -> np.ndarray:
-    import torch
-
-    return value.detach().to(torch.float32).cpu().numpy()
-
-
 def head_from_state_dict(state_dict: Mapping, path: str, embed_dim: int,
                          num_classes: Optional[int]) -> dict:
     """The head of an upstream DePT state dict ('module.' already stripped); see
     `load_dept_head`."""
     expected = expected_head_shapes(embed_dim, num_classes)
     values = {_E: f"clip embed_dim={int(embed_dim)}", _C: f"num_classes={int(num_classes)}"}
-    wanted = {key: leaf for leaf, (key, _, _) in HEAD_KEYS.items()}
+    wanted = {key: (expected[leaf][::-1] if transposed else expected[leaf], hints)
+              for leaf, (key, transposed, hints) in HEAD_KEYS.items()}
     missing = [key for key in wanted if key not in state_dict]
     unexpected = sorted((key for key in state_dict
-                         if _HEAD_MODULES.fullmatch(key) and key not in wanted), key=_natural)
-    misshaped, not_tensor, flat = [], [], {}
-    for leaf, (key, transposed, hints) in HEAD_KEYS.items():
-        if key not in state_dict:
-            continue
-        value = state_dict[key]
-        problem = _not_float(key, value)
-        if problem:
-            not_tensor.append(problem)
-            continue
-        want = expected[leaf][::-1] if transposed else expected[leaf]
-        if tuple(value.shape) != want:
-            misshaped.append(_misshape_line(key, tuple(value.shape), want, hints, values))
-            continue
-        array = _float32(value)
-        flat[leaf] = np.ascontiguousarray(array.T if transposed else array, np.float32)
+                         if _HEAD_MODULES.fullmatch(key) and key not in wanted), key=natural_key)
+    misshaped, not_tensor = tensor_problems(state_dict, wanted, values)
     if missing or unexpected or misshaped or not_tensor:
         lines = [f"{path!r} does not fit the DePT head of this configuration ({values[_E]}, "
                  f"{values[_C]}); the file looks like {_looks_like(state_dict)}:"]
@@ -184,7 +149,9 @@ def head_from_state_dict(state_dict: Mapping, path: str, embed_dim: int,
                          "(nn.Identity); dpc_jax's DePT has the linear head over C_base")
         lines += key_problem_lines(missing, unexpected, misshaped, not_tensor)
         raise ValueError("\n".join(lines))
-    return tree_lib.unflatten(flat)
+    return tree_lib.unflatten({
+        leaf: leaf_from_tensors(state_dict, [key], False, (lambda a: a.T) if transposed else None)
+        for leaf, (key, transposed, _) in HEAD_KEYS.items()})
 
 
 def load_dept_head(path: str, embed_dim: int, num_classes: Optional[int]) -> dict:
@@ -216,7 +183,7 @@ def load_dept_coop_ctx(path: str, expected_shape: Sequence[int]) -> np.ndarray:
                          f"{COOP_CTX!r} (expected shape {want}); the file looks like "
                          f"{_looks_like(state_dict)}")
     value = state_dict[COOP_CTX]
-    problem = _not_float(COOP_CTX, value)
+    problem = not_float(COOP_CTX, value)
     if problem:
         raise ValueError(f"{path!r}: {problem}; expected a floating-point tensor")
     if tuple(value.shape) != want:
@@ -224,9 +191,9 @@ def load_dept_coop_ctx(path: str, expected_shape: Sequence[int]) -> np.ndarray:
                 f"; config.backbone.inner.csc={len(want) == 3} sets the rank (csc: one context "
                 f"per base class)")
         raise ValueError(f"{path!r} does not fit the DePT-CoOp prompt: "
-                         + _misshape_line(COOP_CTX, tuple(value.shape), want, hints, values)
+                         + misshape_line(COOP_CTX, tuple(value.shape), want, hints, values)
                          + rank)
-    return np.ascontiguousarray(_float32(value), np.float32)
+    return leaf_from_tensors(state_dict, [COOP_CTX], False)
 
 
 def load_dept_cocoop(path: str, expected: Mapping[str, tuple]) -> tuple:
@@ -246,26 +213,12 @@ def load_dept_cocoop(path: str, expected: Mapping[str, tuple]) -> tuple:
 # ----------------------------------------------------------------------------------------------
 
 
-def _as_float32(value, name: str) -> np.ndarray:
-    array = np.asarray(value)
-    if array.dtype != np.float32:
-        if not np.issubdtype(array.dtype, np.floating) and array.dtype.name != "bfloat16":
-            raise ValueError(f"{name} has dtype {array.dtype}; expected float32")
-        if array.dtype.itemsize > 4:
-            raise ValueError(f"{name} has dtype {array.dtype}; expected float32 (casting would "
-                             f"round it)")
-        array = array.astype(np.float32)  # bf16/fp16 widen exactly
-    return array
-
-
 def head_state_dict(head: Mapping, embed_dim: Optional[int] = None
                     ) -> "collections.OrderedDict":
     """The upstream keys of a DePT head (float32 torch tensors, upstream order; linear kernel
     [E, C] -> weight [C, E]). The leaves must agree on one E (and equal `embed_dim` if given)
     and one C_base."""
-    import torch  # only here: building torch tensors needs it
-
-    flat = {leaf: _as_float32(value, f"head[{leaf!r}]")
+    flat = {leaf: widen_to_float32(value, f"head[{leaf!r}]")
             for leaf, value in tree_lib.flatten(head).items()}
     if sorted(flat) != sorted(HEAD_KEYS):
         raise ValueError(f"the DePT head has leaves {sorted(flat)}; expected {list(HEAD_KEYS)}")
@@ -282,7 +235,7 @@ def head_state_dict(head: Mapping, embed_dim: Optional[int] = None
     state = collections.OrderedDict()
     for leaf, (key, transposed, _) in HEAD_KEYS.items():
         array = flat[leaf].T if transposed else flat[leaf]
-        state[key] = torch.from_numpy(np.ascontiguousarray(array).copy())
+        state[key] = tensor_of(array)
     return state
 
 
@@ -299,17 +252,14 @@ def inner_state_dict(inner_prompt: Mapping, inner: str) -> "collections.OrderedD
         from dpc_jax.convert import vlp_torch
 
         return vlp_torch.to_upstream_state_dict(inner_prompt, layout)
-    import torch
-
     if not isinstance(inner_prompt, Mapping) or sorted(inner_prompt) != ["ctx"]:
         found = sorted(inner_prompt) if isinstance(inner_prompt, Mapping) else inner_prompt
         raise ValueError(f"the DePT-CoOp inner prompt has {found!r}; expected {{'ctx'}}")
-    ctx = _as_float32(inner_prompt["ctx"], "inner['ctx']")
+    ctx = widen_to_float32(inner_prompt["ctx"], "inner['ctx']")
     if ctx.ndim not in (2, 3):
         raise ValueError(f"inner['ctx'] has shape {ctx.shape}; expected [n_ctx, W_t] or "
                          f"[C_base, n_ctx, W_t] (csc)")
-    return collections.OrderedDict([(COOP_CTX, torch.from_numpy(np.ascontiguousarray(ctx)
-                                                                 .copy()))])
+    return collections.OrderedDict([(COOP_CTX, tensor_of(ctx))])
 
 
 def dept_state_dict(prompt: Mapping, inner: str, embed_dim: Optional[int] = None

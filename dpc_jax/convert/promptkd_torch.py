@@ -77,9 +77,11 @@ from typing import Dict, Mapping, Tuple
 import numpy as np
 
 from dpc_jax import tree as tree_lib
-from dpc_jax.convert.coop_torch import read_dassl_state_dict, write_dassl_checkpoint
-from dpc_jax.convert.vlp_torch import (_flat_shapes, _looks_like, _natural, _strip_module,
-                                       key_problem_lines)
+from dpc_jax.convert.torch_files import (flat_shapes, key_problem_lines, leaf_from_tensors,
+                                         natural_key, read_state_dict, tensor_of,
+                                         tensor_problems, widen_to_float32,
+                                         write_dassl_checkpoint)
+from dpc_jax.convert.vlp_torch import _looks_like
 
 MODEL_DIR = "VLPromptLearner"  # the name the student trainer registers its model under
 VPT = "image_encoder.VPT"
@@ -170,9 +172,8 @@ def load_promptkd_student(path: str, expected: Mapping) -> Tuple[dict, dict]:
     that is not a Dassl checkpoint or does not fit `expected`, and for a PromptKD+DPC stage-2
     file (it holds a student too, the stage-2 one: `load_promptkd_dpc` reads it).
     """
-    expected = _check_expected(_flat_shapes(expected), "expected")
-    state_dict = _strip_module(
-        read_dassl_state_dict(path, "PromptKD student checkpoint", _EXAMPLE), path)
+    expected = _check_expected(flat_shapes(expected), "expected")
+    state_dict = read_state_dict(path, "PromptKD student checkpoint", _EXAMPLE)
     if any(key.startswith(STAGE2_TOWER) for key in state_dict):
         raise ValueError(f"{path!r} is a PromptKD+DPC stage-2 checkpoint (StackSPLE_PromptKD: "
                          f"it has {STAGE2_TOWER}* keys), not a stage-1 PromptKD student; give "
@@ -201,34 +202,23 @@ def load_promptkd_dpc(path: str, expected: Mapping) -> Tuple[dict, dict]:
     `load_promptkd_student` does, one ValueError listing every missing, unexpected and
     mis-shaped key.
     """
-    expected = _check_expected(_flat_shapes(expected), "expected", dpc=True)
-    state_dict = _strip_module(
-        read_dassl_state_dict(path, "PromptKD+DPC stage-2 checkpoint", _DPC_EXAMPLE), path)
+    expected = _check_expected(flat_shapes(expected), "expected", dpc=True)
+    state_dict = read_state_dict(path, "PromptKD+DPC stage-2 checkpoint", _DPC_EXAMPLE)
     return _read(path, state_dict, expected, _DPC_LAYOUT)
 
 
 def _read(path: str, state_dict: Mapping, expected: Mapping[str, tuple],
           layout: Mapping) -> Tuple[dict, dict]:
     """(prompt, state) of the keys `layout` names, checked against `expected`."""
-    import torch  # read_dassl_state_dict has imported it already
-
     dpc = layout is _DPC_LAYOUT
     wanted = _upstream_entries(expected, layout)  # upstream key -> (leaf, deep index or None)
     prompt_like = {key for key in state_dict if _is_prompt_key(key, dpc)}
     missing = [key for key in wanted if key not in state_dict]  # upstream (state_dict) order
-    unexpected = sorted(prompt_like - set(wanted) - {NUM_BATCHES}, key=_natural)
-    misshaped, not_tensor = [], []
-    for key, (leaf, index) in wanted.items():
-        if key not in state_dict:
-            continue
-        value = state_dict[key]
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            not_tensor.append(f"{key}: {type(value).__name__}"
-                              + (f" {value.dtype}" if isinstance(value, torch.Tensor) else ""))
-            continue
-        want = _upstream_shape(leaf, expected[_shape_leaf(leaf)], index is not None, layout)
-        if tuple(value.shape) != want:
-            misshaped.append(_misshape_line(key, tuple(value.shape), want, layout[leaf][2]))
+    unexpected = sorted(prompt_like - set(wanted) - {NUM_BATCHES}, key=natural_key)
+    misshaped, not_tensor = tensor_problems(state_dict, {
+        key: (_upstream_shape(leaf, expected[_shape_leaf(leaf)], index is not None, layout),
+              layout[leaf][2])
+        for key, (leaf, index) in wanted.items()})
     differing = _differing_copies(state_dict, wanted) if dpc else []
     if missing or unexpected or misshaped or not_tensor or differing:
         raise ValueError(_mismatch_message(path, expected, state_dict, missing, unexpected,
@@ -239,11 +229,9 @@ def _read(path: str, state_dict: Mapping, expected: Mapping[str, tuple],
         keys = [key for key, entry in wanted.items() if entry[0] == leaf]  # in block order
         if not keys:
             continue
-        arrays = [state_dict[key].detach().to(torch.float32).cpu().numpy() for key in keys]
-        if layout[leaf][1]:
-            arrays = [a[:, :, 0, 0].T for a in arrays]  # conv [out, in, 1, 1] -> kernel [in, out]
-        value = np.stack(arrays) if leaf in _DEEP else arrays[0]
-        flat[leaf] = np.ascontiguousarray(value, dtype=np.float32)
+        # conv [out, in, 1, 1] -> kernel [in, out]
+        to_ours = (lambda a: a[:, :, 0, 0].T) if layout[leaf][1] else None
+        flat[leaf] = leaf_from_tensors(state_dict, keys, leaf in _DEEP, to_ours)
     prompt = tree_lib.unflatten({k: v for k, v in flat.items() if not k.startswith("state:")})
     state = tree_lib.unflatten({k[len("state:"):]: v for k, v in flat.items()
                                 if k.startswith("state:")})
@@ -270,13 +258,6 @@ def _upstream_entries(expected: Mapping[str, tuple], layout: Mapping) -> Dict[st
 def _upstream_shape(leaf: str, leaf_shape: tuple, deep: bool, layout: Mapping) -> tuple:
     shape = tuple(leaf_shape[1:] if deep else leaf_shape)
     return shape[::-1] + (1, 1) if layout[leaf][1] else shape
-
-
-def _misshape_line(key: str, found: tuple, want: tuple, hints) -> str:
-    if len(found) != len(want):
-        return f"{key}: file {found}, expected {want} (a rank-{len(want)} tensor)"
-    fields = dict.fromkeys(hints[d] for d in range(len(want)) if found[d] != want[d])
-    return f"{key}: file {found}, expected {want} (set by {', '.join(fields)})"
 
 
 def _is_prompt_key(key: str, dpc: bool = False) -> bool:
@@ -396,9 +377,9 @@ def to_upstream_state_dict(prompt: Mapping, state: Mapping,
             or num_batches_tracked < 0):
         raise ValueError(f"num_batches_tracked={num_batches_tracked!r}; expected an integer "
                          f">= 0")
-    flat = {leaf: _float32(value, f"prompt[{leaf!r}]")
+    flat = {leaf: widen_to_float32(value, f"prompt[{leaf!r}]")
             for leaf, value in tree_lib.flatten(prompt).items()}
-    stats = {leaf: _float32(value, f"state[{leaf!r}]")
+    stats = {leaf: widen_to_float32(value, f"state[{leaf!r}]")
              for leaf, value in tree_lib.flatten(state).items()}
     _check_expected({leaf: a.shape for leaf, a in flat.items()}, "prompt")
     if sorted(stats) != sorted(_STATE_LEAVES):
@@ -413,12 +394,12 @@ def to_upstream_state_dict(prompt: Mapping, state: Mapping,
             continue
         if leaf == "vision_deep":
             for k, array in enumerate(flat[leaf]):
-                state_dict[VPT_DEEP.format(k + 1)] = torch.from_numpy(array.copy())
+                state_dict[VPT_DEEP.format(k + 1)] = tensor_of(array)
             continue
         array = flat[leaf]
         if conv:
             array = np.ascontiguousarray(array.T)[:, :, None, None]  # [in, out] -> [out, in, 1, 1]
-        state_dict[key] = torch.from_numpy(np.ascontiguousarray(array).copy())
+        state_dict[key] = tensor_of(array)
         if key == CONV + "1.running_var":
             state_dict[NUM_BATCHES] = torch.tensor(int(num_batches_tracked), dtype=torch.int64)
     return state_dict
@@ -449,10 +430,8 @@ def to_upstream_dpc_state_dict(parallel: Mapping, state: Mapping,
     'prompt_learner.ctx' and the text deep prompts under both names the released model
     registers its text tower by (`prompt_learner.text_encoder.*` and `text_encoder.*`; the
     released new-class loader reads the second). float32 torch tensors."""
-    import torch  # only here: building torch tensors needs it
-
     flat = dict(tree_lib.flatten(parallel))
-    text = {leaf: _float32(flat.pop(leaf), f"parallel[{leaf!r}]")
+    text = {leaf: widen_to_float32(flat.pop(leaf), f"parallel[{leaf!r}]")
             for leaf in ("ctx", "text_deep") if leaf in flat}
     if "ctx" not in text:
         raise ValueError(f"parallel has leaves {sorted(tree_lib.flatten(parallel))}; a "
@@ -467,12 +446,11 @@ def to_upstream_dpc_state_dict(parallel: Mapping, state: Mapping,
                          f"(depth_text - 1, {ctx.shape[0]}, {ctx.shape[1]}), the blocks of the "
                          f"text context's shape {ctx.shape} (teacher n_ctx_text, text width)")
     state_dict = to_upstream_state_dict(tree_lib.unflatten(flat), state, num_batches_tracked)
-    state_dict[TEXT_CTX] = torch.from_numpy(np.ascontiguousarray(ctx).copy())
+    state_dict[TEXT_CTX] = tensor_of(ctx)
     blocks = [] if deep is None else list(deep)
     for key_format in (TEXT_DEEP, TEXT_DEEP_COPY):
         for k, array in enumerate(blocks):
-            state_dict[key_format.format(k + 1)] = torch.from_numpy(
-                np.ascontiguousarray(array).copy())
+            state_dict[key_format.format(k + 1)] = tensor_of(array)
     return state_dict
 
 
@@ -495,18 +473,6 @@ def export_promptkd_dpc(parallel: Mapping, state: Mapping, path: str, epoch: int
 # ----------------------------------------------------------------------------------------------
 # Checks
 # ----------------------------------------------------------------------------------------------
-
-
-def _float32(value, what: str) -> np.ndarray:
-    array = np.asarray(value)
-    if array.dtype == np.float32:
-        return array
-    if not np.issubdtype(array.dtype, np.floating) and array.dtype.name != "bfloat16":
-        raise ValueError(f"{what} has dtype {array.dtype}; expected float32")
-    if array.dtype.itemsize > 4:
-        raise ValueError(f"{what} has dtype {array.dtype}; expected float32 (casting would "
-                         f"round it)")
-    return array.astype(np.float32)  # bf16/fp16 widen exactly
 
 
 def _check_expected(shapes: Mapping[str, tuple], what: str,

@@ -44,12 +44,15 @@ from __future__ import annotations
 import collections
 import os
 import re
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from dpc_jax import tree as tree_lib
-from dpc_jax.convert.coop_torch import read_dassl_state_dict, write_dassl_checkpoint
+from dpc_jax.convert.torch_files import (flat_shapes, key_problem_lines, leaf_from_tensors,
+                                         natural_key, read_state_dict, tensor_of,
+                                         tensor_problems, widen_to_float32,
+                                         write_dassl_checkpoint)
 
 KINDS = ("ivlp", "maple")
 P = "prompt_learner."
@@ -187,28 +190,17 @@ def load_vlp_torch_checkpoint(path: str, kind: str, expected: Mapping) -> dict:
     listed at once).
     """
     _check_kind(kind)
-    expected = _check_expected(_flat_shapes(expected), kind, "expected")
+    expected = _check_expected(flat_shapes(expected), kind, "expected")
     example = upstream_checkpoint_path("<run>", kind, _EXAMPLES[kind])
-    state_dict = _strip_module(
-        read_dassl_state_dict(path, f"{_NAMES[kind]} checkpoint", example), path)
-    import torch  # read_dassl_state_dict has imported it already
+    state_dict = read_state_dict(path, f"{_NAMES[kind]} checkpoint", example)
 
     wanted = _upstream_entries(kind, expected)  # upstream key -> (leaf, index, transposed, hints)
     prompt_like = {key for key in state_dict if _prompt_layout(key)}
-    missing = sorted((key for key in wanted if key not in state_dict), key=_natural)
-    unexpected = sorted(prompt_like - set(wanted), key=_natural)
-    misshaped, not_tensor = [], []
-    for key, (leaf, index, transposed, hints) in wanted.items():
-        if key not in state_dict:
-            continue
-        value = state_dict[key]
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            not_tensor.append(f"{key}: {type(value).__name__}"
-                              + (f" {value.dtype}" if isinstance(value, torch.Tensor) else ""))
-            continue
-        want = _upstream_shape(expected[leaf], index is not None, transposed)
-        if tuple(value.shape) != want:
-            misshaped.append(_misshape_line(key, tuple(value.shape), want, hints))
+    missing = sorted((key for key in wanted if key not in state_dict), key=natural_key)
+    unexpected = sorted(prompt_like - set(wanted), key=natural_key)
+    misshaped, not_tensor = tensor_problems(state_dict, {
+        key: (_upstream_shape(expected[leaf], index is not None, transposed), hints)
+        for key, (leaf, index, transposed, hints) in wanted.items()})
     if missing or unexpected or misshaped or not_tensor:
         raise ValueError(_mismatch_message(path, kind, expected, state_dict, missing, unexpected,
                                            misshaped, not_tensor))
@@ -216,23 +208,10 @@ def load_vlp_torch_checkpoint(path: str, kind: str, expected: Mapping) -> dict:
     flat = {}
     for leaf in expected:
         keys = [key for key, entry in wanted.items() if entry[0] == leaf]  # in index order
-        arrays = [state_dict[key].detach().to(torch.float32).cpu().numpy() for key in keys]
-        if _LAYOUTS[kind][leaf][1]:
-            arrays = [a.T for a in arrays]  # torch Linear [out, in] -> flax kernel [in, out]
-        value = np.stack(arrays) if _is_deep(kind, leaf) else arrays[0]
-        flat[leaf] = np.ascontiguousarray(value, dtype=np.float32)
+        # torch Linear [out, in] -> flax kernel [in, out]
+        to_ours = (lambda a: a.T) if _LAYOUTS[kind][leaf][1] else None
+        flat[leaf] = leaf_from_tensors(state_dict, keys, _is_deep(kind, leaf), to_ours)
     return tree_lib.unflatten(flat)
-
-
-def _strip_module(state_dict: Mapping, path: str) -> dict:
-    """Keys without DataParallel's leading 'module.'."""
-    out = {}
-    for key, value in state_dict.items():
-        name = key[len("module."):] if key.startswith("module.") else key
-        if name in out:
-            raise ValueError(f"{path!r}: state_dict holds both {name!r} and 'module.{name}'")
-        out[name] = value
-    return out
 
 
 def _upstream_entries(kind: str, expected: Mapping[str, tuple]) -> Dict[str, tuple]:
@@ -278,18 +257,6 @@ def _looks_like(state_dict: Mapping) -> str:
     return "no IVLP, PromptSRC or MaPLe checkpoint (no prompt keys)"
 
 
-def _natural(key: str):
-    """Sort key that orders resblocks.10 after resblocks.9."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
-
-
-def _misshape_line(key: str, found: tuple, want: tuple, hints: Sequence[str]) -> str:
-    if len(found) != len(want):
-        return f"{key}: file {found}, expected {want} (a rank-{len(want)} tensor)"
-    fields = [hints[d] for d in range(len(want)) if found[d] != want[d]]
-    return f"{key}: file {found}, expected {want} (set by {', '.join(fields)})"
-
-
 def _file_blocks(state_dict: Mapping, kind: str, leaf: str) -> List[int]:
     """The deep indices (k: block k+1) the file holds for one deep leaf of `kind`'s layout."""
     pattern = _key_pattern(_LAYOUTS[kind][leaf][0])
@@ -312,21 +279,6 @@ def _mismatch_message(path, kind, expected, state_dict, missing, unexpected, mis
     return "\n".join(lines + key_problem_lines(missing, unexpected, misshaped, not_tensor))
 
 
-def key_problem_lines(missing, unexpected, misshaped, not_tensor) -> List[str]:
-    """The lines of a checkpoint mismatch message that list its key problems."""
-    lines = []
-    if missing:
-        lines.append(f"  missing keys: {missing}")
-    if unexpected:
-        lines.append(f"  unexpected prompt keys: {unexpected}")
-    if misshaped:
-        lines.append("  mis-shaped keys:")
-        lines.extend(f"    {line}" for line in misshaped)
-    if not_tensor:
-        lines.append(f"  keys that are not floating-point tensors: {not_tensor}")
-    return lines
-
-
 # ----------------------------------------------------------------------------------------------
 # Export
 # ----------------------------------------------------------------------------------------------
@@ -335,19 +287,9 @@ def key_problem_lines(missing, unexpected, misshaped, not_tensor) -> List[str]:
 def to_upstream_state_dict(prompt: Mapping, kind: str) -> "collections.OrderedDict":
     """The upstream state dict (prompt keys only, float32 torch tensors) of a prompt pytree."""
     _check_kind(kind)
-    import torch  # only here: building torch tensors needs it (STYLE rule 8)
-
     flat = {}
     for leaf, value in tree_lib.flatten(prompt).items():
-        array = np.asarray(value)
-        if array.dtype != np.float32:
-            if not np.issubdtype(array.dtype, np.floating) and array.dtype.name != "bfloat16":
-                raise ValueError(f"prompt[{leaf!r}] has dtype {array.dtype}; expected float32")
-            if array.dtype.itemsize > 4:
-                raise ValueError(f"prompt[{leaf!r}] has dtype {array.dtype}; expected float32 "
-                                 f"(casting would round it)")
-            array = array.astype(np.float32)  # bf16/fp16 widen exactly
-        flat[leaf] = array
+        flat[leaf] = widen_to_float32(value, f"prompt[{leaf!r}]")
     _check_expected({leaf: a.shape for leaf, a in flat.items()}, kind, "prompt")
     _check_consistent(flat, kind)
     state_dict = collections.OrderedDict()
@@ -359,8 +301,7 @@ def to_upstream_state_dict(prompt: Mapping, kind: str) -> "collections.OrderedDi
         keys = ([_deep_key(kind, leaf, k) for k in range(len(arrays))] if _is_deep(kind, leaf)
                 else [key])
         for name, array in zip(keys, arrays):
-            state_dict[name] = torch.from_numpy(np.ascontiguousarray(array.T if transposed
-                                                                     else array).copy())
+            state_dict[name] = tensor_of(array.T if transposed else array)
     return state_dict
 
 
@@ -441,15 +382,3 @@ def _check_consistent(flat: Mapping[str, np.ndarray], kind: str) -> None:
     if bad:
         raise ValueError(f"the {_NAMES[kind]} prompt's leaves disagree with its ctx "
                          f"{shapes['ctx']} (n, text width) and with each other: {bad}")
-
-
-def _flat_shapes(tree: Mapping, prefix: str = "") -> Dict[str, tuple]:
-    """{'a/b': shape} of a flat or nested map whose leaves are shapes or have `.shape`."""
-    out = {}
-    for name, value in tree.items():
-        path = f"{prefix}{name}"
-        if isinstance(value, Mapping):
-            out.update(_flat_shapes(value, path + "/"))
-        else:
-            out[path] = tuple(value.shape) if hasattr(value, "shape") else tuple(value)
-    return out

@@ -49,8 +49,9 @@ from dpc_jax.data.base import BaseToNewData, ImageSplit
 from dpc_jax.evaluation import results as results_lib
 from dpc_jax.prompts import capabilities, display_name
 
-PROTOCOLS = ("base_to_new", "few_shot", "cross_dataset", "domain_generalisation")
+# Transfer protocols test on other datasets or domains than the source, with no base/new split.
 TRANSFER = ("cross_dataset", "domain_generalisation")
+PROTOCOLS = ("base_to_new", "few_shot") + TRANSFER
 TRANSFER_PROMPTS = ("new", "base")
 FEW_SHOT_SHOTS = (1, 2, 4, 8, 16)
 WORLD_TARGETS = {"cross_dataset": ("world_studio", "world_night"),

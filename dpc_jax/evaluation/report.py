@@ -35,6 +35,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from dpc_jax.evaluation.protocols import PROTOCOLS, TRANSFER as TRANSFER_PROTOCOLS
 from dpc_jax.evaluation.results import STAGE_NAMES, harmonic_mean, summarize
 from dpc_jax.prompts import display_name, learner_names
 
@@ -128,8 +129,7 @@ def collect(root: str, notice: Callable[[str], None] = print, required: bool = T
 
 # ---------------------------------------------------------------- the other protocols
 
-PROTOCOL_TABLES = ("few_shot", "cross_dataset", "domain_generalisation")
-TRANSFER_PROTOCOLS = ("cross_dataset", "domain_generalisation")
+PROTOCOL_TABLES = tuple(p for p in PROTOCOLS if p != "base_to_new")
 
 
 @dataclasses.dataclass

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from dpc_jax.data import augment
 from dpc_jax.prompts import capabilities
-from dpc_jax.training import dhno
+from dpc_jax.training import dhno, row_skipping
 
 
 def backbone_objective(learner, res: int, crop_scale=(0.08, 1.0)):
@@ -85,16 +85,16 @@ def dpc_objective(learner, dual, res: int, top_k: int, policy: str, crop_scale=(
             neg_images = augment.center_normalize(neg_images, res)
 
         # The towers take the prompt as an argument: the chunked encodings differentiate it
-        # alone (dhno.chunked_rows), the CLIP weights and learner constants are constants.
+        # alone (row_skipping.chunked_rows), the CLIP weights and learner constants are constants.
         def encode_images(prompt_, images):
             return learner.image_features(clip_params, prompt_, images, state)
 
         if compact_negatives and learner.uses_image_prompts:  # the same crops, augmented above
-            neg_feats = dhno.encode_valid_rows(encode_images, neg_images, valid.reshape(-1), b,
-                                               diff=prompt)
+            neg_feats = row_skipping.encode_valid_rows(encode_images, neg_images, valid.reshape(-1),
+                                                       b, diff=prompt)
         elif compact_negatives:  # an unprompted image tower: nothing in it to differentiate
-            neg_feats = dhno.encode_valid_rows(lambda images: encode_images(prompt, images),
-                                               neg_images, valid.reshape(-1), b)
+            neg_feats = row_skipping.encode_valid_rows(
+                lambda images: encode_images(prompt, images), neg_images, valid.reshape(-1), b)
         else:
             neg_feats = encode_images(prompt, neg_images)
         # 3. The enlarged batch [anchor_i, negatives_i] and its symmetric contrastive loss; text
@@ -107,8 +107,8 @@ def dpc_objective(learner, dual, res: int, top_k: int, policy: str, crop_scale=(
             return learner.classifier(clip_params, prompt_, texts, ids, lconsts)
 
         if dedupe_text:
-            slot_text = dhno.encode_labels(encode_texts, slot_labels, slot_valid,
-                                           texts.num_classes, b, diff=prompt)
+            slot_text = row_skipping.encode_labels(encode_texts, slot_labels, slot_valid,
+                                                   texts.num_classes, b, diff=prompt)
         else:
             slot_text = encode_texts(prompt, slot_labels)
         logits = hooks.pair_logits(clip_params, prompt, slot_images, slot_text, lconsts)
