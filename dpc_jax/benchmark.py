@@ -44,13 +44,16 @@ class UsageError(ValueError):
 
 def has_seeds(results: dict, stages: Sequence[str], seeds: Sequence[int],
               exact: bool = True) -> bool:
-    """Whether `results` holds every stage of `stages` for `seeds` (exactly those when
-    `exact`, at least those otherwise)."""
+    """Whether `results` (a results.json summary of any protocol) holds every stage of
+    `stages` for `seeds` (exactly those when `exact`, at least those otherwise)."""
+    from dpc_jax.evaluation import protocols
+
     want = {str(s) for s in seeds}
+    protocol = protocols.get({"protocol": results.get("protocol", "base_to_new")})
     for stage in stages:
-        if not isinstance(results.get(stage), dict) or "per_seed" not in results[stage]:
+        have = protocol.seeds(results, stage)
+        if have is None:
             return False
-        have = set(results[stage]["per_seed"])
         if (have != want) if exact else not want <= have:
             return False
     return True
@@ -74,11 +77,11 @@ def run_or_reuse(spec: str, workdir: str, seeds: Sequence[int], stages: Sequence
     return train_lib.train_and_evaluate(config, workdir)
 
 
-def merge_seed_results(workdir: str, write: bool = True) -> dict:
-    """The summary over seeds (as train_and_evaluate writes it) of every
-    seed_N/<stage>/results.json the run holds ({} when none); `write`: also rewrite
+def merge_seed_results(workdir: str, config, write: bool = True) -> dict:
+    """The summary over seeds (as train_and_evaluate writes it for `config`'s protocol) of
+    every seed_N/<stage>/results.json the run holds ({} when none); `write`: also rewrite
     workdir/results.json with it."""
-    from dpc_jax.evaluation.results import summarize
+    from dpc_jax.evaluation import protocols
 
     per_seed: Dict[str, dict] = {}
     if not os.path.isdir(workdir):
@@ -96,7 +99,7 @@ def merge_seed_results(workdir: str, write: bool = True) -> dict:
     if not per_seed:
         return {}
     per_seed = {stage: dict(sorted(by_seed.items())) for stage, by_seed in per_seed.items()}
-    results = summarize(per_seed)
+    results = protocols.get(config).summarize(per_seed)
     if write:
         from dpc_jax.training.checkpoints import write_json
 
@@ -272,7 +275,7 @@ def status(point: Point, root: str, config, write: bool = True) -> str:
     """'finished', 'partial' (something saved: training resumes) or 'new'. `write`: rebuild
     the run's results.json on the way (it then holds seeds other tasks finished)."""
     workdir = point.workdir(root)
-    merged = merge_seed_results(workdir, write)
+    merged = merge_seed_results(workdir, config, write)
     if has_seeds(merged, _stages(config), [point.seed], exact=False):
         return "finished"
     return "partial" if os.path.isdir(os.path.join(workdir, f"seed_{point.seed}")) else "new"
@@ -322,7 +325,7 @@ def run_grid(points: Sequence[Point], root: str, stages: str = "",
         check_run_record(p, root, overrides, write=True)
         print(f"training {p.workdir(root)} seed {p.seed}", flush=True)
         train_lib.train_and_evaluate(config, p.workdir(root))
-        merge_seed_results(p.workdir(root))
+        merge_seed_results(p.workdir(root), config)
     return [(p, state) for p, _, state in plan]
 
 

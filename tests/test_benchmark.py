@@ -141,7 +141,7 @@ def test_unknown_protocol_is_skipped_with_a_notice(tmp_path):
 
 def write_protocol_run(workdir, protocol, method, accuracy, source="world",
                        targets=("world_a", "world_r"), shots=16):
-    """A run of another protocol as `protocols.summarize` writes it. `accuracy`:
+    """A run of another protocol as `Protocol.summarize` writes it. `accuracy`:
     {stage: {set: {seed: %}}}."""
     os.makedirs(workdir)
     stages = {st: {"accuracy": {s: {"mean": float(np.mean(list(v.values()))),
@@ -401,3 +401,25 @@ def test_report_of_a_real_run_draws_its_training_curves(tiny_root):
     text = open(os.path.join(tiny_root["root"], "table.md")).read()
     r = results["dpc"]
     assert f"{r['base']:.2f}/{r['new']:.2f}/{r['hm']:.2f}" in text
+
+
+def test_a_few_shot_grid_point_is_summarised_by_its_own_protocol(tmp_path):
+    """The grid's status rebuilds results.json from the per-seed files with the point's
+    protocol: a few-shot run's seeds count as finished and its summary is the few-shot one
+    (base_to_new's would look for a 'base' field those results do not have)."""
+    point = benchmark.Point("dpc_coop", "world", 1, args="protocol=few_shot")
+    config = benchmark.point_config(point, stages="zeroshot,backbone")
+    assert config.protocol == "few_shot"
+    root = str(tmp_path)
+    for stage, acc in (("zeroshot", 41.0), ("backbone", 63.5)):
+        stage_dir = os.path.join(point.workdir(root), "seed_1", stage)
+        os.makedirs(stage_dir)
+        with open(os.path.join(stage_dir, "results.json"), "w") as f:
+            json.dump({"accuracy": {"world": acc}}, f)
+    assert benchmark.status(point, root, config) == "finished"
+    with open(os.path.join(point.workdir(root), "results.json")) as f:
+        merged = json.load(f)
+    assert merged["protocol"] == "few_shot" and merged["shots"] == config.shots
+    assert merged["stages"]["backbone"]["accuracy"]["world"]["per_seed"] == {"1": 63.5}
+    assert not benchmark.has_seeds(merged, ["zeroshot", "backbone"], [1, 2])
+    assert benchmark.has_seeds(merged, ["zeroshot", "backbone"], [1])

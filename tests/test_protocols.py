@@ -189,11 +189,11 @@ def test_domain_generalisation_scores_subsets_of_the_source_classifier(trained, 
 
 def test_transfer_prompt_selects_only_the_target_prompt():
     c = tiny(protocol="cross_dataset")
-    assert protocols.select_prompt(c, "source", "B", "N") == "B"
-    assert protocols.select_prompt(c, "target", "B", "N") == "N"
+    assert protocols.get(c).select_prompt("source", "B", "N") == "B"
+    assert protocols.get(c).select_prompt("target", "B", "N") == "N"
     c.dpc.transfer_prompt = "base"
-    assert protocols.select_prompt(c, "source", "B", "N") == "B"
-    assert protocols.select_prompt(c, "target", "B", "N") == "B"
+    assert protocols.get(c).select_prompt("source", "B", "N") == "B"
+    assert protocols.get(c).select_prompt("target", "B", "N") == "B"
 
 
 def _error(match, **changes):
@@ -227,27 +227,27 @@ def test_domain_target_with_foreign_classes_is_refused():
     source = train_sets.load_named(c, "world_a", 1, 2)
     with pytest.raises(ValueError, match=r"config.targets: 'world_r' has 24 class\(es\) that "
                                          r"the source config.dataset='world_a' lacks"):
-        protocols.eval_sets(c, source, 1)
+        protocols.get(c).eval_sets(source, 1)
 
 
 def test_real_defaults_and_imagenet_subset_mapping():
     c = tiny(protocol="cross_dataset")
     c.dataset, c.clip.source = "imagenet", "ViT-B/16"
-    assert protocols.targets(c) == ["caltech101", "oxford_pets", "stanford_cars",
+    assert protocols.get(c).targets() == ["caltech101", "oxford_pets", "stanford_cars",
                                     "oxford_flowers", "food101", "fgvc_aircraft", "sun397",
                                     "dtd", "eurosat", "ucf101"]
     with pytest.raises(ValueError, match="domain_generalisation"):
         c.targets = "imagenet_r"
-        protocols.targets(c)
+        protocols.get(c).targets()
     c.protocol, c.targets = "domain_generalisation", ""
-    assert protocols.targets(c) == ["imagenetv2", "imagenet_sketch", "imagenet_a",
+    assert protocols.get(c).targets() == ["imagenetv2", "imagenet_sketch", "imagenet_a",
                                     "imagenet_r"]
     c.dataset = "oxford_pets"
     with pytest.raises(ValueError, match="config.targets is empty"):
-        protocols.targets(c)
+        protocols.get(c).targets()
     c.dataset, c.targets = "imagenet_a", "imagenetv2"
     with pytest.raises(ValueError, match="config.dataset='imagenet_a' has test data only"):
-        protocols.check_config(c, get_learner("coop"))
+        protocols.get(c).check(get_learner("coop"))
     names = [f"class {i}" for i in range(10)]
     assert protocols.class_rows(names, "imagenet_r", ["class 7", "class 2"],
                                 "imagenet").tolist() == [7, 2]
@@ -268,9 +268,9 @@ def test_imagenet_r_in_the_coop_layout_maps_onto_imagenet(tmp_path):
     c.dataset, c.root, c.clip.source = "imagenet", str(tmp_path), "ViT-B/16"
     source = train_sets.load_named(c, "imagenet", 1, 1)
     with pytest.raises(coop.DatasetNotFoundError, match="imagenet-adversarial"):
-        protocols.eval_sets(c, source, 1)  # ImageNet-A is not there: the expected folder
+        protocols.get(c).eval_sets(source, 1)  # ImageNet-A is not there: the expected folder
     c.targets = "imagenet_r"
-    sets = protocols.eval_sets(c, source, 1)
+    sets = protocols.get(c).eval_sets(source, 1)
     assert [s.name for s in sets] == ["imagenet", "imagenet_r"]
     target = sets[1]
     assert target.rows.tolist() == list(range(3, 1000, 5))

@@ -72,13 +72,6 @@ class EvalSet:
     rows: Optional[np.ndarray] = None  # int [C_target]: source class index of each class
 
 
-def protocol_name(config) -> str:
-    value = config.get("protocol", "base_to_new")
-    if value not in PROTOCOLS:
-        raise ValueError(f"config.protocol={value!r}; expected one of {PROTOCOLS}")
-    return value
-
-
 def transfer_prompt(config) -> str:
     value = config.dpc.get("transfer_prompt", "new")
     if value not in TRANSFER_PROMPTS:
@@ -107,73 +100,6 @@ def dataset_name(name: str, field: str) -> str:
         raise ValueError(f"config.{field}: unknown dataset {name!r}; expected a world dataset "
                          f"({world.world_datasets()}) or one of {sorted(registry.DATASETS)}"
                          ) from None
-
-
-def targets(config) -> list:
-    """The target datasets of a transfer protocol (`config.targets`, or the default)."""
-    protocol = protocol_name(config)
-    if protocol not in TRANSFER:
-        if config.get("targets", ""):
-            raise ValueError(f"config.targets={config.targets!r} with config.protocol="
-                             f"{protocol!r}: targets belong to {TRANSFER} only")
-        return []
-    source = config.dataset
-    value = config.get("targets", "")
-    if value:
-        names = [dataset_name(s, "targets") for s in str(value).split(",") if s.strip()]
-    elif is_world(source):
-        names = list(WORLD_TARGETS[protocol])
-    elif protocol == "cross_dataset":
-        names = [d for d in registry.BASE_TO_NEW if d != source]
-    elif source in DG_TARGETS:
-        names = list(DG_TARGETS[source])
-    else:
-        raise ValueError(f"config.targets is empty and source config.dataset={source!r} has no "
-                         f"default domain-shift targets (only {sorted(DG_TARGETS)} and the "
-                         f"world do); set config.targets to datasets sharing its classes")
-    if not names:
-        raise ValueError(f"config.targets={value!r} is empty; expected a comma-separated list")
-    for name in names:
-        if name == source:
-            raise ValueError(f"config.targets lists the source {name!r} (config.dataset); its "
-                             f"test set is always reported as the source")
-        if is_world(name) != is_world(source):
-            raise ValueError(f"config.targets: {name!r} with source config.dataset={source!r}: "
-                             f"world datasets and real ones need different CLIPs; use "
-                             f"{'world' if is_world(source) else 'real'} targets")
-        if protocol == "cross_dataset" and not is_world(name) and registry.get(name).test_only:
-            raise ValueError(f"config.targets: {name!r} is a domain-shift set of ImageNet's "
-                             f"classes; it belongs to config.protocol='domain_generalisation'")
-    if len(set(names)) != len(names):
-        raise ValueError(f"config.targets={value!r} lists a dataset twice")
-    return names
-
-
-def check_config(config, learner) -> None:
-    """Fail early, naming the field, on protocol settings the run cannot use."""
-    protocol = protocol_name(config)
-    transfer_prompt(config)
-    targets(config)
-    if protocol == "base_to_new":
-        return
-    if not is_world(config.dataset) and registry.get(config.dataset).test_only:
-        raise ValueError(f"config.dataset={config.dataset!r} has test data only; a "
-                         f"{protocol!r} source needs training data (e.g. imagenet)")
-    if protocol == "few_shot" and config.shots not in FEW_SHOT_SHOTS:
-        raise ValueError(f"config.shots={config.shots!r} with config.protocol='few_shot'; "
-                         f"expected one of {FEW_SHOT_SHOTS}")
-    if config.shots < 1:
-        raise ValueError(f"config.shots={config.shots!r} with config.protocol={protocol!r}; "
-                         f"expected a positive number of training images per class")
-    if learner.train_split != "fewshot" or capabilities.distils(learner):
-        raise ValueError(f"config.protocol={protocol!r} with config.backbone.name="
-                         f"{learner.name!r}: protocols other than base_to_new train on the "
-                         f"labelled few-shot split without a teacher; {learner.name!r} does not "
-                         f"(PromptKD's transfer settings distil on the target's unlabeled "
-                         f"images)")
-    if config.dpc.get("init_from", ""):
-        raise ValueError(f"config.dpc.init_from={config.dpc.init_from!r} with config.protocol="
-                         f"{protocol!r}: importing a released stage 2 is for base_to_new only")
 
 
 def load_dataset(config, name: str, seed: int, shots: int) -> BaseToNewData:
@@ -206,78 +132,247 @@ def class_rows(source_classnames: Sequence[str], target: str, target_classnames:
     return np.asarray([index[c][0] for c in target_classnames], np.int64)
 
 
-def eval_sets(config, source: BaseToNewData, seed: int) -> list:
-    """The protocol's test sets for one seed: the source's, then each target's (full test
-    sets, all their classes)."""
-    protocol = protocol_name(config)
-    out = [EvalSet(config.dataset, "source", source.test, list(source.classnames),
-                   list(source.templates))]
-    for name in targets(config):
-        data = load_dataset(config, name, seed, shots=0)
-        rows = None
-        classnames = list(data.classnames)
-        if protocol == "domain_generalisation":
-            rows = class_rows(source.classnames, name, data.classnames, config.dataset)
-        out.append(EvalSet(name, "target", data.test, classnames, list(data.templates), rows))
-    return out
+class Protocol:
+    """One evaluation protocol, chosen once from the config (`get`): what a seed trains on and
+    is evaluated on, which prompt each test set gets, and how results are summarised and read.
+    """
+
+    name = ""
+    transfer = False  # test sets of other datasets (`targets`)
+
+    def __init__(self, config):
+        self.config = config
+
+    def targets(self) -> list:
+        """The target datasets of a transfer protocol (`config.targets`, or the default)."""
+        config = self.config
+        if not self.transfer:
+            if config.get("targets", ""):
+                raise ValueError(f"config.targets={config.targets!r} with config.protocol="
+                                 f"{self.name!r}: targets belong to {TRANSFER} only")
+            return []
+        source = config.dataset
+        value = config.get("targets", "")
+        if value:
+            names = [dataset_name(s, "targets") for s in str(value).split(",") if s.strip()]
+        else:
+            names = self.default_targets(source)
+        if not names:
+            raise ValueError(f"config.targets={value!r} is empty; expected a comma-separated "
+                             f"list")
+        for name in names:
+            if name == source:
+                raise ValueError(f"config.targets lists the source {name!r} (config.dataset); "
+                                 f"its test set is always reported as the source")
+            if is_world(name) != is_world(source):
+                raise ValueError(f"config.targets: {name!r} with source config.dataset="
+                                 f"{source!r}: world datasets and real ones need different "
+                                 f"CLIPs; use {'world' if is_world(source) else 'real'} "
+                                 f"targets")
+            self.check_target(name)
+        if len(set(names)) != len(names):
+            raise ValueError(f"config.targets={value!r} lists a dataset twice")
+        return names
+
+    def default_targets(self, source: str) -> list:
+        return []
+
+    def check_shots(self) -> None:
+        pass
+
+    def check_target(self, name: str) -> None:
+        pass
+
+    def check(self, learner) -> None:
+        """Fail early, naming the field, on protocol settings the run cannot use."""
+        config = self.config
+        transfer_prompt(config)
+        self.targets()
+        if not is_world(config.dataset) and registry.get(config.dataset).test_only:
+            raise ValueError(f"config.dataset={config.dataset!r} has test data only; a "
+                             f"{self.name!r} source needs training data (e.g. imagenet)")
+        self.check_shots()
+        if config.shots < 1:
+            raise ValueError(f"config.shots={config.shots!r} with config.protocol="
+                             f"{self.name!r}; expected a positive number of training images "
+                             f"per class")
+        if learner.train_split != "fewshot" or capabilities.distils(learner):
+            raise ValueError(f"config.protocol={self.name!r} with config.backbone.name="
+                             f"{learner.name!r}: protocols other than base_to_new train on the "
+                             f"labelled few-shot split without a teacher; {learner.name!r} "
+                             f"does not (its transfer settings distil on the target's "
+                             f"unlabeled images)")
+        if config.dpc.get("init_from", ""):
+            raise ValueError(f"config.dpc.init_from={config.dpc.init_from!r} with "
+                             f"config.protocol={self.name!r}: importing a released stage 2 is "
+                             f"for base_to_new only")
+
+    def data(self, seed: int):
+        """(training source, new half or None, eval sets or None) of one seed: base_to_new's
+        halves, or the source's classes with the protocol's test sets."""
+        from dpc_jax.data import train_sets
+
+        config = self.config
+        source = train_sets.load_named(config, config.dataset, seed, config.shots)
+        return source, None, self.eval_sets(source, seed)
+
+    def eval_sets(self, source: BaseToNewData, seed: int) -> list:
+        """The protocol's test sets for one seed: the source's, then each target's (full test
+        sets, all their classes)."""
+        config = self.config
+        out = [EvalSet(config.dataset, "source", source.test, list(source.classnames),
+                       list(source.templates))]
+        for name in self.targets():
+            data = load_dataset(config, name, seed, shots=0)
+            out.append(EvalSet(name, "target", data.test, list(data.classnames),
+                               list(data.templates), self.rows(source, name, data)))
+        return out
+
+    def rows(self, source: BaseToNewData, name: str, data: BaseToNewData):
+        return None
+
+    def select_prompt(self, role: str, base, new):
+        """The prompt (or learner state) of an eval set: the source gets the base one; a target
+        the one `config.dpc.transfer_prompt` names."""
+        if role == "source":
+            return base
+        return new if transfer_prompt(self.config) == "new" else base
+
+    def summarize(self, per_seed: dict) -> dict:
+        """{stage: {seed: {"accuracy": {set: %}}}} -> the results.json layout of the module
+        docstring."""
+        config, names = self.config, self.targets()
+        stages = {}
+        for stage, by_seed in per_seed.items():
+            sets = list(next(iter(by_seed.values()))["accuracy"])
+            acc = {}
+            for s in sets:
+                values = np.array([r["accuracy"][s] for r in by_seed.values()])
+                acc[s] = {"mean": float(values.mean()), "std": float(values.std()),
+                          "per_seed": {str(seed): float(r["accuracy"][s])
+                                       for seed, r in by_seed.items()}}
+            stages[stage] = {"accuracy": acc}
+            if self.transfer:
+                stages[stage]["target_average"] = float(np.mean([acc[t]["mean"]
+                                                                 for t in names]))
+        return {"protocol": self.name, "source": config.dataset, "targets": names,
+                "shots": int(config.shots), "transfer_prompt": transfer_prompt(config),
+                "stages": stages}
+
+    def seeds(self, results: dict, stage: str) -> Optional[set]:
+        """The seeds a summary holds for `stage` (None: the stage is not in it)."""
+        entry = results.get("stages", {}).get(stage) if isinstance(results, dict) else None
+        if not isinstance(entry, dict) or not entry.get("accuracy"):
+            return None
+        return set(next(iter(entry["accuracy"].values()))["per_seed"])
+
+    def seed_line(self, stage: str, seed: int, result: dict) -> str:
+        return f"seed {seed} {stage}: " + " ".join(f"{k} {v:.2f}"
+                                                   for k, v in result["accuracy"].items())
+
+    def format_table(self, results: dict) -> str:
+        pretty = display_name(self.config.backbone.name)
+        names = {**results_lib.STAGE_NAMES, "backbone": pretty, "dpc": f"{pretty}+DPC"}
+        stages = results["stages"]
+        sets = list(next(iter(stages.values()))["accuracy"])
+        avg = results["protocol"] in TRANSFER
+        width = max(8, *(len(s) for s in sets))
+        head = f"{'method':<20} " + " ".join(f"{s:>{width}}" for s in sets)
+        lines = [head + (f" {'avg':>{width}}" if avg else "")]
+        for stage, r in stages.items():
+            row = f"{names.get(stage, stage):<20} " + " ".join(
+                f"{r['accuracy'][s]['mean']:{width}.2f}" for s in sets)
+            lines.append(row + (f" {r['target_average']:{width}.2f}" if avg else ""))
+        return f"{results['protocol']} (source {results['source']}, {results['shots']} " \
+               f"shots)\n" + "\n".join(lines)
 
 
-def select_prompt(config, role: str, base, new):
-    """The prompt (or learner state) of an eval set: the source gets the base one; a target
-    the one `config.dpc.transfer_prompt` names."""
-    if role == "source":
-        return base
-    return new if transfer_prompt(config) == "new" else base
+class BaseToNew(Protocol):
+    """Train on the base half of the classes; base and new accuracy and their H."""
 
+    name = "base_to_new"
 
-# --- results ----------------------------------------------------------------------------------
+    def check(self, learner) -> None:
+        transfer_prompt(self.config)
+        self.targets()
 
-def summarize(config, per_seed: dict) -> dict:
-    """{stage: {seed: {"accuracy": {set: %}}}} -> the results.json layout of the module
-    docstring (base_to_new: `results.summarize`, unchanged)."""
-    protocol = protocol_name(config)
-    if protocol == "base_to_new":
+    def data(self, seed: int):
+        from dpc_jax.data import train_sets
+
+        base, new = train_sets.load_benchmark(self.config, seed)
+        return base, new, None
+
+    def summarize(self, per_seed: dict) -> dict:
         return results_lib.summarize(per_seed)
-    names = targets(config)
-    stages = {}
-    for stage, by_seed in per_seed.items():
-        sets = list(next(iter(by_seed.values()))["accuracy"])
-        acc = {}
-        for s in sets:
-            values = np.array([r["accuracy"][s] for r in by_seed.values()])
-            acc[s] = {"mean": float(values.mean()), "std": float(values.std()),
-                      "per_seed": {str(seed): float(r["accuracy"][s])
-                                   for seed, r in by_seed.items()}}
-        stages[stage] = {"accuracy": acc}
-        if protocol in TRANSFER:
-            stages[stage]["target_average"] = float(np.mean([acc[t]["mean"] for t in names]))
-    return {"protocol": protocol, "source": config.dataset, "targets": names,
-            "shots": int(config.shots), "transfer_prompt": transfer_prompt(config),
-            "stages": stages}
 
+    def seeds(self, results: dict, stage: str) -> Optional[set]:
+        entry = results.get(stage) if isinstance(results, dict) else None
+        if not isinstance(entry, dict) or "per_seed" not in entry:
+            return None
+        return set(entry["per_seed"])
 
-def seed_line(config, stage: str, seed: int, result: dict) -> str:
-    if protocol_name(config) == "base_to_new":
+    def seed_line(self, stage: str, seed: int, result: dict) -> str:
         return (f"seed {seed} {stage}: base {result['base']:.2f} new {result['new']:.2f} "
                 f"H {result['hm']:.2f}")
-    return f"seed {seed} {stage}: " + " ".join(f"{k} {v:.2f}"
-                                               for k, v in result["accuracy"].items())
+
+    def format_table(self, results: dict) -> str:
+        return results_lib.format_table(results, self.config.backbone.name)
 
 
-def format_table(config, results: dict) -> str:
-    if protocol_name(config) == "base_to_new":
-        return results_lib.format_table(results, config.backbone.name)
-    pretty = display_name(config.backbone.name)
-    names = {**results_lib.STAGE_NAMES, "backbone": pretty, "dpc": f"{pretty}+DPC"}
-    stages = results["stages"]
-    sets = list(next(iter(stages.values()))["accuracy"])
-    avg = results["protocol"] in TRANSFER
-    width = max(8, *(len(s) for s in sets))
-    head = f"{'method':<20} " + " ".join(f"{s:>{width}}" for s in sets)
-    lines = [head + (f" {'avg':>{width}}" if avg else "")]
-    for stage, r in stages.items():
-        row = f"{names.get(stage, stage):<20} " + " ".join(
-            f"{r['accuracy'][s]['mean']:{width}.2f}" for s in sets)
-        lines.append(row + (f" {r['target_average']:{width}.2f}" if avg else ""))
-    return f"{results['protocol']} (source {results['source']}, {results['shots']} shots)\n" \
-        + "\n".join(lines)
+class FewShot(Protocol):
+    """All classes of the dataset at 1-16 shots; accuracy on its full test set."""
+
+    name = "few_shot"
+
+    def check_shots(self) -> None:
+        if self.config.shots not in FEW_SHOT_SHOTS:
+            raise ValueError(f"config.shots={self.config.shots!r} with config.protocol="
+                             f"'few_shot'; expected one of {FEW_SHOT_SHOTS}")
+
+
+class CrossDataset(Protocol):
+    """Train on the source; evaluate on other datasets, each over its own classes."""
+
+    name = "cross_dataset"
+    transfer = True
+
+    def default_targets(self, source: str) -> list:
+        if is_world(source):
+            return list(WORLD_TARGETS[self.name])
+        return [d for d in registry.BASE_TO_NEW if d != source]
+
+    def check_target(self, name: str) -> None:
+        if not is_world(name) and registry.get(name).test_only:
+            raise ValueError(f"config.targets: {name!r} is a domain-shift set of ImageNet's "
+                             f"classes; it belongs to config.protocol='domain_generalisation'")
+
+
+class DomainGeneralisation(Protocol):
+    """Train on the source; evaluate on shifted domains of its classes."""
+
+    name = "domain_generalisation"
+    transfer = True
+
+    def default_targets(self, source: str) -> list:
+        if is_world(source):
+            return list(WORLD_TARGETS[self.name])
+        if source in DG_TARGETS:
+            return list(DG_TARGETS[source])
+        raise ValueError(f"config.targets is empty and source config.dataset={source!r} has no "
+                         f"default domain-shift targets (only {sorted(DG_TARGETS)} and the "
+                         f"world do); set config.targets to datasets sharing its classes")
+
+    def rows(self, source: BaseToNewData, name: str, data: BaseToNewData):
+        return class_rows(source.classnames, name, data.classnames, self.config.dataset)
+
+
+_PROTOCOLS = {cls.name: cls for cls in (BaseToNew, FewShot, CrossDataset,
+                                        DomainGeneralisation)}
+
+
+def get(config) -> Protocol:
+    """The protocol `config.protocol` names ('base_to_new' when the field is absent)."""
+    value = config.get("protocol", "base_to_new")
+    if value not in _PROTOCOLS:
+        raise ValueError(f"config.protocol={value!r}; expected one of {PROTOCOLS}")
+    return _PROTOCOLS[value](config)

@@ -11,6 +11,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
+from dpc_jax.evaluation import protocols
 from dpc_jax.evaluation.evaluator import Evaluator
 from dpc_jax.models.clip import CLIPConfig
 from dpc_jax.prompts import (DualPrompt, PromptLearner, ZeroShotCLIP, build_learner,
@@ -68,6 +69,7 @@ class Run:
         self.dual = DualPrompt(self.config.dpc, rules)
         self.res = self.clip_config.image_resolution
         self.evaluator = Evaluator(self.clip_params, self.res, self.mesh, self.config)
+        self.protocol = protocols.get(self.config)
         self._programs: Dict[tuple, StageProgram] = {}
         self._zeroshot: Dict[tuple, ZeroShotCLIP] = {}
 

@@ -10,9 +10,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from tqdm import tqdm
 
 from dpc_jax.data.base import BaseToNewData
-from dpc_jax.data.train_sets import (TrainSet, load_benchmark, load_named, load_unlabeled,
-                                     make_train_set, resident_megabytes)
-from dpc_jax.evaluation import protocols
+from dpc_jax.data.train_sets import TrainSet, load_unlabeled, make_train_set, resident_megabytes
 from dpc_jax.evaluation.results import scores
 from dpc_jax.prompts import LearnerContext, ZeroShotCLIP, capabilities
 from dpc_jax.training.checkpoints import StageDir, host
@@ -47,12 +45,7 @@ class SeedRun:
 
     @classmethod
     def create(cls, run: Run, seed: int, workdir: str, train_mode: bool = True) -> "SeedRun":
-        cfg, sets = run.config, None
-        if protocols.protocol_name(cfg) == "base_to_new":
-            base, new = load_benchmark(cfg, seed)
-        else:
-            base, new = load_named(cfg, cfg.dataset, seed, cfg.shots), None
-            sets = protocols.eval_sets(cfg, base, seed)
+        base, new, sets = run.protocol.data(seed)
         run.evaluator.clear_cache()
         return cls(run=run, seed=seed, seed_dir=os.path.join(workdir, f"seed_{seed}"),
                    base=base, new=new, train_mode=train_mode, eval_sets=sets)
@@ -157,19 +150,20 @@ class SeedRun:
     def evaluate_sets(self, base_prompt, new_prompt, state=None, learner=None,
                       new_state=None) -> dict:
         """{"accuracy": {eval set: %}}: the source with the base prompt and state, each target
-        with the ones `config.dpc.transfer_prompt` names (`protocols.select_prompt`)."""
-        cfg, ev = self.run.config, self.run.evaluator
+        with the ones `config.dpc.transfer_prompt` names (`Protocol.select_prompt`)."""
+        run = self.run
         out = {}
         new_state = state if new_state is None else new_state
-        for es in self.eval_sets:
-            lrn = learner or self.run.learner
-            if isinstance(lrn, ZeroShotCLIP):
-                lrn = self.run.zeroshot_learner(es.templates)
-            consts = self.consts if lrn is self.run.learner else {}
-            prompt = protocols.select_prompt(cfg, es.role, base_prompt, new_prompt)
-            st = protocols.select_prompt(cfg, es.role, state, new_state)
-            out[es.name] = ev.accuracy(lrn, es.test, prompt, self.set_texts(lrn, es),
-                                       f"seed {self.seed} {es.name}", st, consts, rows=es.rows)
+        for eval_set in self.eval_sets:
+            set_learner = learner or run.learner
+            if isinstance(set_learner, ZeroShotCLIP):  # each set with its own templates
+                set_learner = run.zeroshot_learner(eval_set.templates)
+            consts = self.consts if set_learner is run.learner else {}
+            prompt = run.protocol.select_prompt(eval_set.role, base_prompt, new_prompt)
+            set_state = run.protocol.select_prompt(eval_set.role, state, new_state)
+            out[eval_set.name] = run.evaluator.accuracy(
+                set_learner, eval_set.test, prompt, self.set_texts(set_learner, eval_set),
+                f"seed {self.seed} {eval_set.name}", set_state, consts, rows=eval_set.rows)
         return {"accuracy": out}
 
     def stage_dir(self, stage_id: int) -> StageDir:

@@ -132,7 +132,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                 f"{config.optim.warmup_lr}; set more epochs, or --config.optim.warmup_epochs=0")
     dpc_lib.DualPrompt(config.dpc)  # validates mode, w_base, w_new
     stage1.model_selection(config)
-    protocols.check_config(config, get_learner(config.backbone.get("name", "")))
+    protocols.get(config).check(get_learner(config.backbone.get("name", "")))
 
 
 # Shipped CLIPs named by `config.clip.source` (and `config.backbone.teacher_clip.source`).
@@ -270,6 +270,7 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str, hooks) -> dict:
     earlier = _read_results(results_path)  # checked before anything trains
     stages = parse_list(config.stages, "stages", STAGES)
     seeds = parse_list(config.seeds, "seeds", cast=int)
+    protocol = protocols.get(config)
     run = _build_run(config, hooks)
     train = config.mode == "train"
     per_seed = {stage: {} for stage in stages}
@@ -284,15 +285,15 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str, hooks) -> dict:
             if jax.process_index() == 0:
                 os.makedirs(os.path.join(sr.seed_dir, stage), exist_ok=True)
                 write_json(os.path.join(sr.seed_dir, stage, "results.json"), result)
-            tqdm.write(protocols.seed_line(config, stage, seed, result))
-    results = protocols.summarize(config, per_seed)
+            tqdm.write(protocol.seed_line(stage, seed, result))
+    results = protocol.summarize(per_seed)
     if jax.process_index() == 0:
         # The config of the run that wrote results.json: written when it has finished, so a
         # refused or failed run leaves the record of the last finished one in place.
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
         write_json(results_path, _merge_results(earlier, results, workdir))
-    print(protocols.format_table(config, results), flush=True)
+    print(protocol.format_table(results), flush=True)
     return results
 
 
