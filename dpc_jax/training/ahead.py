@@ -10,7 +10,7 @@ them in a thread (XLA releases the GIL while it compiles). The first real call w
 compilation if it is still running and runs the compiled executable, so the numbers are those of
 the jitted function: it is the same program. Arguments that do not match the stand-ins (an
 executable refuses them before running, so nothing is donated) or a compilation that failed
-fall back to the jitted function, which compiles as before (and raises a real error itself).
+fall back to the jitted function, which compiles on that call (and raises a real error itself).
 """
 
 from __future__ import annotations

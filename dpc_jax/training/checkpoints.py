@@ -87,7 +87,7 @@ def check_stage_settings(stage_dir: str, stage_id: int, config) -> None:
     flat.pop("dpc.transfer_prompt", None)
     # Protocols other than base_to_new train on all classes of the source (the same training
     # for few_shot, cross_dataset and domain_generalisation); base_to_new on the base half.
-    # (Absent for base_to_new, so workdirs written before protocols existed still match.)
+    # (Absent for base_to_new: its training classes are the default.)
     if config.get("protocol", "base_to_new") != "base_to_new":
         flat["train_classes"] = "all"
     if stage_id == 2 and config.dpc.mode == "paper":
@@ -98,18 +98,6 @@ def check_stage_settings(stage_dir: str, stage_id: int, config) -> None:
     if os.path.isfile(path):
         with open(path) as f:
             stored = json.load(f)
-        # Recorded before class-text trimming existed: such a stage encoded all positions.
-        if any(k.startswith("clip.") for k in stored):
-            stored.setdefault("clip.trim_text", False)
-        # Recorded before the stage-2 work elimination existed: every slot's text and every
-        # negative slot's image were encoded.
-        if any(k.startswith("dpc.") for k in stored):
-            for key in ("dpc.dedupe_text", "dpc.compact_negatives"):
-                stored.setdefault(key, False)
-        # Recorded before the accelerator options existed: the einsum attention, no remat.
-        for key, old in (("clip.attention", "einsum"), ("clip.remat", False)):
-            if key in flat:
-                stored.setdefault(key, old)
         changed = sorted(k for k in set(stored) | set(flat) if stored.get(k) != flat.get(k))
         if changed:
             raise ValueError(

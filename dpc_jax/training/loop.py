@@ -188,25 +188,25 @@ def run_stage(stage: Stage, train_state: dict, extra: dict, *, seed: int, mesh: 
     n, global_batch, stream = stage.train_size, stage.global_batch, stage.stream
     epoch_steps, epochs = stage.epoch_steps, stage.epochs
     epoch_hooks, epoch_hook = stage.epoch_hooks, stage.epoch_hook
-    stage = stage.directory
+    directory = stage.directory
     total = epochs * epoch_steps
-    os.makedirs(stage.path, exist_ok=True)
-    stage.check_settings()
+    os.makedirs(directory.path, exist_ok=True)
+    directory.check_settings()
     state = {**train_state, "aux": {"state": train_state["state"], "extra": extra}}
     start = 0
-    latest, restored = stage.restore_latest(state)
+    latest, restored = directory.restore_latest(state)
     if latest is not None:
         state.update(restored)
         start = int(latest)
     params, opt_state = state["params"], state["opt_state"]
-    lstate, extra = state["aux"]["state"], state["aux"]["extra"]
+    learner_state, extra = state["aux"]["state"], state["aux"]["extra"]
     if start >= total:
-        stage.finish({"final_step": total, "steps_per_epoch": epoch_steps})
-        return {"params": params, "opt_state": opt_state, "state": lstate}, extra
+        directory.finish({"final_step": total, "steps_per_epoch": epoch_steps})
+        return {"params": params, "opt_state": opt_state, "state": learner_state}, extra
     device_state = device_train_state({"params": params, "opt_state": opt_state,
-                                       "state": lstate}, mesh)
-    key = stage_key(seed, stage.stage_id)
-    log = MetricLog(stage.path, resume_step=start)
+                                       "state": learner_state}, mesh)
+    key = stage_key(seed, directory.stage_id)
+    log = MetricLog(directory.path, resume_step=start)
     bar = progress_bar(total=total, initial=start, desc=name, enabled=config.progress)
     capacity = stretch_capacity(config, stream)
     at_epoch_ends = epoch_hooks is not None or epoch_hook is not None
@@ -223,7 +223,7 @@ def run_stage(stage: Stage, train_state: dict, extra: dict, *, seed: int, mesh: 
             for j, s in enumerate(range(step, end)):
                 epoch, i = divmod(s, epoch_steps)
                 if epoch != order_epoch:
-                    order, order_epoch = epoch_order(seed, stage.stage_id, epoch, n), epoch
+                    order, order_epoch = epoch_order(seed, directory.stage_id, epoch, n), epoch
                     if stream is not None:  # this epoch's remaining batches, decoded ahead
                         images = stream.batches(
                             order[i * global_batch:epoch_steps * global_batch], global_batch)
@@ -240,7 +240,7 @@ def run_stage(stage: Stage, train_state: dict, extra: dict, *, seed: int, mesh: 
                 raise FloatingPointError(
                     f"{name}: non-finite loss {losses[bad[0]].tolist()} at step {s + 1} (epoch "
                     f"{s // epoch_steps}, seed {seed}); nothing after step "
-                    f"{stage.latest_step()} was saved")
+                    f"{directory.latest_step()} was saved")
             bar.update(end - step)
             for j, s in enumerate(range(step, end)):
                 if (s + 1) % config.log_every_steps == 0 or s + 1 == total:
@@ -271,14 +271,14 @@ def run_stage(stage: Stage, train_state: dict, extra: dict, *, seed: int, mesh: 
                 # The loss above is the one before this step's update: check the update itself
                 # before it is saved (or the stage marked finished), so that no checkpoint
                 # holds non-finite parameters or optimiser state.
-                check_finite_state(device_state, name, step, seed, stage.latest_step())
-                stage.save(step, {**device_state,
+                check_finite_state(device_state, name, step, seed, directory.latest_step())
+                directory.save(step, {**device_state,
                                   "aux": {"state": device_state["state"], "extra": extra}})
             for hook in hooks:
                 hook(name=name, step=step, start=start, total=total)
     finally:
         bar.close()
         log.close()
-    stage.finish({"final_step": total, "steps_per_epoch": epoch_steps,
+    directory.finish({"final_step": total, "steps_per_epoch": epoch_steps,
                   "global_batch": global_batch, "devices": mesh.size})
     return checkpoints.host(device_state), checkpoints.host(extra)

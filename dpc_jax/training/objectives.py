@@ -39,13 +39,14 @@ def dpc_objective(learner, dual, res: int, top_k: int, policy: str, crop_scale=(
     learner's state is frozen (passed through unchanged).
 
     Two exact eliminations of work, the same loss and gradients up to float32 rounding
-    (`tests/test_dpc_elimination.py`; both False: bitwise the step before they existed):
+    (`tests/test_dpc_elimination.py`; both False: the plain step, the A/B baseline that
+    `benchmarks/dpc_step.py` and the exactness tests compare against):
     - dedupe_text (`config.dpc.dedupe_text`): the text tower encodes each distinct label of the
       valid slots once (all C classes once when C <= B*(K+1)) and the slots gather their rows,
       instead of one text per slot, repeats and invalid slots included.
     - compact_negatives (`config.dpc.compact_negatives`): only the valid negative slots go
       through the image tower (compacted to the front, in chunks of B; invalid slots reuse a
-      real row, masked out of the loss as before).
+      real row, masked out of the loss).
     """
     for name, value in (("dedupe_text", dedupe_text), ("compact_negatives", compact_negatives)):
         if not isinstance(value, bool):

@@ -111,7 +111,8 @@ def chunked_rows(fn, rows: Array, count: Array, chunk: int, diff=None):
     ViT-B/16 with 9 text chunks its backward pass took 0.9-1.6 s, against 0.17-0.19 s with the
     custom VJP (README, Devices). Recomputing costs one more
     forward pass of the chunks that ran, and the backward keeps one chunk's activations at a
-    time. Without `diff`, the plain scan is differentiated (the step before the custom VJP).
+    time. Without `diff`, the plain scan is differentiated (the A/B baseline of the
+    benchmarks).
     """
     if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
         raise ValueError(f"chunk={chunk!r}; expected a positive int")

@@ -9,13 +9,13 @@ from dpc_jax.training.stage2 import run_dpc
 from dpc_jax.training.teacher import run_teacher
 
 
-def run_zeroshot(sr: SeedRun, train: bool) -> dict:
-    learner = sr.run.zeroshot_learner(sr.base.templates)
-    if sr.eval_sets is not None:  # each set with its own templates
-        return sr.evaluate({}, {}, learner=learner)
-    texts = (learner.prepare(sr.run.clip_params, sr.base.classnames),
-             learner.prepare(sr.run.clip_params, sr.new.classnames, new_classes=True))
-    return sr.evaluate({}, {}, learner=learner, texts=texts)
+def run_zeroshot(seed_run: SeedRun, train: bool) -> dict:
+    learner = seed_run.run.zeroshot_learner(seed_run.base.templates)
+    if seed_run.eval_sets is not None:  # each set with its own templates
+        return seed_run.evaluate({}, {}, learner=learner)
+    texts = (learner.prepare(seed_run.run.clip_params, seed_run.base.classnames),
+             learner.prepare(seed_run.run.clip_params, seed_run.new.classnames, new_classes=True))
+    return seed_run.evaluate({}, {}, learner=learner, texts=texts)
 
 
 STAGE_RUNNERS = {"zeroshot": run_zeroshot, "teacher": run_teacher, "backbone": run_backbone,

@@ -57,28 +57,29 @@ def teacher_run(student_config, mesh, tokenizer, hooks=()) -> Run:
                clip_params=replicate(params, mesh), tokenizer=tokenizer, hooks=tuple(hooks))
 
 
-def teacher_seed(sr: SeedRun) -> SeedRun:
+def teacher_seed(seed_run: SeedRun) -> SeedRun:
     """The teacher's seed run (its stage directory is W/seed_N/teacher/backbone)."""
-    if sr.run.teacher is None:
-        raise ValueError(f"config.backbone.name={sr.run.config.backbone.name!r} has no "
+    if seed_run.run.teacher is None:
+        raise ValueError(f"config.backbone.name={seed_run.run.config.backbone.name!r} has no "
                          f"teacher; the 'teacher' stage is for learners that distil")
-    if sr.teacher is None:
-        sr.teacher = SeedRun(run=sr.run.teacher, seed=sr.seed,
-                             seed_dir=os.path.join(sr.seed_dir, "teacher"), base=sr.base,
-                             new=sr.new, train_mode=sr.train_mode)
-    return sr.teacher
+    if seed_run.teacher is None:
+        seed_run.teacher = SeedRun(
+            run=seed_run.run.teacher, seed=seed_run.seed,
+            seed_dir=os.path.join(seed_run.seed_dir, "teacher"), base=seed_run.base,
+            new=seed_run.new, train_mode=seed_run.train_mode)
+    return seed_run.teacher
 
 
-def teacher_prompt(sr: SeedRun):
+def teacher_prompt(seed_run: SeedRun):
     """The teacher's frozen prompt for this seed: its own stage 1 (trained, restored, or read
     from `config.backbone.teacher.init_from`)."""
-    if sr.teacher_prompt is None:
-        teacher = teacher_seed(sr)
-        sr.teacher_prompt = stage1_prompt(teacher, teacher.train_mode)[0]
-    return sr.teacher_prompt
+    if seed_run.teacher_prompt is None:
+        teacher = teacher_seed(seed_run)
+        seed_run.teacher_prompt = stage1_prompt(teacher, teacher.train_mode)[0]
+    return seed_run.teacher_prompt
 
 
-def run_teacher(sr: SeedRun, train: bool = True) -> dict:
+def run_teacher(seed_run: SeedRun, train: bool = True) -> dict:
     """The teacher's accuracy on base and new classes (trained here, restored or imported)."""
-    prompt = replicate(teacher_prompt(sr), sr.run.mesh)
-    return teacher_seed(sr).evaluate(prompt, prompt)
+    prompt = replicate(teacher_prompt(seed_run), seed_run.run.mesh)
+    return teacher_seed(seed_run).evaluate(prompt, prompt)

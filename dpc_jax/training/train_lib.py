@@ -185,10 +185,10 @@ def check_tokenizer_fits(tokenizer, clip_config, tokenizer_name, clip_name) -> N
             f"hub id)")
 
 
-def preflight(sr: SeedRun, stages, train: bool) -> None:
+def preflight(seed_run: SeedRun, stages, train: bool) -> None:
     """Checks that need the data, run before any stage trains (nothing is half-done on error)."""
-    cfg, n, devices = sr.run.config, len(sr.base.train), sr.run.mesh.size
-    learner = sr.run.learner
+    cfg, n, devices = seed_run.run.config, len(seed_run.base.train), seed_run.run.mesh.size
+    learner = seed_run.run.learner
     if "teacher" in stages and not capabilities.distils(learner):
         raise ValueError(f"config.stages={cfg.stages!r} includes 'teacher', but the "
                          f"{cfg.backbone.name!r} learner has no teacher (only learners that "
@@ -198,26 +198,27 @@ def preflight(sr: SeedRun, stages, train: bool) -> None:
                          f"{cfg.backbone.name!r} learner does not support: "
                          f"{capabilities.dpc_unsupported(learner)}; use "
                          f"config.stages=zeroshot,backbone")
+    stage1_dir = os.path.join(seed_run.seed_dir, "backbone")
     if ("dpc" in stages and "backbone" not in stages and not cfg.backbone.init_from
-            and checkpoints.read_stage_meta(os.path.join(sr.seed_dir, "backbone")) is None):
+            and checkpoints.read_stage_meta(stage1_dir) is None):
         raise ValueError(f"config.stages={cfg.stages!r}: stage 'dpc' needs stage 1, and "
-                         f"{os.path.join(sr.seed_dir, 'backbone')} holds no finished one; add "
+                         f"{stage1_dir} holds no finished one; add "
                          f"'backbone' to config.stages (e.g. backbone,dpc), or set "
                          f"config.backbone.init_from to a PyTorch stage-1 checkpoint")
     if "dpc" in stages:
         capabilities.dual(learner).check_dpc_config(cfg.dpc)
         stage2.check_dpc_import(cfg, learner)
-    if "dpc" in stages and cfg.dhno.top_k >= sr.base.num_classes:
+    if "dpc" in stages and cfg.dhno.top_k >= seed_run.base.num_classes:
         raise ValueError(
             f"config.dhno.top_k={cfg.dhno.top_k} needs more than {cfg.dhno.top_k} base classes; "
-            f"{cfg.dataset} has {sr.base.num_classes} (e.g. EuroSAT has 5: use top_k <= 4)")
+            f"{cfg.dataset} has {seed_run.base.num_classes} (e.g. EuroSAT has 5: use top_k <= 4)")
     if not train:
         return
     checks = []
     if "backbone" in stages and not cfg.backbone.init_from:
         size = n
         if learner.train_split == "unlabeled":
-            size = len(load_unlabeled(cfg, sr.seed))
+            size = len(load_unlabeled(cfg, seed_run.seed))
         checks.append(("backbone.batch_size", cfg.backbone.batch_size, size))
     if capabilities.distils(learner) and not cfg.backbone.teacher.init_from:
         checks.append(("backbone.teacher.batch_size", cfg.backbone.teacher.batch_size, n))
@@ -275,16 +276,16 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str, hooks) -> dict:
     train = config.mode == "train"
     per_seed = {stage: {} for stage in stages}
     for seed in seeds:
-        sr = SeedRun.create(run, seed, workdir, train_mode=train)
-        preflight(sr, stages, train)
+        seed_run = SeedRun.create(run, seed, workdir, train_mode=train)
+        preflight(seed_run, stages, train)
         if train and {"backbone", "dpc"} <= set(stages) and config.get("compile_ahead", True):
-            sr.before_stage1 = stage2.compile_ahead
+            seed_run.before_stage1 = stage2.compile_ahead
         for stage in stages:
-            result = STAGE_RUNNERS[stage](sr, train)
+            result = STAGE_RUNNERS[stage](seed_run, train)
             per_seed[stage][seed] = result
             if jax.process_index() == 0:
-                os.makedirs(os.path.join(sr.seed_dir, stage), exist_ok=True)
-                write_json(os.path.join(sr.seed_dir, stage, "results.json"), result)
+                os.makedirs(os.path.join(seed_run.seed_dir, stage), exist_ok=True)
+                write_json(os.path.join(seed_run.seed_dir, stage, "results.json"), result)
             tqdm.write(protocol.seed_line(stage, seed, result))
     results = protocol.summarize(per_seed)
     if jax.process_index() == 0:
@@ -350,12 +351,12 @@ def export_backbone(config: ml_collections.ConfigDict, workdir: str) -> list:
     run = _build_run(config)
     paths = []
     for seed in parse_list(config.seeds, "seeds", cast=int):
-        sr = SeedRun.create(run, seed, workdir, train_mode=False)
-        prompt, state = stage1.stage1_prompt(sr, train=False)
+        seed_run = SeedRun.create(run, seed, workdir, train_mode=False)
+        prompt, state = stage1.stage1_prompt(seed_run, train=False)
         if jax.process_index() == 0:
             exporter = capabilities.torch_format(run.learner, "config.mode=export")
             paths.append(exporter.export_torch_prompt(
-                prompt, os.path.join(sr.seed_dir, "torch"), config.backbone.epochs,
+                prompt, os.path.join(seed_run.seed_dir, "torch"), config.backbone.epochs,
                 state=state))
             tqdm.write(f"seed {seed}: wrote {paths[-1]}")
     return paths
@@ -382,12 +383,12 @@ def export_dpc(config: ml_collections.ConfigDict, workdir: str) -> list:
     run = _build_run(config)
     paths = []
     for seed in parse_list(config.seeds, "seeds", cast=int):
-        sr = SeedRun.create(run, seed, workdir, train_mode=False)
-        params, base_state, _ = stage2.dpc_model(sr, train=False)
+        seed_run = SeedRun.create(run, seed, workdir, train_mode=False)
+        params, base_state, _ = stage2.dpc_model(seed_run, train=False)
         if jax.process_index() == 0:
             exporter = capabilities.torch_dpc_format(run.learner, "config.mode=export")
             paths.append(exporter.export_torch_dpc(
-                params["parallel"], base_state, os.path.join(sr.seed_dir, "torch", "dpc"),
+                params["parallel"], base_state, os.path.join(seed_run.seed_dir, "torch", "dpc"),
                 config.dpc.epochs))
             tqdm.write(f"seed {seed}: wrote {paths[-1]}")
     return paths
