@@ -191,11 +191,7 @@ class Protocol:
         if not is_world(config.dataset) and registry.get(config.dataset).test_only:
             raise ValueError(f"config.dataset={config.dataset!r} has test data only; a "
                              f"{self.name!r} source needs training data (e.g. imagenet)")
-        self.check_shots()
-        if config.shots < 1:
-            raise ValueError(f"config.shots={config.shots!r} with config.protocol="
-                             f"{self.name!r}; expected a positive number of training images "
-                             f"per class")
+        self.check_shots()  # positive shots: `train_lib.check_config` refused others already
         if learner.train_split != "fewshot" or capabilities.distils(learner):
             raise ValueError(f"config.protocol={self.name!r} with config.backbone.name="
                              f"{learner.name!r}: protocols other than base_to_new train on the "
