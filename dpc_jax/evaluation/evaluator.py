@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from dpc_jax.data import augment, transforms
 from dpc_jax.data.base import ImageSplit
+from dpc_jax.prompts.base import classifier_rows
 from dpc_jax.training.step import shard_batch
 
 CLASS_CHUNK = 256  # class ids per classifier call (a static shape; ImageNet has 1000 classes)
@@ -54,15 +55,9 @@ class Evaluator:
     def classifier(self, learner, prompt, class_texts, consts=None):
         """The class weights [C, E] of every class of `class_texts`, in chunks of class ids."""
         _, fn, _ = self._jitted(learner)
-        n = int(jax.tree_util.tree_leaves(class_texts)[0].shape[0])
-        out = []
-        for s in range(0, n, CLASS_CHUNK):
-            ids = np.arange(s, s + CLASS_CHUNK) % n  # a static chunk shape; the wrap is cut below
-            w = fn(self.clip_params, prompt, class_texts, ids, consts or {})
-            keep = min(CLASS_CHUNK, n - s)
-            out.append(jax.tree_util.tree_map(lambda x: np.asarray(x)[:keep], w))
         # A classifier is an array [C, ...] or a pytree of them (CoCoOp: the class texts).
-        return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *out)
+        return classifier_rows(learner, self.clip_params, prompt, class_texts, consts or {},
+                               CLASS_CHUNK, fn)
 
     def classifier_shape(self, learner, prompt, class_texts, consts=None):
         """`jax.ShapeDtypeStruct`s of what `classifier` returns (nothing is computed)."""

@@ -21,6 +21,7 @@ import numpy as np
 from dpc_jax.data.augment import normalize_pixels
 from dpc_jax.data.base import ImageSplit, load_images
 from dpc_jax.models.clip import cosine_logits
+from dpc_jax.prompts.base import classifier_rows
 
 
 @functools.lru_cache(maxsize=8)
@@ -47,7 +48,8 @@ def _learner_and_classifier(model, tokenizer, templates: tuple):
 
     config = ml_collections.ConfigDict({"name": ZeroShotCLIP.name, "templates": list(templates)})
     learner = ZeroShotCLIP(model.config, tokenizer, config)
-    return learner, jax.jit(lambda p, texts, ids: learner.classifier(p, {}, texts, ids))
+    return learner, jax.jit(lambda p, prompt, texts, ids, consts: learner.classifier(
+        p, prompt, texts, ids, consts))
 
 
 def zeroshot_classifier(model, params, tokenizer, classnames: Sequence[str],
@@ -65,11 +67,7 @@ def zeroshot_classifier(model, params, tokenizer, classnames: Sequence[str],
     learner, fn = _learner_and_classifier(model, tokenizer, tuple(check_templates(templates)))
     texts = learner.prepare(params, classnames)
     per_call = max(1, min(batch_size // len(learner.templates), len(classnames)))
-    n, out = len(classnames), []
-    for s in range(0, n, per_call):
-        ids = np.arange(s, s + per_call) % n  # a static shape; the wrap is cut below
-        out.append(np.asarray(fn(params, texts, ids))[: min(per_call, n - s)])
-    return jnp.asarray(np.concatenate(out))
+    return jnp.asarray(classifier_rows(learner, params, {}, texts, None, per_call, fn))
 
 
 def predict(model, params, weights, split: ImageSplit, image_size: Optional[int] = None,

@@ -23,6 +23,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from dpc_jax.models.clip import CLIP, CLIPConfig, cosine_logits, logit_scale, normalize
@@ -272,17 +273,23 @@ def classification_logits(learner: PromptLearner, clip_params, prompt: Prompt, c
 
 
 def classifier_rows(learner: PromptLearner, clip_params, prompt: Prompt, class_texts,
-                    consts: Optional[dict] = None, chunk: int = 256) -> Array:
-    """The learner's classifier [C, E] over every class of `class_texts`, computed once on the
-    host for per-seed constants: one jitted program over `chunk` class ids (the last chunk wraps
-    around to full size), so a long class list never encodes all its texts at once."""
-    encode = jax.jit(lambda cp, p, t, c, ids: learner.classifier(cp, p, t, ids, c))
-    n, rows = class_texts.num_classes, []
+                    consts: Optional[dict] = None, chunk: int = 256,
+                    fn: Optional[Callable] = None):
+    """The learner's classifier over every class of `class_texts` as host arrays ([C, ...], or
+    a pytree of them), in calls of `chunk` class ids: one program of a static shape (the last
+    chunk wraps around and is cut), so a long class list never encodes all its texts at once.
+    `fn(clip_params, prompt, class_texts, ids, consts)`: a jitted `learner.classifier` to reuse
+    (default: one jitted here)."""
+    if fn is None:
+        fn = jax.jit(lambda cp, p, t, ids, c: learner.classifier(cp, p, t, ids, c))
+    n = int(jax.tree_util.tree_leaves(class_texts)[0].shape[0])
+    out = []
     for start in range(0, n, chunk):
-        ids = jnp.arange(start, start + chunk) % n
-        rows.append(jax.device_get(encode(clip_params, prompt, class_texts, consts, ids))
-                    [:min(chunk, n - start)])
-    return jnp.asarray(jnp.concatenate([jnp.asarray(r) for r in rows]))
+        ids = np.arange(start, start + chunk) % n
+        keep = min(chunk, n - start)
+        out.append(jax.tree_util.tree_map(lambda x: np.asarray(x)[:keep],
+                                          fn(clip_params, prompt, class_texts, ids, consts)))
+    return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *out)
 
 
 def check_class_ids(class_ids: Array) -> Array:

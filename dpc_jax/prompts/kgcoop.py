@@ -93,7 +93,7 @@ class KgCoOp(CoOp):
         frozen = ZeroShotCLIP(self.clip_config, self.tokenizer, ml_collections.ConfigDict(
             {"name": ZeroShotCLIP.name, "templates": self.hand_crafted_templates(context)}))
         texts = frozen.prepare(clip_params, list(context.classnames))
-        return {"text_target": classifier_rows(frozen, clip_params, {}, texts)}
+        return {"text_target": jnp.asarray(classifier_rows(frozen, clip_params, {}, texts))}
 
     def loss(self, clip_params, prompt, state, consts, class_texts, images, labels, key):
         del key

@@ -76,7 +76,8 @@ import numpy as np
 from dpc_jax.models.clip import cosine_logits, logit_scale, normalize
 from dpc_jax.models.tokenizer import trim_context
 from dpc_jax.prompts.base import (Array, ClassTexts, DualRules, LearnerContext, LearnerInfo,
-                                  Prompt, PromptLearner, check_class_ids, config_field)
+                                  Prompt, PromptLearner, check_class_ids, classifier_rows,
+                                  config_field)
 from dpc_jax.prompts.capabilities import Distils, Dual, Stateful, TorchDPCFormat
 from dpc_jax.prompts.ivlp import IVLP, PROMPT_STD, VisionPrompts, positive_int
 
@@ -275,12 +276,8 @@ class PromptKD(VisionPrompts, Stateful, Distils, Dual, TorchDPCFormat, PromptLea
             raise ValueError("the promptkd learner's constants need teacher={'clip', 'prompt'}")
         consts = {"teacher_clip": teacher["clip"], "teacher_prompt": teacher["prompt"]}
         tokens = self.prepare(clip_params, classnames)
-        encode = jax.jit(lambda c, ids: self.classifier(clip_params, {}, tokens, ids, c))
-        n, rows = tokens.num_classes, []
-        for s in range(0, n, _TEXT_CHUNK):
-            ids = np.arange(s, s + _TEXT_CHUNK) % n
-            rows.append(np.asarray(encode(consts, ids))[:min(_TEXT_CHUNK, n - s)])
-        consts["teacher_text"] = jnp.asarray(np.concatenate(rows))
+        consts["teacher_text"] = jnp.asarray(classifier_rows(self, clip_params, {}, tokens,
+                                                             consts, _TEXT_CHUNK))
         consts["phrase_ctx"] = self._phrase_ctx(teacher["clip"])
         return consts
 
