@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from dpc_jax.mesh import make_mesh
 from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import CoOp, DualPrompt
 from dpc_jax.training import dhno, objectives, optim, step, train_lib
@@ -67,7 +68,7 @@ def step_jaxpr(stage: str, tiny_config, precision: str):
         objective = objectives.dpc_objective(learner, dual, 32, 3, "reference")
         mask = trainable_mask(params, DualPrompt.trainable_rules())
     tx = optim.make_optimizer(0.002, 2, 2, mask=mask)
-    mesh = step.make_mesh()
+    mesh = make_mesh()
     fn = step.map_step(step.make_per_device_step(objective, tx, mask), mesh, donate=False)
     state = {"params": params, "opt_state": tx.init(params), "state": {}}
     batch = {"index": np.arange(2 * mesh.size, dtype=np.int32)}

@@ -244,13 +244,14 @@ def test_one_and_four_devices_give_the_same_per_device_losses(tmp_path):
     script = textwrap.dedent("""
         import json, sys
         import jax, jax.numpy as jnp, numpy as np
+        from dpc_jax.mesh import make_mesh, replicate, shard_batch
         from dpc_jax.training import train_lib as T, stages as S, step as ST
         assert jax.device_count() == 4, jax.devices()
         c = T.load_config("configs/dpc_coop.py"); c.shots = 2; c.progress = False
         c.dhno.top_k = 4
-        mesh = ST.make_mesh()
+        mesh = make_mesh()
         cc, cp, tok = T.load_clip_and_tokenizer(c)
-        run = S.Run(config=c, mesh=mesh, clip_config=cc, clip_params=ST.replicate(cp, mesh),
+        run = S.Run(config=c, mesh=mesh, clip_config=cc, clip_params=replicate(cp, mesh),
                     tokenizer=tok)
         sr = S.SeedRun.create(run, 1, "unused")
         dpc = run.dual
@@ -267,7 +268,7 @@ def test_one_and_four_devices_give_the_same_per_device_losses(tmp_path):
         key = jax.random.key(3)
         state = {"params": params, "opt_state": opt.init(params), "state": {}}
         step = ST.map_step(per_device, mesh, donate=False)
-        s4, l4, _ = step(state, consts, {"index": ST.shard_batch(index, mesh)}, key)
+        s4, l4, _ = step(state, consts, {"index": shard_batch(index, mesh)}, key)
         p4 = s4["params"]
         one = jax.devices()[0]
         host = lambda t: jax.device_put(jax.device_get(t), one)

@@ -166,8 +166,8 @@ def test_exported_dpc_stage_imports_as_dpc_init_from(kd_run, tmp_path):
     import torch
 
     from dpc_jax.convert.coop_torch import write_dassl_checkpoint
+    from dpc_jax.mesh import make_mesh, replicate
     from dpc_jax.training import stages
-    from dpc_jax.training.step import make_mesh, replicate
 
     state_dict = torch.load(dpc_file, map_location="cpu", weights_only=True)["state_dict"]
     bn = "VPT_image_trans.conv1.1."

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from dpc_jax import tree as tree_lib
+from dpc_jax.mesh import make_mesh, replicate, shard_batch
 from dpc_jax.models.clip import CLIP
 from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import IVLP, DualPrompt, MaPLe
 from dpc_jax.prompts.base import insert_context
 from dpc_jax.training import masks, objectives, optim, train_lib
-from dpc_jax.training.step import make_mesh, make_per_device_step, map_step, replicate, shard_batch
+from dpc_jax.training.step import make_per_device_step, map_step
 
 NAMES = ["red circle", "blue star", "pink ring", "green cross", "orange dot"]
 

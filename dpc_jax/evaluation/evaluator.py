@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from dpc_jax.data import augment, transforms
 from dpc_jax.data.base import ImageSplit
-from dpc_jax.training.step import shard_batch
+from dpc_jax.mesh import shard_batch
 
 CLASS_CHUNK = 256  # class ids per classifier call (a static shape; ImageNet has 1000 classes)
 

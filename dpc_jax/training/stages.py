@@ -23,6 +23,7 @@ from dpc_jax.data.train_sets import (TrainSet, load_benchmark, load_named, load_
 from dpc_jax.evaluation import protocols
 from dpc_jax.evaluation.evaluator import Evaluator
 from dpc_jax.evaluation.results import scores
+from dpc_jax.mesh import replicate
 from dpc_jax.models.clip import CLIPConfig
 from dpc_jax.prompts import DualPrompt, PromptLearner, ZeroShotCLIP, build_learner, get_learner
 from dpc_jax.training import masks, objectives, optim
@@ -30,7 +31,7 @@ from dpc_jax.training.ahead import AheadProgram
 from dpc_jax.training.checkpoints import StageDir, host, read_stage_meta
 from dpc_jax.training.loop import (SELECTION, check_batch_fits, first_call_args,
                                    steps_per_epoch, train_loop)
-from dpc_jax.training.step import make_per_device_step, map_step, map_steps, replicate
+from dpc_jax.training.step import make_per_device_step, map_step, map_steps
 
 BACKBONE, DPC = 1, 2  # stage ids (they seed the epoch order and the step keys)
 TRAIN_SPLITS = ("fewshot", "unlabeled")

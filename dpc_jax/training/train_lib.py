@@ -21,16 +21,17 @@ from ml_collections.config_flags import config_flags
 from tqdm import tqdm
 
 from dpc_jax.evaluation import protocols
+from dpc_jax.files import write_json
+from dpc_jax.mesh import make_mesh, replicate
 from dpc_jax.models.clip import ATTENTIONS, CLIPConfig
 from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import dpc as dpc_lib
 from dpc_jax.prompts import get_learner
 from dpc_jax.training import checkpoints, compile_cache
 from dpc_jax.training import stages as stages_lib
-from dpc_jax.training.checkpoints import WorkdirLock, write_json
+from dpc_jax.training.checkpoints import WorkdirLock
 from dpc_jax.data.train_sets import load_unlabeled
 from dpc_jax.training.loop import check_batch_fits
-from dpc_jax.training.step import make_mesh, replicate
 
 STAGES = tuple(stages_lib.STAGE_RUNNERS)
 MODES = ("train", "eval", "export")
