@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpc_jax.data import augment
+from dpc_jax.data.train_sets import build_class_table
 from dpc_jax.models import clip as clip_lib
 from dpc_jax.models.tokenizer import Tokenizer, write_vocab_from_openai_bpe
 from dpc_jax.prompts import get_learner
@@ -98,7 +99,7 @@ def build(arch: str, num_classes: int, batch: int, top_k: int, layers=None, seed
     res = cfg.image_resolution
     images = rng.integers(0, 256, (num_classes * shots, res, res, 3), dtype=np.uint8)
     labels = np.repeat(np.arange(num_classes, dtype=np.int32), shots)
-    table, counts = dhno.build_class_table(labels, num_classes)
+    table, counts = build_class_table(labels, num_classes)
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
     evaluator = Evaluator(clip_params, res, mesh, ml_collections.ConfigDict(dict(
         eval_batch_size=100, num_workers=1, progress=False, skip_bad_images=False)))

@@ -8,10 +8,11 @@ import ml_collections
 import numpy as np
 import pytest
 
+from dpc_jax.data.train_sets import build_class_table
 from dpc_jax.mesh import make_mesh
 from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import CoOp, DualPrompt
-from dpc_jax.training import dhno, objectives, optim, step, train_lib
+from dpc_jax.training import objectives, optim, step, train_lib
 from dpc_jax.training.masks import trainable_mask
 
 from conftest import random_clip_params
@@ -51,7 +52,7 @@ def step_jaxpr(stage: str, tiny_config, precision: str):
     names = ["red circle", "blue star", "pink ring", "green cross", "cyan square"]
     texts = learner.prepare(clip_params, names)
     labels = np.repeat(np.arange(5, dtype=np.int32), 2)
-    table, counts = dhno.build_class_table(labels, 5)
+    table, counts = build_class_table(labels, 5)
     prompt = learner.init(jax.random.key(0), clip_params)
     consts = {"clip": clip_params, "class_texts": texts, "learner": {},
               "train": {"images": jnp.zeros((10, 32, 32, 3), jnp.uint8), "labels": labels,

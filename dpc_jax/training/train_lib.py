@@ -27,7 +27,7 @@ from dpc_jax.models.clip import ATTENTIONS, CLIPConfig
 from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import dpc as dpc_lib
 from dpc_jax.prompts import get_learner
-from dpc_jax.training import checkpoints, compile_cache
+from dpc_jax.training import checkpoints, compile_cache, dhno
 from dpc_jax.training import stages as stages_lib
 from dpc_jax.training.checkpoints import WorkdirLock
 from dpc_jax.data.train_sets import load_unlabeled
@@ -35,7 +35,6 @@ from dpc_jax.training.loop import check_batch_fits
 
 STAGES = tuple(stages_lib.STAGE_RUNNERS)
 MODES = ("train", "eval", "export")
-POLICIES = ("reference", "hardest")
 
 
 def load_config(spec: str, lock: bool = False) -> ml_collections.ConfigDict:
@@ -98,8 +97,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                          f"folder that holds the CoOp-layout dataset, e.g. `--config "
                          f"configs/dpc_coop.py:dataset={config.dataset},root=/data` (root=. for "
                          f"the current directory)")
-    if config.dhno.policy not in POLICIES:
-        raise ValueError(f"config.dhno.policy={config.dhno.policy!r}; expected one of {POLICIES}")
+    if config.dhno.policy not in dhno.POLICIES:
+        raise ValueError(f"config.dhno.policy={config.dhno.policy!r}; expected one of "
+                         f"{dhno.POLICIES}")
     for field in ("batch_size", "backbone.batch_size", "dhno.top_k", "eval_batch_size",
                   "log_every_steps", "checkpoint_every_steps", "steps_per_call"):
         value = _field(config, field)
