@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from dpc_jax.data.train_sets import build_class_table
+from dpc_jax.models.checkpoint import asset_dir
 from dpc_jax.models.clip import get_config
 from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import IVLP, CoOp, DualPrompt
-from dpc_jax.training import dhno, objectives, train_lib
+from dpc_jax.training import dhno, objectives
 
 from conftest import random_clip_params
 
@@ -76,7 +77,7 @@ def test_chunked_rows_computes_only_the_chunks_holding_the_first_count_rows():
 @pytest.fixture(scope="module")
 def setup():
     cfg = get_config("tiny", vision_layers=1, transformer_layers=1)
-    tok = Tokenizer.from_pretrained(train_lib.world_assets_dir(), context_length=77)
+    tok = Tokenizer.from_pretrained(asset_dir(), context_length=77)
     return cfg, random_clip_params(cfg, seed=0), tok
 
 

@@ -10,9 +10,10 @@ import pytest
 
 from dpc_jax.data.train_sets import build_class_table
 from dpc_jax.mesh import make_mesh
+from dpc_jax.models.checkpoint import asset_dir
 from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import CoOp, DualPrompt
-from dpc_jax.training import objectives, optim, step, train_lib
+from dpc_jax.training import objectives, optim, step
 from dpc_jax.training.masks import trainable_mask
 
 from conftest import random_clip_params
@@ -47,7 +48,7 @@ def is_highest(precision) -> bool:
 def step_jaxpr(stage: str, tiny_config, precision: str):
     config = tiny_config.replace(precision=precision)
     clip_params = random_clip_params(config)
-    tok = Tokenizer.from_pretrained(train_lib.world_assets_dir(), context_length=77)
+    tok = Tokenizer.from_pretrained(asset_dir(), context_length=77)
     learner = CoOp(config, tok, CoOp.default_config())
     names = ["red circle", "blue star", "pink ring", "green cross", "cyan square"]
     texts = learner.prepare(clip_params, names)

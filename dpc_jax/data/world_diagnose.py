@@ -30,7 +30,7 @@ import optax
 
 from dpc_jax.data import base, world
 from dpc_jax.evaluation import zeroshot
-from dpc_jax.models.checkpoint import load_clip_checkpoint
+from dpc_jax.models.checkpoint import asset_dir, load_clip_checkpoint
 from dpc_jax.models.clip import CLIP, CLIP_MEAN, CLIP_STD, normalize
 from dpc_jax.models.tokenizer import Tokenizer
 
@@ -115,7 +115,7 @@ def attribute_accuracy(pred: np.ndarray, labels: np.ndarray, classnames: Sequenc
 
 def diagnose(clip_dir: Optional[str] = None, domain: str = world.DEFAULT_DOMAIN, seed: int = 1,
              prompts: Sequence[str] = (), pretrain_items: int = 640) -> dict:
-    clip_dir = clip_dir or world.asset_dir()
+    clip_dir = clip_dir or asset_dir()
     config, params = load_clip_checkpoint(clip_dir)
     model, tok = CLIP(config), Tokenizer.from_pretrained(clip_dir)
     size = config.image_resolution

@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from dpc_jax.convert.load import load_clip_from_config
 from dpc_jax.data.base import BaseToNewData
 from dpc_jax.data.train_sets import (TrainSet, load_benchmark, load_named, load_unlabeled,
                                      make_train_set, resident_megabytes)
@@ -127,10 +128,8 @@ def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 def teacher_run(student: "Run") -> "Run":
     """The teacher's `Run`: its CLIP loaded once, its learner, evaluator and steps."""
-    from dpc_jax.training.train_lib import load_clip
-
     cfg = teacher_config(student.config)
-    clip_config, params = load_clip(cfg.clip, "config.backbone.teacher_clip")
+    clip_config, params = load_clip_from_config(cfg.clip, "config.backbone.teacher_clip")
     if student.tokenizer.vocab_size > clip_config.vocab_size:
         raise ValueError(f"config.backbone.teacher_clip.source={cfg.clip.source!r} embeds "
                          f"{clip_config.vocab_size} tokens; the shared tokenizer has "

@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import ml_collections
 from ml_collections.config_flags import config_flags
 from tqdm import tqdm
 
+from dpc_jax.convert.load import SHIPPED_CLIPS, load_clip_and_tokenizer
 from dpc_jax.evaluation import protocols
 from dpc_jax.files import write_json
 from dpc_jax.mesh import make_mesh, replicate
-from dpc_jax.models.clip import ATTENTIONS, CLIPConfig
-from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import dpc as dpc_lib
 from dpc_jax.prompts import get_learner
 from dpc_jax.training import checkpoints, compile_cache, dhno
@@ -131,56 +130,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     dpc_lib.DualPrompt(config.dpc)  # validates mode, w_base, w_new
     stages_lib.model_selection(config)
     protocols.check_config(config, get_learner(config.backbone.get("name", "")))
-
-
-# Shipped CLIPs named by `config.clip.source` (and `config.backbone.teacher_clip.source`).
-SHIPPED_CLIPS = {"world": "world", "world_teacher": "world_teacher"}
-
-
-def world_assets_dir(name: str = "world") -> str:
-    return os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", name)
-
-
-def load_clip(clip_config, field: str = "config.clip") -> tuple[CLIPConfig, Any]:
-    """(CLIP config, parameters) of `clip_config.source`: a shipped CLIP ('world',
-    'world_teacher'), an OpenAI name, a Hugging Face id, or a checkpoint path."""
-    overrides = dict(dtype=clip_config.dtype, precision=clip_config.precision,
-                     trim_text=bool(clip_config.get("trim_text", True)),
-                     attention=clip_config.get("attention", "einsum"),
-                     remat=bool(clip_config.get("remat", False)))
-    if overrides["attention"] not in ATTENTIONS:  # before a download or a load
-        raise ValueError(f"{field}.attention={overrides['attention']!r}; expected one of "
-                         f"{sorted(ATTENTIONS)}")
-    source = clip_config.source
-    if source in SHIPPED_CLIPS:
-        source = world_assets_dir(SHIPPED_CLIPS[source])
-    from dpc_jax.convert import load_clip as load  # torch is imported there only for torch files
-
-    return load(source, **overrides)
-
-
-def load_clip_and_tokenizer(config) -> tuple[CLIPConfig, Any, Tokenizer]:
-    world = world_assets_dir()
-    clip_config, params = load_clip(config.clip)
-    tok_source = world if config.clip.tokenizer == "world" else config.clip.tokenizer
-    tokenizer = Tokenizer.from_pretrained(tok_source, context_length=clip_config.context_length)
-    check_tokenizer_fits(tokenizer, clip_config, config.clip.tokenizer, config.clip.source)
-    return clip_config, params, tokenizer
-
-
-def check_tokenizer_fits(tokenizer, clip_config, tokenizer_name, clip_name) -> None:
-    """The tokenizer belongs to the CLIP: the same vocabulary size, and CLIP's special tokens
-    (start = vocab - 2, end = vocab - 1, the largest id, where the text tower pools). A smaller
-    or foreign tokenizer runs but gives other numbers without a word, so it is refused."""
-    v = clip_config.vocab_size
-    found = (tokenizer.vocab_size, tokenizer.sot_token_id, tokenizer.eot_token_id)
-    if found != (v, v - 2, v - 1):
-        raise ValueError(
-            f"tokenizer {tokenizer_name!r} does not fit the CLIP from {clip_name!r}: it has "
-            f"{found[0]} tokens (start token {found[1]}, end token {found[2]}); the CLIP embeds "
-            f"{v} tokens with start {v - 2} and end {v - 1}. Set config.clip.tokenizer to that "
-            f"CLIP's own tokenizer (the directory `python -m dpc_jax.convert` wrote, or its "
-            f"hub id)")
 
 
 def preflight(sr: stages_lib.SeedRun, stages, train: bool) -> None:
