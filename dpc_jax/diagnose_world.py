@@ -1,6 +1,6 @@
-"""Headroom diagnostics of the embedded world: `python -m dpc_jax.data.world diagnose`.
+"""Headroom diagnostics of the embedded world: `python -m dpc_jax.data diagnose`.
 
-    python -m dpc_jax.data.world diagnose [--clip DIR] [--domain NAME] [--seed 1]
+    python -m dpc_jax.data diagnose [--clip DIR] [--domain NAME] [--seed 1]
         [--prompt "a photo of a {}."] [--json]
 
 Prints, for the base and new test halves of a world domain, with a world CLIP (default: the
@@ -173,7 +173,7 @@ def format_report(r: dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dpc_jax.data.world diagnose",
+    p = argparse.ArgumentParser(prog="python -m dpc_jax.data diagnose",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--clip", default=None, help="world CLIP directory (default: the shipped one)")
     p.add_argument("--domain", default=world.DEFAULT_DOMAIN,
