@@ -11,8 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-import dpc_jax.prompts
-from dpc_jax.prompts import CoOp, DualRules, register_learner
+from dpc_jax.prompts import CoOp, DualRules, register_learner, registry
 from dpc_jax.prompts.base import cross_entropy
 from dpc_jax.training import checkpoints, train_lib
 
@@ -70,7 +69,7 @@ def registered():
     """Selectable as config.backbone.name='coop_bias' for this module's tests only."""
     register_learner(BiasedCoOp)
     yield
-    dpc_jax.prompts._LEARNERS.pop(BiasedCoOp.name)
+    registry._LEARNERS.pop(BiasedCoOp.name)
 
 
 class Interrupted(RuntimeError):

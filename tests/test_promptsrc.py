@@ -10,12 +10,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-import dpc_jax.prompts
 from dpc_jax import tree as tree_lib
 from dpc_jax.models.checkpoint import asset_dir
 from dpc_jax.models.clip import CLIP, normalize
 from dpc_jax.models.tokenizer import Tokenizer
-from dpc_jax.prompts import PromptSRC, register_learner
+from dpc_jax.prompts import PromptSRC, register_learner, registry
 from dpc_jax.prompts.promptsrc import gpa_weights, promptsrc_loss, read_templates
 from dpc_jax.training import train_lib
 from test_train import REPO, Interrupted, interrupt_after
@@ -148,7 +147,7 @@ class Recording(PromptSRC):
 def recording():
     register_learner(Recording)
     yield
-    dpc_jax.prompts._LEARNERS.pop(Recording.name)
+    registry._LEARNERS.pop(Recording.name)
 
 
 def gpa_config(**changes):

@@ -92,7 +92,7 @@ class DePT(PromptLearner):
 
     def __init__(self, clip_config, tokenizer, config: ml_collections.ConfigDict):
         super().__init__(clip_config, tokenizer, config)
-        from dpc_jax.prompts import build_learner
+        from dpc_jax.prompts.registry import build_learner
 
         inner = config_field(config, "inner", _WHERE)
         if inner.get("name") not in INNER:
