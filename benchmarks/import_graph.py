@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     import grimp
 
     layers, ignored = read_contract(args.pyproject)
-    graph = grimp.build_graph(PACKAGE)
+    graph = grimp.build_graph(PACKAGE, cache_dir=None)
 
     imports = []  # (importer, imported, line number, function-level)
     for importer in sorted(graph.modules):

@@ -1,12 +1,12 @@
 """Two-stage DPC training and evaluation: `train_and_evaluate(config, workdir)`.
 
-This module checks the config, loads the CLIP once, builds what every seed shares once
-(`stages.Run`: learner, evaluator, compiled steps) and runs the configured stages for every
-seed. The pieces live beside it: `step` (mesh, per-device step), `objectives` (stage-1 and DPC
-objectives), `loop` (epoch loop, metric log, hooks), `checkpoints` (stage directories),
-`stages` (per-seed stage runners); evaluation in `dpc_jax.evaluation` (the protocol,
-`config.protocol`, in `dpc_jax.evaluation.protocols`: it decides the training classes, the
-test sets and the results.json layout).
+This module checks the config, loads the CLIP once (`dpc_jax.convert.load`), builds what every
+seed shares once (`stages.Run`: learner, evaluator, compiled steps) and runs the configured
+stages for every seed. The pieces live beside it: `step` (per-device step; the mesh is
+`dpc_jax.mesh`), `objectives` (stage-1 and DPC objectives), `loop` (epoch loop, metric log,
+hooks), `checkpoints` (stage directories), `stages` (per-seed stage runners); evaluation in
+`dpc_jax.evaluation` (the protocol, `config.protocol`, in `dpc_jax.evaluation.protocols`: it
+decides the training classes, the test sets and the results.json layout).
 """
 
 from __future__ import annotations
