@@ -1,9 +1,9 @@
 """The learners selectable by `config.backbone.name`.
 
-`dpc_jax.prompts` registers the learners it ships when it is imported (which happens before
-this module is usable); `register_learner` adds more from anywhere. The registry imports no
-learner itself, so a learner that builds another one (DePT wraps the learner it names) can
-import it without a cycle.
+Importing this module imports the `dpc_jax.prompts` package first, which registers the learners
+it ships; `register_learner` adds more from anywhere. The registry imports no learner itself, so
+a learner that builds another one (DePT wraps the learner it names) can use it without an
+import cycle.
 """
 
 from __future__ import annotations
