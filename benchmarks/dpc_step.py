@@ -37,7 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpc_jax.data import augment
+from dpc_jax.data.train_sets import build_class_table
 from dpc_jax.models import clip as clip_lib
+from dpc_jax.models.checkpoint import asset_dir
 from dpc_jax.models.tokenizer import Tokenizer, write_vocab_from_openai_bpe
 from dpc_jax.prompts import get_learner
 from dpc_jax.prompts.dpc import DualPrompt
@@ -82,9 +84,7 @@ def build(arch: str, num_classes: int, batch: int, top_k: int, layers=None, seed
         if cfg.vocab_size == 49408:
             tokenizer = _bpe_tokenizer()
         else:
-            from dpc_jax.training.train_lib import world_assets_dir
-
-            tokenizer = Tokenizer.from_pretrained(world_assets_dir())
+            tokenizer = Tokenizer.from_pretrained(asset_dir())
             cfg = cfg.replace(vocab_size=tokenizer.vocab_size)
     clip_params = clip_lib.init_params(cfg, seed=seed)
     backbone_cfg = ml_collections.ConfigDict(dict(name="coop", n_ctx=4, ctx_init="a photo of a",
@@ -99,7 +99,7 @@ def build(arch: str, num_classes: int, batch: int, top_k: int, layers=None, seed
     res = cfg.image_resolution
     images = rng.integers(0, 256, (num_classes * shots, res, res, 3), dtype=np.uint8)
     labels = np.repeat(np.arange(num_classes, dtype=np.int32), shots)
-    table, counts = dhno.build_class_table(labels, num_classes)
+    table, counts = build_class_table(labels, num_classes)
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
     evaluator = Evaluator(clip_params, res, mesh, ml_collections.ConfigDict(dict(
         eval_batch_size=100, num_workers=1, progress=False, skip_bad_images=False)))

@@ -22,11 +22,12 @@ import time
 import jax
 import numpy as np
 
+from dpc_jax.mesh import replicate, shard_batch
 from dpc_jax.prompts import capabilities
 from dpc_jax.training import checkpoints, objectives, train_lib
 from dpc_jax.training.run import DPC
 from dpc_jax.training.seed import SeedRun
-from dpc_jax.training.step import make_per_device_step, map_step, replicate, shard_batch
+from dpc_jax.training.step import make_per_device_step, map_step
 
 
 def build(seed: int = 1):

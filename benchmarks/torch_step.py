@@ -71,6 +71,7 @@ import torch.nn.functional as F
 
 from dpc_jax.convert.openai import to_openai_state_dict
 from dpc_jax.models import clip as clip_lib
+from dpc_jax.models.checkpoint import asset_dir
 from dpc_jax.models.tokenizer import TRIM_MULTIPLE, Tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -113,9 +114,7 @@ def clip_config_and_tokenizer(arch: str, layers=None):
         cfg = cfg.replace(vision_layers=int(layers), transformer_layers=int(layers))
     if cfg.vocab_size == 49408:
         return cfg, load_dpc_step()._bpe_tokenizer()
-    from dpc_jax.training.train_lib import world_assets_dir
-
-    tokenizer = Tokenizer.from_pretrained(world_assets_dir())
+    tokenizer = Tokenizer.from_pretrained(asset_dir())
     return cfg.replace(vocab_size=tokenizer.vocab_size), tokenizer
 
 

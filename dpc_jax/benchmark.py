@@ -101,7 +101,7 @@ def merge_seed_results(workdir: str, config, write: bool = True) -> dict:
     per_seed = {stage: dict(sorted(by_seed.items())) for stage, by_seed in per_seed.items()}
     results = protocols.get(config).summarize(per_seed)
     if write:
-        from dpc_jax.training.checkpoints import write_json
+        from dpc_jax.files import write_json
 
         write_json(os.path.join(workdir, "results.json"), results)
     return results
@@ -298,7 +298,7 @@ def check_run_record(point: Point, root: str, overrides: dict, write: bool = Fal
     if not write:
         return
     os.makedirs(point.workdir(root), exist_ok=True)
-    from dpc_jax.training.checkpoints import write_json
+    from dpc_jax.files import write_json
 
     write_json(path, want)
 

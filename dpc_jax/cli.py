@@ -8,8 +8,12 @@ PermissionError). Anything else is a bug and keeps its traceback. Set DPC_JAX_TR
 the traceback of a user error too.
 
     run_cli(fn, *args)          -> 0, or 2 after one `Error:` line on a user error
-    absl_flags_parser(flag)     -> a `flags_parser` for absl's `app.run`: a misspelt
-                                   `--config.field` gives one line with the closest fields
+    absl_flags_parser(flag, print_help)
+                                -> a `flags_parser` for absl's `app.run`: a misspelt
+                                   `--config.field` gives one line with the closest fields;
+                                   `-h`/`--help` calls the command's `print_help(argv)`
+
+Nothing here imports the rest of dpc_jax: every layer's command line may use it.
 """
 
 from __future__ import annotations
@@ -69,7 +73,8 @@ def _config_overrides(argv: List[str], name: str) -> List[str]:
     return out
 
 
-def _config_spec(argv: List[str], name: str) -> Optional[str]:
+def config_spec(argv: List[str], name: str) -> Optional[str]:
+    """The value of `--<name> SPEC` or `--<name>=SPEC` in `argv`, or None."""
     for i, arg in enumerate(argv[1:], 1):
         if arg == f"--{name}" and i + 1 < len(argv):
             return argv[i + 1]
@@ -94,15 +99,19 @@ def unknown_field(config, path: str) -> Optional[str]:
     return None
 
 
-def absl_flags_parser(name: str = "config") -> Callable[[List[str]], List[str]]:
+def absl_flags_parser(name: str = "config",
+                      print_help: Optional[Callable[[List[str]], None]] = None
+                      ) -> Callable[[List[str]], List[str]]:
     """A `flags_parser` for `app.run` that reports a bad command line in one line: a missing
     or failing config file, a misspelt `--config.field` (with the closest names), a value of
-    the wrong type, an unknown flag."""
+    the wrong type, an unknown flag. With `print_help`, `-h`/`--help` prints
+    `print_help(argv)` and exits 0 (without it, absl's flag list)."""
     from absl import flags
 
     def parse(argv: List[str]) -> List[str]:
-        if any(a in ("-h", "--help", "--helpshort") for a in argv[1:]):
-            print_config_help(argv, name)
+        if print_help is not None and any(a in ("-h", "--help", "--helpshort")
+                                          for a in argv[1:]):
+            print_help(argv)
             sys.exit(0)
         try:
             rest = flags.FLAGS(argv)
@@ -118,55 +127,16 @@ def absl_flags_parser(name: str = "config") -> Callable[[List[str]], List[str]]:
     return parse
 
 
-def print_config_help(argv: List[str], name: str = "config") -> None:
-    """The command's docstring, then every field of the config (`--config` if given and
-    loadable, else configs/dpc_coop.py) with its default and meaning."""
-    import __main__
-
-    from dpc_jax.configs.base_to_new import field_help
-    from dpc_jax.training.train_lib import load_config
-
-    print((__main__.__doc__ or "").strip() + "\n")
-    spec = _config_spec(argv, name)
-    default = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "configs", "dpc_coop.py")
-    try:
-        config = load_config(spec or default)
-        shown = spec or os.path.relpath(default)
-    except Exception as e:  # the help still lists the defaults of the default config
-        print(f"(--{name} {spec} did not load: {message(e)}; showing configs/dpc_coop.py)")
-        config, shown = load_config(default), os.path.relpath(default)
-    print(f"flags: --{name} FILE[:key=val,...]  --workdir DIR  --{name}.FIELD=VALUE\n")
-    print(f"config fields (defaults of {shown}):")
-    flat = _flatten(config.to_dict())
-    helps = field_help(config)
-    width = min(36, max(len(k) for k in flat) + 2 + len(name) + 3)
-    for key, value in flat.items():
-        text = helps.get(key, "")
-        left = f"  --{name}.{key}={value!r}"
-        print(f"{left:<{width + 12}} {text}" if text else left)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _explain(argv: List[str], error: BaseException, name: str) -> str:
-    spec = _config_spec(argv, name)
+    spec = config_spec(argv, name)
     if spec is not None:
         path = spec.split(":", 1)[0]
         if not os.path.isfile(path):
             return f"--{name} {spec}: no config file {path!r} (e.g. configs/dpc_coop.py)"
         try:
-            from dpc_jax.training.train_lib import load_config
+            from ml_collections.config_flags import config_flags
 
-            config = load_config(spec)
+            config = config_flags.ConfigFileFlagParser(name, lock_config=False).parse(spec)
         except USER_ERRORS as e:
             return f"--{name} {spec}: {message(e)}"
         for field in _config_overrides(argv, name):

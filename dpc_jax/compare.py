@@ -91,7 +91,7 @@ def main(argv: List[str] = None) -> dict:
                                       a.progress)
     table = comparison(runs, backbones)
     os.makedirs(a.workdir, exist_ok=True)
-    from dpc_jax.training.checkpoints import write_json
+    from dpc_jax.files import write_json
 
     write_json(os.path.join(a.workdir, "comparison.json"), table)
     text = markdown(table)

@@ -15,12 +15,15 @@ one `Error: ...` line and exit status 2 (`dpc_jax.cli`; DPC_JAX_TRACEBACK=1 show
 traceback).
 """
 
+import os
 import sys
+from typing import List
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dpc_jax import cli
+from dpc_jax.configs.base_to_new import field_help
 from dpc_jax.training import train_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file",
@@ -48,5 +51,39 @@ def _run(config, workdir):
         train_lib.train_and_evaluate(config, workdir)
 
 
+def print_config_help(argv: List[str], name: str = "config") -> None:
+    """This module's docstring, then every field of the config (`--config` if given and
+    loadable, else configs/dpc_coop.py) with its default and meaning."""
+    print((__doc__ or "").strip() + "\n")
+    spec = cli.config_spec(argv, name)
+    default = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "configs", "dpc_coop.py")
+    try:
+        config = train_lib.load_config(spec or default)
+        shown = spec or os.path.relpath(default)
+    except Exception as e:  # the help still lists the defaults of the default config
+        print(f"(--{name} {spec} did not load: {cli.message(e)}; showing configs/dpc_coop.py)")
+        config, shown = train_lib.load_config(default), os.path.relpath(default)
+    print(f"flags: --{name} FILE[:key=val,...]  --workdir DIR  --{name}.FIELD=VALUE\n")
+    print(f"config fields (defaults of {shown}):")
+    flat = _flatten(config.to_dict())
+    helps = field_help(config)
+    width = min(36, max(len(k) for k in flat) + 2 + len(name) + 3)
+    for key, value in flat.items():
+        text = helps.get(key, "")
+        left = f"  --{name}.{key}={value!r}"
+        print(f"{left:<{width + 12}} {text}" if text else left)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.absl_flags_parser("config"))
+    app.run(main, flags_parser=cli.absl_flags_parser("config", print_help=print_config_help))

@@ -99,8 +99,8 @@ def test_remat_keeps_the_parameter_tree_and_is_in_the_backward_pass(setup):
 
 def test_the_config_fields_reach_the_model_and_bad_values_are_refused(tmp_path):
     from dpc_jax.configs.base_to_new import get_config as run_config
+    from dpc_jax.convert.load import load_clip_from_config
     from dpc_jax.models import checkpoint
-    from dpc_jax.training import train_lib
 
     tiny = get_config("tiny")
     defaults = run_config().clip
@@ -110,12 +110,12 @@ def test_the_config_fields_reach_the_model_and_bad_values_are_refused(tmp_path):
     clip = ml_collections.ConfigDict({"source": str(tmp_path / "ckpt"), "dtype": "float32",
                                       "precision": "highest", "attention": "dot_product",
                                       "remat": True})
-    loaded, _ = train_lib.load_clip(clip)
+    loaded, _ = load_clip_from_config(clip)
     assert (loaded.attention, loaded.remat) == ("dot_product", True)
     clip.attention = "flash"
     with pytest.raises(ValueError, match=r"config\.clip\.attention='flash'; expected one of "
                                          r"\['cudnn', 'dot_product', 'einsum'\]"):
-        train_lib.load_clip(clip)
+        load_clip_from_config(clip)
     with pytest.raises(ValueError, match=r"CLIPConfig\.attention='flash'; expected one of"):
         tiny.replace(attention="flash")
     with pytest.raises(ValueError, match=r"CLIPConfig\.remat='yes'; expected True or False"):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from dpc_jax import tree as tree_lib
+from dpc_jax.models.checkpoint import asset_dir
 from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import CoCoOp, capabilities
 from dpc_jax.training import train_lib
@@ -20,7 +21,7 @@ NAMES = ["red circle", "blue star", "pink ring"]
 
 @pytest.fixture(scope="module")
 def tok():
-    return Tokenizer.from_pretrained(train_lib.world_assets_dir(), context_length=77)
+    return Tokenizer.from_pretrained(asset_dir(), context_length=77)
 
 
 def cocoop(cfg, tok):
@@ -57,7 +58,7 @@ def test_per_image_texts_match_a_torch_transcription(tmp_path):
     path = str(tmp_path / "openai.pt")
     torch.save(model.state_dict(), path)
     cfg, params = load_openai_checkpoint(path)
-    tok = Tokenizer.from_pretrained(train_lib.world_assets_dir(), context_length=77)
+    tok = Tokenizer.from_pretrained(asset_dir(), context_length=77)
     learner = cocoop(cfg, tok)
     p = learner.init(jax.random.key(0), params)
     p = jax.tree_util.tree_map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1),
@@ -125,7 +126,7 @@ def small_dataset_config(tmp_path, **changes):
     if not (tmp_path / "data").exists():
         make_split_tree(tmp_path / "data", "eurosat", list(registry.EUROSAT_RENAMED.values()),
                         {"train": 4, "val": 1, "test": 2})
-        shutil.copytree(train_lib.world_assets_dir(), tmp_path / "clip")
+        shutil.copytree(asset_dir(), tmp_path / "clip")
     config = train_lib.load_config(f"{COCOOP}:dataset=EuroSAT,root={tmp_path / 'data'},"
                                    f"clip={tmp_path / 'clip'}")
     config.update_from_flattened_dict({

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from dpc_jax.data import registry
+from dpc_jax.models.checkpoint import asset_dir
 from dpc_jax.training import train_lib
 
 DPC_COOP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
@@ -59,6 +60,7 @@ def test_every_config_file_builds_and_shape_checks(path):
     import jax
     import jax.numpy as jnp
 
+    from dpc_jax.convert.load import load_clip_from_config
     from dpc_jax.models.clip import CLIPConfig, abstract_params
     from dpc_jax.models.tokenizer import Tokenizer
     from dpc_jax.prompts import DualPrompt, LearnerContext, build_learner, capabilities
@@ -66,15 +68,15 @@ def test_every_config_file_builds_and_shape_checks(path):
 
     c = train_lib.load_config(path)
     train_lib.check_config(c)
-    with open(os.path.join(train_lib.world_assets_dir(), "clip_config.json")) as f:
+    with open(os.path.join(asset_dir(), "clip_config.json")) as f:
         tiny_config = CLIPConfig.from_dict(json.load(f))
-    tok = Tokenizer.from_pretrained(train_lib.world_assets_dir(), context_length=77)
+    tok = Tokenizer.from_pretrained(asset_dir(), context_length=77)
     kw, teacher = {}, None
     if "teacher" in c.backbone:  # a distilling learner: its teacher on the shipped teacher CLIP
         from dpc_jax.training import teacher as teacher_lib
 
         tconfig = teacher_lib.teacher_config(c)
-        tclip_config, tclip = train_lib.load_clip(tconfig.clip)
+        tclip_config, tclip = load_clip_from_config(tconfig.clip)
         kw["teacher"] = build_learner(tclip_config, tok, tconfig.backbone)
         teacher = {"clip": tclip, "prompt": kw["teacher"].init(jax.random.key(2), tclip)}
     learner = build_learner(tiny_config, tok, c.backbone, **kw)
@@ -88,7 +90,7 @@ def test_every_config_file_builds_and_shape_checks(path):
     # read values on the host), on the world CLIP's weights.
     from dpc_jax.convert import load_clip
 
-    _, world_params = load_clip(train_lib.world_assets_dir())
+    _, world_params = load_clip(asset_dir())
     real_consts = learner.constants(world_params, LearnerContext(
         dataset=c.dataset, classnames=tuple(names), templates=("a photo of a {}.",),
         teacher=teacher))

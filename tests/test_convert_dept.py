@@ -22,12 +22,12 @@ from dpc_jax.convert.dept_torch import (
     export_dept_checkpoint,
     load_dept_head,
 )
+from dpc_jax.models.checkpoint import asset_dir
 from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import dept as dept_lib
 from dpc_jax.prompts.cocoop import CoCoOp
 from dpc_jax.prompts.dept import DePT
 from dpc_jax.prompts.maple import MaPLe
-from dpc_jax.training import train_lib
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -154,7 +154,7 @@ def save_dassl(model, path, epoch=10):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return Tokenizer.from_pretrained(train_lib.world_assets_dir(), context_length=77)
+    return Tokenizer.from_pretrained(asset_dir(), context_length=77)
 
 
 def make_learner(inner, tiny_config, tokenizer):

@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from dpc_jax import tree as tree_lib
+from dpc_jax.models.checkpoint import asset_dir
 from dpc_jax.models.clip import normalize
 from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts.dept import DePT
@@ -21,7 +22,7 @@ CONFIG = REPO + "/configs/dept.py"
 
 @pytest.fixture(scope="module")
 def dept(tiny_config, tiny_params):
-    tok = Tokenizer.from_pretrained(train_lib.world_assets_dir(), context_length=77)
+    tok = Tokenizer.from_pretrained(asset_dir(), context_length=77)
     learner = DePT(tiny_config, tok, DePT.default_config())
     prompt = learner.init(jax.random.key(0), tiny_params, len(NAMES))
     # A head away from its (1, 0) init, so that the FiLM terms matter.
@@ -91,7 +92,7 @@ def test_cocoop_inner_heads_each_images_label_text_under_its_own_context(tiny_co
                                                                           tiny_params):
     """DePT over CoCoOp (ExtrasLinearProbeCoCoOp): the cos logits are CoCoOp's per-image ones,
     and the head's text row of image i is its label's text under ctx + meta_net(v_i)."""
-    tok = Tokenizer.from_pretrained(train_lib.world_assets_dir(), context_length=77)
+    tok = Tokenizer.from_pretrained(asset_dir(), context_length=77)
     config = DePT.default_config()
     from dpc_jax.prompts.cocoop import CoCoOp
     config.inner = CoCoOp.default_config()

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dpc_jax.data.train_sets import build_class_table
 from dpc_jax.training import dhno
 
 
@@ -248,7 +249,7 @@ def test_bad_policy_and_shapes_are_rejected():
 
 def test_build_class_table():
     labels = np.asarray([2, 0, 1, 2, 2, 0])
-    table, counts = dhno.build_class_table(labels, 3)
+    table, counts = build_class_table(labels, 3)
     np.testing.assert_array_equal(counts, [2, 1, 3])
     np.testing.assert_array_equal(table, [[1, 5, 1], [2, 2, 2], [0, 3, 4]])
     assert table.dtype == np.int32 and counts.dtype == np.int32
@@ -258,15 +259,15 @@ def test_build_class_table():
 
 def test_build_class_table_errors_name_the_class():
     with pytest.raises(ValueError, match=r"classes \[1, 3\] have no training image"):
-        dhno.build_class_table(np.asarray([0, 2, 0]), 4)
+        build_class_table(np.asarray([0, 2, 0]), 4)
     with pytest.raises(ValueError, match=r"\[7\] outside \[0, 4\)"):
-        dhno.build_class_table(np.asarray([0, 7, 1, 2, 3]), 4)
+        build_class_table(np.asarray([0, 7, 1, 2, 3]), 4)
 
 
 def test_sample_negative_images_class_and_uniformity():
     rng = np.random.default_rng(0)
     labels = rng.permutation(np.repeat(np.arange(6), [1, 2, 3, 4, 5, 16]))
-    table, counts = dhno.build_class_table(labels, 6)
+    table, counts = build_class_table(labels, 6)
     negatives = jnp.asarray([[5, 3, 1], [4, 0, 2]], jnp.int32)
     valid = jnp.asarray([[True, True, True], [True, True, False]])
     draws = jax.jit(jax.vmap(dhno.sample_negative_images, in_axes=(0, None, None, None, None)))(

@@ -12,6 +12,8 @@ import ml_collections
 import numpy as np
 import pytest
 
+from dpc_jax.data.train_sets import build_class_table
+from dpc_jax.models.checkpoint import asset_dir
 from dpc_jax.models.clip import get_config
 from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import IVLP, CoOp, DualPrompt
@@ -30,7 +32,7 @@ SHAPES = ["circle", "star", "ring", "cross"]
 @pytest.fixture(scope="module")
 def setup():
     cfg = get_config("tiny", vision_layers=1, transformer_layers=1)
-    tok = Tokenizer.from_pretrained(train_lib.world_assets_dir(), context_length=77)
+    tok = Tokenizer.from_pretrained(asset_dir(), context_length=77)
     return cfg, random_clip_params(cfg, seed=0), tok
 
 
@@ -67,7 +69,7 @@ def loss_and_grads(setup, name, num_classes, policy, variants):
     dual = dual_prompt(learner)
     res = cfg.image_resolution
     labels = np.repeat(np.arange(num_classes, dtype=np.int32), 2)
-    table, counts = dhno.build_class_table(labels, num_classes)
+    table, counts = build_class_table(labels, num_classes)
     images = np.random.RandomState(0).randint(0, 256, (len(labels), res, res, 3))
     train = {"images": jnp.asarray(images, jnp.uint8), "labels": jnp.asarray(labels),
              "class_table": jnp.asarray(table), "class_counts": jnp.asarray(counts)}

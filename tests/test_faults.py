@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dpc_jax.mesh import make_mesh
 from dpc_jax.training import checkpoints, loop
-from dpc_jax.training.step import make_mesh, map_steps
+from dpc_jax.training.step import map_steps
 from test_train import small_config
 
 

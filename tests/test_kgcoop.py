@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dpc_jax.data import world
+from dpc_jax.models.checkpoint import asset_dir
 from dpc_jax.models.clip import CLIP
 from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import CoOp, LearnerContext, get_learner
@@ -23,7 +23,7 @@ NAMES = ["red circle", "blue star", "pink ring", "green cross"]
 
 @pytest.fixture(scope="module")
 def tok():
-    return Tokenizer.from_pretrained(world.asset_dir(), context_length=77)
+    return Tokenizer.from_pretrained(asset_dir(), context_length=77)
 
 
 def learner_for(tiny_config, tok, **changes):

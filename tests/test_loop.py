@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dpc_jax.mesh import make_mesh, replicate
 from dpc_jax.training import checkpoints, loop, masks, optim, step
 from test_train import (REPO, Interrupted, interrupt_after, read_log, small_config,
                         tree_equal)
@@ -47,10 +48,10 @@ def build_setup():
     mask = masks.trainable_mask(params, [("frozen", False), (".*", True)])
     optimizer = optim.make_optimizer(0.5, EPOCHS, EPOCH_STEPS, mask=mask, warmup_epochs=0)
     schedule = optim.dassl_schedule(0.5, EPOCHS, EPOCH_STEPS, warmup_epochs=0)
-    mesh = step.make_mesh()
+    mesh = make_mesh()
     step_fn = step.map_step(step.make_per_device_step(objective, optimizer, mask), mesh,
                             donate=False)
-    return {"params": params, "consts": step.replicate(consts, mesh), "mesh": mesh,
+    return {"params": params, "consts": replicate(consts, mesh), "mesh": mesh,
             "optimizer": optimizer, "schedule": schedule, "step_fn": step_fn,
             "steps_fn": step.map_steps(step_fn)}
 
@@ -73,7 +74,7 @@ def per_step_reference(setup, with_hook):
     """The stage as one call of the mapped step per step (the loop before stretches): step s
     takes batch s of its epoch's order and the key fold_in(stage key, s)."""
     params = setup["params"]
-    state = step.replicate({"params": params, "opt_state": setup["optimizer"].init(params),
+    state = replicate({"params": params, "opt_state": setup["optimizer"].init(params),
                             "state": {}}, setup["mesh"])
     key = jax.random.fold_in(jax.random.key(1), 2)  # seed 1, stage 2
     extra, losses, accs = start_extra(), [], []

@@ -8,9 +8,12 @@ import ml_collections
 import numpy as np
 import pytest
 
+from dpc_jax.data.train_sets import build_class_table
+from dpc_jax.mesh import make_mesh
+from dpc_jax.models.checkpoint import asset_dir
 from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import CoOp, DualPrompt
-from dpc_jax.training import dhno, objectives, optim, step, train_lib
+from dpc_jax.training import objectives, optim, step
 from dpc_jax.training.masks import trainable_mask
 
 from conftest import random_clip_params
@@ -45,12 +48,12 @@ def is_highest(precision) -> bool:
 def step_jaxpr(stage: str, tiny_config, precision: str):
     config = tiny_config.replace(precision=precision)
     clip_params = random_clip_params(config)
-    tok = Tokenizer.from_pretrained(train_lib.world_assets_dir(), context_length=77)
+    tok = Tokenizer.from_pretrained(asset_dir(), context_length=77)
     learner = CoOp(config, tok, CoOp.default_config())
     names = ["red circle", "blue star", "pink ring", "green cross", "cyan square"]
     texts = learner.prepare(clip_params, names)
     labels = np.repeat(np.arange(5, dtype=np.int32), 2)
-    table, counts = dhno.build_class_table(labels, 5)
+    table, counts = build_class_table(labels, 5)
     prompt = learner.init(jax.random.key(0), clip_params)
     consts = {"clip": clip_params, "class_texts": texts, "learner": {},
               "train": {"images": jnp.zeros((10, 32, 32, 3), jnp.uint8), "labels": labels,
@@ -67,7 +70,7 @@ def step_jaxpr(stage: str, tiny_config, precision: str):
         objective = objectives.dpc_objective(learner, dual, 32, 3, "reference")
         mask = trainable_mask(params, DualPrompt.trainable_rules())
     tx = optim.make_optimizer(0.002, 2, 2, mask=mask)
-    mesh = step.make_mesh()
+    mesh = make_mesh()
     fn = step.map_step(step.make_per_device_step(objective, tx, mask), mesh, donate=False)
     state = {"params": params, "opt_state": tx.init(params), "state": {}}
     batch = {"index": np.arange(2 * mesh.size, dtype=np.int32)}

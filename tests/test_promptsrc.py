@@ -10,8 +10,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-import dpc_jax.prompts
 from dpc_jax import tree as tree_lib
+from dpc_jax.models.checkpoint import asset_dir
 from dpc_jax.models.clip import CLIP, normalize
 from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import LearnerContext, PromptSRC, register_learner, unregister_learner
@@ -26,7 +26,7 @@ CONFIG = os.path.join(REPO, "configs", "dpc_promptsrc.py")
 
 @pytest.fixture(scope="module")
 def tok():
-    return Tokenizer.from_pretrained(train_lib.world_assets_dir(), context_length=77)
+    return Tokenizer.from_pretrained(asset_dir(), context_length=77)
 
 
 def learner_for(cfg, tok, **changes):

@@ -164,11 +164,12 @@ def test_an_uncached_hub_tokenizer_offline_fails_at_once_naming_it(monkeypatch):
 
 
 def test_a_tokenizer_that_does_not_fit_the_clip_is_refused(tiny_config):
-    from dpc_jax.training import train_lib
+    from dpc_jax.convert.load import check_tokenizer_fits
+    from dpc_jax.models.checkpoint import asset_dir
 
-    tok = Tokenizer.from_pretrained(train_lib.world_assets_dir())  # 646 tokens
+    tok = Tokenizer.from_pretrained(asset_dir())  # 646 tokens
     with pytest.raises(ValueError, match=r"tokenizer 'world' does not fit the CLIP from 'tiny': "
                                          r"it has 646 tokens \(start token 644, end token "
                                          r"645\); the CLIP embeds 1000 tokens with start 998"):
-        train_lib.check_tokenizer_fits(tok, tiny_config, "world", "tiny")
-    train_lib.check_tokenizer_fits(tok, tiny_config.replace(vocab_size=646), "world", "tiny")
+        check_tokenizer_fits(tok, tiny_config, "world", "tiny")
+    check_tokenizer_fits(tok, tiny_config.replace(vocab_size=646), "world", "tiny")

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from dpc_jax.data import augment
+from dpc_jax.data.train_sets import build_class_table
 from dpc_jax.prompts import get_learner
 from dpc_jax.prompts.dpc import DualPrompt
 from dpc_jax.training import dhno, objectives
@@ -114,7 +115,7 @@ def stage2_inputs(bench, shots=2, seed=0):
     res = cfg.image_resolution
     images = rng.integers(0, 256, (C * shots, res, res, 3), dtype=np.uint8)
     labels = np.repeat(np.arange(C, dtype=np.int32), shots)
-    table, counts = dhno.build_class_table(labels, C)
+    table, counts = build_class_table(labels, C)
     consts = {"clip": clip_params, "class_texts": class_texts, "learner": {}, "scorer": scorer,
               "train": {"images": jnp.asarray(images), "labels": jnp.asarray(labels),
                         "class_table": jnp.asarray(table), "class_counts": jnp.asarray(counts)}}

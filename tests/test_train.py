@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from dpc_jax.models.checkpoint import asset_dir
 from dpc_jax.training import checkpoints, train_lib
 from dpc_jax.training import stage2
 
@@ -244,13 +245,15 @@ def test_one_and_four_devices_give_the_same_per_device_losses(tmp_path):
     script = textwrap.dedent("""
         import json, sys
         import jax, jax.numpy as jnp, numpy as np
+        from dpc_jax.convert.load import load_clip_and_tokenizer
+        from dpc_jax.mesh import make_mesh, replicate, shard_batch
         from dpc_jax.training import train_lib as T, objectives, run as R, seed as S, step as ST
         assert jax.device_count() == 4, jax.devices()
         c = T.load_config("configs/dpc_coop.py"); c.shots = 2; c.progress = False
         c.dhno.top_k = 4
-        mesh = ST.make_mesh()
-        cc, cp, tok = T.load_clip_and_tokenizer(c)
-        run = R.Run(config=c, mesh=mesh, clip_config=cc, clip_params=ST.replicate(cp, mesh),
+        mesh = make_mesh()
+        cc, cp, tok = load_clip_and_tokenizer(c)
+        run = R.Run(config=c, mesh=mesh, clip_config=cc, clip_params=replicate(cp, mesh),
                     tokenizer=tok)
         sr = S.SeedRun.create(run, 1, "unused")
         dpc = run.dual
@@ -267,7 +270,7 @@ def test_one_and_four_devices_give_the_same_per_device_losses(tmp_path):
         key = jax.random.key(3)
         state = {"params": params, "opt_state": opt.init(params), "state": {}}
         step = ST.map_step(per_device, mesh, donate=False)
-        s4, l4, _ = step(state, consts, {"index": ST.shard_batch(index, mesh)}, key)
+        s4, l4, _ = step(state, consts, {"index": shard_batch(index, mesh)}, key)
         p4 = s4["params"]
         one = jax.devices()[0]
         host = lambda t: jax.device_put(jax.device_get(t), one)
@@ -306,7 +309,7 @@ def test_real_dataset_source_end_to_end(tmp_path):
     make_split_tree(tmp_path / "data", "eurosat", names, {"train": 4, "val": 1, "test": 2})
     # A small CLIP converted beforehand (here: a copy of the world's, any CLIP directory works).
     clip_dir = tmp_path / "clip"
-    shutil.copytree(train_lib.world_assets_dir(), clip_dir)
+    shutil.copytree(asset_dir(), clip_dir)
     config = train_lib.load_config(f"{DPC_COOP}:dataset=EuroSAT,root={tmp_path / 'data'},"
                                    f"clip={clip_dir}")
     assert config.dataset == "eurosat" and config.dhno.top_k == 4

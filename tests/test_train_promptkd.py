@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
+from dpc_jax.convert.load import load_clip_and_tokenizer, load_clip_from_config
 from dpc_jax.data import world
 from dpc_jax.training import checkpoints, train_lib
 from test_train import REPO, Interrupted, interrupt_after, tree_equal
@@ -52,8 +53,8 @@ def export_teacher(workdir, run_dir):
         checkpoints.read_stage_meta(stage)["final_step"],
         args=ocp.args.Composite(aux=ocp.args.StandardRestore()))["aux"]["extra"]
     tconfig = teacher_lib.teacher_config(small_config())
-    _, _, tok = train_lib.load_clip_and_tokenizer(small_config())
-    teacher = PromptSRC(train_lib.load_clip(tconfig.clip)[0], tok, tconfig.backbone)
+    _, _, tok = load_clip_and_tokenizer(small_config())
+    teacher = PromptSRC(load_clip_from_config(tconfig.clip)[0], tok, tconfig.backbone)
     teacher_prompt = teacher.final_prompt(teacher_params, extra)  # the GPA sum
     return teacher.export_torch_prompt(teacher_prompt, run_dir, 1)
 
@@ -166,9 +167,9 @@ def test_exported_dpc_stage_imports_as_dpc_init_from(kd_run, tmp_path):
     import torch
 
     from dpc_jax.convert.torch_files import write_dassl_checkpoint
+    from dpc_jax.mesh import make_mesh, replicate
     from dpc_jax.training import stage2, teacher
     from dpc_jax.training.seed import SeedRun
-    from dpc_jax.training.step import make_mesh, replicate
 
     state_dict = torch.load(dpc_file, map_location="cpu", weights_only=True)["state_dict"]
     bn = "VPT_image_trans.conv1.1."
@@ -180,7 +181,7 @@ def test_exported_dpc_stage_imports_as_dpc_init_from(kd_run, tmp_path):
     config = small_config(stages="dpc", **files)
     train_lib.check_config(config)
     mesh = make_mesh()
-    clip_config, clip_params, tokenizer = train_lib.load_clip_and_tokenizer(config)
+    clip_config, clip_params, tokenizer = load_clip_and_tokenizer(config)
     run = teacher.build_run(config, mesh, clip_config, replicate(clip_params, mesh), tokenizer)
     sr = SeedRun.create(run, 1, str(tmp_path / "imported"))
     train_lib.preflight(sr, ["dpc"], train=True)

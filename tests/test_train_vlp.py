@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dpc_jax import tree as tree_lib
+from dpc_jax.convert.load import load_clip_and_tokenizer
 from dpc_jax.training import train_lib
 from test_train import REPO, _restore
 from test_train import small_config as train_small_config
@@ -34,7 +35,7 @@ def stage1_prompt(name, workdir):
     manager = checkpoints.checkpoint_manager(os.path.join(stage, "checkpoints"))
     params = _restore(stage)
     config = small_config(name)
-    clip_config, _, tok = train_lib.load_clip_and_tokenizer(config)
+    clip_config, _, tok = load_clip_and_tokenizer(config)
     learner = build_learner(clip_config, tok, config.backbone)
     hooks = capabilities.epoch_hooks(learner)
     extra = hooks.init_extra(params)

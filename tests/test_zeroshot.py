@@ -13,7 +13,7 @@ from dpc_jax.models import checkpoint
 from dpc_jax.models.clip import CLIP, CLIP_MEAN, CLIP_STD, get_config, init_params
 from dpc_jax.models.tokenizer import Tokenizer
 
-ASSETS = world.asset_dir()
+ASSETS = checkpoint.asset_dir()
 
 # Eager Flax init compiles op by op (slow on 2 shared cores); one jitted program is faster.
 fast_init = jax.jit(init_params, static_argnums=(0, 1))

@@ -6,6 +6,10 @@ Accepted sources, tried in this order:
 3. an OpenAI `.pt` / `.pth` file (TorchScript archive or plain state dict);
 4. an OpenAI model name ("ViT-B/16", ...), downloaded to ~/.cache/clip;
 5. a Hugging Face hub id ("openai/clip-vit-base-patch16"), downloaded with huggingface_hub.
+
+A run's config names its CLIP in `config.clip` (a source above or a shipped CLIP, 'world' or
+'world_teacher', plus dtype, precision, attention, ...): `load_clip_from_config(config.clip)`
+and `load_clip_and_tokenizer(config)` read it, the tokenizer checked to fit the CLIP.
 """
 
 from __future__ import annotations
@@ -13,13 +17,17 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 
 from dpc_jax.convert import huggingface, openai
 from dpc_jax.models import checkpoint
-from dpc_jax.models.clip import CLIPConfig
+from dpc_jax.models.clip import ATTENTIONS, CLIPConfig
+from dpc_jax.models.tokenizer import Tokenizer, is_tokenizer_dir
+
+# Shipped CLIPs named by `config.clip.source` (and `config.backbone.teacher_clip.source`).
+SHIPPED_CLIPS = {"world": "world", "world_teacher": "world_teacher"}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 ACCEPTED = ("a dpc_jax checkpoint directory (clip_config.json + clip_params.msgpack), "
@@ -76,9 +84,49 @@ def load_clip(source: str, download_root: Optional[str] = None, **overrides):
     return huggingface.load_huggingface_dir(directory, **overrides)
 
 
-def _tokenizer_files(directory: str) -> list:
-    from dpc_jax.models.tokenizer import is_tokenizer_dir
+def load_clip_from_config(clip_config, field: str = "config.clip") -> tuple[CLIPConfig, Any]:
+    """(CLIP config, parameters) of `clip_config.source`: a shipped CLIP ('world',
+    'world_teacher'), an OpenAI name, a Hugging Face id, or a checkpoint path."""
+    overrides = dict(dtype=clip_config.dtype, precision=clip_config.precision,
+                     trim_text=bool(clip_config.get("trim_text", True)),
+                     attention=clip_config.get("attention", "einsum"),
+                     remat=bool(clip_config.get("remat", False)))
+    if overrides["attention"] not in ATTENTIONS:  # before a download or a load
+        raise ValueError(f"{field}.attention={overrides['attention']!r}; expected one of "
+                         f"{sorted(ATTENTIONS)}")
+    source = clip_config.source
+    if source in SHIPPED_CLIPS:
+        source = checkpoint.asset_dir(SHIPPED_CLIPS[source])
+    return load_clip(source, **overrides)
 
+
+def load_clip_and_tokenizer(config) -> tuple[CLIPConfig, Any, Tokenizer]:
+    """(CLIP config, parameters, tokenizer) of `config.clip`; the tokenizer 'world' is the
+    shipped world CLIP's."""
+    clip_config, params = load_clip_from_config(config.clip)
+    tok_source = (checkpoint.asset_dir() if config.clip.tokenizer == "world"
+                  else config.clip.tokenizer)
+    tokenizer = Tokenizer.from_pretrained(tok_source, context_length=clip_config.context_length)
+    check_tokenizer_fits(tokenizer, clip_config, config.clip.tokenizer, config.clip.source)
+    return clip_config, params, tokenizer
+
+
+def check_tokenizer_fits(tokenizer, clip_config, tokenizer_name, clip_name) -> None:
+    """The tokenizer belongs to the CLIP: the same vocabulary size, and CLIP's special tokens
+    (start = vocab - 2, end = vocab - 1, the largest id, where the text tower pools). A smaller
+    or foreign tokenizer runs but gives other numbers without a word, so it is refused."""
+    v = clip_config.vocab_size
+    found = (tokenizer.vocab_size, tokenizer.sot_token_id, tokenizer.eot_token_id)
+    if found != (v, v - 2, v - 1):
+        raise ValueError(
+            f"tokenizer {tokenizer_name!r} does not fit the CLIP from {clip_name!r}: it has "
+            f"{found[0]} tokens (start token {found[1]}, end token {found[2]}); the CLIP embeds "
+            f"{v} tokens with start {v - 2} and end {v - 1}. Set config.clip.tokenizer to that "
+            f"CLIP's own tokenizer (the directory `python -m dpc_jax.convert` wrote, or its "
+            f"hub id)")
+
+
+def _tokenizer_files(directory: str) -> list:
     if not is_tokenizer_dir(directory):
         return []
     present = set(os.listdir(directory))
@@ -90,8 +138,6 @@ def copy_tokenizer(source: str, out_dir: str, config: CLIPConfig) -> list:
 
     The copy is loaded back and checked against the model: its ids must fit the vocabulary.
     """
-    from dpc_jax.models.tokenizer import Tokenizer
-
     if os.path.isdir(source):
         files = _tokenizer_files(source)
         if not files:

@@ -1,10 +1,14 @@
-"""`python -m dpc_jax.data check|list|synth`: validate benchmark data on disk, list the registry,
-write a world stand-in of a dataset.
+"""`python -m dpc_jax.data check|list|synth|diagnose`: the data tools.
+
+Validate benchmark data on disk, list the registry, write a world stand-in of a dataset, measure
+the world's headroom (dpc_jax.diagnose_world).
 
   python -m dpc_jax.data check --dataset oxford_pets --root $DATA [--shots 16] [--seed 1]
       [--subsample base|new|all] [--source coop|tfds] [--json] [--list-files] [--verify-images]
   python -m dpc_jax.data list [--json]
   python -m dpc_jax.data synth --dataset oxford_pets --root DIR [--train 8 --val 2 --test 4]
+  python -m dpc_jax.data diagnose [--clip DIR] [--domain NAME] [--seed 1] [--prompt TEMPLATE]
+      [--json]
 
 `check` exits 0 when the layout is complete, 1 when something is missing or unreadable.
 """
@@ -50,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     sy.add_argument("--image-size", type=int, default=32, help="pixels (square JPEGs)")
     ls = sub.add_parser("list", help="list the registered datasets")
     ls.add_argument("--json", action="store_true")
+    # Its arguments are parsed by dpc_jax.diagnose_world (main below hands them over).
+    sub.add_parser("diagnose", help="the world's headroom: zero-shot, hand-written prompts and a "
+                                    "linear-probe ceiling (diagnose --help)", add_help=False)
     return p
 
 
@@ -71,6 +78,13 @@ def _list(as_json: bool) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["diagnose"]:
+        # The diagnostics classify zero-shot (evaluation, prompts): an entry-point tool above
+        # the data layer, imported only for this command.
+        from dpc_jax.diagnose_world import main as diagnose
+
+        return diagnose(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "list":
         return _list(args.json)

@@ -66,7 +66,7 @@ def write_coop_layout(dataset: str, root: str, train: int = 8, val: int = 2, tes
         # Real split files interleave classes; Dassl's few-shot groups follow first appearance.
         order = np.random.default_rng([world_seed, len(split)]).permutation(len(entries))
         split[part] = [entries[i] for i in order]
-    from dpc_jax.training.checkpoints import write_json
+    from dpc_jax.files import write_json
 
     write_json(os.path.join(folder, info.split_file), split)
     return folder

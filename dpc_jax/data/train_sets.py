@@ -103,19 +103,48 @@ class StreamSource:
             yield images
 
 
+def build_class_table(labels: np.ndarray, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Host-side index of the training set by class, for DHNO's `sample_negative_images`.
+
+    Returns table int32 [C, M] (row c: the indices of class c in increasing order, padded to
+    M = the largest class size by repeating its first index, so padding is never a wrong class)
+    and counts int32 [C].
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be a 1-D integer array; got {labels.dtype} "
+                         f"{labels.shape}")
+    if int(num_classes) < 1:
+        raise ValueError(f"num_classes={num_classes!r}; expected >= 1")
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.size:
+        raise ValueError(f"labels contain {sorted(set(bad.tolist()))[:10]} outside "
+                         f"[0, {num_classes})")
+    counts = np.bincount(labels, minlength=num_classes).astype(np.int32)
+    missing = np.flatnonzero(counts == 0)
+    if missing.size:
+        raise ValueError(
+            f"classes {missing.tolist()[:20]} have no training image; every class must have "
+            f"one to serve as a hard negative")
+    table = np.empty((num_classes, int(counts.max())), np.int32)
+    for cls in range(num_classes):
+        idx = np.flatnonzero(labels == cls)
+        table[cls, :idx.size] = idx
+        table[cls, idx.size:] = idx[0]
+    return table, counts
+
+
 def make_train_set(split: ImageSplit, num_classes: int, size: int, put, config,
                    desc: str = "decode few-shot train", stream: bool = False) -> TrainSet:
     """Decode `split` at `size` and place it with `put` (e.g. replicate on the mesh); with
     `stream`, keep only its labels on device and decode images per step from the host."""
-    from dpc_jax.training import dhno
-
     if stream:
         labels = np.asarray(split.labels, np.int32)
-        table, counts = dhno.build_class_table(labels, num_classes)
+        table, counts = build_class_table(labels, num_classes)
         source = StreamSource(split, size, config.num_workers, config.skip_bad_images)
         return TrainSet(None, *put((labels, table, counts)), stream=source)
     images, labels = decode_split(split, size, config, desc)
-    table, counts = dhno.build_class_table(labels, num_classes)
+    table, counts = build_class_table(labels, num_classes)
     return TrainSet(*put((images, labels, table, counts)))
 
 

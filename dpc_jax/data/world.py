@@ -35,7 +35,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-import os
 from typing import Optional, Sequence
 
 import numpy as np
@@ -641,20 +640,3 @@ def build_tokenizer_files(out_dir: str) -> str:
     from dpc_jax.models.tokenizer import write_bpe_files
 
     return write_bpe_files(learn_bpe_merges(caption_table() + _EXTRA_TEXT), out_dir)
-
-
-def asset_dir() -> str:
-    """The directory of the shipped world CLIP checkpoint and tokenizer."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "assets", "world")
-
-
-if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) < 2 or sys.argv[1] != "diagnose":
-        sys.exit("usage: python -m dpc_jax.data.world diagnose [--clip DIR] [--domain NAME] "
-                 "[--seed N] [--prompt TEMPLATE] [--json]")
-    from dpc_jax.data import world_diagnose
-
-    sys.exit(world_diagnose.main(sys.argv[2:]))

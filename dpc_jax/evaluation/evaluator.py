@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from dpc_jax.data import augment, transforms
 from dpc_jax.data.base import ImageSplit
+from dpc_jax.mesh import shard_batch
 from dpc_jax.prompts.base import classifier_rows
-from dpc_jax.training.step import shard_batch
 
 CLASS_CHUNK = 256  # class ids per classifier call (a static shape; ImageNet has 1000 classes)
 

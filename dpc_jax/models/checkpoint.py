@@ -20,6 +20,13 @@ CONFIG_FILE = "clip_config.json"
 PARAMS_FILE = "clip_params.msgpack"
 
 
+def asset_dir(name: str = "world") -> str:
+    """The directory of a CLIP checkpoint shipped with dpc_jax, its tokenizer beside it:
+    dpc_jax/assets/<name> ('world', 'world_teacher')."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
+                        name)
+
+
 def is_clip_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isfile(
         os.path.join(path, PARAMS_FILE))

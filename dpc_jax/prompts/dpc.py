@@ -97,9 +97,7 @@ class DualPrompt:
         self.rules = rules or DualRules(converse=((".*", True),))
 
     def _decide(self, prompt: Prompt, rules) -> dict:
-        from dpc_jax.training.masks import trainable_mask  # masks compile the same rule lists
-
-        return tree_lib.flatten(trainable_mask(prompt, list(rules)))
+        return tree_lib.flatten(tree_lib.trainable_mask(prompt, list(rules)))
 
     def init(self, backbone_prompt: Prompt) -> dict:
         """{'backbone': P, 'parallel': copy of P's doubled leaves}. The copy has its own buffers,

@@ -19,6 +19,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dpc_jax.files import write_json
+
 # Config fields that decide what a stage computes; a workdir resumed with other values is refused.
 STAGE_FIELDS = {
     1: ("dataset", "root", "source", "shots", "stored_size", "crop_scale", "clip",
@@ -26,16 +28,6 @@ STAGE_FIELDS = {
     2: ("dataset", "root", "source", "shots", "stored_size", "crop_scale", "clip",
         "backbone", "optim", "batch_size", "dpc", "dhno"),
 }
-
-
-def write_json(path: str, obj, **kw) -> None:
-    """Write `obj` as JSON atomically (a temporary file renamed over `path`); process 0 only."""
-    if jax.process_index() != 0:
-        return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, **kw)
-    os.replace(tmp, path)
 
 
 def sync_processes(name: str) -> None:

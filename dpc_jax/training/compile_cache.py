@@ -1,6 +1,6 @@
 """JAX's persistent compilation cache for training runs (`config.compilation_cache`).
 
-A run compiles each program once (`stages.Run` builds the steps once for all seeds); with the
+A run compiles each program once (`run.Run` builds the stage programs once for all seeds); with the
 cache, a later run of the same shapes on the same machine (a rerun, a resumed run, the next
 config of a grid, the notebooks) loads the compiled programs from disk instead of compiling
 them again. The world's DPC stage spends about half of its wall time compiling on a 2-core

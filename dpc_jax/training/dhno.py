@@ -8,7 +8,7 @@ Pieces, in the order the step uses them:
 - `select_hard_negatives`: the negative classes of every anchor (policy 'reference' = the released
   rule, 'hardest' = the K-1 hardest classes not yet in the batch).
 - `sample_negative_images`: one random few-shot training image per negative class, via the
-  device-resident table of `build_class_table`.
+  device-resident table of `dpc_jax.data.train_sets.build_class_table`.
 - `assemble_batch` / `interleave`: the released slot order [anchor_i, negatives_i...] for i in
   batch order.
 - `contrastive_loss`: the symmetric InfoNCE over the valid slots.
@@ -174,37 +174,6 @@ def select_hard_negatives(scores: Array, labels: Array, k: int, key: Array,
 
     _, (negatives, valid) = jax.lax.scan(body, present, (order, draws))
     return negatives, valid
-
-
-def build_class_table(labels: np.ndarray, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Host-side index of the training set by class, for `sample_negative_images`.
-
-    Returns table int32 [C, M] (row c: the indices of class c in increasing order, padded to
-    M = the largest class size by repeating its first index, so padding is never a wrong class)
-    and counts int32 [C].
-    """
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be a 1-D integer array; got {labels.dtype} "
-                         f"{labels.shape}")
-    if int(num_classes) < 1:
-        raise ValueError(f"num_classes={num_classes!r}; expected >= 1")
-    bad = labels[(labels < 0) | (labels >= num_classes)]
-    if bad.size:
-        raise ValueError(f"labels contain {sorted(set(bad.tolist()))[:10]} outside "
-                         f"[0, {num_classes})")
-    counts = np.bincount(labels, minlength=num_classes).astype(np.int32)
-    missing = np.flatnonzero(counts == 0)
-    if missing.size:
-        raise ValueError(
-            f"classes {missing.tolist()[:20]} have no training image; every class must have "
-            f"one to serve as a hard negative")
-    table = np.empty((num_classes, int(counts.max())), np.int32)
-    for cls in range(num_classes):
-        idx = np.flatnonzero(labels == cls)
-        table[cls, :idx.size] = idx
-        table[cls, idx.size:] = idx[0]
-    return table, counts
 
 
 def sample_negative_images(key: Array, class_table: Array, class_counts: Array,

@@ -17,10 +17,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from dpc_jax.mesh import replicate, shard_batch
+from dpc_jax.progress import progress_bar
 from dpc_jax.training import checkpoints
 from dpc_jax.training.checkpoints import nonfinite_leaves
-from dpc_jax.training.step import replicate, shard_batch
-from dpc_jax.progress import progress_bar
 
 SELECTION = "selection"  # the `extra` entry of the trainer's model selection (not a learner's)
 

@@ -12,11 +12,11 @@ from tqdm import tqdm
 from dpc_jax.data.base import BaseToNewData
 from dpc_jax.data.train_sets import TrainSet, load_unlabeled, make_train_set, resident_megabytes
 from dpc_jax.evaluation.results import scores
+from dpc_jax.mesh import replicate
 from dpc_jax.prompts import LearnerContext, ZeroShotCLIP, capabilities
 from dpc_jax.training.checkpoints import StageDir, host
 from dpc_jax.training.loop import Stage, run_stage
 from dpc_jax.training.run import BACKBONE, Run
-from dpc_jax.training.step import replicate
 
 
 @dataclasses.dataclass

@@ -9,12 +9,12 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from dpc_jax.mesh import replicate
 from dpc_jax.prompts import capabilities
 from dpc_jax.training.checkpoints import host
 from dpc_jax.training.loop import SELECTION
 from dpc_jax.training.run import BACKBONE
 from dpc_jax.training.seed import SeedRun
-from dpc_jax.training.step import replicate
 
 # Stage-1 model selection: the last epoch; the best base TEST accuracy (released code selects
 # so; reproduction only: it selects on test data); the best base validation accuracy.

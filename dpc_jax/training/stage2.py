@@ -10,13 +10,13 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from dpc_jax.mesh import replicate
 from dpc_jax.prompts import capabilities, get_learner, learner_names
 from dpc_jax.training.checkpoints import host, read_stage_meta
 from dpc_jax.training.loop import first_call_args
 from dpc_jax.training.run import DPC
 from dpc_jax.training.seed import SeedRun
 from dpc_jax.training.stage1 import stage1_prompt
-from dpc_jax.training.step import replicate
 
 
 def check_dpc_import(cfg, learner) -> None:

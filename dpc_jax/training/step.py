@@ -1,4 +1,4 @@
-"""The mesh and the per-device training step mapped over it.
+"""The per-device training step mapped over the mesh (`dpc_jax.mesh`).
 
 The step is a per-device function (it computes exactly the released code's single-GPU batch,
 DHNO included) mapped over a 1-D ('data',) mesh of all devices with `jax.shard_map`; gradients
@@ -14,32 +14,14 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from dpc_jax.training import optim
 
 # objective(params, state, consts, batch, key) -> (loss, (metrics, new_state))
 Objective = Callable
-
-
-def make_mesh() -> Mesh:
-    """A 1-D ('data',) mesh over all devices of all hosts."""
-    return Mesh(np.asarray(jax.devices()), ("data",))
-
-
-def replicate(tree, mesh: Mesh):
-    return jax.device_put(tree, NamedSharding(mesh, P()))
-
-
-def shard_batch(x: np.ndarray, mesh: Mesh):
-    """The global host batch `x` (the same on every process) split over 'data' along its first
-    axis; each process transfers only the rows of its own devices."""
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, P("data")),
-                                        lambda index: x[index])
 
 
 def make_per_device_step(objective: Objective, optimizer: optax.GradientTransformation, mask,

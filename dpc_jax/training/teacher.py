@@ -10,11 +10,12 @@ import os
 
 import ml_collections
 
+from dpc_jax.convert.load import load_clip_from_config
+from dpc_jax.mesh import replicate
 from dpc_jax.prompts import capabilities, get_learner
 from dpc_jax.training.run import Run
 from dpc_jax.training.seed import SeedRun
 from dpc_jax.training.stage1 import stage1_prompt
-from dpc_jax.training.step import replicate
 
 
 def build_run(config, mesh, clip_config, clip_params, tokenizer, hooks=()) -> Run:
@@ -45,10 +46,8 @@ def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 def teacher_run(student_config, mesh, tokenizer, hooks=()) -> Run:
     """The teacher's `Run`: its CLIP loaded once, its learner, evaluator and steps."""
-    from dpc_jax.training.train_lib import load_clip
-
     cfg = teacher_config(student_config)
-    clip_config, params = load_clip(cfg.clip, "config.backbone.teacher_clip")
+    clip_config, params = load_clip_from_config(cfg.clip, "config.backbone.teacher_clip")
     if tokenizer.vocab_size > clip_config.vocab_size:
         raise ValueError(f"config.backbone.teacher_clip.source={cfg.clip.source!r} embeds "
                          f"{clip_config.vocab_size} tokens; the shared tokenizer has "

@@ -1,43 +1,41 @@
 """Two-stage DPC training and evaluation: `train_and_evaluate(config, workdir)`.
 
-This module checks the config, loads the CLIP once, builds what every seed shares once
-(`stages.Run`: learner, evaluator, compiled steps) and runs the configured stages for every
-seed. The pieces live beside it: `step` (mesh, per-device step), `objectives` (stage-1 and DPC
-objectives), `loop` (epoch loop, metric log, hooks), `checkpoints` (stage directories),
-`stages` (per-seed stage runners); evaluation in `dpc_jax.evaluation` (the protocol,
-`config.protocol`, in `dpc_jax.evaluation.protocols`: it decides the training classes, the
-test sets and the results.json layout).
+This module checks the config, loads the CLIP once (`dpc_jax.convert.load`), builds what every
+seed shares once (`run.Run`: learner, evaluator, compiled stage programs) and runs the configured
+stages for every seed. The pieces live beside it: `step` (per-device step; the mesh is
+`dpc_jax.mesh`), `objectives` (stage-1 and DPC objectives), `loop` (epoch loop, metric log,
+hooks), `checkpoints` (stage directories), `stages` (per-seed stage runners); evaluation in
+`dpc_jax.evaluation` (the protocol, `config.protocol`, in `dpc_jax.evaluation.protocols`: it
+decides the training classes, the test sets and the results.json layout).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import ml_collections
 from ml_collections.config_flags import config_flags
 from tqdm import tqdm
 
+from dpc_jax.convert.load import SHIPPED_CLIPS, load_clip_and_tokenizer
+from dpc_jax.data.train_sets import load_unlabeled
 from dpc_jax.evaluation import protocols
-from dpc_jax.models.clip import ATTENTIONS, CLIPConfig
-from dpc_jax.models.tokenizer import Tokenizer
+from dpc_jax.files import write_json
+from dpc_jax.mesh import make_mesh, replicate
 from dpc_jax.prompts import dpc as dpc_lib
 from dpc_jax.prompts import capabilities, get_learner
-from dpc_jax.training import checkpoints, compile_cache
-from dpc_jax.training import stage1, stage2, teacher
+from dpc_jax.training import checkpoints, compile_cache, dhno, stage1, stage2, teacher
+from dpc_jax.training.checkpoints import WorkdirLock
 from dpc_jax.training.run import Run
 from dpc_jax.training.seed import SeedRun
-from dpc_jax.training.stages import STAGE_RUNNERS
-from dpc_jax.training.checkpoints import WorkdirLock, write_json
-from dpc_jax.data.train_sets import load_unlabeled
 from dpc_jax.training.loop import check_batch_fits
-from dpc_jax.training.step import make_mesh, replicate
+from dpc_jax.training.stages import STAGE_RUNNERS
 
 STAGES = tuple(STAGE_RUNNERS)
 MODES = ("train", "eval", "export")
-POLICIES = ("reference", "hardest")
 
 
 def load_config(spec: str, lock: bool = False) -> ml_collections.ConfigDict:
@@ -100,8 +98,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                          f"folder that holds the CoOp-layout dataset, e.g. `--config "
                          f"configs/dpc_coop.py:dataset={config.dataset},root=/data` (root=. for "
                          f"the current directory)")
-    if config.dhno.policy not in POLICIES:
-        raise ValueError(f"config.dhno.policy={config.dhno.policy!r}; expected one of {POLICIES}")
+    if config.dhno.policy not in dhno.POLICIES:
+        raise ValueError(f"config.dhno.policy={config.dhno.policy!r}; expected one of "
+                         f"{dhno.POLICIES}")
     for field in ("batch_size", "backbone.batch_size", "dhno.top_k", "eval_batch_size",
                   "log_every_steps", "checkpoint_every_steps", "steps_per_call"):
         value = _field(config, field)
@@ -133,56 +132,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     dpc_lib.DualPrompt(config.dpc)  # validates mode, w_base, w_new
     stage1.model_selection(config)
     protocols.get(config).check(get_learner(config.backbone.get("name", "")))
-
-
-# Shipped CLIPs named by `config.clip.source` (and `config.backbone.teacher_clip.source`).
-SHIPPED_CLIPS = {"world": "world", "world_teacher": "world_teacher"}
-
-
-def world_assets_dir(name: str = "world") -> str:
-    return os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", name)
-
-
-def load_clip(clip_config, field: str = "config.clip") -> tuple[CLIPConfig, Any]:
-    """(CLIP config, parameters) of `clip_config.source`: a shipped CLIP ('world',
-    'world_teacher'), an OpenAI name, a Hugging Face id, or a checkpoint path."""
-    overrides = dict(dtype=clip_config.dtype, precision=clip_config.precision,
-                     trim_text=bool(clip_config.get("trim_text", True)),
-                     attention=clip_config.get("attention", "einsum"),
-                     remat=bool(clip_config.get("remat", False)))
-    if overrides["attention"] not in ATTENTIONS:  # before a download or a load
-        raise ValueError(f"{field}.attention={overrides['attention']!r}; expected one of "
-                         f"{sorted(ATTENTIONS)}")
-    source = clip_config.source
-    if source in SHIPPED_CLIPS:
-        source = world_assets_dir(SHIPPED_CLIPS[source])
-    from dpc_jax.convert import load_clip as load  # torch is imported there only for torch files
-
-    return load(source, **overrides)
-
-
-def load_clip_and_tokenizer(config) -> tuple[CLIPConfig, Any, Tokenizer]:
-    world = world_assets_dir()
-    clip_config, params = load_clip(config.clip)
-    tok_source = world if config.clip.tokenizer == "world" else config.clip.tokenizer
-    tokenizer = Tokenizer.from_pretrained(tok_source, context_length=clip_config.context_length)
-    check_tokenizer_fits(tokenizer, clip_config, config.clip.tokenizer, config.clip.source)
-    return clip_config, params, tokenizer
-
-
-def check_tokenizer_fits(tokenizer, clip_config, tokenizer_name, clip_name) -> None:
-    """The tokenizer belongs to the CLIP: the same vocabulary size, and CLIP's special tokens
-    (start = vocab - 2, end = vocab - 1, the largest id, where the text tower pools). A smaller
-    or foreign tokenizer runs but gives other numbers without a word, so it is refused."""
-    v = clip_config.vocab_size
-    found = (tokenizer.vocab_size, tokenizer.sot_token_id, tokenizer.eot_token_id)
-    if found != (v, v - 2, v - 1):
-        raise ValueError(
-            f"tokenizer {tokenizer_name!r} does not fit the CLIP from {clip_name!r}: it has "
-            f"{found[0]} tokens (start token {found[1]}, end token {found[2]}); the CLIP embeds "
-            f"{v} tokens with start {v - 2} and end {v - 1}. Set config.clip.tokenizer to that "
-            f"CLIP's own tokenizer (the directory `python -m dpc_jax.convert` wrote, or its "
-            f"hub id)")
 
 
 def preflight(seed_run: SeedRun, stages, train: bool) -> None:

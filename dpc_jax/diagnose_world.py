@@ -1,6 +1,6 @@
-"""Headroom diagnostics of the embedded world: `python -m dpc_jax.data.world diagnose`.
+"""Headroom diagnostics of the embedded world: `python -m dpc_jax.data diagnose`.
 
-    python -m dpc_jax.data.world diagnose [--clip DIR] [--domain NAME] [--seed 1]
+    python -m dpc_jax.data diagnose [--clip DIR] [--domain NAME] [--seed 1]
         [--prompt "a photo of a {}."] [--json]
 
 Prints, for the base and new test halves of a world domain, with a world CLIP (default: the
@@ -30,7 +30,7 @@ import optax
 
 from dpc_jax.data import base, world
 from dpc_jax.evaluation import zeroshot
-from dpc_jax.models.checkpoint import load_clip_checkpoint
+from dpc_jax.models.checkpoint import asset_dir, load_clip_checkpoint
 from dpc_jax.models.clip import CLIP, CLIP_MEAN, CLIP_STD, normalize
 from dpc_jax.models.tokenizer import Tokenizer
 
@@ -115,7 +115,7 @@ def attribute_accuracy(pred: np.ndarray, labels: np.ndarray, classnames: Sequenc
 
 def diagnose(clip_dir: Optional[str] = None, domain: str = world.DEFAULT_DOMAIN, seed: int = 1,
              prompts: Sequence[str] = (), pretrain_items: int = 640) -> dict:
-    clip_dir = clip_dir or world.asset_dir()
+    clip_dir = clip_dir or asset_dir()
     config, params = load_clip_checkpoint(clip_dir)
     model, tok = CLIP(config), Tokenizer.from_pretrained(clip_dir)
     size = config.image_resolution
@@ -173,7 +173,7 @@ def format_report(r: dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dpc_jax.data.world diagnose",
+    p = argparse.ArgumentParser(prog="python -m dpc_jax.data diagnose",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--clip", default=None, help="world CLIP directory (default: the shipped one)")
     p.add_argument("--domain", default=world.DEFAULT_DOMAIN,
