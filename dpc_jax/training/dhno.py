@@ -74,7 +74,7 @@ def rank_classes(scores: Array) -> Array:
 def fallback_draws(key: Array, b: int, c: int) -> Array:
     """int32 [B, C-2]: the random classes the 'reference' fallback tries, per anchor.
 
-    The released loop (CoOp) makes at most C-2 tries of `random.randint(1, C-2)`, so classes 0
+    The released DPC loop makes at most C-2 tries of `random.randint(1, C-2)`, so classes 0
     and C-1 are never drawn; kept as is in the 'reference' policy. Drawn up front (static shape);
     an anchor that needs no fallback ignores its row.
     """
@@ -122,7 +122,7 @@ def select_hard_negatives(scores: Array, labels: Array, k: int, key: Array,
     negative joins 'objects', so no class appears twice as a negative and no negative is the
     class of any anchor. Ranking ties go towards the lower class index.
 
-    'reference' (sple_coop.py `parse_sple_batch_train`): candidates = the top-K classes minus
+    'reference' (the released DPC trainer's `parse_sple_batch_train`): candidates = the top-K classes minus
     y_i (K-1 of them, or K when y_i is not in the top-K), in rank order; a candidate is kept iff
     it is not in 'objects'. If fewer than 2 were kept, a fallback draws C-2 random classes
     (see `fallback_draws`: uniform on [1, C-2], never 0 or C-1) and keeps, in draw order, those

@@ -17,8 +17,8 @@ from dpc_jax.training import dhno, row_skipping
 
 
 def backbone_objective(learner, res: int, crop_scale=(0.08, 1.0)):
-    """Stage 1: the learner's own loss on augmented few-shot images (CoOp: CE over all base
-    classes)."""
+    """Stage 1: the learner's own loss on augmented few-shot images (by default CE over all
+    base classes)."""
 
     def objective(prompt, state, consts, batch, key):
         train = consts["train"]
@@ -63,7 +63,7 @@ def dpc_objective(learner, dual, res: int, top_k: int, policy: str, crop_scale=(
         anchors = augment.random_resized_crop_flip(k_aug, train["images"][idx], res, crop_scale)
         prompt = dual.train_prompt(params)
         backbone = jax.lax.stop_gradient(params["backbone"])
-        # 1. Score with the frozen stage-1 model. For learners without image prompts (CoOp) the
+        # 1. Score with the frozen stage-1 model. For learners without image prompts the
         #    scorer's image features are the anchors' own features.
         anchor_feats = learner.image_features(clip_params, prompt, anchors, state)
         if learner.uses_image_prompts:
@@ -82,7 +82,7 @@ def dpc_objective(learner, dual, res: int, top_k: int, policy: str, crop_scale=(
         neg_images = train["images"][neg_idx.reshape(-1)]
         if hooks.augment_negatives:
             neg_images = augment.random_resized_crop_flip(k_neg_aug, neg_images, res, crop_scale)
-        else:  # the test transform (PromptKD+DPC as released)
+        else:  # the test transform (a learner's released DPC trainer does so)
             neg_images = augment.center_normalize(neg_images, res)
 
         # The towers take the prompt as an argument: the chunked encodings differentiate it

@@ -94,7 +94,7 @@ def make_optimizer(lr: float, max_epoch: int, steps_per_epoch: int, *, mask,
     """SGD with L2 weight decay and Dassl's schedule; leaves where `mask` is False (see
     `dpc_jax.training.masks.trainable_mask`) get zero updates and no optimiser state.
     `lr_scales`: an optional pytree of floats shaped like the parameters, multiplying each
-    leaf's update (its learning rate: SGD's update is linear in it; DePT's head at 6.5x).
+    leaf's update (its learning rate: SGD's update is linear in it; e.g. a head at 6.5x).
 
     field_names: the config field each argument came from (e.g. {'lr': 'config.dpc.lr',
       'warmup_epochs': 'config.optim.warmup_epochs'}), so that errors name it.

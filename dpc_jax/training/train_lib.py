@@ -90,13 +90,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.dataset={config.dataset!r} with config.clip.source={config.clip.source!r}: "
             f"the shipped world CLIP belongs to the world datasets only. Choose a dataset with "
-            f"`--config configs/dpc_coop.py:dataset=NAME,root=DIR` (which also sets the CLIP "
+            f"`--config configs/<config>.py:dataset=NAME,root=DIR` (which also sets the CLIP "
             f"and schedules), not with --config.dataset")
     if (not protocols.is_world(config.dataset) and config.source == "coop"
             and not str(config.root).strip()):
         raise ValueError(f"config.root is empty for dataset {config.dataset!r}: expected the "
-                         f"folder that holds the CoOp-layout dataset, e.g. `--config "
-                         f"configs/dpc_coop.py:dataset={config.dataset},root=/data` (root=. for "
+                         f"folder of the dataset in the CoOp data layout, e.g. `--config "
+                         f"configs/<config>.py:dataset={config.dataset},root=/data` (root=. for "
                          f"the current directory)")
     if config.dhno.policy not in dhno.POLICIES:
         raise ValueError(f"config.dhno.policy={config.dhno.policy!r}; expected one of "
@@ -185,7 +185,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     check_config(config)
     if config.mode == "export":
         raise ValueError("config.mode='export' writes PyTorch checkpoints and trains nothing: "
-                         "call export_backbone(config, workdir) and, for PromptKD's stage 2, "
+                         "call export_backbone(config, workdir) and, for a learner with a "
+                         "released DPC trainer's format, "
                          "export_dpc(config, workdir) (the command line does)")
     if config.distributed:
         initialize_distributed(config)  # before anything touches the devices
@@ -320,9 +321,9 @@ def exports_dpc(config: ml_collections.ConfigDict) -> bool:
 
 
 def export_dpc(config: ml_collections.ConfigDict, workdir: str) -> list:
-    """Write each seed's trained (or imported) DPC stage 2 in the released DPC trainer's layout,
-    to workdir/seed_N/torch/dpc/VLPromptLearner/model.pth.tar-<dpc.epochs> (PromptKD:
-    StackSPLE_PromptKD; its `--model-dir` is workdir/seed_N/torch/dpc); returns the paths.
+    """Write each seed's trained (or imported) DPC stage 2 in the released DPC trainer's layout
+    under workdir/seed_N/torch/dpc (that trainer's `--model-dir`; the learner's
+    `export_torch_dpc` names the file); returns the paths.
     Reference mode only: the file stores theta, the released parameterisation."""
     if config.dpc.mode != "reference":
         raise ValueError(f"config.dpc.mode={config.dpc.mode!r}: the released DPC trainers store "
