@@ -11,7 +11,7 @@ import pytest
 
 from dpc_jax.training import checkpoints, loop
 from dpc_jax.training.step import make_mesh, map_steps
-from test_train import small_config
+from helpers import small_config
 
 
 def toy_step(bad_step, bad_loss_step=-1):

@@ -17,7 +17,7 @@ from dpc_jax.evaluation import evaluator as evaluator_lib
 from dpc_jax.evaluation import protocols
 from dpc_jax.prompts import get_learner
 from dpc_jax.training import train_lib
-from test_train import small_config, tree_equal
+from helpers import small_config, tree_equal
 
 TEST_PER_CLASS = 2
 

@@ -11,8 +11,8 @@ import pytest
 
 from dpc_jax.data import world
 from dpc_jax.training import checkpoints, train_lib
-from test_train import REPO, Interrupted, interrupt_after, tree_equal
-from test_train import small_config as train_small_config
+from helpers import REPO, Interrupted, interrupt_after, tree_equal
+from helpers import small_config as train_small_config
 
 CONFIG = os.path.join(REPO, "configs", "dpc_promptkd.py")
 
