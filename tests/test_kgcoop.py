@@ -16,8 +16,8 @@ from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import CoOp, LearnerContext, get_learner
 from dpc_jax.prompts.kgcoop import TEMPLATE_OVERRIDES, KgCoOp
 from dpc_jax.training import train_lib
+from helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ["red circle", "blue star", "pink ring", "green cross"]
 
 

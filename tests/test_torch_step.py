@@ -27,11 +27,11 @@ from dpc_jax.prompts.dpc import DualPrompt
 from dpc_jax.training import dhno, objectives
 
 from conftest import random_clip_params
+from helpers import REPO
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("PIL")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 C, B, K = 8, 3, 4
 LOSS_RTOL, GRAD_TOL = 1e-5, 5e-4
 
