@@ -5,12 +5,16 @@ pytest's default import mode, as for conftest.py), never from another test file.
 imports torch: the shared builders that need torch at import are in torch_helpers.py.
 """
 
+import io
 import json
 import os
+import random
 
 import jax
 import numpy as np
+from PIL import Image
 
+from dpc_jax.data import registry
 from dpc_jax.training import checkpoints, train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,3 +70,55 @@ def _restore(stage_dir):
     mngr = checkpoints.checkpoint_manager(os.path.join(stage_dir, "checkpoints"))
     return mngr.restore(meta["final_step"], args=ocp.args.Composite(
         params=ocp.args.StandardRestore()))["params"]
+
+
+# -- datasets --------------------------------------------------------------------------------------
+
+
+def _jpeg(value: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((12, 10, 3), value % 256, np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def make_split_tree(root, name, classnames, counts, write_images=True):
+    """A CoOp tree for `name` with a split file; counts[split] = per-class list of sizes."""
+    info = registry.get(name)
+    ds = root / info.dataset_dir
+    img_root = ds / info.image_dir if info.image_dir else ds
+    split = {}
+    value = 0
+    for part in ("train", "val", "test"):
+        entries = []
+        for label, cname in enumerate(classnames):
+            for k in range(counts[part][label] if isinstance(counts[part], list)
+                           else counts[part]):
+                rel = f"{cname.replace(' ', '_')}/{part}_{k}.jpg"
+                entries.append([rel, label, cname])
+                if write_images:
+                    path = img_root / rel
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(_jpeg(value))
+                value += 1
+        # Dassl keeps the split file's order; shuffle so that classes interleave (the few-shot
+        # groups follow first appearance, not label order).
+        random.Random(len(entries)).shuffle(entries)
+        split[part] = entries
+    img_root.mkdir(parents=True, exist_ok=True)
+    (ds / info.split_file).write_text(json.dumps(split))
+    return split
+
+
+def _imagenet_tree(root, n_train=2):
+    wnids = [f"n{i:08d}" for i in range(1000)]
+    d = root / "imagenet"
+    (d / "images").mkdir(parents=True)
+    (d / "classnames.txt").write_text("".join(f"{w} class {i}\n" for i, w in enumerate(wnids)))
+    data = _jpeg(7)
+    for w in wnids[::-1]:  # creation order must not matter
+        for part, n in (("train", n_train), ("val", 1)):
+            folder = d / "images" / part / w
+            folder.mkdir(parents=True)
+            for k in range(n)[::-1]:
+                (folder / f"{w}_{k}.JPEG").write_bytes(data)
+    return wnids

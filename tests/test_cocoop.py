@@ -14,6 +14,7 @@ from dpc_jax import tree as tree_lib
 from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import CoCoOp, capabilities
 from dpc_jax.training import train_lib
+from helpers import make_split_tree
 
 NAMES = ["red circle", "blue star", "pink ring"]
 
@@ -120,7 +121,6 @@ def small_dataset_config(tmp_path, **changes):
     import shutil
 
     from dpc_jax.data import registry
-    from test_data_coop import make_split_tree
 
     if not (tmp_path / "data").exists():
         make_split_tree(tmp_path / "data", "eurosat", list(registry.EUROSAT_RENAMED.values()),

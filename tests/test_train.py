@@ -15,8 +15,8 @@ import pytest
 
 from dpc_jax.training import checkpoints, train_lib
 from dpc_jax.training import stage2
-from helpers import (DPC_COOP, REPO, Interrupted, _restore, interrupt_after, read_log,
-                     small_config, tree_equal)
+from helpers import (DPC_COOP, REPO, Interrupted, _restore, interrupt_after, make_split_tree,
+                     read_log, small_config, tree_equal)
 
 LOWERINGS = []  # (function name, thread name) of every lowering to MLIR in this process
 FULL_RUN_LOWERED = []  # those of the full_run fixture
@@ -250,7 +250,6 @@ def test_real_dataset_source_end_to_end(tmp_path):
     """The CoOp-layout source wired through the config (`dataset=eurosat,root=...`): EuroSAT's
     5 base classes get K = 4 from the per-dataset settings, and K = 8 is refused."""
     from dpc_jax.data import registry
-    from test_data_coop import make_split_tree
 
     names = list(registry.EUROSAT_RENAMED.values())
     make_split_tree(tmp_path / "data", "eurosat", names, {"train": 4, "val": 1, "test": 2})
