@@ -122,3 +122,39 @@ def _imagenet_tree(root, n_train=2):
             for k in range(n)[::-1]:
                 (folder / f"{w}_{k}.JPEG").write_bytes(data)
     return wnids
+
+
+# -- jaxprs and numbers ----------------------------------------------------------------------------
+
+
+PRECISION_PRIMITIVES = ("dot_general", "conv_general_dilated")
+
+
+def precisions(jaxpr) -> list:
+    """(primitive, precision) of every matmul-like equation, sub-jaxprs included."""
+    found = []
+
+    def walk(jp):
+        for eqn in jp.eqns:
+            if eqn.primitive.name in PRECISION_PRIMITIVES:
+                found.append((eqn.primitive.name, eqn.params.get("precision")))
+            for value in eqn.params.values():
+                for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                        walk(sub.jaxpr)
+                    elif isinstance(sub, jax.extend.core.Jaxpr):
+                        walk(sub)
+
+    walk(jaxpr.jaxpr)
+    return found
+
+
+def is_highest(precision) -> bool:
+    p = precision if isinstance(precision, tuple) else (precision, precision)
+    return all(x == jax.lax.Precision.HIGHEST for x in p)
+
+
+def max_rel_err(ours, reference) -> float:
+    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
+    assert ours.shape == reference.shape
+    return float(np.max(np.abs(ours - reference)) / np.max(np.abs(reference)))

@@ -15,17 +15,12 @@ import pytest
 
 from dpc_jax.convert import load_huggingface, load_openai_checkpoint
 from dpc_jax.models.clip import CLIP, get_config
+from helpers import max_rel_err
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 TOLERANCE = 1e-4
-
-
-def max_rel_err(ours, reference) -> float:
-    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
-    assert ours.shape == reference.shape
-    return float(np.max(np.abs(ours - reference)) / np.max(np.abs(reference)))
 
 
 def randomize_(model, seed: int):
