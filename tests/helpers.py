@@ -9,6 +9,7 @@ import io
 import json
 import os
 import random
+import re
 
 import jax
 import numpy as np
@@ -158,3 +159,41 @@ def max_rel_err(ours, reference) -> float:
     ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
     assert ours.shape == reference.shape
     return float(np.max(np.abs(ours - reference)) / np.max(np.abs(reference)))
+
+
+# -- torch-written checkpoints (no torch needed here) ----------------------------------------------
+
+
+# Set when an UpstreamScheduler is unpickled: the loader must never build one.
+RAN = []
+
+
+class UpstreamScheduler:
+    """Stands for Dassl's pickled LR scheduler: a class the restricted unpickler must not load."""
+
+    def __init__(self):
+        self.last_epoch = 4
+        self.base_lrs = [0.0025]
+
+    def __setstate__(self, state):
+        RAN.append(state)
+        self.__dict__.update(state)
+
+
+def _listed(message, label):
+    """The keys of one 'label: [...]' line of an error message."""
+    match = re.search(rf"{label}: (\[.*?\])\n?", message)
+    assert match, (label, message)
+    return eval(match.group(1))  # noqa: S307 -- a repr of a list of strings written by us
+
+
+def assert_tree_equal(actual, expected, where=""):
+    assert isinstance(actual, dict) and sorted(actual) == sorted(expected), (where, actual)
+    for name, value in expected.items():
+        if isinstance(value, dict):
+            assert_tree_equal(actual[name], value, f"{where}{name}/")
+        else:
+            got = np.asarray(actual[name])
+            assert got.dtype == np.float32, f"{where}{name}"
+            assert got.shape == value.shape, f"{where}{name}"
+            np.testing.assert_array_equal(got, value, err_msg=f"{where}{name}")
