@@ -11,8 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import random_clip_params
-from helpers import is_highest, precisions
+from helpers import is_highest, precisions, random_clip_params
 from dpc_jax.models.clip import CLIP, CLIPConfig, get_config, normalize
 from dpc_jax.prompts.base import insert_context
 

@@ -13,8 +13,7 @@ from dpc_jax.prompts import CoOp, DualPrompt
 from dpc_jax.training import dhno, objectives, optim, step, train_lib
 from dpc_jax.training.masks import trainable_mask
 
-from conftest import random_clip_params
-from helpers import is_highest, precisions
+from helpers import is_highest, precisions, random_clip_params
 
 def step_jaxpr(stage: str, tiny_config, precision: str):
     config = tiny_config.replace(precision=precision)

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import random_clip_params
+from helpers import random_clip_params
 from dpc_jax import tree as tree_lib
 from dpc_jax.models.clip import get_config, normalize
 from dpc_jax.models.tokenizer import Tokenizer

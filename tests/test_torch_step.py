@@ -26,8 +26,7 @@ from dpc_jax.prompts import get_learner
 from dpc_jax.prompts.dpc import DualPrompt
 from dpc_jax.training import dhno, objectives
 
-from conftest import random_clip_params
-from helpers import REPO, max_rel_err
+from helpers import REPO, max_rel_err, random_clip_params
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("PIL")

@@ -16,6 +16,7 @@ from dpc_jax.prompts import IVLP, DualPrompt, MaPLe
 from dpc_jax.prompts.base import insert_context
 from dpc_jax.training import masks, objectives, optim, train_lib
 from dpc_jax.training.step import make_mesh, make_per_device_step, map_step, replicate, shard_batch
+from helpers import random_clip_params
 
 NAMES = ["red circle", "blue star", "pink ring", "green cross", "orange dot"]
 
@@ -142,8 +143,6 @@ def test_maple_coupling_init_and_vision_prompts(tiny_config, tiny_params, tok):
 
 def test_deep_maps_start_equal(tiny_config, tiny_params, tok):
     cfg = tiny_config.replace(transformer_layers=3, vision_layers=3)
-    from conftest import random_clip_params
-
     params = random_clip_params(cfg)
     p = maple(cfg, tok, depth=3).init(jax.random.key(0), params)
     k = np.asarray(p["couple_deep"]["kernel"])
