@@ -20,6 +20,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 from dpc_jax.models.clip import get_config
+from dpc_jax.models.tokenizer import Tokenizer
+from dpc_jax.training import train_lib
 from helpers import random_clip_params
 
 
@@ -31,3 +33,9 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def tiny_params(tiny_config):
     return random_clip_params(tiny_config, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The embedded world's tokenizer (context length 77), one per test module."""
+    return Tokenizer.from_pretrained(train_lib.world_assets_dir(), context_length=77)

@@ -19,11 +19,6 @@ from helpers import make_split_tree
 NAMES = ["red circle", "blue star", "pink ring"]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.from_pretrained(train_lib.world_assets_dir(), context_length=77)
-
-
 def cocoop(cfg, tok):
     return CoCoOp(cfg, tok, ml_collections.ConfigDict(CoCoOp.default_config().to_dict()))
 

@@ -13,7 +13,6 @@ import pytest
 import dpc_jax.prompts
 from dpc_jax import tree as tree_lib
 from dpc_jax.models.clip import CLIP, normalize
-from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import LearnerContext, PromptSRC, register_learner, unregister_learner
 from dpc_jax.prompts.promptsrc import gpa_weights, promptsrc_loss, read_templates
 from dpc_jax.training import train_lib
@@ -22,11 +21,6 @@ from helpers import small_config as train_small_config
 
 NAMES = ["red circle", "blue star", "pink ring", "green cross", "orange dot"]
 CONFIG = os.path.join(REPO, "configs", "dpc_promptsrc.py")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.from_pretrained(train_lib.world_assets_dir(), context_length=77)
 
 
 def learner_for(cfg, tok, **changes):

@@ -11,19 +11,13 @@ import pytest
 
 from dpc_jax import tree as tree_lib
 from dpc_jax.models.clip import CLIP
-from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import IVLP, DualPrompt, MaPLe
 from dpc_jax.prompts.base import insert_context
-from dpc_jax.training import masks, objectives, optim, train_lib
+from dpc_jax.training import masks, objectives, optim
 from dpc_jax.training.step import make_mesh, make_per_device_step, map_step, replicate, shard_batch
 from helpers import random_clip_params
 
 NAMES = ["red circle", "blue star", "pink ring", "green cross", "orange dot"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.from_pretrained(train_lib.world_assets_dir(), context_length=77)
 
 
 def ivlp(cfg, tok, **changes):
