@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import random_clip_params
+from helpers import is_highest, precisions, random_clip_params
 from dpc_jax.models.clip import CLIP, CLIPConfig, get_config, normalize
 from dpc_jax.prompts.base import insert_context
 
@@ -125,8 +125,6 @@ def test_the_config_fields_reach_the_model_and_bad_values_are_refused(tmp_path):
 @pytest.mark.parametrize("precision", ["highest", "default"])
 def test_dot_product_attention_matmuls_follow_the_configured_precision(precision):
     """jax's XLA attention einsums take no precision argument; ours is set around them."""
-    from test_precision import is_highest, precisions
-
     config = get_config("tiny", attention="dot_product", precision=precision)
     params = random_clip_params(config)
     ids = jnp.zeros((1, 8), jnp.int32).at[0, 3].set(config.vocab_size - 1)

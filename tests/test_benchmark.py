@@ -14,8 +14,8 @@ import pytest
 from dpc_jax import benchmark
 from dpc_jax.evaluation import report
 from dpc_jax.evaluation.results import harmonic_mean, scores, summarize
+from helpers import REPO, Interrupted
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_MD = os.path.join(os.path.dirname(REPO), "shared", "reference", "PAPER_RESULTS.md")
 
 
@@ -326,10 +326,6 @@ def test_command_line_error_has_no_traceback(tmp_path):
 TINY = ["--set", "shots=2", "--set", "backbone.epochs=2", "--set", "backbone.batch_size=16",
         "--set", "batch_size=4", "--set", "dhno.top_k=4", "--set", "dpc.epochs=1",
         "--set", "optim.warmup_epochs=0", "--set", "log_every_steps=1", "--set", "checkpoint_every_steps=4"]
-
-
-class Interrupted(RuntimeError):
-    pass
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 
 from dpc_jax import cli
 from dpc_jax.training import train_lib
-from test_train import REPO
+from helpers import REPO
 
 
 def train_cli(tmp_path, *args, env=None):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import random_clip_params
+from helpers import random_clip_params
 from dpc_jax.models.clip import CLIP, CONFIGS, abstract_params, get_config, normalize
 
 # OpenAI's ViT-B/16 (clip.load("ViT-B/16"): sum of p.numel() over model.parameters()).

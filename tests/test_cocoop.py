@@ -15,13 +15,9 @@ from dpc_jax.models.checkpoint import asset_dir
 from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import CoCoOp, capabilities
 from dpc_jax.training import train_lib
+from helpers import make_split_tree
 
 NAMES = ["red circle", "blue star", "pink ring"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.from_pretrained(asset_dir(), context_length=77)
 
 
 def cocoop(cfg, tok):
@@ -121,7 +117,6 @@ def small_dataset_config(tmp_path, **changes):
     import shutil
 
     from dpc_jax.data import registry
-    from test_data_coop import make_split_tree
 
     if not (tmp_path / "data").exists():
         make_split_tree(tmp_path / "data", "eurosat", list(registry.EUROSAT_RENAMED.values()),

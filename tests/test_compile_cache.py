@@ -13,8 +13,8 @@ import jax
 import pytest
 
 from dpc_jax.training import compile_cache
+from helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_python(code: str, **env):

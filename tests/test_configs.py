@@ -9,9 +9,7 @@ import pytest
 from dpc_jax.data import registry
 from dpc_jax.models.checkpoint import asset_dir
 from dpc_jax.training import train_lib
-
-DPC_COOP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                        "dpc_coop.py")
+from helpers import DPC_COOP
 
 
 def get_config(arg=None):

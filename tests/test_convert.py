@@ -31,10 +31,10 @@ from dpc_jax.convert.openai import openai_layout
 from dpc_jax.models import checkpoint
 from dpc_jax.models.clip import CONFIGS, abstract_params, get_config
 from dpc_jax.models.tokenizer import END_TOKEN, START_TOKEN, Tokenizer, bytes_to_unicode
+from helpers import REPO
 
 # The tiny config's heads are not OpenAI's width // 64; its OpenAI files need them stated.
 TINY_HEADS = dict(transformer_heads=4, vision_head_width=16)
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def assert_trees_equal(a, b):
@@ -374,7 +374,7 @@ def test_cli_converts_a_huggingface_dir_with_its_tokenizer(tmp_path, tiny_config
     n_tokens = write_tiny_tokenizer(source)
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, "-m", "dpc_jax.convert", source, str(out)],
-                            capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr
     assert f"converted {source} (huggingface) -> {out}" in result.stdout
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tiny_params))
@@ -393,7 +393,7 @@ def test_cli_converts_a_huggingface_dir_with_its_tokenizer(tmp_path, tiny_config
 def test_cli_rejects_a_missing_source(tmp_path):
     result = subprocess.run([sys.executable, "-m", "dpc_jax.convert", "/no/such/dir",
                              str(tmp_path / "out")], capture_output=True, text=True,
-                            cwd=REPO_ROOT, timeout=300)
+                            cwd=REPO, timeout=300)
     assert result.returncode != 0
     assert "'/no/such/dir' does not exist" in result.stderr
     assert not (tmp_path / "out").exists()

@@ -28,12 +28,11 @@ from dpc_jax.prompts import dept as dept_lib
 from dpc_jax.prompts.cocoop import CoCoOp
 from dpc_jax.prompts.dept import DePT
 from dpc_jax.prompts.maple import MaPLe
+from dpc_jax.training import train_lib
+from helpers import RAN, UpstreamScheduler
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
-
-# The pickled scheduler stand-in of the IVLP/MaPLe tests; RAN records its unpickling.
-from test_convert_prompts import RAN, UpstreamScheduler  # noqa: E402
 
 C_BASE = 5
 HEAD = ["film_lp_img.scale", "film_lp_img.bias", "film_lp_text.scale", "film_lp_text.bias",

@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import copy
 import os
-import re
 
 import ml_collections
 import numpy as np
@@ -29,21 +28,22 @@ from dpc_jax.convert.promptkd_torch import (
 )
 from dpc_jax.prompts.base import DualRules
 from dpc_jax.prompts.dpc import DualPrompt
+from helpers import RAN, _listed, assert_tree_equal
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-from test_convert_promptkd import (  # noqa: E402
+from torch_helpers import (  # noqa: E402
     PROJECTOR_KEYS,
     R,
-    RAN,
     Block,
     FeatureTrans,
     ImageEncoder,
-    assert_tree_equal,
     learner_stub,
+    make_student,
     ours,
     save_upstream,
+    whole_state_dict,
 )
 
 TEXT_CTX = "prompt_learner.ctx"
@@ -286,12 +286,6 @@ def _error(path, expected):
     return message
 
 
-def _listed(message, label):
-    match = re.search(rf"{label}: (\[.*?\])\n?", message)
-    assert match, (label, message)
-    return eval(match.group(1))  # noqa: S307 -- a repr of a list of strings written by us
-
-
 def test_wrong_teacher_text_width_and_n_ctx(tiny_file):
     n_v, w_v, d_v, e_s, e_t, n_t, w_t, d_t = TINY
     message = _error(tiny_file, dpc_shapes(n_v, w_v, d_v, e_s, e_t, n_t, 24, d_t))
@@ -342,8 +336,6 @@ def test_all_problems_in_one_listing(tmp_path):
 
 
 def test_stage1_student_given_as_stage2(tmp_path):
-    from test_convert_promptkd import make_student, whole_state_dict
-
     model = make_student(*TINY[:5])
     path = save_upstream(student_checkpoint_path(str(tmp_path / "run"), 20),
                          whole_state_dict(model))

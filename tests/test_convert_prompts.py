@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import os
-import re
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from dpc_jax.convert.vlp_torch import (
     load_vlp_torch_checkpoint,
     upstream_checkpoint_path,
 )
+from helpers import RAN, UpstreamScheduler, _listed
 
 torch = pytest.importorskip("torch")
 
@@ -27,21 +27,6 @@ P = "prompt_learner."
 R = "transformer.resblocks.{}.VPT_shallow"
 TINY = dict(text_width=48, vision_width=64)
 B16 = dict(text_width=512, vision_width=768)
-
-# Set when an UpstreamScheduler is unpickled: the loader must never build one.
-RAN = []
-
-
-class UpstreamScheduler:
-    """Stands for Dassl's pickled LR scheduler: a class the restricted unpickler must not load."""
-
-    def __init__(self):
-        self.last_epoch = 4
-        self.base_lrs = [0.0025]
-
-    def __setstate__(self, state):
-        RAN.append(state)
-        self.__dict__.update(state)
 
 
 def _randn(generator, *shape, dtype=torch.float32):
@@ -358,13 +343,6 @@ def _error(path, kind, expected):
                    "positional_embedding", "in_proj_weight", "logit_scale"):
         assert frozen not in message
     return message
-
-
-def _listed(message, label):
-    """The keys of one 'label: [...]' line of an error message."""
-    match = re.search(rf"{label}: (\[.*?\])\n?", message)
-    assert match, (label, message)
-    return eval(match.group(1))  # noqa: S307 -- a repr of a list of strings written by us
 
 
 def test_shallower_config_reports_the_deeper_keys(ivlp_b16_file):

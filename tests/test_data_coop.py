@@ -1,7 +1,6 @@
 """The CoOp/Dassl folder layout (dpc_jax.data.coop, sources.build_dataset with source='coop')."""
 
 import collections
-import io
 import json
 import os
 import pickle
@@ -16,40 +15,7 @@ from PIL import Image
 from dpc_jax.data import base, coop, registry
 from dpc_jax.data.sources import build_dataset, load_dataset
 from dpc_jax.data.transforms import ImageLoadError, clip_test_transform
-
-
-def _jpeg(value: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.full((12, 10, 3), value % 256, np.uint8)).save(buf, "JPEG")
-    return buf.getvalue()
-
-
-def make_split_tree(root, name, classnames, counts, write_images=True):
-    """A CoOp tree for `name` with a split file; counts[split] = per-class list of sizes."""
-    info = registry.get(name)
-    ds = root / info.dataset_dir
-    img_root = ds / info.image_dir if info.image_dir else ds
-    split = {}
-    value = 0
-    for part in ("train", "val", "test"):
-        entries = []
-        for label, cname in enumerate(classnames):
-            for k in range(counts[part][label] if isinstance(counts[part], list)
-                           else counts[part]):
-                rel = f"{cname.replace(' ', '_')}/{part}_{k}.jpg"
-                entries.append([rel, label, cname])
-                if write_images:
-                    path = img_root / rel
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_bytes(_jpeg(value))
-                value += 1
-        # Dassl keeps the split file's order; shuffle so that classes interleave (the few-shot
-        # groups follow first appearance, not label order).
-        random.Random(len(entries)).shuffle(entries)
-        split[part] = entries
-    img_root.mkdir(parents=True, exist_ok=True)
-    (ds / info.split_file).write_text(json.dumps(split))
-    return split
+from helpers import _imagenet_tree, _jpeg, make_split_tree
 
 
 PETS = [f"breed_{i:02d}" for i in range(37)]
@@ -318,21 +284,6 @@ def test_unreadable_image_fails_with_its_path(pets):
     data = build_dataset("oxford_pets", str(root), shots=1)
     with pytest.raises(ImageLoadError, match=str(bad)):
         data.test.load_image(0, 8)
-
-
-def _imagenet_tree(root, n_train=2):
-    wnids = [f"n{i:08d}" for i in range(1000)]
-    d = root / "imagenet"
-    (d / "images").mkdir(parents=True)
-    (d / "classnames.txt").write_text("".join(f"{w} class {i}\n" for i, w in enumerate(wnids)))
-    data = _jpeg(7)
-    for w in wnids[::-1]:  # creation order must not matter
-        for part, n in (("train", n_train), ("val", 1)):
-            folder = d / "images" / part / w
-            folder.mkdir(parents=True)
-            for k in range(n)[::-1]:
-                (folder / f"{w}_{k}.JPEG").write_bytes(data)
-    return wnids
 
 
 def test_imagenet_folders_val_is_test_and_fewshot_train_only(tmp_path):

@@ -13,8 +13,8 @@ from dpc_jax.models.clip import normalize
 from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts.dept import DePT
 from dpc_jax.training import masks, optim, train_lib
-from test_train import REPO
-from test_train import small_config as train_small_config
+from helpers import REPO
+from helpers import small_config as train_small_config
 
 NAMES = ["red circle", "blue star", "pink ring", "green cross", "orange dot"]
 CONFIG = REPO + "/configs/dept.py"

@@ -15,8 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from dpc_jax.training import checkpoints
+from helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A short two-stage job on the world's 16-class domain (8 base classes, 512 test images per
 # half): each stage runs 2 epochs of 4 steps at a global batch of 4 (checkpoints at steps 3, 6
 # and 8), with learning rates large enough that stage 2 changes the accuracies.

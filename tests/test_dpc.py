@@ -16,7 +16,7 @@ from dpc_jax.prompts import dpc as dpc_lib
 from dpc_jax.training import optim
 from dpc_jax.training.masks import trainable_mask
 
-from conftest import random_clip_params, write_tiny_vocab
+from helpers import random_clip_params, write_tiny_vocab
 
 
 def dpc_config(**changes):

@@ -19,7 +19,7 @@ from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import IVLP, CoOp, DualPrompt
 from dpc_jax.training import dhno, objectives, row_skipping, train_lib
 
-from conftest import random_clip_params
+from helpers import random_clip_params
 
 B, K = 3, 3  # M = B*(K+1) = 12 slots
 # Anchors 0 and 1 are both class 0 (images 0 and 1): a repeated label, and with it fewer

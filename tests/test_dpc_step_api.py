@@ -6,7 +6,7 @@ import os
 import jax
 import numpy as np
 
-from test_train import REPO
+from helpers import REPO
 
 
 def load_benchmark():

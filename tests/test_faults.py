@@ -12,7 +12,7 @@ import pytest
 from dpc_jax.mesh import make_mesh
 from dpc_jax.training import checkpoints, loop
 from dpc_jax.training.step import map_steps
-from test_train import small_config
+from helpers import Interrupted, small_config
 
 
 def toy_step(bad_step, bad_loss_step=-1):
@@ -29,10 +29,6 @@ def toy_step(bad_step, bad_loss_step=-1):
         return new, jnp.full((1,), loss, jnp.float32), {}
 
     return step_fn
-
-
-class Interrupted(RuntimeError):
-    pass
 
 
 def run(tmp_path, bad_step, total=8, stop_at=None, bad_loss_step=-1, steps_per_call=3):

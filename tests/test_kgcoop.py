@@ -10,20 +10,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dpc_jax.models.checkpoint import asset_dir
 from dpc_jax.models.clip import CLIP
-from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import CoOp, LearnerContext, get_learner
 from dpc_jax.prompts.kgcoop import TEMPLATE_OVERRIDES, KgCoOp
 from dpc_jax.training import train_lib
+from helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ["red circle", "blue star", "pink ring", "green cross"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.from_pretrained(asset_dir(), context_length=77)
 
 
 def learner_for(tiny_config, tok, **changes):

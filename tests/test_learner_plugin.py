@@ -15,8 +15,8 @@ from dpc_jax.prompts import CoOp, DualRules, register_learner, unregister_learne
 from dpc_jax.prompts.base import classification_logits, cross_entropy
 from dpc_jax.prompts.capabilities import EpochHooks, Stateful
 from dpc_jax.training import checkpoints, train_lib
+from helpers import REPO, Interrupted, interrupt_after
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class BiasedCoOp(Stateful, EpochHooks, CoOp):
@@ -71,17 +71,6 @@ def registered():
     register_learner(BiasedCoOp)
     yield
     unregister_learner(BiasedCoOp.name)
-
-
-class Interrupted(RuntimeError):
-    pass
-
-
-def interrupt_after(steps):
-    def hook(name, step, start, total):
-        if step - start >= steps and step < total:
-            raise Interrupted(name)
-    return hook
 
 
 def config(**changes):

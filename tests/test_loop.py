@@ -20,8 +20,7 @@ import pytest
 
 from dpc_jax.mesh import make_mesh, replicate
 from dpc_jax.training import checkpoints, loop, masks, optim, step
-from test_train import (REPO, Interrupted, interrupt_after, read_log, small_config,
-                        tree_equal)
+from helpers import REPO, Interrupted, interrupt_after, read_log, small_config, tree_equal
 
 N, FEATURES, CLASSES, GLOBAL_BATCH, EPOCHS = 24, 6, 3, 4, 2
 EPOCH_STEPS = N // GLOBAL_BATCH  # 6 steps per epoch, 12 in the stage; checkpoints every 4

@@ -25,7 +25,7 @@ torch = pytest.importorskip("torch")
 from dpc_jax.convert import load_openai_checkpoint  # noqa: E402
 from dpc_jax.models.clip import CLIP  # noqa: E402
 from dpc_jax.prompts.base import insert_context  # noqa: E402
-from test_parity_torch import max_rel_err  # noqa: E402
+from helpers import max_rel_err  # noqa: E402
 from torch_deep_prompts import (encode_image_prompted, encode_text_prompted,  # noqa: E402
                                 openai_model_py, random_openai_clip)
 

@@ -6,7 +6,6 @@ with matmul precision 'highest'. Run with `pytest -s` to see the achieved figure
 """
 
 import importlib.util
-import math
 import os
 
 import jax
@@ -15,35 +14,14 @@ import pytest
 
 from dpc_jax.convert import load_huggingface, load_openai_checkpoint
 from dpc_jax.models.clip import CLIP, get_config
+from helpers import max_rel_err
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from torch_helpers import randomize_  # noqa: E402
+
 TOLERANCE = 1e-4
-
-
-def max_rel_err(ours, reference) -> float:
-    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
-    assert ours.shape == reference.shape
-    return float(np.max(np.abs(ours - reference)) / np.max(np.abs(reference)))
-
-
-def randomize_(model, seed: int):
-    """Fill every parameter with seeded noise: weights and biases N(0, 0.02), LayerNorm scales
-    1 + N(0, 0.1), logit_scale log(1/0.07) + noise. Unlike transformers' init, biases are not 0
-    and LayerNorms not the identity, so a swapped or dropped parameter shows; drawing directly
-    is also several times faster than the library init at ViT-B/16 size."""
-    rng = np.random.default_rng(seed)  # numpy's float32 ziggurat: faster than torch.randn here
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.from_numpy(rng.standard_normal(tuple(p.shape), dtype=np.float32))
-            if name == "logit_scale":
-                p.copy_(math.log(1 / 0.07) + 0.1 * noise)
-            elif p.ndim == 1 and name.endswith(".weight"):  # the LayerNorm scales, in both
-                p.copy_(1.0 + 0.1 * noise)
-            else:
-                p.copy_(0.02 * noise)
-    return model
 
 
 def random_hf_model(cfg, seed: int):

@@ -16,34 +16,7 @@ from dpc_jax.prompts import CoOp, DualPrompt
 from dpc_jax.training import objectives, optim, step
 from dpc_jax.training.masks import trainable_mask
 
-from conftest import random_clip_params
-
-PRECISION_PRIMITIVES = ("dot_general", "conv_general_dilated")
-
-
-def precisions(jaxpr) -> list:
-    """(primitive, precision) of every matmul-like equation, sub-jaxprs included."""
-    found = []
-
-    def walk(jp):
-        for eqn in jp.eqns:
-            if eqn.primitive.name in PRECISION_PRIMITIVES:
-                found.append((eqn.primitive.name, eqn.params.get("precision")))
-            for value in eqn.params.values():
-                for sub in (value if isinstance(value, (tuple, list)) else (value,)):
-                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                        walk(sub.jaxpr)
-                    elif isinstance(sub, jax.extend.core.Jaxpr):
-                        walk(sub)
-
-    walk(jaxpr.jaxpr)
-    return found
-
-
-def is_highest(precision) -> bool:
-    p = precision if isinstance(precision, tuple) else (precision, precision)
-    return all(x == jax.lax.Precision.HIGHEST for x in p)
-
+from helpers import is_highest, precisions, random_clip_params
 
 def step_jaxpr(stage: str, tiny_config, precision: str):
     config = tiny_config.replace(precision=precision)

@@ -8,11 +8,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import random_clip_params
+from helpers import random_clip_params
 from dpc_jax import tree as tree_lib
 from dpc_jax.models.checkpoint import asset_dir
 from dpc_jax.models.clip import get_config, normalize
-from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import DualPrompt, LearnerContext, PromptKD, PromptSRC
 from dpc_jax.prompts.promptkd import RELEASED_OPTIONS, batch_norm, kd_loss, project
 from dpc_jax.training import masks, optim
@@ -21,11 +20,6 @@ from dpc_jax.training.step import make_per_device_step
 NAMES = ["red circle", "blue star", "pink ring", "green cross", "orange dot", "gray square"]
 # A teacher wider than the student (E 48 vs 32), as L/14 (768) is to B/16 (512).
 TEACHER = get_config("tiny", embed_dim=48, vision_width=96, vision_head_width=16)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.from_pretrained(asset_dir(), context_length=77)
 
 
 @pytest.fixture(scope="module")

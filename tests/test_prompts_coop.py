@@ -18,7 +18,7 @@ from dpc_jax.prompts import CoOp, build_learner, get_learner, learner_names
 from dpc_jax.prompts.base import classification_logits, cross_entropy
 from dpc_jax.convert.coop_torch import load_coop_torch_checkpoint
 
-from conftest import random_clip_params, write_tiny_vocab
+from helpers import random_clip_params, write_tiny_vocab
 
 CLASSNAMES = ["dog", "cat", "golden_retriever", "photo", "big cat"]
 

@@ -13,20 +13,14 @@ import pytest
 from dpc_jax import tree as tree_lib
 from dpc_jax.models.checkpoint import asset_dir
 from dpc_jax.models.clip import CLIP, normalize
-from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import LearnerContext, PromptSRC, register_learner, unregister_learner
 from dpc_jax.prompts.promptsrc import gpa_weights, promptsrc_loss, read_templates
 from dpc_jax.training import train_lib
-from test_train import REPO, Interrupted, interrupt_after
-from test_train import small_config as train_small_config
+from helpers import REPO, Interrupted, interrupt_after
+from helpers import small_config as train_small_config
 
 NAMES = ["red circle", "blue star", "pink ring", "green cross", "orange dot"]
 CONFIG = os.path.join(REPO, "configs", "dpc_promptsrc.py")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.from_pretrained(asset_dir(), context_length=77)
 
 
 def learner_for(cfg, tok, **changes):

@@ -17,7 +17,7 @@ from dpc_jax.evaluation import evaluator as evaluator_lib
 from dpc_jax.evaluation import protocols
 from dpc_jax.prompts import get_learner
 from dpc_jax.training import train_lib
-from test_train import small_config, tree_equal
+from helpers import _imagenet_tree, _jpeg, small_config, tree_equal
 
 TEST_PER_CLASS = 2
 
@@ -257,7 +257,6 @@ def test_real_defaults_and_imagenet_subset_mapping():
 
 def test_imagenet_r_in_the_coop_layout_maps_onto_imagenet(tmp_path):
     from dpc_jax.data import coop
-    from test_data_coop import _imagenet_tree, _jpeg
 
     wnids = _imagenet_tree(tmp_path, n_train=1)
     r = tmp_path / "imagenet-rendition" / "imagenet-r"

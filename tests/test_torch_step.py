@@ -27,12 +27,11 @@ from dpc_jax.prompts import get_learner
 from dpc_jax.prompts.dpc import DualPrompt
 from dpc_jax.training import dhno, objectives
 
-from conftest import random_clip_params
+from helpers import REPO, max_rel_err, random_clip_params
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("PIL")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 C, B, K = 8, 3, 4
 LOSS_RTOL, GRAD_TOL = 1e-5, 5e-4
 
@@ -93,11 +92,6 @@ class JaxDraws:
         index, pixels = self.queue.pop(0)
         np.testing.assert_array_equal(raw_one.numpy(), self.data.images[index].numpy())
         return nchw(pixels[None])
-
-
-def max_rel_err(ours, reference):
-    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
-    return float(np.max(np.abs(ours - reference)) / np.max(np.abs(reference)))
 
 
 def stage2_inputs(bench, shots=2, seed=0):

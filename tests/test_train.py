@@ -16,49 +16,8 @@ import pytest
 from dpc_jax.models.checkpoint import asset_dir
 from dpc_jax.training import checkpoints, train_lib
 from dpc_jax.training import stage2
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DPC_COOP = os.path.join(REPO, "configs", "dpc_coop.py")
-
-
-class Interrupted(RuntimeError):
-    """Raised by `interrupt_after` (simulates a crash)."""
-
-
-def interrupt_after(steps):
-    """A training hook that stops a stage after `steps` steps of this run, as if killed."""
-    def hook(name, step, start, total):
-        if step - start >= steps and step < total:
-            raise Interrupted(f"{name}: interrupted after step {step}")
-    return hook
-
-
-def small_config(config_file=DPC_COOP, **changes):
-    c = train_lib.load_config(config_file)
-    c.shots = 2
-    c.progress = False
-    c.backbone.epochs = 2
-    c.backbone.batch_size = 16
-    c.batch_size = 4
-    c.dhno.top_k = 4
-    c.dpc.epochs = 1
-    c.optim.warmup_epochs = 0  # one-epoch stages (config checks refuse an all-warm-up stage)
-    c.log_every_steps = 1
-    c.checkpoint_every_steps = 4
-    c.update_from_flattened_dict(changes)
-    return c
-
-
-def read_log(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
-def tree_equal(a, b):
-    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-    return len(la) == len(lb) and all(
-        np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
-
+from helpers import (DPC_COOP, REPO, Interrupted, _restore, interrupt_after, make_split_tree,
+                     read_log, small_config, tree_equal)
 
 LOWERINGS = []  # (function name, thread name) of every lowering to MLIR in this process
 FULL_RUN_LOWERED = []  # those of the full_run fixture
@@ -115,15 +74,6 @@ def test_stage2_leaves_backbone_prompt_bitwise(full_run):
     dpc_params = _restore(os.path.join(workdir, "seed_1", "dpc"))
     assert tree_equal(dpc_params["backbone"], p_stage1)
     assert not tree_equal(dpc_params["parallel"], p_stage1)  # the parallel prompt did train
-
-
-def _restore(stage_dir):
-    import orbax.checkpoint as ocp
-
-    meta = checkpoints.read_stage_meta(stage_dir)
-    mngr = checkpoints.checkpoint_manager(os.path.join(stage_dir, "checkpoints"))
-    return mngr.restore(meta["final_step"], args=ocp.args.Composite(
-        params=ocp.args.StandardRestore()))["params"]
 
 
 def test_stage2_compiled_ahead_is_the_same_run(tmp_path, full_run):
@@ -303,7 +253,6 @@ def test_real_dataset_source_end_to_end(tmp_path):
     """The CoOp-layout source wired through the config (`dataset=eurosat,root=...`): EuroSAT's
     5 base classes get K = 4 from the per-dataset settings, and K = 8 is refused."""
     from dpc_jax.data import registry
-    from test_data_coop import make_split_tree
 
     names = list(registry.EUROSAT_RENAMED.values())
     make_split_tree(tmp_path / "data", "eurosat", names, {"train": 4, "val": 1, "test": 2})

@@ -12,8 +12,8 @@ import pytest
 from dpc_jax.convert.load import load_clip_and_tokenizer, load_clip_from_config
 from dpc_jax.data import world
 from dpc_jax.training import checkpoints, train_lib
-from test_train import REPO, Interrupted, interrupt_after, tree_equal
-from test_train import small_config as train_small_config
+from helpers import REPO, Interrupted, interrupt_after, tree_equal
+from helpers import small_config as train_small_config
 
 CONFIG = os.path.join(REPO, "configs", "dpc_promptkd.py")
 

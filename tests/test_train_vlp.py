@@ -11,8 +11,8 @@ import pytest
 from dpc_jax import tree as tree_lib
 from dpc_jax.convert.load import load_clip_and_tokenizer
 from dpc_jax.training import train_lib
-from test_train import REPO, _restore
-from test_train import small_config as train_small_config
+from helpers import REPO, _restore
+from helpers import small_config as train_small_config
 
 CONFIGS = {name: os.path.join(REPO, "configs", f"dpc_{name}.py")
            for name in ("ivlp", "maple", "promptsrc")}

@@ -12,19 +12,13 @@ import pytest
 from dpc_jax import tree as tree_lib
 from dpc_jax.mesh import make_mesh, replicate, shard_batch
 from dpc_jax.models.clip import CLIP
-from dpc_jax.models.checkpoint import asset_dir
-from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import IVLP, DualPrompt, MaPLe
 from dpc_jax.prompts.base import insert_context
 from dpc_jax.training import masks, objectives, optim
 from dpc_jax.training.step import make_per_device_step, map_step
+from helpers import random_clip_params
 
 NAMES = ["red circle", "blue star", "pink ring", "green cross", "orange dot"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.from_pretrained(asset_dir(), context_length=77)
 
 
 def ivlp(cfg, tok, **changes):
@@ -144,8 +138,6 @@ def test_maple_coupling_init_and_vision_prompts(tiny_config, tiny_params, tok):
 
 def test_deep_maps_start_equal(tiny_config, tiny_params, tok):
     cfg = tiny_config.replace(transformer_layers=3, vision_layers=3)
-    from conftest import random_clip_params
-
     params = random_clip_params(cfg)
     p = maple(cfg, tok, depth=3).init(jax.random.key(0), params)
     k = np.asarray(p["couple_deep"]["kernel"])

@@ -20,7 +20,7 @@ import os
 import numpy as np
 import torch
 
-from test_parity_torch import randomize_
+from torch_helpers import randomize_
 
 
 def openai_model_py():
