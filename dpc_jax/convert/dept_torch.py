@@ -5,9 +5,9 @@ model trained here as the file the released trainers' `load_model` reads. BACKBO
 
     load_dept_head(path, embed_dim, num_classes) -> head
     load_dept_coop_ctx(path, expected_shape) -> ctx
-    head_state_dict(head) / dept_state_dict(prompt, inner) -> upstream state dict
-    export_dept_checkpoint(prompt, path, inner, epoch) -> path
-    dept_checkpoint_path(run_dir, inner, epoch) -> path
+    head_state_dict(head) / dept_state_dict(prompt, layout) -> upstream state dict
+    export_dept_checkpoint(prompt, path, layout, epoch) -> path
+    dept_checkpoint_path(run_dir, layout, epoch) -> path
 
 Upstream layout. Both released trainers (ExtrasLinearProbeCoOp, trainers/elp_coop.py;
 ExtrasLinearProbeMaPLe, trainers/elp_maple.py) register the whole `CustomCLIP` with Dassl, as
@@ -56,9 +56,8 @@ from dpc_jax.convert.torch_files import (key_problem_lines, leaf_from_tensors, m
                                          tensor_of, tensor_problems, widen_to_float32,
                                          write_dassl_checkpoint)
 
-# The upstream key layout of each inner learner (dpc_jax learner name -> layout).
-INNER_LAYOUTS = {"coop": "coop", "cocoop": "cocoop", "maple": "maple", "ivlp": "ivlp",
-                 "promptsrc": "ivlp"}
+# The key layouts an inner learner's prompt can have (its `TorchFormat.torch_layout`).
+LAYOUTS = ("coop", "cocoop", "ivlp", "maple")
 # Dassl's folder of the saved model: the name the DePT trainer registers its CustomCLIP under.
 MODEL_DIRS = {"coop": "PromptLearner", "cocoop": "PromptLearner",
               "maple": "MultiModalPromptLearner", "ivlp": "VLPromptLearner"}
@@ -81,18 +80,20 @@ _HEAD_MODULES = re.compile(r"(film_lp_img|film_lp_text|linear_probe_proj)\..*")
 _EXAMPLE = os.path.join("<run>", "PromptLearner", "model.pth.tar-10")
 
 
-def _check_inner(inner: str) -> str:
-    if inner not in INNER_LAYOUTS:
-        raise ValueError(f"DePT inner learner {inner!r}: expected one of {list(INNER_LAYOUTS)}")
-    return INNER_LAYOUTS[inner]
+def _check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"DePT inner prompt layout {layout!r}: expected one of {list(LAYOUTS)}")
+    return layout
 
 
-def dept_checkpoint_path(run_dir: str, inner: str, epoch: int) -> str:
+def dept_checkpoint_path(run_dir: str, layout: str, epoch: int) -> str:
     """Where the DePT trainer saves (and its `load_model` looks for) epoch `epoch` (1-based):
     `<run_dir>/PromptLearner/model.pth.tar-<epoch>` (CoOp, CoCoOp),
     `<run_dir>/MultiModalPromptLearner/...` (MaPLe), `<run_dir>/VLPromptLearner/...`
-    (IVLP, PromptSRC: our composition, the name their own trainers register)."""
-    return os.path.join(run_dir, MODEL_DIRS[_check_inner(inner)], f"model.pth.tar-{int(epoch)}")
+    (the 'ivlp' layout of IVLP and PromptSRC: our composition, the name their own trainers
+    register). `layout`: the inner learner's `torch_layout`."""
+    return os.path.join(run_dir, MODEL_DIRS[_check_layout(layout)],
+                        f"model.pth.tar-{int(epoch)}")
 
 
 def expected_head_shapes(embed_dim: int, num_classes: Optional[int]) -> Dict[str, tuple]:
@@ -239,11 +240,12 @@ def head_state_dict(head: Mapping, embed_dim: Optional[int] = None
     return state
 
 
-def inner_state_dict(inner_prompt: Mapping, inner: str) -> "collections.OrderedDict":
+def inner_state_dict(inner_prompt: Mapping, layout: str) -> "collections.OrderedDict":
     """The upstream prompt keys of the inner learner's prompt inside a DePT file: CoOp's
     'prompt_learner.ctx', CoCoOp's 'prompt_learner.ctx' and 'prompt_learner.meta_net.*', or
-    `vlp_torch.to_upstream_state_dict` of MaPLe/IVLP/PromptSRC."""
-    layout = _check_inner(inner)
+    `vlp_torch.to_upstream_state_dict` of MaPLe/IVLP/PromptSRC (`layout`: the inner learner's
+    `torch_layout`)."""
+    layout = _check_layout(layout)
     if layout == "cocoop":
         from dpc_jax.convert.coop_torch import cocoop_state_dict
 
@@ -262,19 +264,19 @@ def inner_state_dict(inner_prompt: Mapping, inner: str) -> "collections.OrderedD
     return collections.OrderedDict([(COOP_CTX, tensor_of(ctx))])
 
 
-def dept_state_dict(prompt: Mapping, inner: str, embed_dim: Optional[int] = None
+def dept_state_dict(prompt: Mapping, layout: str, embed_dim: Optional[int] = None
                     ) -> "collections.OrderedDict":
     """The DePT file's trainable keys: the inner prompt's, then the head's (upstream's
     `CustomCLIP.state_dict()` order)."""
     if not isinstance(prompt, Mapping) or sorted(prompt) != ["head", "inner"]:
         found = sorted(prompt) if isinstance(prompt, Mapping) else type(prompt).__name__
         raise ValueError(f"a DePT prompt is {{'inner', 'head'}}; got {found}")
-    state = inner_state_dict(prompt["inner"], inner)
+    state = inner_state_dict(prompt["inner"], layout)
     state.update(head_state_dict(prompt["head"], embed_dim))
     return state
 
 
-def export_dept_checkpoint(prompt: Mapping, path: str, inner: str, epoch: int,
+def export_dept_checkpoint(prompt: Mapping, path: str, layout: str, epoch: int,
                            embed_dim: Optional[int] = None) -> str:
     """Write a DePT prompt {'inner', 'head'} as the upstream DePT trainer's single Dassl file
     at `path` (see `dept_checkpoint_path`); returns `path`.
@@ -284,4 +286,4 @@ def export_dept_checkpoint(prompt: Mapping, path: str, inner: str, epoch: int,
     (strict=False) loads it into its CustomCLIP; no optimizer state, so a model to evaluate,
     not a point to resume. Written atomically (`write_dassl_checkpoint`).
     """
-    return write_dassl_checkpoint(dept_state_dict(prompt, inner, embed_dim), path, epoch)
+    return write_dassl_checkpoint(dept_state_dict(prompt, layout, embed_dim), path, epoch)

@@ -109,7 +109,13 @@ class Dual:
 
 
 class TorchFormat:
-    """Stage-1 prompts in the released PyTorch code's checkpoint layout."""
+    """Stage-1 prompts in the released PyTorch code's checkpoint layout.
+
+    torch_layout: the key layout of the learner's prompt in released files ('coop', 'cocoop',
+    'ivlp', 'maple'), which DePT's converter reads and writes for an inner learner.
+    """
+
+    torch_layout: ClassVar[str] = ""
 
     def load_torch_prompt(self, path: str, num_classes: Optional[int] = None) -> Prompt:
         """The stage-1 prompt of a checkpoint written by the released PyTorch code."""

@@ -47,6 +47,7 @@ class CoCoOp(CoOp):
     # Its class texts depend on the image: `classify` conditions them on each image, and a
     # wrapper (DePT) must ask for each image's own label text.
     text_needs_image = True
+    torch_layout = "cocoop"
     dpc_unsupported = ("DPC on CoCoOp is not in the paper, and its slot logits would need the "
                        "text of every slot label conditioned on every slot image")
 

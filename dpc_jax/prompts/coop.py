@@ -50,6 +50,7 @@ class CoOp(Dual, TorchFormat, PromptLearner):
             "csc": "class-specific contexts (base classes only)",
             "class_token_position": "where the class name goes: only 'end'"})
     uses_image_prompts = False
+    torch_layout = "coop"
 
     def __init__(self, clip_config, tokenizer, config: ml_collections.ConfigDict):
         super().__init__(clip_config, tokenizer, config)

@@ -165,7 +165,7 @@ class DePT(capabilities.Stateful, capabilities.EpochHooks, capabilities.TorchFor
         prompt learner saved alone, unprefixed 'ctx') does not read."""
         from dpc_jax.convert import dept_torch  # torch lives there
 
-        layout = dept_torch.INNER_LAYOUTS[self.inner.name]
+        layout = self.inner.torch_layout
         if layout == "cocoop":  # one read: prompt and head from the same state dict
             inner, state_dict = dept_torch.load_dept_cocoop(path, self.inner.expected_shapes())
             head = dept_torch.head_from_state_dict(state_dict, path, self.clip_config.embed_dim,
@@ -191,9 +191,9 @@ class DePT(capabilities.Stateful, capabilities.EpochHooks, capabilities.TorchFor
         from dpc_jax.convert import dept_torch
 
         del state  # the inner learners DePT wraps keep no state in their upstream file
-        path = dept_torch.dept_checkpoint_path(run_dir, self.inner.name, epoch)
+        path = dept_torch.dept_checkpoint_path(run_dir, self.inner.torch_layout, epoch)
         prompt = jax.tree_util.tree_map(np.asarray, jax.device_get(prompt))
-        return dept_torch.export_dept_checkpoint(prompt, path, self.inner.name, epoch,
+        return dept_torch.export_dept_checkpoint(prompt, path, self.inner.torch_layout, epoch,
                                                  embed_dim=self.clip_config.embed_dim)
 
     # -- features -----------------------------------------------------------------------------
