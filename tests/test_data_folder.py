@@ -1,5 +1,6 @@
 """Your own images as a dataset (`dataset=folder,root=DIR`, dpc_jax/data/folder.py)."""
 
+import glob
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ from dpc_jax.data import base, registry, sources
 from dpc_jax.data.__main__ import main
 from dpc_jax.models.checkpoint import asset_dir
 from dpc_jax.training import train_lib
-from helpers import DPC_COOP, make_split_tree
+from helpers import DPC_COOP, REPO, make_split_tree
 
 # Sorted folder order is the label order: 'Zebra' < 'ant' (upper case first) < ... .
 FOLDERS = ["golden_retriever", "ant", "Zebra", "cat", "tabby_cat"]
@@ -231,12 +232,16 @@ def test_root_and_source_errors(tmp_path):
 
 
 def test_config_argument_and_protocols(tmp_path):
-    """`dataset=folder,root=DIR` in every config file's arguments; the world CLIP is refused;
+    """`dataset=folder,root=DIR` is accepted by every config file; the world CLIP is refused;
     few_shot and cross_dataset read their sets from the folder (the targets from the same
     root)."""
     from dpc_jax.evaluation import protocols
 
     root = make_folder(tmp_path / "d")
+    for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))):
+        config = train_lib.load_config(f"{path}:dataset=folder,root={root}")
+        assert (config.dataset, config.root) == ("folder", str(root)), path
+        train_lib.check_config(config)
     config = train_lib.load_config(f"{DPC_COOP}:dataset=folder,root={root}")
     assert (config.dataset, config.root, config.source) == ("folder", str(root), "coop")
     train_lib.check_config(config)
