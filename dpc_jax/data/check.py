@@ -2,10 +2,11 @@
 
 `check_dataset` loads a benchmark through `sources.load_dataset` (so it fails exactly where
 training would, with the same messages), then checks that every file of the selected splits
-exists (CoOp source, your own folder), optionally decodes every image, and returns a JSON-able report:
-`ok`, `classnames` (label order after subsampling), `counts` {train, val, test}, the few-shot
-provenance (with its `warnings`: a folder's classes with fewer images than `shots`), missing / unreadable files, and with `list_files` the few-shot `train_files`
-([path relative to the dataset's image folder, label]; TFDS: '<split>[<record>]').
+exists (CoOp source, your own folder), optionally decodes every image, and returns a JSON-able
+report: `ok`, `classnames` (label order after subsampling), `counts` {train, val, test}, the
+few-shot provenance (with its `warnings`: a folder's classes with fewer images than `shots`),
+missing / unreadable files, and with `list_files` the few-shot `train_files` ([path relative to
+the dataset's image folder, label]; TFDS: '<split>[<record>]').
 """
 
 from __future__ import annotations

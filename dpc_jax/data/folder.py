@@ -51,10 +51,11 @@ class FolderDatasetError(ValueError):
 
 
 def expected_layout(root: str) -> str:
-    return (f"expected {os.path.join(root, 'train', '<class>', '<image>')} and "
-            f"{os.path.join(root, 'test', '<class>', '<image>')} (optionally "
-            f"{os.path.join(root, 'val', '<class>', '<image>')}), or {os.path.join(root, SPLIT_FILE)}"
-            f" (docs/data.md)")
+    def at(*parts):
+        return os.path.join(root, *parts)
+
+    return (f"expected {at('train', '<class>', '<image>')} and {at('test', '<class>', '<image>')}"
+            f" (optionally {at('val', '<class>', '<image>')}), or {at(SPLIT_FILE)} (docs/data.md)")
 
 
 def default_classname(folder: str) -> str:
