@@ -130,8 +130,10 @@ FIELD_HELP = {
     "seeds": "comma list of seeds; 1,2,3 is the papers' protocol",
     "protocol": "base_to_new | few_shot | cross_dataset | domain_generalisation",
     "targets": "transfer protocols: comma list of target datasets ('' = the default set)",
-    "dataset": "world (offline) or a dataset name; set it with the config argument dataset=",
-    "root": "folder of the CoOp-layout data, or TFDS data_dir (config argument root=)",
+    "dataset": "world (offline), a dataset name, or folder (your own images); set it with the "
+               "config argument dataset=",
+    "root": "folder of the CoOp-layout data, TFDS data_dir, or your own images' folder "
+            "(config argument root=)",
     "source": "coop | tfds: how a real dataset is read",
     "shots": "images per training class (16 in the papers)",
     "stored_size": "side the few-shot images are kept at on device (0: the CLIP resolution)",

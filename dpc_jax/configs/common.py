@@ -56,7 +56,8 @@ def variant(arg, allowed) -> str:
 
 
 def dataset_key(name: str) -> str:
-    """The registry key of a dataset named by key or CoOp class name ('EuroSAT' -> 'eurosat')."""
+    """The registry key of a dataset named by key or CoOp class name ('EuroSAT' -> 'eurosat'),
+    'world' / 'world_<domain>', or 'folder' (your own images at `root`, docs/data.md)."""
     from dpc_jax.data import registry, world
 
     if world.world_dataset_domain(name) is not None:  # 'world' or 'world_<domain>'

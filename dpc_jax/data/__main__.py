@@ -5,6 +5,8 @@ the world's headroom (dpc_jax.diagnose_world).
 
   python -m dpc_jax.data check --dataset oxford_pets --root $DATA [--shots 16] [--seed 1]
       [--subsample base|new|all] [--source coop|tfds] [--json] [--list-files] [--verify-images]
+  python -m dpc_jax.data check --dataset folder --root DIR [...]   (your own images,
+      DIR/train/<class>/<image> and DIR/test/<class>/<image>, or DIR/split.json: docs/data.md)
   python -m dpc_jax.data list [--json]
   python -m dpc_jax.data synth --dataset oxford_pets --root DIR [--train 8 --val 2 --test 4]
   python -m dpc_jax.data diagnose [--clip DIR] [--domain NAME] [--seed 1] [--prompt TEMPLATE]
@@ -20,16 +22,18 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from dpc_jax.data import base, registry, sources
+from dpc_jax.data import base, folder, registry, sources
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dpc_jax.data", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("check", help="validate one dataset and print its splits and classes")
-    c.add_argument("--dataset", required=True, help=f"one of {sorted(registry.DATASETS)}")
+    c.add_argument("--dataset", required=True,
+                   help=f"one of {sorted(registry.DATASETS)}, or folder (your own images)")
     c.add_argument("--root", default=None,
-                   help="CoOp data folder ($DATA), or the TFDS data_dir with --source tfds")
+                   help="CoOp data folder ($DATA), the TFDS data_dir with --source tfds, or "
+                        "the folder of --dataset folder")
     c.add_argument("--shots", type=int, default=16, help="few-shot k (< 1: full train split)")
     c.add_argument("--seed", type=int, default=1)
     c.add_argument("--subsample", choices=base.SUBSAMPLES, default="all")
@@ -74,6 +78,7 @@ def _list(as_json: bool) -> int:
         print(f"{r['name']:16s} {r['coop_name']:20s} {r['num_classes']:5d} classes "
               f"(base {r['base']}, new {r['new']})  dir {r['dataset_dir']:22s} "
               f"tfds {r['tfds'] or '-'}{'  [test only]' if r['test_only'] else ''}")
+    print(f"{registry.FOLDER.name:16s} your own images: {folder.describe_layout()}")
     return 0
 
 

@@ -7,8 +7,9 @@ normalisation is applied on device (`dpc_jax.data.transforms`). The training cod
 few-shot training split once at a stored resolution and augments it on device.
 
 The protocol helpers here follow Dassl/CoOp exactly (DPC_PROTOCOL.md §6):
-`dassl_fewshot_indices` reproduces `generate_fewshot_dataset` and `subsample_classes` the
-base/new halving with re-labelling.
+`dassl_fewshot_indices` reproduces `generate_fewshot_dataset`, `subsample_classes` the
+base/new halving with re-labelling, and `carve` the per-class validation (and test) split CoOp's
+readers make where a dataset has none (the TFDS source and your own folder use it).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 SUBSAMPLES = ("all", "base", "new")
+SPLIT_SEED = 0  # fixed shuffle of carved val/test splits (a split file, not a run choice)
 
 
 class ImageSplit(abc.ABC):
@@ -140,6 +142,36 @@ def fewshot(data: BaseToNewData, num_shots: int, seed: int) -> BaseToNewData:
     val_idx = dassl_fewshot_indices(data.val.labels, min(num_shots, 4), rng)
     return dataclasses.replace(data, train=data.train.subset(train_idx),
                                val=data.val.subset(val_idx))
+
+
+def carve(labels: Sequence[int], val_fraction: float, test_fraction: float = 0.0,
+          seed: int = SPLIT_SEED) -> tuple:
+    """Per-class (train, val, test) index lists, each in item order.
+
+    With test_fraction == 0 (CoOp `split_trainval`): round(n * val_fraction) of each class go to
+    val. Otherwise (CoOp `read_and_split_data`): round(n * (1 - val - test)) train, round(n * val)
+    val, the rest test. Classes are shuffled in label order with one `random.Random(seed)`.
+    """
+    groups = collections.defaultdict(list)
+    for i, y in enumerate(labels):
+        groups[int(y)].append(i)
+    rng = random.Random(seed)
+    train, val, test = [], [], []
+    for y in sorted(groups):
+        idx = groups[y]
+        rng.shuffle(idx)
+        n = len(idx)
+        if test_fraction:
+            n_train = round(n * (1.0 - val_fraction - test_fraction))
+            n_val = round(n * val_fraction)
+            train += idx[:n_train]
+            val += idx[n_train:n_train + n_val]
+            test += idx[n_train + n_val:]
+        else:
+            n_val = round(n * val_fraction)
+            val += idx[:n_val]
+            train += idx[n_val:]
+    return sorted(train), sorted(val), sorted(test)
 
 
 def load_images(split: ImageSplit, indices: Sequence[int], size: int,

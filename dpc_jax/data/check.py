@@ -2,10 +2,11 @@
 
 `check_dataset` loads a benchmark through `sources.load_dataset` (so it fails exactly where
 training would, with the same messages), then checks that every file of the selected splits
-exists (CoOp source), optionally decodes every image, and returns a JSON-able report:
-`ok`, `classnames` (label order after subsampling), `counts` {train, val, test}, the few-shot
-provenance, missing / unreadable files, and with `list_files` the few-shot `train_files`
-([path relative to the dataset's image folder, label]; TFDS: '<split>[<record>]').
+exists (CoOp source, your own folder), optionally decodes every image, and returns a JSON-able
+report: `ok`, `classnames` (label order after subsampling), `counts` {train, val, test}, the
+few-shot provenance (with its `warnings`: a folder's classes with fewer images than `shots`),
+missing / unreadable files, and with `list_files` the few-shot `train_files` ([path relative to
+the dataset's image folder, label]; TFDS: '<split>[<record>]').
 """
 
 from __future__ import annotations
@@ -96,11 +97,17 @@ def format_report(report: dict) -> str:
         lines.append(report["error"])
         return "\n".join(lines)
     prov = report["provenance"]
-    lines.append(f"dataset: {report['dataset']} ({report['coop_name']}), source {report['source']}"
-                 f", root {report['root']}")
+    if prov["source"] == "folder":
+        lines.append(f"dataset: folder (your own images), root {prov['root']}")
+        lines.append(f"layout: {prov['layout']}; val: {prov['val']}")
+        lines.append(f"class names: {prov['classnames']}; templates: {prov['templates']} "
+                     f"({' | '.join(report['templates'])})")
+    else:
+        lines.append(f"dataset: {report['dataset']} ({report['coop_name']}), source "
+                     f"{report['source']}, root {report['root']}")
     if prov["source"] == "coop":
         lines.append(f"image folder: {prov['image_root']}")
-    else:
+    elif prov["source"] == "tfds":
         lines.append(f"TFDS: {prov['tfds_name']} {prov['version']}; splits: {prov['splits']}")
     fs = prov.get("fewshot")
     if fs == "pickle":
@@ -116,6 +123,8 @@ def format_report(report: dict) -> str:
     lines.append(f"classes ({len(names)}, subsample {report['subsample']}): " + ", ".join(names))
     c = report["counts"]
     lines.append(f"counts: train {c['train']}, val {c['val']}, test {c['test']}")
+    for w in prov.get("warnings", ()):
+        lines.append(f"warning: {w}")
     miss = report.get("missing_files", {})
     lines.append("missing files: " + (", ".join(f"{k} {v}" for k, v in miss.items() if v)
                                       or "none"))

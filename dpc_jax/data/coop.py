@@ -175,7 +175,7 @@ def class_list(info: DatasetInfo, splits: dict, source: str) -> list:
     if sorted(names) != list(range(n)):
         gaps = sorted(set(range(max(names) + 1)) - set(names))[:10] if names else []
         raise SplitFileError(f"{source}: labels are not 0..{n - 1} (missing: {gaps})")
-    if n != info.num_classes:
+    if info.num_classes and n != info.num_classes:
         raise SplitFileError(f"{source}: {n} classes, but {info.name} has {info.num_classes}")
     classnames = [names[y] for y in range(n)]
     bad = [c for c in classnames if c in info.forbidden_classnames]

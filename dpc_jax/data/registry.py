@@ -9,6 +9,9 @@ on disk, and the TFDS source derives them from the TFDS label names with CoOp's 
 (the functions below, from the CoOp dataset readers). The one exception is EuroSAT, whose full
 list of readable names *is* CoOp's renaming table, so the registry can check a split file
 against it.
+
+`FOLDER` ('folder') is your own images (folder.py): not a benchmark and not in `DATASETS`, but
+`get` finds it like one.
 """
 
 from __future__ import annotations
@@ -110,7 +113,7 @@ class DatasetInfo:
     dataset_dir: str  # folder under the data root
     image_dir: str  # image folder under dataset_dir ('' = dataset_dir itself)
     layout: str  # 'split_json' | 'imagenet' | 'aircraft' | 'imagenet_variant'
-    num_classes: int
+    num_classes: int  # 0: the data decides (your own folder)
     template: str  # zero-shot template with one '{}'
     download: str  # where the data comes from (CoOp DATASETS.md)
     split_file: Optional[str] = None
@@ -307,6 +310,14 @@ DATASETS = {
     ]
 }
 
+# Your own images (dpc_jax/data/folder.py, docs/data.md): not a benchmark, so not in DATASETS;
+# the folder at `root` gives the classes, and may give the templates.
+FOLDER = DatasetInfo(
+    name="folder", coop_name="folder", dataset_dir="", image_dir="", layout="folder",
+    num_classes=0, template=_DEFAULT_TEMPLATE,
+    download="your own images under root: train/<class>/<image> and test/<class>/<image> "
+             "(optionally val/<class>/<image>), or split.json; see docs/data.md")
+
 BASE_TO_NEW = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers",
                "food101", "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
 IMAGENET_VARIANTS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
@@ -321,10 +332,13 @@ _ALIASES.update({"caltech-101": "caltech101", "oxfordpets": "oxford_pets", "pets
 
 
 def get(name: str) -> DatasetInfo:
-    """The registry entry for `name` (our key or CoOp's class name, any case)."""
+    """The registry entry for `name` (our key or CoOp's class name, any case; 'folder': your own
+    images)."""
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
+    if key == FOLDER.name:
+        return FOLDER
     if key not in DATASETS:
         raise KeyError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)} "
-                       f"(or a CoOp name such as 'OxfordPets')")
+                       f"(or a CoOp name such as 'OxfordPets'), or 'folder' for your own images")
     return DATASETS[key]

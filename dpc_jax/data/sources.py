@@ -1,4 +1,5 @@
-"""`build_dataset`: one benchmark of the base-to-new protocol, from CoOp folders or from TFDS.
+"""`build_dataset`: one benchmark of the base-to-new protocol, from CoOp folders or from TFDS,
+or your own images (dataset 'folder', `folder.py`: the folder `root`, with source 'coop').
 
 The order is CoOp's: full splits -> few-shot subset (Dassl, run seed; a Dassl few-shot pickle is
 used when present) -> base/new class halving with re-labelling (`base.subsample_classes`).
@@ -6,9 +7,10 @@ used when present) -> base/new class halving with re-labelling (`base.subsample_
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
-from dpc_jax.data import base, coop, registry
+from dpc_jax.data import base, coop, folder, registry
 
 SOURCES = ("coop", "tfds")
 _KEEP_DEFAULT = object()
@@ -33,7 +35,15 @@ def load_dataset(name: str, root: Optional[str], source: str = "coop", shots: in
             f"{info.name} has {info.num_classes} of ImageNet's classes; halving its own label "
             f"range would not give ImageNet's base/new classes, so only subsample='all' is "
             f"supported")
-    if source == "coop":
+    if info.layout == "folder":
+        if source != "coop":
+            raise ValueError(f"dataset 'folder' is read from its folder (root); source={source!r}"
+                             f" does not apply to it: leave config.source at 'coop'")
+        if not root:
+            raise ValueError("root is required for dataset 'folder' (the folder with train/ "
+                             "and test/, or split.json)")
+        data, prov = folder.load(root, shots, seed)
+    elif source == "coop":
         if root is None:
             raise ValueError("root is required for source='coop' (the CoOp data folder)")
         data, prov = coop.load(info, root, shots, seed, use_pickle=use_fewshot_pickle)
@@ -52,12 +62,17 @@ def build_dataset(name: str, root: Optional[str], source: str = "coop", shots: i
                   seed: int = 1, subsample: str = "all", **kwargs) -> base.BaseToNewData:
     """A benchmark as the training code uses it.
 
-    name: a registry key ('oxford_pets', ...) or CoOp's class name ('OxfordPets').
-    root: the CoOp data folder (source='coop') or the TFDS data_dir (source='tfds'; None = the
-      TFDS default).
+    name: a registry key ('oxford_pets', ...), CoOp's class name ('OxfordPets'), or 'folder'.
+    root: the CoOp data folder (source='coop'), the TFDS data_dir (source='tfds'; None = the
+      TFDS default), or the folder of dataset 'folder'.
     shots, seed: Dassl few-shot sampling (< 1 keeps the full training split); train gets
       `shots` per class and val min(shots, 4); ImageNet's val is its test set.
     subsample: 'all' | 'base' | 'new' (Dassl's halving of the sorted labels, re-numbered).
     kwargs: use_fewshot_pickle (coop), cache_dir / decode / classnames_file (tfds).
+    What the provenance warns about (a folder's classes with fewer images than `shots`) is
+    printed, one line each.
     """
-    return load_dataset(name, root, source, shots, seed, subsample, **kwargs)[0]
+    data, prov = load_dataset(name, root, source, shots, seed, subsample, **kwargs)
+    for line in prov.get("warnings", ()):
+        print(f"warning: {line}", file=sys.stderr)
+    return data

@@ -3,7 +3,7 @@
 TFDS has no CoOp split files, so the splits are formed like this (registry `TfdsPlan`):
 - train/val/test are TFDS splits where TFDS has them (Flowers102, DTD: train/validation/test);
 - where TFDS has no validation split, 20% of each class of the TFDS train split becomes val
-  (CoOp's `split_trainval`), with a fixed shuffle seed (`SPLIT_SEED`), independent of the run
+  (CoOp's `split_trainval`), with a fixed shuffle seed (`base.SPLIT_SEED`), independent of the run
   seed, as a split file would be; EuroSAT (one TFDS split) is divided 50/20/30 per class (CoOp's
   `read_and_split_data`); Food101's test set is TFDS 'validation'; ImageNet's val is its test
   set (TFDS 'validation'), as in CoOp;
@@ -25,12 +25,10 @@ Reading labels means reading every record once; they are cached as .npy under `c
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import dataclasses
 import hashlib
 import os
-import random
 from typing import Any, Optional
 
 import numpy as np
@@ -40,7 +38,6 @@ from dpc_jax.data import base, coop, registry
 from dpc_jax.data.registry import DatasetInfo, TfdsPlan
 from dpc_jax.data.transforms import ImageLoadError, clip_test_transform, decode_image_bytes
 
-SPLIT_SEED = 0  # fixed shuffle of the carved val/test splits (a split file, not a run choice)
 DECODE_MODES = ("bytes", "tfds")
 
 
@@ -195,36 +192,6 @@ def coop_label_map(info: DatasetInfo, tfds_names: list,
     return classnames, mapping
 
 
-def carve(labels: np.ndarray, val_fraction: float, test_fraction: float = 0.0,
-          seed: int = SPLIT_SEED) -> tuple:
-    """Per-class (train, val, test) index lists, each in record order.
-
-    With test_fraction == 0 (CoOp `split_trainval`): round(n * val_fraction) of each class go to
-    val. Otherwise (CoOp `read_and_split_data`): round(n * (1 - val - test)) train, round(n * val)
-    val, the rest test. Classes are shuffled in label order with one `random.Random(seed)`.
-    """
-    groups = collections.defaultdict(list)
-    for i, y in enumerate(labels):
-        groups[int(y)].append(i)
-    rng = random.Random(seed)
-    train, val, test = [], [], []
-    for y in sorted(groups):
-        idx = groups[y]
-        rng.shuffle(idx)
-        n = len(idx)
-        if test_fraction:
-            n_train = round(n * (1.0 - val_fraction - test_fraction))
-            n_val = round(n * val_fraction)
-            train += idx[:n_train]
-            val += idx[n_train:n_train + n_val]
-            test += idx[n_train + n_val:]
-        else:
-            n_val = round(n * val_fraction)
-            val += idx[:n_val]
-            train += idx[n_val:]
-    return sorted(train), sorted(val), sorted(test)
-
-
 def find_classnames_file(data_dir: Optional[str], classnames_file: Optional[str]) -> str:
     candidates = ([classnames_file] if classnames_file else
                   [os.path.join(data_dir, "imagenet", "classnames.txt"),
@@ -273,7 +240,7 @@ def load(info: DatasetInfo, data_dir: Optional[str], shots: int, seed: int,
     train_idx, train_y = read_split(plan.train)
     parts = {}
     if plan.val is None:
-        tr, va, te = carve(train_y, plan.val_fraction, plan.test_fraction)
+        tr, va, te = base.carve(train_y, plan.val_fraction, plan.test_fraction)
         parts["train"] = make(plan.train, train_idx[tr], train_y[tr])
         if not plan.val_is_test:
             parts["val"] = make(plan.train, train_idx[va], train_y[va])
