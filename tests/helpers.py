@@ -10,11 +10,14 @@ import json
 import os
 import random
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
 from PIL import Image
 
+from dpc_jax import cli
 from dpc_jax.data import registry
 from dpc_jax.models.clip import abstract_params
 from dpc_jax.models.tokenizer import END_TOKEN, START_TOKEN, bytes_to_unicode
@@ -70,6 +73,17 @@ def write_tiny_vocab(out_dir, merged_words):
 
 
 # -- training runs ---------------------------------------------------------------------------------
+
+
+def train_cli(tmp_path, *args, env=None):
+    """`python -m dpc_jax.train --workdir tmp_path/w *args` from the repository (the traceback of
+    a user error not requested): the CompletedProcess."""
+    base = {k: v for k, v in os.environ.items() if k != cli.TRACEBACK_ENV}
+    env = dict(base, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               **(env or {}))
+    return subprocess.run([sys.executable, "-m", "dpc_jax.train", "--workdir",
+                           str(tmp_path / "w"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
 
 
 class Interrupted(RuntimeError):
