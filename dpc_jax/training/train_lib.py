@@ -12,6 +12,7 @@ decides the training classes, the test sets and the results.json layout).
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Callable, Sequence
 
@@ -36,6 +37,11 @@ from dpc_jax.training.stages import STAGE_RUNNERS
 
 STAGES = tuple(STAGE_RUNNERS)
 MODES = ("train", "eval", "export")
+# A seed becomes `jax.random.key(seed)`, which keeps 32 bits (JAX without x64): 2**32 would
+# give seed 0's key, and numpy's generators refuse negative seeds.
+MAX_SEED = 2**32 - 1
+# The multi-host fields and the values that mean "not given" (`initialize_distributed`).
+DISTRIBUTED_FIELDS = {"coordinator_address": "", "num_processes": 0, "process_id": -1}
 
 
 def load_config(spec: str, lock: bool = False) -> ml_collections.ConfigDict:
@@ -67,6 +73,27 @@ def _field(config, field: str):
     return value
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+# Fields checked by range: (field, test, what is expected). The optimiser checks the same
+# ranges when it is built, but only when stage 1 starts, after the zero-shot stage.
+RANGES = (
+    ("optim.momentum", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("optim.weight_decay", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    ("optim.warmup_epochs", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    ("stored_size", lambda v: _is_int(v) and v >= 0,
+     "an integer >= 0 (pixels; 0: the CLIP's resolution)"),
+    ("max_resident_mb", lambda v: _is_number(v) and v >= 0, "a number of megabytes >= 0"),
+)
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Fail early, naming the field, on values the run cannot use."""
     if config.mode not in MODES:
@@ -83,6 +110,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if repeated:
         raise ValueError(f"config.seeds={config.seeds!r} repeats seed(s) {repeated}; a seed is "
                          f"one run (its results would count twice in the mean)")
+    outside = [s for s in seeds if not 0 <= s <= MAX_SEED]
+    if outside:
+        raise ValueError(f"config.seeds={config.seeds!r}: seed(s) {outside} out of range; "
+                         f"expected integers from 0 to {MAX_SEED} (the 32-bit JAX random key: a "
+                         f"larger seed would repeat a smaller one's numbers)")
     if not isinstance(config.shots, int) or config.shots < 1:
         raise ValueError(f"config.shots={config.shots!r}; expected a positive integer (images "
                          f"per base class; the papers use 16)")
@@ -102,10 +134,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.dhno.policy={config.dhno.policy!r}; expected one of "
                          f"{dhno.POLICIES}")
     for field in ("batch_size", "backbone.batch_size", "dhno.top_k", "eval_batch_size",
-                  "log_every_steps", "checkpoint_every_steps", "steps_per_call"):
+                  "num_workers", "log_every_steps", "checkpoint_every_steps", "steps_per_call"):
         value = _field(config, field)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"config.{field}={value!r}; expected a positive integer")
+    for field, ok, expected in RANGES:
+        if not ok(_field(config, field)):
+            raise ValueError(f"config.{field}={_field(config, field)!r}; expected {expected}")
+    check_distributed(config)
     if not isinstance(config.get("compile_ahead", True), bool):
         raise ValueError(f"config.compile_ahead={config.compile_ahead!r}; expected True or "
                          f"False")
@@ -132,6 +168,34 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     dpc_lib.DualPrompt(config.dpc)  # validates mode, w_base, w_new
     stage1.model_selection(config)
     protocols.get(config).check(get_learner(config.backbone.get("name", "")))
+
+
+def check_distributed(config: ml_collections.ConfigDict) -> None:
+    """The multi-host fields: only with config.distributed=True (elsewhere nothing reads
+    them), and in range."""
+    distributed = config.get("distributed", False)
+    if not isinstance(distributed, bool):
+        raise ValueError(f"config.distributed={distributed!r}; expected True or False")
+    given = {k: config.get(k, unset) for k, unset in DISTRIBUTED_FIELDS.items()
+             if config.get(k, unset) != unset}
+    if not distributed:
+        if given:  # the first one given, in the order of DISTRIBUTED_FIELDS
+            field, value = next(iter(given.items()))
+            raise ValueError(f"config.{field}={value!r} is set, but config.distributed=False: "
+                             f"only a multi-host run reads it; set config.distributed=True (or "
+                             f"leave config.{field} at {DISTRIBUTED_FIELDS[field]!r})")
+        return
+    processes, index = config.num_processes, config.process_id
+    if not isinstance(config.coordinator_address, str):
+        raise ValueError(f"config.coordinator_address={config.coordinator_address!r}; "
+                         f"expected 'host:port' of process 0, or '' to detect it")
+    if not _is_int(processes) or processes < 0:
+        raise ValueError(f"config.num_processes={processes!r}; expected an integer >= 1, or 0 "
+                         f"to detect it")
+    if not _is_int(index) or index < -1 or (processes > 0 and index >= processes):
+        upper = f"from 0 to {processes - 1}" if processes > 0 else "an integer >= 0"
+        raise ValueError(f"config.process_id={index!r}; expected {upper} (this process's "
+                         f"index), or -1 to detect it")
 
 
 def preflight(seed_run: SeedRun, stages, train: bool) -> None:

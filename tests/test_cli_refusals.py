@@ -1,0 +1,51 @@
+"""Refusals through the real command line (`python -m dpc_jax.train`, the embedded world): one
+`Error:` line naming the field or thing and what was expected, exit status 2, no traceback, and
+nothing run, created or lost."""
+
+import os
+
+import pytest
+
+from helpers import train_cli
+
+CONFIG = ["--config", "configs/dpc_coop.py"]
+
+
+def assert_refused(proc, *words):
+    """Exit status 2 and one line on stderr, `Error: ...`, holding every one of `words`."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), proc.stderr[-3000:]
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("flag, words", [
+    ("--config.optim.momentum=1.5", ["config.optim.momentum=1.5", "[0, 1)"]),
+    ("--config.optim.weight_decay=-1.0", ["config.optim.weight_decay=-1.0", ">= 0"]),
+    ("--config.optim.warmup_epochs=-1", ["config.optim.warmup_epochs=-1", "integer >= 0"]),
+    ("--config.stored_size=-1", ["config.stored_size=-1", "integer >= 0"]),
+    ("--config.max_resident_mb=-1", ["config.max_resident_mb=-1", ">= 0"]),
+    ("--config.num_workers=0", ["config.num_workers=0", "positive integer"]),
+    ("--config.eval_batch_size=0", ["config.eval_batch_size=0", "positive integer"]),
+    ("--config.seeds=-1", ["config.seeds='-1'", "[-1]", "from 0 to 4294967295"]),
+    # jax.random.key keeps 32 bits: 2**40 would silently train with seed 0's key.
+    ("--config.seeds=1,1099511627776", ["config.seeds='1,1099511627776'", "[1099511627776]",
+                                        "from 0 to 4294967295"]),
+    ("--config.num_processes=2", ["config.num_processes=2", "config.distributed=True"]),
+    ("--config.coordinator_address=10.0.0.1:1234",
+     ["config.coordinator_address='10.0.0.1:1234'", "config.distributed=True"]),
+    ("--config.process_id=1", ["config.process_id=1", "config.distributed=True"]),
+])
+def test_bad_values_are_refused_before_anything_runs(tmp_path, flag, words):
+    proc = train_cli(tmp_path, *CONFIG, flag)
+    assert_refused(proc, *words)
+    assert not os.path.exists(tmp_path / "w")  # no workdir, no lock, no zero-shot stage
+
+
+def test_a_process_id_outside_the_processes_is_refused(tmp_path):
+    proc = train_cli(tmp_path, *CONFIG, "--config.distributed=True",
+                     "--config.num_processes=2", "--config.process_id=2")
+    assert_refused(proc, "config.process_id=2", "from 0 to 1")
+    assert not os.path.exists(tmp_path / "w")
