@@ -49,3 +49,27 @@ def test_a_process_id_outside_the_processes_is_refused(tmp_path):
                      "--config.num_processes=2", "--config.process_id=2")
     assert_refused(proc, "config.process_id=2", "from 0 to 1")
     assert not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("configs/dpc_coop.py:datset=world",
+     ["--config configs/dpc_coop.py:datset=world: unknown config argument 'datset'; expected "
+      "one of dataset, root,"]),
+    ("configs/dpc_coop.py:world", ["config argument 'world': expected key=value"]),
+    ("configs/dpc_coop.py:variant=x", ["variant='x'; this config offers base_to_new"]),
+])
+def test_a_bad_config_file_argument_is_one_line(tmp_path, spec, words):
+    # ml_collections re-raises the config file's ValueError with its traceback as the message.
+    proc = train_cli(tmp_path, "--config", spec)
+    assert_refused(proc, *words)
+    assert "Traceback" not in proc.stderr and "Error whilst parsing" not in proc.stderr
+    assert not os.path.exists(tmp_path / "w")
+
+
+def test_a_bug_in_a_config_file_keeps_one_traceback(tmp_path):
+    config = tmp_path / "broken.py"
+    config.write_text("def get_config(arg=None):\n    return undefined_name\n")
+    proc = train_cli(tmp_path, "--config", str(config))
+    assert proc.returncode == 1
+    assert proc.stderr.count("Traceback (most recent call last)") == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().endswith("NameError: name 'undefined_name' is not defined")
