@@ -258,13 +258,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ValueError(f"--workdir {workdir!r} is a file; expected a directory (new or one "
                          f"a run wrote)")
+    created = _missing_folders(workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
     except (NotADirectoryError, FileExistsError):
         raise ValueError(f"--workdir {workdir!r} cannot be created: a parent of it is a "
                          f"file") from None
-    with WorkdirLock(workdir):
-        return _run_locked(config, workdir, hooks)
+    try:
+        with WorkdirLock(workdir):
+            return _run_locked(config, workdir, hooks)
+    except BaseException:
+        # A run refused (or stopped) before it wrote anything leaves no empty workdir behind.
+        if jax.process_index() == 0:
+            _remove_empty(created)
+        raise
+
+
+def _missing_folders(path: str) -> list:
+    """`path` and those of its parents that do not exist, deepest first."""
+    out, path = [], os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        out.append(path)
+        path = os.path.dirname(path)
+    return out
+
+
+def _remove_empty(folders: list) -> None:
+    """Remove each of `folders` (deepest first) that is empty; stop at the first that is not."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except FileNotFoundError:
+            continue
+        except OSError:  # not empty: it holds something of this run's or the user's
+            return
 
 
 def initialize_distributed(config: ml_collections.ConfigDict) -> None:
