@@ -2,11 +2,13 @@
 `Error:` line naming the field or thing and what was expected, exit status 2, no traceback, and
 nothing run, created or lost."""
 
+import json
 import os
 
+import numpy as np
 import pytest
 
-from helpers import train_cli
+from helpers import small_flags, train_cli
 
 CONFIG = ["--config", "configs/dpc_coop.py"]
 
@@ -73,3 +75,54 @@ def test_a_bug_in_a_config_file_keeps_one_traceback(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.count("Traceback (most recent call last)") == 1, proc.stderr[-3000:]
     assert proc.stderr.strip().endswith("NameError: name 'undefined_name' is not defined")
+
+
+def _read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def test_a_rerun_with_another_seed_keeps_the_first_and_leaves_no_lock(tmp_path):
+    """seeds=1, then seeds=2 into the same workdir: results.json holds both seeds and their
+    means, config.json says so; no run leaves W/.lock; a refused third run changes nothing."""
+    workdir = tmp_path / "w"
+    first = train_cli(tmp_path, *CONFIG, *small_flags(), "--config.seeds=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert not (workdir / ".lock").exists()
+    seed_1 = json.loads(_read(workdir / "results.json"))
+    second = train_cli(tmp_path, *CONFIG, *small_flags(), "--config.seeds=2")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert not (workdir / ".lock").exists()
+    assert f"{workdir / 'results.json'} holds seeds 1,2 (this run: 2)" in second.stdout
+    results = json.loads(_read(workdir / "results.json"))
+    assert list(results) == ["zeroshot", "backbone", "dpc"]
+    for stage, summary in results.items():
+        assert summary["per_seed"]["1"] == seed_1[stage]["per_seed"]["1"]  # kept as it was
+        assert summary["per_seed"]["2"] == json.loads(
+            _read(workdir / "seed_2" / stage / "results.json"))
+        assert set(summary["per_seed"]) == {"1", "2"}
+        for key in ("base", "new"):
+            values = [summary["per_seed"][s][key] for s in ("1", "2")]
+            assert summary[key] == pytest.approx(np.mean(values)), (stage, key)
+            assert summary[f"{key}_std"] == pytest.approx(np.std(values)), (stage, key)
+    assert json.loads(_read(workdir / "config.json"))["seeds"] == "1,2"
+
+    records = {name: _read(workdir / name) for name in ("results.json", "config.json")}
+    third = train_cli(tmp_path, *CONFIG, *small_flags(), "--config.seeds=2",
+                      "--config.backbone.lr=0.5")
+    assert_refused(third, "seed_2/backbone was trained with other settings",
+                   "config.backbone.lr ", " -> 0.5")
+    assert {name: _read(workdir / name) for name in records} == records
+    assert not (workdir / ".lock").exists()
+
+
+def test_a_refusal_after_the_workdir_is_made_leaves_no_workdir_or_lock(tmp_path):
+    """'dpc' without stage 1 is refused once the data is read (inside the workdir lock): a
+    workdir the run made is removed again; one the user made stays, as it was."""
+    proc = train_cli(tmp_path, *CONFIG, "--config.stages=dpc")
+    assert_refused(proc, "config.stages='dpc': stage 'dpc' needs stage 1")
+    assert not (tmp_path / "w").exists()
+    (tmp_path / "w").mkdir()
+    proc = train_cli(tmp_path, *CONFIG, "--config.stages=dpc")
+    assert_refused(proc, "config.stages='dpc': stage 'dpc' needs stage 1")
+    assert os.listdir(tmp_path / "w") == []

@@ -243,7 +243,9 @@ def preflight(seed_run: SeedRun, stages, train: bool) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        hooks: Sequence[Callable] = ()) -> dict:
-    """Run the configured stages for every seed, write workdir/results.json, return it.
+    """Run the configured stages for every seed, write workdir/results.json (the summary of
+    every seed the workdir holds, `_merge_results`) and config.json, and return this run's
+    summary.
 
     `hooks` are called after every training step (see `loop.run_stage`)."""
     check_config(config)
@@ -330,34 +332,46 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str, hooks) -> dict:
             tqdm.write(protocol.seed_line(stage, seed, result))
     results = protocol.summarize(per_seed)
     if jax.process_index() == 0:
-        # The config of the run that wrote results.json: written when it has finished, so a
-        # refused or failed run leaves the record of the last finished one in place.
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        write_json(results_path, _merge_results(earlier, results, workdir))
+        merged = _merge_results(earlier, results, workdir, protocol)
+        seeds_held = _seeds_held(merged, protocol)
+        # The config of the runs that wrote results.json, with the seeds it holds: written
+        # when this run has finished, so a refused or failed run leaves the record of the
+        # last finished one in place.
+        record = json.loads(config.to_json_best_effort())
+        record["seeds"] = ",".join(str(s) for s in seeds_held)
+        write_json(os.path.join(workdir, "config.json"), record)
+        write_json(results_path, merged)
+        if seeds_held != sorted(seeds):
+            print(f"{results_path} holds seeds {record['seeds']} (this run: {config.seeds})",
+                  flush=True)
     print(protocol.format_table(results), flush=True)
     return results
 
 
-def _merge_results(earlier: dict, results: dict, workdir: str) -> dict:
-    """What results.json holds after this run: stages this run did not run keep their
-    summaries from earlier runs of the same protocol (`--config.stages=zeroshot` on a finished
-    workdir drops nothing); an earlier results.json of another protocol is kept beside it as
-    results.<protocol>.json."""
-    if not earlier:
-        return results
-    old_protocol = earlier.get("protocol", "base_to_new")
-    new_protocol = results.get("protocol", "base_to_new")
-    if old_protocol != new_protocol or (new_protocol != "base_to_new" and any(
-            earlier.get(k) != results.get(k) for k in ("source", "targets", "shots"))):
-        name = f"results.{old_protocol}.json"
-        write_json(os.path.join(workdir, name), earlier)
-        print(f"the earlier results.json ({old_protocol}) is kept as {name}", flush=True)
-        return results
-    if new_protocol == "base_to_new":
-        return {**{k: v for k, v in earlier.items() if k not in results}, **results}
-    stages = {**earlier.get("stages", {}), **results.get("stages", {})}
-    return {**results, "stages": stages}
+def _merge_results(earlier: dict, results: dict, workdir: str, protocol) -> dict:
+    """What results.json holds after this run: the summary of every seed's stage results in
+    the workdir (W/seed_N/<stage>/results.json of this protocol's layout), so seeds and
+    stages of earlier runs stay beside this run's (`--config.seeds=2` on a finished seed-1
+    workdir gives the mean over both; `--config.stages=zeroshot` drops nothing). An earlier
+    results.json of another protocol (or, beyond base_to_new, another source, targets or
+    shots) is kept beside it as results.<protocol>.json, and results.json then holds this
+    run's results only."""
+    if earlier:
+        old_protocol = earlier.get("protocol", "base_to_new")
+        new_protocol = results.get("protocol", "base_to_new")
+        if old_protocol != new_protocol or (new_protocol != "base_to_new" and any(
+                earlier.get(k) != results.get(k) for k in ("source", "targets", "shots"))):
+            name = f"results.{old_protocol}.json"
+            write_json(os.path.join(workdir, name), earlier)
+            print(f"the earlier results.json ({old_protocol}) is kept as {name}", flush=True)
+            return results
+    return protocol.summarize_workdir(workdir, STAGES) or results
+
+
+def _seeds_held(results: dict, protocol) -> list:
+    """The seeds of any stage of a results.json summary, ascending."""
+    held = set().union(*(protocol.seeds(results, stage) or set() for stage in STAGES))
+    return sorted(int(s) for s in held)
 
 
 def _read_results(path: str) -> dict:
