@@ -83,24 +83,8 @@ def merge_seed_results(workdir: str, config, write: bool = True) -> dict:
     workdir/results.json with it."""
     from dpc_jax.evaluation import protocols
 
-    per_seed: Dict[str, dict] = {}
-    if not os.path.isdir(workdir):
-        return {}
-    for entry in sorted(os.listdir(workdir)):
-        if not (entry.startswith("seed_") and entry[5:].isdigit()):
-            continue
-        seed = int(entry[5:])
-        seed_dir = os.path.join(workdir, entry)
-        for stage in sorted(os.listdir(seed_dir)):
-            path = os.path.join(seed_dir, stage, "results.json")
-            if os.path.isfile(path):
-                with open(path) as f:
-                    per_seed.setdefault(stage, {})[seed] = json.load(f)
-    if not per_seed:
-        return {}
-    per_seed = {stage: dict(sorted(by_seed.items())) for stage, by_seed in per_seed.items()}
-    results = protocols.get(config).summarize(per_seed)
-    if write:
+    results = protocols.get(config).summarize_workdir(workdir)
+    if results and write:
         from dpc_jax.files import write_json
 
         write_json(os.path.join(workdir, "results.json"), results)

@@ -137,8 +137,11 @@ def _explain(argv: List[str], error: BaseException, name: str) -> str:
             from ml_collections.config_flags import config_flags
 
             config = config_flags.ConfigFileFlagParser(name, lock_config=False).parse(spec)
-        except USER_ERRORS as e:
-            return f"--{name} {spec}: {message(e)}"
+        except Exception as e:  # what the config file (its get_config(arg)) raised
+            raised = _raised_by_config_file(e)
+            if not isinstance(raised, USER_ERRORS):  # a bug keeps its traceback, shown once
+                raise raised.with_traceback(raised.__traceback__) from None
+            return f"--{name} {spec}: {_first_line(raised)}"
         for field in _config_overrides(argv, name):
             problem = unknown_field(config, field)
             if problem:
@@ -147,3 +150,17 @@ def _explain(argv: List[str], error: BaseException, name: str) -> str:
     if isinstance(error, AttributeError):  # ml_collections' misspelt field, as a repr
         text = text.strip("'\"").replace("\\n", " ").replace("\\'", "'")
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def _raised_by_config_file(error: BaseException) -> BaseException:
+    """The exception a config file raised. ml_collections re-raises the file's ValueError or
+    TypeError with the file's whole traceback as its message ("Error whilst parsing config
+    file: ..."); the file's own exception is that one's context."""
+    if (str(error).startswith("Error whilst parsing config file")
+            and error.__context__ is not None):
+        return error.__context__
+    return error
+
+
+def _first_line(error: BaseException) -> str:
+    return (message(error).strip().splitlines() or [type(error).__name__])[0]

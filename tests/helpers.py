@@ -10,11 +10,14 @@ import json
 import os
 import random
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
 from PIL import Image
 
+from dpc_jax import cli
 from dpc_jax.data import registry
 from dpc_jax.models.clip import abstract_params
 from dpc_jax.models.tokenizer import END_TOKEN, START_TOKEN, bytes_to_unicode
@@ -72,6 +75,17 @@ def write_tiny_vocab(out_dir, merged_words):
 # -- training runs ---------------------------------------------------------------------------------
 
 
+def train_cli(tmp_path, *args, env=None):
+    """`python -m dpc_jax.train --workdir tmp_path/w *args` from the repository (the traceback of
+    a user error not requested): the CompletedProcess."""
+    base = {k: v for k, v in os.environ.items() if k != cli.TRACEBACK_ENV}
+    env = dict(base, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               **(env or {}))
+    return subprocess.run([sys.executable, "-m", "dpc_jax.train", "--workdir",
+                           str(tmp_path / "w"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
 class Interrupted(RuntimeError):
     """Raised by `interrupt_after` (simulates a crash)."""
 
@@ -84,20 +98,22 @@ def interrupt_after(steps):
     return hook
 
 
+# A short schedule on the world: seconds per run.
+SMALL = {"shots": 2, "progress": False, "backbone.epochs": 2, "backbone.batch_size": 16,
+         "batch_size": 4, "dhno.top_k": 4, "dpc.epochs": 1,
+         "optim.warmup_epochs": 0,  # one-epoch stages (config checks refuse all-warm-up ones)
+         "log_every_steps": 1, "checkpoint_every_steps": 4}
+
+
 def small_config(config_file=DPC_COOP, **changes):
     c = train_lib.load_config(config_file)
-    c.shots = 2
-    c.progress = False
-    c.backbone.epochs = 2
-    c.backbone.batch_size = 16
-    c.batch_size = 4
-    c.dhno.top_k = 4
-    c.dpc.epochs = 1
-    c.optim.warmup_epochs = 0  # one-epoch stages (config checks refuse an all-warm-up stage)
-    c.log_every_steps = 1
-    c.checkpoint_every_steps = 4
-    c.update_from_flattened_dict(changes)
+    c.update_from_flattened_dict({**SMALL, **changes})
     return c
+
+
+def small_flags(**changes):
+    """`SMALL` (and `changes`) as --config.field=value flags of the training command line."""
+    return [f"--config.{k}={v}" for k, v in {**SMALL, **changes}.items()]
 
 
 def read_log(path):

@@ -8,16 +8,7 @@ import pytest
 
 from dpc_jax import cli
 from dpc_jax.training import train_lib
-from helpers import REPO
-
-
-def train_cli(tmp_path, *args, env=None):
-    base = {k: v for k, v in os.environ.items() if k != cli.TRACEBACK_ENV}
-    env = dict(base, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               **(env or {}))
-    return subprocess.run([sys.executable, "-m", "dpc_jax.train", "--workdir",
-                           str(tmp_path / "w"), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+from helpers import REPO, train_cli
 
 
 @pytest.mark.parametrize("args, line", [

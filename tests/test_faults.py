@@ -181,3 +181,28 @@ def test_a_second_run_on_a_locked_workdir_is_refused_and_a_dead_holder_frees_it(
         train_lib.train_and_evaluate(small_config(), str(tmp_path / "file"))
     with pytest.raises(ValueError, match="a parent of it is a file"):
         train_lib.train_and_evaluate(small_config(), str(tmp_path / "file" / "w"))
+    assert not (workdir / checkpoints.LOCK_FILE).exists()  # its holder removed it
+
+
+def test_a_lock_file_its_holder_removed_meanwhile_is_not_taken(tmp_path, monkeypatch):
+    """The holder removes W/.lock while it still holds it; a run that opened the file just
+    before gets the lock on the removed file, sees that, and locks a new one instead (else
+    it and a third run could both hold a lock)."""
+    import fcntl
+
+    real, exclusive = fcntl.flock, []
+    lock = checkpoints.WorkdirLock(str(tmp_path))
+
+    def flock(f, op):
+        if op & fcntl.LOCK_EX:
+            exclusive.append(op)
+            if len(exclusive) == 1:  # the holder leaves between our open and our flock
+                os.remove(lock.path)
+        return real(f, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with lock:
+        assert os.path.samestat(os.fstat(lock._file.fileno()), os.stat(lock.path))
+        with open(lock.path) as f:
+            assert f.read().startswith(f"pid {os.getpid()} ")
+    assert len(exclusive) == 2 and not os.path.exists(lock.path)

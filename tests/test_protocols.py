@@ -275,3 +275,25 @@ def test_imagenet_r_in_the_coop_layout_maps_onto_imagenet(tmp_path):
     assert target.rows.tolist() == list(range(3, 1000, 5))
     assert [source.classnames[i] for i in target.rows] == target.classnames
     assert np.array_equal(target.test.labels, np.arange(200))
+
+
+def test_a_workdir_summary_takes_every_seed_of_the_protocols_layout(tmp_path):
+    """`summarize_workdir` (results.json of the trainer and the benchmark grid): every seed's
+    stage results of the protocol's layout, stages in the order given; another protocol's
+    per-seed files (a rerun with another protocol left them) are left out."""
+    few_shot = protocols.get(small_config(protocol="few_shot"))
+    files = {(1, "zeroshot"): {"accuracy": {"world": 50.0}},
+             (2, "zeroshot"): {"accuracy": {"world": 60.0}},
+             (2, "backbone"): {"accuracy": {"world": 70.0}},
+             (1, "backbone"): {"base": 1.0, "new": 2.0, "hm": 1.3}}  # base_to_new's layout
+    for (seed, stage), result in files.items():
+        os.makedirs(tmp_path / f"seed_{seed}" / stage)
+        (tmp_path / f"seed_{seed}" / stage / "results.json").write_text(json.dumps(result))
+    summary = few_shot.summarize_workdir(str(tmp_path), order=("zeroshot", "backbone"))
+    assert list(summary["stages"]) == ["zeroshot", "backbone"]
+    assert summary["stages"]["zeroshot"]["accuracy"]["world"] == {
+        "mean": 55.0, "std": 5.0, "per_seed": {"1": 50.0, "2": 60.0}}
+    assert summary["stages"]["backbone"]["accuracy"]["world"]["per_seed"] == {"2": 70.0}
+    base_to_new = protocols.get(small_config())
+    assert list(base_to_new.summarize_workdir(str(tmp_path))) == ["backbone"]
+    assert few_shot.summarize_workdir(str(tmp_path / "absent")) == {}

@@ -255,6 +255,24 @@ class Protocol:
                 "shots": int(config.shots), "transfer_prompt": transfer_prompt(config),
                 "stages": stages}
 
+    def holds(self, result) -> bool:
+        """Whether one seed's stage result (W/seed_N/<stage>/results.json) has this
+        protocol's layout: an accuracy for each of its test sets, the source first."""
+        accuracy = result.get("accuracy") if isinstance(result, dict) else None
+        return isinstance(accuracy, dict) and list(accuracy) == [self.config.dataset,
+                                                                 *self.targets()]
+
+    def summarize_workdir(self, workdir: str, order: Sequence[str] = ()) -> dict:
+        """`summarize` of every seed's stage results a run directory holds
+        (W/seed_N/<stage>/results.json, stages in `order` first) that have this protocol's
+        layout; {} when none. The trainer and the benchmark grid rebuild results.json so."""
+        per_seed = {}
+        for stage, by_seed in results_lib.read_seed_results(workdir, order).items():
+            kept = {seed: r for seed, r in by_seed.items() if self.holds(r)}
+            if kept:
+                per_seed[stage] = kept
+        return self.summarize(per_seed) if per_seed else {}
+
     def seeds(self, results: dict, stage: str) -> Optional[set]:
         """The seeds a summary holds for `stage` (None: the stage is not in it)."""
         entry = results.get("stages", {}).get(stage) if isinstance(results, dict) else None
@@ -300,6 +318,9 @@ class BaseToNew(Protocol):
 
     def summarize(self, per_seed: dict) -> dict:
         return results_lib.summarize(per_seed)
+
+    def holds(self, result) -> bool:
+        return isinstance(result, dict) and {"base", "new"} <= set(result)
 
     def seeds(self, results: dict, stage: str) -> Optional[set]:
         entry = results.get(stage) if isinstance(results, dict) else None

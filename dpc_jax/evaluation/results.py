@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+from typing import Sequence
+
 import numpy as np
 
 from dpc_jax.prompts import display_name
@@ -28,6 +32,26 @@ def summarize(per_seed: dict) -> dict:
                       "base_std": float(base.std()), "new_std": float(new.std()),
                       "per_seed": {str(s): r for s, r in by_seed.items()}}
     return out
+
+
+def read_seed_results(workdir: str, order: Sequence[str] = ()) -> dict:
+    """{stage: {seed: result}} of every W/seed_N/<stage>/results.json a run directory holds,
+    seeds ascending, stages in `order` first, then the others by name ({} when none)."""
+    per_seed: dict = {}
+    if not os.path.isdir(workdir):
+        return {}
+    for entry in os.listdir(workdir):
+        seed_dir = os.path.join(workdir, entry)
+        if not (entry.startswith("seed_") and entry[5:].isdigit() and os.path.isdir(seed_dir)):
+            continue
+        for stage in os.listdir(seed_dir):
+            path = os.path.join(seed_dir, stage, "results.json")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    per_seed.setdefault(stage, {})[int(entry[5:])] = json.load(f)
+    rank = {stage: i for i, stage in enumerate(order)}
+    stages = sorted(per_seed, key=lambda stage: (rank.get(stage, len(rank)), stage))
+    return {stage: dict(sorted(per_seed[stage].items())) for stage in stages}
 
 
 def format_table(results: dict, backbone_name: str = "coop") -> str:

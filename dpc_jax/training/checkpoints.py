@@ -119,7 +119,9 @@ class WorkdirLock:
     trains or evaluates, so that two runs never train the same stages into one workdir and
     interleave their logs. The kernel releases a flock when its process dies (also by
     SIGKILL), so a stale lock of a dead process is taken over without a word; the file holds
-    the holder's pid, host and start time for the message a second run gets."""
+    the holder's pid, host and start time for the message a second run gets. The holder
+    removes the file when it leaves (still holding the lock, so a run that opened the file
+    meanwhile sees it gone once it gets the lock, and tries again)."""
 
     def __init__(self, workdir: str):
         self.path = os.path.join(workdir, LOCK_FILE)
@@ -132,17 +134,21 @@ class WorkdirLock:
 
         if jax.process_index() != 0:
             return self
-        f = open(self.path, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
-            raise ValueError(
-                f"{os.path.dirname(self.path)} is in use by {holder}: two runs in one workdir "
-                f"would train the same stages twice and interleave their logs. Wait for it to "
-                f"finish, or use another --workdir") from None
+        while True:
+            f = open(self.path, "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                f.close()
+                raise ValueError(
+                    f"{os.path.dirname(self.path)} is in use by {holder}: two runs in one "
+                    f"workdir would train the same stages twice and interleave their logs. "
+                    f"Wait for it to finish, or use another --workdir") from None
+            if self._is_current(f):
+                break
+            f.close()  # its holder removed it after we opened it: lock the new one
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
@@ -151,10 +157,23 @@ class WorkdirLock:
         self._file = f
         return self
 
+    def _is_current(self, f) -> bool:
+        """Whether `f` is still the file at self.path (not removed or replaced)."""
+        try:
+            here = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(f.fileno())
+        return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
+
     def __exit__(self, *exc):
         if self._file is not None:
             import fcntl
 
+            try:
+                os.remove(self.path)  # while still holding it (see the class docstring)
+            except FileNotFoundError:
+                pass
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None

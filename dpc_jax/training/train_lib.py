@@ -12,6 +12,7 @@ decides the training classes, the test sets and the results.json layout).
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Callable, Sequence
 
@@ -36,6 +37,11 @@ from dpc_jax.training.stages import STAGE_RUNNERS
 
 STAGES = tuple(STAGE_RUNNERS)
 MODES = ("train", "eval", "export")
+# A seed becomes `jax.random.key(seed)`, which keeps 32 bits (JAX without x64): 2**32 would
+# give seed 0's key, and numpy's generators refuse negative seeds.
+MAX_SEED = 2**32 - 1
+# The multi-host fields and the values that mean "not given" (`initialize_distributed`).
+DISTRIBUTED_FIELDS = {"coordinator_address": "", "num_processes": 0, "process_id": -1}
 
 
 def load_config(spec: str, lock: bool = False) -> ml_collections.ConfigDict:
@@ -67,6 +73,27 @@ def _field(config, field: str):
     return value
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+# Fields checked by range: (field, test, what is expected). The optimiser checks the same
+# ranges when it is built, but only when stage 1 starts, after the zero-shot stage.
+RANGES = (
+    ("optim.momentum", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("optim.weight_decay", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    ("optim.warmup_epochs", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    ("stored_size", lambda v: _is_int(v) and v >= 0,
+     "an integer >= 0 (pixels; 0: the CLIP's resolution)"),
+    ("max_resident_mb", lambda v: _is_number(v) and v >= 0, "a number of megabytes >= 0"),
+)
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Fail early, naming the field, on values the run cannot use."""
     if config.mode not in MODES:
@@ -83,6 +110,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if repeated:
         raise ValueError(f"config.seeds={config.seeds!r} repeats seed(s) {repeated}; a seed is "
                          f"one run (its results would count twice in the mean)")
+    outside = [s for s in seeds if not 0 <= s <= MAX_SEED]
+    if outside:
+        raise ValueError(f"config.seeds={config.seeds!r}: seed(s) {outside} out of range; "
+                         f"expected integers from 0 to {MAX_SEED} (the 32-bit JAX random key: a "
+                         f"larger seed would repeat a smaller one's numbers)")
     if not isinstance(config.shots, int) or config.shots < 1:
         raise ValueError(f"config.shots={config.shots!r}; expected a positive integer (images "
                          f"per base class; the papers use 16)")
@@ -102,10 +134,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.dhno.policy={config.dhno.policy!r}; expected one of "
                          f"{dhno.POLICIES}")
     for field in ("batch_size", "backbone.batch_size", "dhno.top_k", "eval_batch_size",
-                  "log_every_steps", "checkpoint_every_steps", "steps_per_call"):
+                  "num_workers", "log_every_steps", "checkpoint_every_steps", "steps_per_call"):
         value = _field(config, field)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"config.{field}={value!r}; expected a positive integer")
+    for field, ok, expected in RANGES:
+        if not ok(_field(config, field)):
+            raise ValueError(f"config.{field}={_field(config, field)!r}; expected {expected}")
+    check_distributed(config)
     if not isinstance(config.get("compile_ahead", True), bool):
         raise ValueError(f"config.compile_ahead={config.compile_ahead!r}; expected True or "
                          f"False")
@@ -132,6 +168,34 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     dpc_lib.DualPrompt(config.dpc)  # validates mode, w_base, w_new
     stage1.model_selection(config)
     protocols.get(config).check(get_learner(config.backbone.get("name", "")))
+
+
+def check_distributed(config: ml_collections.ConfigDict) -> None:
+    """The multi-host fields: only with config.distributed=True (elsewhere nothing reads
+    them), and in range."""
+    distributed = config.get("distributed", False)
+    if not isinstance(distributed, bool):
+        raise ValueError(f"config.distributed={distributed!r}; expected True or False")
+    given = {k: config.get(k, unset) for k, unset in DISTRIBUTED_FIELDS.items()
+             if config.get(k, unset) != unset}
+    if not distributed:
+        if given:  # the first one given, in the order of DISTRIBUTED_FIELDS
+            field, value = next(iter(given.items()))
+            raise ValueError(f"config.{field}={value!r} is set, but config.distributed=False: "
+                             f"only a multi-host run reads it; set config.distributed=True (or "
+                             f"leave config.{field} at {DISTRIBUTED_FIELDS[field]!r})")
+        return
+    processes, index = config.num_processes, config.process_id
+    if not isinstance(config.coordinator_address, str):
+        raise ValueError(f"config.coordinator_address={config.coordinator_address!r}; "
+                         f"expected 'host:port' of process 0, or '' to detect it")
+    if not _is_int(processes) or processes < 0:
+        raise ValueError(f"config.num_processes={processes!r}; expected an integer >= 1, or 0 "
+                         f"to detect it")
+    if not _is_int(index) or index < -1 or (processes > 0 and index >= processes):
+        upper = f"from 0 to {processes - 1}" if processes > 0 else "an integer >= 0"
+        raise ValueError(f"config.process_id={index!r}; expected {upper} (this process's "
+                         f"index), or -1 to detect it")
 
 
 def preflight(seed_run: SeedRun, stages, train: bool) -> None:
@@ -179,7 +243,9 @@ def preflight(seed_run: SeedRun, stages, train: bool) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        hooks: Sequence[Callable] = ()) -> dict:
-    """Run the configured stages for every seed, write workdir/results.json, return it.
+    """Run the configured stages for every seed, write workdir/results.json (the summary of
+    every seed the workdir holds, `_merge_results`) and config.json, and return this run's
+    summary.
 
     `hooks` are called after every training step (see `loop.run_stage`)."""
     check_config(config)
@@ -194,13 +260,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ValueError(f"--workdir {workdir!r} is a file; expected a directory (new or one "
                          f"a run wrote)")
+    created = _missing_folders(workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
     except (NotADirectoryError, FileExistsError):
         raise ValueError(f"--workdir {workdir!r} cannot be created: a parent of it is a "
                          f"file") from None
-    with WorkdirLock(workdir):
-        return _run_locked(config, workdir, hooks)
+    try:
+        with WorkdirLock(workdir):
+            return _run_locked(config, workdir, hooks)
+    except BaseException:
+        # A run refused (or stopped) before it wrote anything leaves no empty workdir behind.
+        if jax.process_index() == 0:
+            _remove_empty(created)
+        raise
+
+
+def _missing_folders(path: str) -> list:
+    """`path` and those of its parents that do not exist, deepest first."""
+    out, path = [], os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        out.append(path)
+        path = os.path.dirname(path)
+    return out
+
+
+def _remove_empty(folders: list) -> None:
+    """Remove each of `folders` (deepest first) that is empty; stop at the first that is not."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except FileNotFoundError:
+            continue
+        except OSError:  # not empty: it holds something of this run's or the user's
+            return
 
 
 def initialize_distributed(config: ml_collections.ConfigDict) -> None:
@@ -239,34 +332,46 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str, hooks) -> dict:
             tqdm.write(protocol.seed_line(stage, seed, result))
     results = protocol.summarize(per_seed)
     if jax.process_index() == 0:
-        # The config of the run that wrote results.json: written when it has finished, so a
-        # refused or failed run leaves the record of the last finished one in place.
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        write_json(results_path, _merge_results(earlier, results, workdir))
+        merged = _merge_results(earlier, results, workdir, protocol)
+        seeds_held = _seeds_held(merged, protocol)
+        # The config of the runs that wrote results.json, with the seeds it holds: written
+        # when this run has finished, so a refused or failed run leaves the record of the
+        # last finished one in place.
+        record = json.loads(config.to_json_best_effort())
+        record["seeds"] = ",".join(str(s) for s in seeds_held)
+        write_json(os.path.join(workdir, "config.json"), record)
+        write_json(results_path, merged)
+        if seeds_held != sorted(seeds):
+            print(f"{results_path} holds seeds {record['seeds']} (this run: {config.seeds})",
+                  flush=True)
     print(protocol.format_table(results), flush=True)
     return results
 
 
-def _merge_results(earlier: dict, results: dict, workdir: str) -> dict:
-    """What results.json holds after this run: stages this run did not run keep their
-    summaries from earlier runs of the same protocol (`--config.stages=zeroshot` on a finished
-    workdir drops nothing); an earlier results.json of another protocol is kept beside it as
-    results.<protocol>.json."""
-    if not earlier:
-        return results
-    old_protocol = earlier.get("protocol", "base_to_new")
-    new_protocol = results.get("protocol", "base_to_new")
-    if old_protocol != new_protocol or (new_protocol != "base_to_new" and any(
-            earlier.get(k) != results.get(k) for k in ("source", "targets", "shots"))):
-        name = f"results.{old_protocol}.json"
-        write_json(os.path.join(workdir, name), earlier)
-        print(f"the earlier results.json ({old_protocol}) is kept as {name}", flush=True)
-        return results
-    if new_protocol == "base_to_new":
-        return {**{k: v for k, v in earlier.items() if k not in results}, **results}
-    stages = {**earlier.get("stages", {}), **results.get("stages", {})}
-    return {**results, "stages": stages}
+def _merge_results(earlier: dict, results: dict, workdir: str, protocol) -> dict:
+    """What results.json holds after this run: the summary of every seed's stage results in
+    the workdir (W/seed_N/<stage>/results.json of this protocol's layout), so seeds and
+    stages of earlier runs stay beside this run's (`--config.seeds=2` on a finished seed-1
+    workdir gives the mean over both; `--config.stages=zeroshot` drops nothing). An earlier
+    results.json of another protocol (or, beyond base_to_new, another source, targets or
+    shots) is kept beside it as results.<protocol>.json, and results.json then holds this
+    run's results only."""
+    if earlier:
+        old_protocol = earlier.get("protocol", "base_to_new")
+        new_protocol = results.get("protocol", "base_to_new")
+        if old_protocol != new_protocol or (new_protocol != "base_to_new" and any(
+                earlier.get(k) != results.get(k) for k in ("source", "targets", "shots"))):
+            name = f"results.{old_protocol}.json"
+            write_json(os.path.join(workdir, name), earlier)
+            print(f"the earlier results.json ({old_protocol}) is kept as {name}", flush=True)
+            return results
+    return protocol.summarize_workdir(workdir, STAGES) or results
+
+
+def _seeds_held(results: dict, protocol) -> list:
+    """The seeds of any stage of a results.json summary, ascending."""
+    held = set().union(*(protocol.seeds(results, stage) or set() for stage in STAGES))
+    return sorted(int(s) for s in held)
 
 
 def _read_results(path: str) -> dict:
