@@ -1,0 +1,218 @@
+"""The checks of a run's inputs, made before any stage runs: every config value, with the field
+named (`check_config`), and what needs the seed's data (`preflight`)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import ml_collections
+
+from dpc_jax.convert.load import SHIPPED_CLIPS
+from dpc_jax.data.train_sets import load_unlabeled
+from dpc_jax.evaluation import protocols
+from dpc_jax.prompts import capabilities, get_learner
+from dpc_jax.prompts import dpc as dpc_lib
+from dpc_jax.training import checkpoints, dhno, stage1, stage2
+from dpc_jax.training.loop import check_batch_fits
+from dpc_jax.training.seed import SeedRun
+from dpc_jax.training.stages import STAGE_RUNNERS
+
+STAGES = tuple(STAGE_RUNNERS)
+MODES = ("train", "eval", "export")
+# A seed becomes `jax.random.key(seed)`, which keeps 32 bits (JAX without x64): 2**32 would
+# give seed 0's key, and numpy's generators refuse negative seeds.
+MAX_SEED = 2**32 - 1
+# The multi-host fields and the values that mean "not given" (`initialize_distributed`).
+DISTRIBUTED_FIELDS = {"coordinator_address": "", "num_processes": 0, "process_id": -1}
+
+
+def parse_list(value: str, field: str, allowed=None, cast=str) -> list:
+    items = [s.strip() for s in str(value).split(",") if s.strip()]
+    if not items:
+        raise ValueError(f"config.{field}={value!r} is empty; expected a comma-separated list")
+    out = []
+    for s in items:
+        try:
+            v = cast(s)
+        except ValueError:
+            raise ValueError(f"config.{field}: {s!r} is not a valid {cast.__name__}") from None
+        if allowed is not None and v not in allowed:
+            raise ValueError(f"config.{field}: unknown entry {s!r}; expected some of {allowed}")
+        out.append(v)
+    return out
+
+
+def _field(config, field: str):
+    value = config
+    for part in field.split("."):
+        value = value[part]
+    return value
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+# Fields checked by range: (field, test, what is expected). The optimiser checks the same
+# ranges when it is built, but only when stage 1 starts, after the zero-shot stage.
+RANGES = (
+    ("optim.momentum", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("optim.weight_decay", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    ("optim.warmup_epochs", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    ("stored_size", lambda v: _is_int(v) and v >= 0,
+     "an integer >= 0 (pixels; 0: the CLIP's resolution)"),
+    ("max_resident_mb", lambda v: _is_number(v) and v >= 0, "a number of megabytes >= 0"),
+)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Fail early, naming the field, on values the run cannot use."""
+    if config.mode not in MODES:
+        raise ValueError(f"config.mode={config.mode!r}; expected one of {MODES}")
+    stages = parse_list(config.stages, "stages", STAGES)
+    ordered = sorted(stages, key=STAGES.index)
+    if stages != ordered:  # the first place they differ names the stage that must come first
+        later, earlier = next((a, b) for a, b in zip(stages, ordered) if a != b)
+        raise ValueError(f"config.stages={config.stages!r}: {earlier!r} must come before "
+                         f"{later!r} (stages run in the order {', '.join(STAGES)}); "
+                         f"e.g. config.stages={','.join(dict.fromkeys(ordered))}")
+    seeds = parse_list(config.seeds, "seeds", cast=int)
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ValueError(f"config.seeds={config.seeds!r} repeats seed(s) {repeated}; a seed is "
+                         f"one run (its results would count twice in the mean)")
+    outside = [s for s in seeds if not 0 <= s <= MAX_SEED]
+    if outside:
+        raise ValueError(f"config.seeds={config.seeds!r}: seed(s) {outside} out of range; "
+                         f"expected integers from 0 to {MAX_SEED} (the 32-bit JAX random key: a "
+                         f"larger seed would repeat a smaller one's numbers)")
+    if not isinstance(config.shots, int) or config.shots < 1:
+        raise ValueError(f"config.shots={config.shots!r}; expected a positive integer (images "
+                         f"per base class; the papers use 16)")
+    if (config.clip.source in SHIPPED_CLIPS) != protocols.is_world(config.dataset):
+        raise ValueError(
+            f"config.dataset={config.dataset!r} with config.clip.source={config.clip.source!r}: "
+            f"the shipped world CLIP belongs to the world datasets only. Choose a dataset with "
+            f"`--config configs/<config>.py:dataset=NAME,root=DIR` (which also sets the CLIP "
+            f"and schedules), not with --config.dataset")
+    if (not protocols.is_world(config.dataset) and config.source == "coop"
+            and not str(config.root).strip()):
+        raise ValueError(f"config.root is empty for dataset {config.dataset!r}: expected the "
+                         f"folder of the dataset in the CoOp data layout, e.g. `--config "
+                         f"configs/<config>.py:dataset={config.dataset},root=/data` (root=. for "
+                         f"the current directory)")
+    if config.dhno.policy not in dhno.POLICIES:
+        raise ValueError(f"config.dhno.policy={config.dhno.policy!r}; expected one of "
+                         f"{dhno.POLICIES}")
+    for field in ("batch_size", "backbone.batch_size", "dhno.top_k", "eval_batch_size",
+                  "num_workers", "log_every_steps", "checkpoint_every_steps", "steps_per_call"):
+        value = _field(config, field)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"config.{field}={value!r}; expected a positive integer")
+    for field, ok, expected in RANGES:
+        if not ok(_field(config, field)):
+            raise ValueError(f"config.{field}={_field(config, field)!r}; expected {expected}")
+    check_distributed(config)
+    if not isinstance(config.get("compile_ahead", True), bool):
+        raise ValueError(f"config.compile_ahead={config.compile_ahead!r}; expected True or "
+                         f"False")
+    scale = tuple(config.crop_scale)
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"config.crop_scale={scale}; expected (min, max) with "
+                         f"0 < min <= max <= 1")
+    if config.dhno.top_k < 2:
+        raise ValueError(f"config.dhno.top_k={config.dhno.top_k}; expected >= 2 (the released "
+                         f"rule keeps K-1 candidates and its fallback adds 2 negatives)")
+    for field in ("backbone.lr", "dpc.lr", "optim.warmup_lr"):
+        value = _field(config, field)
+        if not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"config.{field}={value!r}; expected a positive number")
+    warmup = config.optim.warmup_epochs
+    for field in ("backbone.epochs", "dpc.epochs"):
+        if _field(config, field) < 1:
+            raise ValueError(f"config.{field}={_field(config, field)!r}; expected >= 1")
+        if _field(config, field) <= warmup:
+            raise ValueError(
+                f"config.{field}={_field(config, field)} with config.optim.warmup_epochs="
+                f"{warmup}: every epoch would be a warm-up epoch at config.optim.warmup_lr="
+                f"{config.optim.warmup_lr}; set more epochs, or --config.optim.warmup_epochs=0")
+    dpc_lib.DualPrompt(config.dpc)  # validates mode, w_base, w_new
+    stage1.model_selection(config)
+    protocols.get(config).check(get_learner(config.backbone.get("name", "")))
+
+
+def check_distributed(config: ml_collections.ConfigDict) -> None:
+    """The multi-host fields: only with config.distributed=True (elsewhere nothing reads
+    them), and in range."""
+    distributed = config.get("distributed", False)
+    if not isinstance(distributed, bool):
+        raise ValueError(f"config.distributed={distributed!r}; expected True or False")
+    given = {k: config.get(k, unset) for k, unset in DISTRIBUTED_FIELDS.items()
+             if config.get(k, unset) != unset}
+    if not distributed:
+        if given:  # the first one given, in the order of DISTRIBUTED_FIELDS
+            field, value = next(iter(given.items()))
+            raise ValueError(f"config.{field}={value!r} is set, but config.distributed=False: "
+                             f"only a multi-host run reads it; set config.distributed=True (or "
+                             f"leave config.{field} at {DISTRIBUTED_FIELDS[field]!r})")
+        return
+    processes, index = config.num_processes, config.process_id
+    if not isinstance(config.coordinator_address, str):
+        raise ValueError(f"config.coordinator_address={config.coordinator_address!r}; "
+                         f"expected 'host:port' of process 0, or '' to detect it")
+    if not _is_int(processes) or processes < 0:
+        raise ValueError(f"config.num_processes={processes!r}; expected an integer >= 1, or 0 "
+                         f"to detect it")
+    if not _is_int(index) or index < -1 or (processes > 0 and index >= processes):
+        upper = f"from 0 to {processes - 1}" if processes > 0 else "an integer >= 0"
+        raise ValueError(f"config.process_id={index!r}; expected {upper} (this process's "
+                         f"index), or -1 to detect it")
+
+
+def preflight(seed_run: SeedRun, stages, train: bool) -> None:
+    """Checks that need the data, run before any stage trains (nothing is half-done on error)."""
+    cfg, n, devices = seed_run.run.config, len(seed_run.base.train), seed_run.run.mesh.size
+    learner = seed_run.run.learner
+    if "teacher" in stages and not capabilities.distils(learner):
+        raise ValueError(f"config.stages={cfg.stages!r} includes 'teacher', but the "
+                         f"{cfg.backbone.name!r} learner has no teacher (only learners that "
+                         f"distil do)")
+    if "dpc" in stages and capabilities.dpc_unsupported(learner):
+        raise ValueError(f"config.stages={cfg.stages!r} includes 'dpc', which the "
+                         f"{cfg.backbone.name!r} learner does not support: "
+                         f"{capabilities.dpc_unsupported(learner)}; use "
+                         f"config.stages=zeroshot,backbone")
+    stage1_dir = os.path.join(seed_run.seed_dir, "backbone")
+    if ("dpc" in stages and "backbone" not in stages and not cfg.backbone.init_from
+            and checkpoints.read_stage_meta(stage1_dir) is None):
+        raise ValueError(f"config.stages={cfg.stages!r}: stage 'dpc' needs stage 1, and "
+                         f"{stage1_dir} holds no finished one; add "
+                         f"'backbone' to config.stages (e.g. backbone,dpc), or set "
+                         f"config.backbone.init_from to a PyTorch stage-1 checkpoint")
+    if "dpc" in stages:
+        capabilities.dual(learner).check_dpc_config(cfg.dpc)
+        stage2.check_dpc_import(cfg, learner)
+    if "dpc" in stages and cfg.dhno.top_k >= seed_run.base.num_classes:
+        raise ValueError(
+            f"config.dhno.top_k={cfg.dhno.top_k} needs more than {cfg.dhno.top_k} base classes; "
+            f"{cfg.dataset} has {seed_run.base.num_classes} (e.g. EuroSAT has 5: use top_k <= 4)")
+    if not train:
+        return
+    checks = []
+    if "backbone" in stages and not cfg.backbone.init_from:
+        size = n
+        if learner.train_split == "unlabeled":
+            size = len(load_unlabeled(cfg, seed_run.seed))
+        checks.append(("backbone.batch_size", cfg.backbone.batch_size, size))
+    if capabilities.distils(learner) and not cfg.backbone.teacher.init_from:
+        checks.append(("backbone.teacher.batch_size", cfg.backbone.teacher.batch_size, n))
+    if "dpc" in stages:
+        checks.append(("batch_size", cfg.batch_size, n))
+    for field, b, size in checks:
+        check_batch_fits(field, b, devices, size, cfg.dataset, cfg.shots)
