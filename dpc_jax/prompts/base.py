@@ -74,7 +74,8 @@ def class_texts_from_names(model: CLIP, clip_params, tokenizer, classnames: Sequ
     texts = [f"{prefix} {name.replace('_', ' ')}." if prefix else f"{name.replace('_', ' ')}."
              for name in classnames]
     ids, eot = tokenizer(texts)
-    ids = trim_context(ids, eot, enabled=model.config.trim_text)  # exact: the positions after every EOT are not encoded
+    # Exact: the positions after every EOT are not encoded.
+    ids = trim_context(ids, eot, enabled=model.config.trim_text)
     embeddings = model.apply({"params": clip_params}, jnp.asarray(ids), method="embed_tokens")
     return ClassTexts(embeddings=jnp.asarray(embeddings, jnp.float32),
                       eot_indices=jnp.asarray(eot, jnp.int32))

@@ -126,8 +126,9 @@ def select_hard_negatives(scores: Array, labels: Array, k: int, key: Array,
     classes minus y_i (K-1 of them, or K when y_i is not in the top-K), in rank order; a
     candidate is kept iff it is not in 'objects'. If fewer than 2 were kept, a fallback draws
     C-2 random classes (see `fallback_draws`: uniform on [1, C-2], never 0 or C-1) and keeps,
-    in draw order, those not in 'objects' until the anchor has 2. The released loop has the same C-2 tries, so an
-    anchor may still end with fewer than 2 (as there, e.g. when 'objects' covers [1, C-2]).
+    in draw order, those not in 'objects' until the anchor has 2. The released loop has the
+    same C-2 tries, so an anchor may still end with fewer than 2 (as there, e.g. when
+    'objects' covers [1, C-2]).
 
     'hardest' (the improved policy of §3): the K-1 highest-scoring classes not in 'objects',
     fewer only when fewer classes are left; slot K is always invalid. No randomness.
