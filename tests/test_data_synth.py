@@ -40,3 +40,25 @@ def test_bad_requests_name_what_is_expected(tmp_path):
                           "--root", str(tmp_path)], capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.startswith("Error: dataset 'eurosat'")
     assert "Traceback" not in out.stderr
+
+
+def test_a_folder_holding_other_data_is_refused_and_left_as_it_was(tmp_path):
+    """Writing a stand-in where a real dataset sits would replace its split file and mix world
+    images into its folders: refused through the CLI, nothing touched. A stand-in's own folder
+    can be written again."""
+    folder = tmp_path / "oxford_pets"
+    (folder / "images").mkdir(parents=True)
+    split = folder / "split_zhou_OxfordPets.json"
+    split.write_text('{"train": [], "val": [], "test": []}')
+    (folder / "images" / "real.jpg").write_bytes(b"real image bytes")
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    out = subprocess.run([sys.executable, "-m", "dpc_jax.data", "synth", "--dataset",
+                          "oxford_pets", "--root", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.count("Error:") == 1 and "Traceback" not in out.stderr
+    assert "did not write" in out.stderr and "oxford_pets" in out.stderr
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    again = tmp_path / "again"
+    synth.write_coop_layout("dtd", str(again), train=1, val=1, test=1)
+    synth.write_coop_layout("dtd", str(again), train=2, val=1, test=1)  # its own folder
+    assert check.check_dataset("dtd", str(again), shots=2, seed=1)["ok"]

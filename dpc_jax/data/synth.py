@@ -24,7 +24,9 @@ def write_coop_layout(dataset: str, root: str, train: int = 8, val: int = 2, tes
                       image_size: int = world.NATIVE_SIZE, world_seed: int = 0) -> str:
     """Write the stand-in for `dataset` (a registered split-file dataset with at most as many
     classes as the world) under `root`; returns the dataset folder. Items per class: `train`,
-    `val`, `test`. Existing files of an earlier call are overwritten; other files are left."""
+    `val`, `test`. A folder of an earlier call (it holds `MARKER`) is written again; a folder
+    holding anything else is refused, since a stand-in would replace its split file and mix
+    world images into its own."""
     info = registry.get(dataset)
     if info.layout != "split_json" or not info.split_file:
         usable = sorted(d.name for d in registry.DATASETS.values()
@@ -48,6 +50,7 @@ def write_coop_layout(dataset: str, root: str, train: int = 8, val: int = 2, tes
     from PIL import Image
 
     folder = os.path.join(os.path.abspath(os.path.expanduser(root)), info.dataset_dir)
+    check_writable(folder)
     images = os.path.join(folder, info.image_dir) if info.image_dir else folder
     split = {}
     for part, per_class in (("train", train), ("val", val), ("test", test)):
@@ -69,7 +72,25 @@ def write_coop_layout(dataset: str, root: str, train: int = 8, val: int = 2, tes
     from dpc_jax.files import write_json
 
     write_json(os.path.join(folder, info.split_file), split)
+    write_json(os.path.join(folder, MARKER), {"dataset": dataset, "world_seed": world_seed})
     return folder
+
+
+# Written into every stand-in folder: a later call may write there again, no other folder.
+MARKER = ".dpc_jax_synth.json"
+
+
+def check_writable(folder: str) -> None:
+    """Refuse a folder that exists, is not empty and was not written by `write_coop_layout`."""
+    if not os.path.exists(folder):
+        return
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder} is a file; expected a folder to write the stand-in into")
+    entries = sorted(os.listdir(folder))
+    if entries and MARKER not in entries:
+        raise ValueError(f"{folder} already holds files that `python -m dpc_jax.data synth` did "
+                         f"not write (e.g. {entries[0]!r}); a stand-in would replace its split "
+                         f"file and mix world images into it. Choose another --root")
 
 
 def describe(folder: str, dataset: str) -> str:
