@@ -27,6 +27,8 @@ TRACEBACK_ENV = "DPC_JAX_TRACEBACK"
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
                FileExistsError, PermissionError)
 EXIT_USER_ERROR = 2
+# Optional dependencies (pyproject.toml extras): the package a command may need -> its extra.
+OPTIONAL_EXTRAS = {"torch": "torch", "matplotlib": "plot"}
 
 
 def show_tracebacks() -> bool:
@@ -48,14 +50,30 @@ def print_error(text: str) -> int:
     return EXIT_USER_ERROR
 
 
+def missing_extra(error: BaseException) -> Optional[str]:
+    """For an optional dependency that is not installed, what to install ('' otherwise)."""
+    if not isinstance(error, ModuleNotFoundError):
+        return None
+    package = (error.name or "").split(".")[0]
+    if package not in OPTIONAL_EXTRAS:
+        return None
+    return (f"this command needs {package}, which is not installed: pip install -e "
+            f"\".[{OPTIONAL_EXTRAS[package]}]\" (from the repository folder)")
+
+
 def run_cli(fn: Callable, *args, **kwargs) -> int:
-    """Exit status of `fn(*args, **kwargs)`: 0, or 2 after one `Error:` line on a user error."""
+    """Exit status of `fn(*args, **kwargs)`: 0, or 2 after one `Error:` line on a user error
+    (a missing optional dependency included)."""
     try:
         fn(*args, **kwargs)
     except USER_ERRORS as e:
         if show_tracebacks():
             raise
         return print_error(message(e))
+    except ModuleNotFoundError as e:
+        if missing_extra(e) is None or show_tracebacks():
+            raise
+        return print_error(missing_extra(e))
     return 0
 
 

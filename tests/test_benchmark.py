@@ -419,3 +419,19 @@ def test_a_few_shot_grid_point_is_summarised_by_its_own_protocol(tmp_path):
     assert merged["stages"]["backbone"]["accuracy"]["world"]["per_seed"] == {"1": 63.5}
     assert not benchmark.has_seeds(merged, ["zeroshot", "backbone"], [1, 2])
     assert benchmark.has_seeds(merged, ["zeroshot", "backbone"], [1])
+
+
+def test_report_without_matplotlib_writes_its_tables_and_says_so(synthetic_root):
+    """matplotlib is an extra: without it the report still writes table.md and table.csv, and
+    one line says which extra draws the plots."""
+    code = ("import sys; sys.modules['matplotlib'] = None\n"
+            "from dpc_jax import benchmark\n"
+            f"sys.exit(benchmark.cli(['report', {synthetic_root!r}]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr
+    assert 'no plots: matplotlib is not installed (pip install -e ".[plot]")' in out.stdout
+    assert os.path.isfile(os.path.join(synthetic_root, "table.md"))
+    assert os.path.isfile(os.path.join(synthetic_root, "table.csv"))
+    assert not os.path.isdir(os.path.join(synthetic_root, "plots")) or not os.listdir(
+        os.path.join(synthetic_root, "plots"))

@@ -126,3 +126,23 @@ def test_a_refusal_after_the_workdir_is_made_leaves_no_workdir_or_lock(tmp_path)
     proc = train_cli(tmp_path, *CONFIG, "--config.stages=dpc")
     assert_refused(proc, "config.stages='dpc': stage 'dpc' needs stage 1")
     assert os.listdir(tmp_path / "w") == []
+
+
+def test_a_pytorch_file_without_torch_is_one_line_naming_the_extra(tmp_path):
+    """Reading a PyTorch file needs the torch extra: without torch, `python -m dpc_jax.convert`
+    says which extra to install in one line, exit 2, no traceback."""
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    checkpoint = tmp_path / "ViT-B-16.pt"
+    checkpoint.write_bytes(b"not read")
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from dpc_jax.convert.__main__ import main\n"
+            f"sys.exit(main([{str(checkpoint)!r}, {str(tmp_path / 'out')!r}]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == ('Error: this command needs torch, which is not installed: pip '
+                                  'install -e ".[torch]" (from the repository folder)')
+    assert not (tmp_path / "out").exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dpc_jax import cli
 from dpc_jax.convert.load import convert_checkpoint
 
 
@@ -26,6 +27,10 @@ def main(argv=None) -> int:
         summary = convert_checkpoint(args.source, args.out_dir, tokenizer=args.tokenizer)
     except (OSError, ValueError) as e:  # a wrong source or file: the message says what and why
         parser.exit(2, f"Error: {e}\n")
+    except ModuleNotFoundError as e:  # a PyTorch file without torch installed
+        if cli.missing_extra(e) is None or cli.show_tracebacks():
+            raise
+        parser.exit(2, f"Error: {cli.missing_extra(e)}\n")
     cfg = summary["config"]
     print(f"converted {summary['source']} ({summary['kind']}) -> {summary['out_dir']}")
     print(f"  ViT: width {cfg['vision_width']}, {cfg['vision_layers']} layers, patch "

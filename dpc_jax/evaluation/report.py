@@ -639,7 +639,13 @@ def write_report(root: str, notice: Callable[[str], None] = print) -> dict:
     files, table = [], None
     if runs:
         table = build_table(runs)
-        plots = write_plots(table, runs, root)
+        try:
+            plots = write_plots(table, runs, root)
+        except ModuleNotFoundError as e:  # the tables need no plotting library
+            if e.name != "matplotlib":
+                raise
+            plots = []
+            notice("no plots: matplotlib is not installed (pip install -e \".[plot]\")")
         text = markdown(table, plots)
         with open(os.path.join(root, "table.md"), "w") as f:
             f.write(text)
