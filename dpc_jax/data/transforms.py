@@ -25,8 +25,9 @@ from PIL import Image
 from dpc_jax.data import base
 
 
-class ImageLoadError(RuntimeError):
-    """An image that cannot be read or decoded; `where` names it (a path for file datasets)."""
+class ImageLoadError(ValueError):
+    """An image that cannot be read or decoded; `where` names it (a path for file datasets). A
+    ValueError: bad data is the user's to fix (the CLIs print one `Error:` line)."""
 
     def __init__(self, where: str, reason: str):
         super().__init__(f"cannot load image {where}: {reason}")
