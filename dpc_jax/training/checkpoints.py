@@ -62,8 +62,8 @@ def read_stage_meta(stage_dir: str) -> Optional[dict]:
         return json.load(f)
 
 
-def check_stage_settings(stage_dir: str, stage_id: int, config) -> None:
-    """Record the settings a stage trains with; refuse to resume it with different ones."""
+def stage_settings(stage_id: int, config) -> dict:
+    """The settings a stage trains with, flat and as stored in its settings.json."""
     flat = {}
     for field in STAGE_FIELDS[stage_id]:
         value = config[field]
@@ -85,20 +85,34 @@ def check_stage_settings(stage_dir: str, stage_id: int, config) -> None:
     if stage_id == 2 and config.dpc.mode == "paper":
         flat.pop("dpc.w_base", None)
     flat["devices"] = jax.device_count()  # the global batch and epoch length depend on it
-    flat = json.loads(json.dumps(flat, default=str))  # tuples -> lists, as stored
+    return json.loads(json.dumps(flat, default=str))  # tuples -> lists, as stored
+
+
+def compare_stage_settings(stage_dir: str, stage_id: int, config) -> bool:
+    """Refuse (ValueError naming every changed field) when `stage_dir` was trained with
+    other settings than `config`'s; writes nothing. True when it holds a settings.json."""
     path = os.path.join(stage_dir, "settings.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            stored = json.load(f)
-        changed = sorted(k for k in set(stored) | set(flat) if stored.get(k) != flat.get(k))
-        if changed:
-            raise ValueError(
-                f"{stage_dir} was trained with other settings; changed: "
-                + ", ".join(f"config.{k} {stored.get(k)!r} -> {flat.get(k)!r}" for k in changed)
-                + ". Use a new --workdir (or restore the old values to resume or re-evaluate).")
+    if not os.path.isfile(path):
+        return False
+    flat = stage_settings(stage_id, config)
+    with open(path) as f:
+        stored = json.load(f)
+    changed = sorted(k for k in set(stored) | set(flat) if stored.get(k) != flat.get(k))
+    if changed:
+        raise ValueError(
+            f"{stage_dir} was trained with other settings; changed: "
+            + ", ".join(f"config.{k} {stored.get(k)!r} -> {flat.get(k)!r}" for k in changed)
+            + ". Use a new --workdir (or restore the old values to resume or re-evaluate).")
+    return True
+
+
+def check_stage_settings(stage_dir: str, stage_id: int, config) -> None:
+    """Record the settings a stage trains with; refuse to resume it with different ones."""
+    if compare_stage_settings(stage_dir, stage_id, config):
         return
     os.makedirs(stage_dir, exist_ok=True)
-    write_json(path, flat, sort_keys=True)
+    write_json(os.path.join(stage_dir, "settings.json"), stage_settings(stage_id, config),
+               sort_keys=True)
 
 
 def nonfinite_leaves(tree) -> list:
