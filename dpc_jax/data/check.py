@@ -30,7 +30,9 @@ def _item_name(split: base.ImageSplit, index: int) -> str:
     return inner.describe(i)
 
 
-def _missing_files(split: base.ImageSplit) -> list:
+def missing_files(split: base.ImageSplit) -> list:
+    """The paths of a split's items whose file does not exist (no decoding; none for splits
+    that are not files)."""
     out = []
     for i in range(len(split)):
         inner, j = unwrap(split, i)
@@ -62,7 +64,7 @@ def check_dataset(name: str, root: Optional[str], source: str = "coop", shots: i
     problems = []
     # ImageNet's val is its test set: check those files once.
     checked = {k: s for k, s in splits.items() if not (k == "val" and info.val_is_test)}
-    missing = {k: _missing_files(s) for k, s in checked.items()}
+    missing = {k: missing_files(s) for k, s in checked.items()}
     report["missing_files"] = {k: len(v) for k, v in missing.items()}
     examples = [p for v in missing.values() for p in v][:MAX_EXAMPLES]
     if examples:

@@ -9,11 +9,13 @@ import os
 import ml_collections
 
 from dpc_jax.convert.load import SHIPPED_CLIPS
+from dpc_jax.data.check import missing_files
 from dpc_jax.data.train_sets import load_unlabeled
+from dpc_jax.data.transforms import ImageLoadError
 from dpc_jax.evaluation import protocols
 from dpc_jax.prompts import capabilities, get_learner
 from dpc_jax.prompts import dpc as dpc_lib
-from dpc_jax.training import checkpoints, dhno, stage1, stage2
+from dpc_jax.training import checkpoints, dhno, stage1, stage2, teacher
 from dpc_jax.training.loop import check_batch_fits
 from dpc_jax.training.seed import SeedRun
 from dpc_jax.training.stages import STAGE_RUNNERS
@@ -175,6 +177,74 @@ def check_distributed(config: ml_collections.ConfigDict) -> None:
                          f"index), or -1 to detect it")
 
 
+def check_resumed_settings(config, workdir: str, seeds, stages, train: bool) -> None:
+    """Refuse, before any stage of any seed runs, to resume a training stage that was trained
+    with other settings (`checkpoints.compare_stage_settings`; reads only: the stage writes its
+    settings.json when it starts)."""
+    if not train:
+        return
+    dirs = []  # (folder in the seed's directory, stage id, the config it trains with)
+    if "backbone" in stages and not config.backbone.init_from:
+        dirs.append(("backbone", 1, config))
+    if "dpc" in stages and not config.dpc.get("init_from", ""):
+        dirs.append(("dpc", 2, config))
+    if ({"teacher", "backbone"} & set(stages) and "teacher" in config.backbone
+            and not config.backbone.teacher.get("init_from", "")):
+        dirs.append(("teacher", 1, teacher.teacher_config(config)))
+    for seed in seeds:
+        for name, stage_id, cfg in dirs:
+            stage_dir = os.path.join(workdir, f"seed_{seed}", name)
+            checkpoints.compare_stage_settings(stage_dir, stage_id, cfg)
+
+
+def _what_to_do(cfg) -> str:
+    return (f"set config.skip_bad_images=True to leave unreadable images out, or list every "
+            f"bad file with `python -m dpc_jax.data check --dataset {cfg.dataset} --root "
+            f"{cfg.root} --verify-images`")
+
+
+def check_files(seed_run: SeedRun, train: bool) -> None:
+    """Every image file of the test splits the seed evaluates (and of the base val split when
+    stage 1 selects its epoch on it) exists: existence only, no decoding."""
+    cfg, base = seed_run.run.config, seed_run.base
+    if cfg.skip_bad_images:  # missing files are skipped (and counted) where they are read
+        return
+    if seed_run.eval_sets is not None:
+        splits = [(f"{es.name} test", es.test) for es in seed_run.eval_sets]
+    else:
+        splits = [("base test", base.test), ("new test", seed_run.new.test)]
+    if train and stage1.model_selection(cfg) == "best_base_val":
+        splits.append(("base val", base.val))
+    for name, split in splits:
+        missing = missing_files(split)
+        if missing:
+            raise ValueError(f"{len(missing)} image file(s) of the {name} split of "
+                             f"{cfg.dataset} (seed {seed_run.seed}) are missing, e.g. "
+                             f"{missing[0]}; restore them, or {_what_to_do(cfg)}")
+
+
+def decode_train_set(seed_run: SeedRun, stages) -> None:
+    """Decode the seed's few-shot training set now (it is decoded once and kept, so this moves
+    the cost before the zero-shot stage rather than adding it); a streamed unlabeled split
+    is only checked for missing files."""
+    cfg, learner = seed_run.run.config, seed_run.run.learner
+    stage1_trains = "backbone" in stages and not cfg.backbone.init_from
+    unlabeled = learner.train_split == "unlabeled"
+    if stage1_trains and unlabeled and not cfg.skip_bad_images:
+        missing = missing_files(load_unlabeled(cfg, seed_run.seed))
+        if missing:
+            raise ValueError(f"{len(missing)} image file(s) of the unlabeled train split of "
+                             f"{cfg.dataset} are missing, e.g. {missing[0]}; restore them, or "
+                             f"{_what_to_do(cfg)}")
+    if ((stage1_trains and not unlabeled) or ("dpc" in stages and not cfg.dpc.get("init_from", ""))):
+        try:
+            seed_run.train_set()
+        except ImageLoadError as e:
+            raise ValueError(f"the few-shot train split of {cfg.dataset} (seed "
+                             f"{seed_run.seed}): {e}; replace that file, or {_what_to_do(cfg)}"
+                             ) from e
+
+
 def preflight(seed_run: SeedRun, stages, train: bool) -> None:
     """Checks that need the data, run before any stage trains (nothing is half-done on error)."""
     cfg, n, devices = seed_run.run.config, len(seed_run.base.train), seed_run.run.mesh.size
@@ -202,8 +272,10 @@ def preflight(seed_run: SeedRun, stages, train: bool) -> None:
         raise ValueError(
             f"config.dhno.top_k={cfg.dhno.top_k} needs more than {cfg.dhno.top_k} base classes; "
             f"{cfg.dataset} has {seed_run.base.num_classes} (e.g. EuroSAT has 5: use top_k <= 4)")
+    check_files(seed_run, train)
     if not train:
         return
+    decode_train_set(seed_run, stages)
     checks = []
     if "backbone" in stages and not cfg.backbone.init_from:
         size = n

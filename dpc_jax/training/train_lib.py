@@ -25,7 +25,8 @@ from dpc_jax.mesh import make_mesh, replicate
 from dpc_jax.prompts import capabilities, get_learner
 from dpc_jax.training import compile_cache, stage1, stage2, teacher
 from dpc_jax.training.checkpoints import WorkdirLock
-from dpc_jax.training.checks import STAGES, check_config, parse_list, preflight
+from dpc_jax.training.checks import (STAGES, check_config, check_resumed_settings, parse_list,
+                                     preflight)
 from dpc_jax.training.run import Run
 from dpc_jax.training.seed import SeedRun
 from dpc_jax.training.stages import STAGE_RUNNERS
@@ -111,8 +112,11 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str, hooks) -> dict:
     stages = parse_list(config.stages, "stages", STAGES)
     seeds = parse_list(config.seeds, "seeds", cast=int)
     protocol = protocols.get(config)
-    run = _build_run(config, hooks)
     train = config.mode == "train"
+    # Every seed's resumed stages first (reads settings.json only): a rerun with changed
+    # settings is refused before any stage of any seed runs.
+    check_resumed_settings(config, workdir, seeds, stages, train)
+    run = _build_run(config, hooks)
     per_seed = {stage: {} for stage in stages}
     for seed in seeds:
         seed_run = SeedRun.create(run, seed, workdir, train_mode=train)
