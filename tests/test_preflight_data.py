@@ -91,14 +91,17 @@ def test_missing_test_image_is_refused_before_zero_shot(tmp_path, clip_dir):
 
 
 def test_changed_settings_are_refused_before_any_seed_runs(tmp_path, clip_dir):
+    """A finished seed-2 run rerun with seeds 1,2 and another backbone.lr: refused before seed
+    1 (which would run first, and whose stages would all run) or seed 2's zero-shot runs."""
     root = _make_dataset(tmp_path / "d")
-    proc = train_cli(tmp_path, *_flags(root, clip_dir, stages="backbone", seeds=1))
+    proc = train_cli(tmp_path, *_flags(root, clip_dir, stages="backbone", seeds=2))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "w" / "seed_1" / "backbone" / "stage.json").is_file()
+    assert (tmp_path / "w" / "seed_2" / "backbone" / "stage.json").is_file()
     proc = train_cli(tmp_path, *_flags(root, clip_dir, stages="zeroshot,backbone", seeds="1,2",
                                        **{"backbone.lr": 0.5}))
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = _error_lines(proc)
-    assert len(errors) == 1 and "seed_1" in errors[0] and "config.backbone.lr" in errors[0]
-    assert not (tmp_path / "w" / "seed_2").exists()  # seed 2's zero-shot never ran
-    assert not (tmp_path / "w" / "seed_1" / "zeroshot").exists()
+    assert len(errors) == 1 and "seed_2" in errors[0], proc.stderr[-3000:]
+    assert "config.backbone.lr" in errors[0] and "-> 0.5" in errors[0]
+    assert not (tmp_path / "w" / "seed_1").exists()  # seed 1 never ran
+    assert not (tmp_path / "w" / "seed_2" / "zeroshot").exists()
