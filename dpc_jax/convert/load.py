@@ -78,9 +78,9 @@ def load_clip(source: str, download_root: Optional[str] = None, **overrides):
             openai.download_openai_model(location, download_root), **overrides)
     try:
         directory = huggingface.download_huggingface(location)
-    except OSError as e:
-        raise OSError(f"CLIP source {source!r} is not a local path or an OpenAI model name, and "
-                      f"as a hub id it failed: {e}\nAccepted sources: {ACCEPTED}") from e
+    except FileNotFoundError as e:  # one line: `e` says why and what to do
+        raise FileNotFoundError(f"CLIP source {source!r} is not a local path or an OpenAI "
+                                f"model name, and as a hub id: {e}") from e
     return huggingface.load_huggingface_dir(directory, **overrides)
 
 
