@@ -94,6 +94,10 @@ def load_clip_from_config(clip_config, field: str = "config.clip") -> tuple[CLIP
     if overrides["attention"] not in ATTENTIONS:  # before a download or a load
         raise ValueError(f"{field}.attention={overrides['attention']!r}; expected one of "
                          f"{sorted(ATTENTIONS)}")
+    if ATTENTIONS[overrides["attention"]] == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(f"{field}.attention={overrides['attention']!r} needs a GPU with cuDNN "
+                         f"(jax runs on {jax.default_backend()!r} here); use 'einsum' or "
+                         f"'dot_product'")
     source = clip_config.source
     if source in SHIPPED_CLIPS:
         source = checkpoint.asset_dir(SHIPPED_CLIPS[source])
