@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from typing import Mapping, Optional
 
 import numpy as np
@@ -217,27 +218,52 @@ def to_huggingface_state_dict(config: CLIPConfig, params) -> dict:
     return export_params(params, huggingface_layout(config), config)
 
 
+def corrupt_file(path: str, holds: str, error) -> ValueError:
+    """The error of a Hugging Face file that cannot be decoded: its path, what it holds, the
+    fix."""
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return ValueError(
+        f"{path} is truncated or corrupt ({reason}): it should hold {holds}; download it again "
+        f"(or convert the CLIP once with `python -m dpc_jax.convert HUB_ID_OR_DIR OUT_DIR` where "
+        f"it is whole, and use OUT_DIR)")
+
+
 def _read_safetensors(path: str) -> dict:
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     try:
-        tensors = load_file(path)
-    except TypeError as e:
-        if "bfloat16" not in str(e):
-            raise
-        # numpy has no bfloat16; jax (ml_dtypes) does, and widening to float32 is exact.
-        from safetensors.flax import load_file as load_file_flax
+        try:
+            tensors = load_file(path)
+        except TypeError as e:
+            if "bfloat16" not in str(e):
+                raise
+            # numpy has no bfloat16; jax (ml_dtypes) does, and widening to float32 is exact.
+            from safetensors.flax import load_file as load_file_flax
 
-        tensors = load_file_flax(path)
+            tensors = load_file_flax(path)
+    except SafetensorError as e:  # a cut download, or not a safetensors file
+        raise corrupt_file(path, "the CLIP's weights as safetensors", e) from e
     return {k: as_float32(v, k) for k, v in tensors.items()}
 
 
 def _read_torch_bin(path: str) -> dict:
     import torch  # only here: reading a torch file needs it (STYLE rule 8)
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # a cut or foreign file
+        raise corrupt_file(path, "the CLIP's weights as a PyTorch state dict", e) from e
     return {k: as_float32(v.detach().float().numpy() if v.is_floating_point() else v.numpy(), k)
             for k, v in state.items()}
+
+
+def _read_json(path: str, holds: str) -> dict:
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except ValueError as e:  # json's decode errors (and bad UTF-8) are ValueErrors
+            raise corrupt_file(path, holds, e) from e
 
 
 def read_huggingface_weights(directory: str) -> dict:
@@ -248,8 +274,8 @@ def read_huggingface_weights(directory: str) -> dict:
         if single in present:
             return reader(os.path.join(directory, single))
         if index in present:
-            with open(os.path.join(directory, index)) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
+            shards = sorted(set(_read_json(os.path.join(directory, index), "the shard of "
+                                           "every weight ('weight_map')")["weight_map"].values()))
             missing = [s for s in shards if s not in present]
             if missing:
                 raise FileNotFoundError(f"{directory!r}: shards {missing} listed in {index} are "
@@ -275,8 +301,8 @@ def load_huggingface_dir(directory: str, **overrides):
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{directory!r} has no {CONFIG_FILE}; expected a Hugging Face "
                                 f"CLIPModel directory (config.json + model.safetensors)")
-    with open(config_path) as f:
-        config = config_from_huggingface(json.load(f), source=config_path, **overrides)
+    config = config_from_huggingface(_read_json(config_path, "the CLIPModel's config as JSON"),
+                                     source=config_path, **overrides)
     params = from_huggingface_state_dict(read_huggingface_weights(directory), config,
                                          source=directory)
     return config, params
@@ -285,6 +311,7 @@ def load_huggingface_dir(directory: str, **overrides):
 def download_huggingface(repo_id: str, revision: Optional[str] = None) -> str:
     """Local snapshot directory of hub repo `repo_id` (config, weights, tokenizer files)."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
 
     wanted = [CONFIG_FILE, *TOKENIZER_FILES]
     try:
@@ -296,11 +323,32 @@ def download_huggingface(repo_id: str, revision: Optional[str] = None) -> str:
             # Only torch weights on the hub: fetch those (not both: they are large).
             directory = snapshot_download(repo_id, revision=revision,
                                           allow_patterns=wanted + ["*.bin", TORCH_INDEX])
-    except Exception as e:  # offline, unknown repo, gated repo, ...: all end here
-        raise OSError(f"could not fetch Hugging Face hub id {repo_id!r}: {type(e).__name__}: "
-                      f"{e}. Pass a local directory with config.json and model.safetensors "
-                      f"instead if this machine is offline") from e
+    except _network_errors() as e:  # offline, or the hub cannot be reached, and not cached
+        raise FileNotFoundError(
+            f"could not fetch Hugging Face hub id {repo_id!r} ({type(e).__name__}): no network "
+            f"here and no copy in the Hugging Face cache; on a machine with network run "
+            f"`python -m dpc_jax.convert {repo_id} DIR` once, bring DIR here and pass "
+            f"clip=DIR (--config.clip.source=DIR)") from e
+    except HfHubHTTPError as e:  # the hub's own answers: unknown or gated repo, revision
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise FileNotFoundError(f"could not fetch Hugging Face hub id {repo_id!r} "
+                                f"({type(e).__name__}): {reason}") from e
     return directory
+
+
+def _network_errors() -> tuple:
+    """What huggingface_hub raises when it cannot reach the hub and has no cached copy: its
+    offline and cache-miss errors, and the HTTP client's connection errors."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    errors = [LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError]
+    for module, name in (("httpx", "TransportError"), ("httpx2", "TransportError"),
+                         ("requests", "ConnectionError"), ("requests", "Timeout")):
+        try:
+            errors.append(getattr(__import__(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
 
 
 def load_huggingface(source: str, revision: Optional[str] = None, **overrides):

@@ -78,9 +78,9 @@ def load_clip(source: str, download_root: Optional[str] = None, **overrides):
             openai.download_openai_model(location, download_root), **overrides)
     try:
         directory = huggingface.download_huggingface(location)
-    except OSError as e:
-        raise OSError(f"CLIP source {source!r} is not a local path or an OpenAI model name, and "
-                      f"as a hub id it failed: {e}\nAccepted sources: {ACCEPTED}") from e
+    except FileNotFoundError as e:  # one line: `e` says why and what to do
+        raise FileNotFoundError(f"CLIP source {source!r} is not a local path or an OpenAI "
+                                f"model name, and as a hub id: {e}") from e
     return huggingface.load_huggingface_dir(directory, **overrides)
 
 
@@ -94,6 +94,10 @@ def load_clip_from_config(clip_config, field: str = "config.clip") -> tuple[CLIP
     if overrides["attention"] not in ATTENTIONS:  # before a download or a load
         raise ValueError(f"{field}.attention={overrides['attention']!r}; expected one of "
                          f"{sorted(ATTENTIONS)}")
+    if ATTENTIONS[overrides["attention"]] == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(f"{field}.attention={overrides['attention']!r} needs a GPU with cuDNN "
+                         f"(jax runs on {jax.default_backend()!r} here); use 'einsum' or "
+                         f"'dot_product'")
     source = clip_config.source
     if source in SHIPPED_CLIPS:
         source = checkpoint.asset_dir(SHIPPED_CLIPS[source])

@@ -55,12 +55,32 @@ def load_clip_checkpoint(path: str, **config_overrides):
         raise FileNotFoundError(
             f"{path!r} is not a dpc_jax CLIP checkpoint: expected {CONFIG_FILE} and {PARAMS_FILE} "
             f"there (write one with `python -m dpc_jax.convert SOURCE OUT_DIR`)")
-    with open(os.path.join(path, CONFIG_FILE)) as f:
-        config = CLIPConfig.from_dict(json.load(f)).replace(**config_overrides)
-    with open(os.path.join(path, PARAMS_FILE), "rb") as f:
-        params = serialization.msgpack_restore(f.read())
+    config_path, params_path = os.path.join(path, CONFIG_FILE), os.path.join(path, PARAMS_FILE)
+    with open(config_path) as f:
+        try:
+            stored = json.load(f)
+        except ValueError as e:  # json's decode errors (and bad UTF-8) are ValueErrors
+            raise _corrupt(config_path, "the CLIP's architecture as JSON", e) from e
+    config = CLIPConfig.from_dict(stored).replace(**config_overrides)
+    with open(params_path, "rb") as f:
+        try:
+            params = serialization.msgpack_restore(f.read())
+        except (ValueError, TypeError) as e:  # msgpack's errors for a cut or overwritten file
+            raise _corrupt(params_path, "the CLIP's float32 parameters (msgpack)", e) from e
+    if not isinstance(params, dict):
+        raise _corrupt(params_path, "the CLIP's float32 parameters (msgpack)",
+                       f"it holds a {type(params).__name__}, not a parameter tree")
     check_tree(params, abstract_params(config), source=path)
     return config, params
+
+
+def _corrupt(path: str, holds: str, error) -> ValueError:
+    """The error of a CLIP file that cannot be decoded: its path, what it holds, the fix."""
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return ValueError(
+        f"{path} is truncated or corrupt ({reason}): it should hold "
+        f"{holds}; write the checkpoint again with `python -m dpc_jax.convert SOURCE "
+        f"{os.path.dirname(path)}` (SOURCE: the CLIP it was converted from)")
 
 
 def check_tree(params, expected, source: str = "checkpoint") -> None:

@@ -47,7 +47,12 @@ class Tokenizer:
                 raise FileNotFoundError(
                     f"tokenizer directory {source!r} holds neither vocab.json + merges.txt nor "
                     f"tokenizer.json (found: {sorted(os.listdir(source))})")
-            return cls(CLIPTokenizer.from_pretrained(source), context_length)
+            check_bpe_files(source)
+            try:
+                return cls(CLIPTokenizer.from_pretrained(source), context_length)
+            except Exception as e:  # the tokenizers library raises a bare Exception on bad files
+                raise _corrupt(source, "vocab.json + merges.txt (or tokenizer.json)",
+                               "a CLIP BPE tokenizer", e) from e
         if os.path.exists(source):
             raise NotADirectoryError(f"tokenizer source {source!r} is a file; expected a "
                                      f"directory with vocab.json and merges.txt, or a hub id")
@@ -81,6 +86,38 @@ class Tokenizer:
         """Text of one id sequence (padding and special tokens dropped)."""
         keep = [int(t) for t in ids if t not in (0, self.sot_token_id, self.eot_token_id)]
         return self.hf.decode(keep).strip()
+
+
+def check_bpe_files(directory: str) -> None:
+    """Raise naming the file if `directory`'s vocab.json is not a JSON {token: id} object or a
+    line of its merges.txt is not two tokens (a cut copy or another file)."""
+    vocab, merges = os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt")
+    if not (os.path.isfile(vocab) and os.path.isfile(merges)):
+        return  # a tokenizer.json directory
+    with open(vocab, "rb") as f:
+        try:
+            tokens = json.loads(f.read().decode("utf-8"))
+        except ValueError as e:  # json's decode errors and bad UTF-8 are ValueErrors
+            raise _corrupt(vocab, "vocab.json", "a JSON object {token: id}", e) from e
+    if not isinstance(tokens, dict) or not all(isinstance(i, int) for i in tokens.values()):
+        raise _corrupt(vocab, "vocab.json", "a JSON object {token: id}", "not {token: id}")
+    with open(merges, "rb") as f:
+        try:
+            lines = f.read().decode("utf-8").splitlines()
+        except ValueError as e:
+            raise _corrupt(merges, "merges.txt", "BPE merges, two tokens a line", e) from e
+    for number, line in enumerate(lines, 1):
+        if line and not line.startswith("#version") and len(line.split(" ")) != 2:
+            raise _corrupt(merges, "merges.txt", "BPE merges, two tokens a line",
+                           f"line {number} is {line[:40]!r}")
+
+
+def _corrupt(path: str, files: str, holds: str, error) -> ValueError:
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return ValueError(
+        f"{path} is truncated or corrupt ({reason}): it should hold {holds}; copy {files} again "
+        f"from the CLIP's own tokenizer (`python -m dpc_jax.convert SOURCE DIR --tokenizer "
+        f"DIR_OR_HUB_ID` writes them into DIR)")
 
 
 HUB_HOST = "huggingface.co"
