@@ -24,8 +24,10 @@ import sys
 from typing import Callable, List, Optional
 
 TRACEBACK_ENV = "DPC_JAX_TRACEBACK"
+# FloatingPointError: a diverged run (non-finite loss or update); its message names the step,
+# the leaves and the last good checkpoint, which is all the user needs.
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-               FileExistsError, PermissionError)
+               FileExistsError, PermissionError, FloatingPointError)
 EXIT_USER_ERROR = 2
 # Optional dependencies (pyproject.toml extras): the package a command may need -> its extra.
 OPTIONAL_EXTRAS = {"torch": "torch", "matplotlib": "plot"}

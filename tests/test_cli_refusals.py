@@ -146,3 +146,36 @@ def test_a_pytorch_file_without_torch_is_one_line_naming_the_extra(tmp_path):
     assert out.stderr.strip() == ('Error: this command needs torch, which is not installed: pip '
                                   'install -e ".[torch]" (from the repository folder)')
     assert not (tmp_path / "out").exists()
+
+
+def test_a_diverged_run_is_one_error_line_naming_the_step(tmp_path):
+    """A non-finite loss is an outcome the user acts on (lower the learning rate): its message
+    alone, exit 2, no traceback."""
+    from helpers import train_cli
+
+    out = train_cli(tmp_path, "--config", "configs/dpc_coop.py", "--config.stages=backbone",
+                    "--config.shots=2",
+                    "--config.backbone.epochs=2", "--config.backbone.batch_size=16",
+                    "--config.optim.warmup_epochs=0", "--config.backbone.lr=1e30")
+    assert out.returncode == 2, out.stderr
+    lines = [l for l in out.stderr.splitlines() if l.strip()]
+    assert "Traceback" not in out.stderr and sum(l.startswith("Error:") for l in lines) == 1
+    assert ("non-finite loss" in out.stderr and "seed 1" in out.stderr
+            and "no checkpoint of this stage was saved" in out.stderr)
+
+
+def test_the_world_with_another_clip_names_the_clip_not_the_dataset(tmp_path):
+    """The world runs on its shipped CLIP: another one, as a config argument (which the world's
+    settings used to replace silently) or as a field, is refused naming the CLIP."""
+    from helpers import train_cli
+
+    out = train_cli(tmp_path, "--config", "configs/dpc_coop.py:clip=/some/converted_clip")
+    assert out.returncode == 2, out.stderr
+    assert "Error: --config configs/dpc_coop.py:clip=/some/converted_clip: config argument " \
+           "clip='/some/converted_clip' with dataset='world'" in out.stderr, out.stderr
+    out = train_cli(tmp_path, "--config", "configs/dpc_coop.py",
+                    "--config.clip.source=/some/converted_clip")
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("Error: config.clip.source='/some/converted_clip' with the "
+                                 "world dataset 'world'"), out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "w").exists()

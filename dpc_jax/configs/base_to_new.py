@@ -46,6 +46,12 @@ def get_config(arg=None, variants=("base_to_new",)) -> ml_collections.ConfigDict
     # CLIP.
     c.clip = ml_collections.ConfigDict()
     c.clip.source = args.get("clip", "ViT-B/16")
+    if c.dataset.startswith("world") and args.get("clip", "world") != "world":
+        # The world's settings set its shipped CLIP; another one would be ignored silently.
+        raise ValueError(f"config argument clip={args['clip']!r} with dataset={c.dataset!r}: the "
+                         f"world datasets run on the shipped world CLIP they were drawn for; to "
+                         f"run your CLIP, give a real dataset or your own folder "
+                         f"(dataset=NAME,root=DIR,clip={args['clip']})")
     c.clip.tokenizer = "openai/clip-vit-base-patch16"
     c.clip.dtype = "float32"  # compute dtype: float32 | bfloat16
     c.clip.precision = "highest"

@@ -97,12 +97,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not isinstance(config.shots, int) or config.shots < 1:
         raise ValueError(f"config.shots={config.shots!r}; expected a positive integer (images "
                          f"per base class; the papers use 16)")
-    if (config.clip.source in SHIPPED_CLIPS) != protocols.is_world(config.dataset):
+    if config.clip.source in SHIPPED_CLIPS and not protocols.is_world(config.dataset):
         raise ValueError(
             f"config.dataset={config.dataset!r} with config.clip.source={config.clip.source!r}: "
             f"the shipped world CLIP belongs to the world datasets only. Choose a dataset with "
             f"`--config configs/<config>.py:dataset=NAME,root=DIR` (which also sets the CLIP "
             f"and schedules), not with --config.dataset")
+    if protocols.is_world(config.dataset) and config.clip.source not in SHIPPED_CLIPS:
+        raise ValueError(
+            f"config.clip.source={config.clip.source!r} with the world dataset "
+            f"{config.dataset!r}: the world's images and classes are those the shipped world "
+            f"CLIP was pretrained on, so its runs use it (config.clip.source='world'); to run "
+            f"your CLIP, choose a real dataset or your own folder with `--config "
+            f"configs/<config>.py:dataset=NAME,root=DIR,clip={config.clip.source}`")
     if (not protocols.is_world(config.dataset) and config.source == "coop"
             and not str(config.root).strip()):
         raise ValueError(f"config.root is empty for dataset {config.dataset!r}: expected the "
@@ -236,7 +243,8 @@ def decode_train_set(seed_run: SeedRun, stages) -> None:
             raise ValueError(f"{len(missing)} image file(s) of the unlabeled train split of "
                              f"{cfg.dataset} are missing, e.g. {missing[0]}; restore them, or "
                              f"{_what_to_do(cfg)}")
-    if ((stage1_trains and not unlabeled) or ("dpc" in stages and not cfg.dpc.get("init_from", ""))):
+    stage2_trains = "dpc" in stages and not cfg.dpc.get("init_from", "")
+    if (stage1_trains and not unlabeled) or stage2_trains:
         try:
             seed_run.train_set()
         except ImageLoadError as e:

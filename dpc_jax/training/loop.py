@@ -89,10 +89,14 @@ def check_finite_state(device_state: dict, name: str, step: int, seed: int,
                             "opt_state": device_state["opt_state"]})
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        kept = (f"the latest checkpoint is step {last_saved}" if last_saved is not None
+                else "no checkpoint of this stage was saved yet")
+        again = ("resume from that checkpoint" if last_saved is not None
+                 else "train the stage from its start")
         raise FloatingPointError(
             f"{name}: non-finite values after the update of step {step} (seed {seed}) in "
-            f"{shown}; not saved: the latest checkpoint is step {last_saved}. Lower the "
-            f"learning rate or check the data, then rerun to resume from that checkpoint")
+            f"{shown}; not saved: {kept}. Lower the learning rate or check the data, then rerun "
+            f"to {again}")
 
 
 def stage_key(seed: int, stage_id: int):
@@ -237,10 +241,12 @@ def run_stage(stage: Stage, train_state: dict, extra: dict, *, seed: int, mesh: 
             bad = np.flatnonzero(~np.all(np.isfinite(losses), axis=1))
             if bad.size:
                 s = step + int(bad[0])
+                latest = directory.latest_step()
+                saved = (f"nothing after step {latest} was saved" if latest is not None
+                         else "no checkpoint of this stage was saved")
                 raise FloatingPointError(
                     f"{name}: non-finite loss {losses[bad[0]].tolist()} at step {s + 1} (epoch "
-                    f"{s // epoch_steps}, seed {seed}); nothing after step "
-                    f"{directory.latest_step()} was saved")
+                    f"{s // epoch_steps}, seed {seed}); {saved}")
             bar.update(end - step)
             for j, s in enumerate(range(step, end)):
                 if (s + 1) % config.log_every_steps == 0 or s + 1 == total:
