@@ -62,3 +62,16 @@ def test_a_folder_holding_other_data_is_refused_and_left_as_it_was(tmp_path):
     synth.write_coop_layout("dtd", str(again), train=1, val=1, test=1)
     synth.write_coop_layout("dtd", str(again), train=2, val=1, test=1)  # its own folder
     assert check.check_dataset("dtd", str(again), shots=2, seed=1)["ok"]
+
+
+def test_a_class_with_fewer_images_than_shots_is_said_once(tmp_path, capsys):
+    """A CoOp-layout dataset whose classes hold fewer training images than `shots` trains on
+    what there is; one warning line says so instead of recording the requested shots silently."""
+    synth.write_coop_layout("dtd", str(tmp_path), train=3, val=1, test=1)
+    data = sources.build_dataset("dtd", str(tmp_path), shots=4, seed=1)
+    assert np.bincount(data.train.labels).max() == 3
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1
+    assert "dtd: 47 class(es) have fewer than 4 training images (shots)" in err
+    sources.build_dataset("dtd", str(tmp_path), shots=3, seed=1)
+    assert "warning" not in capsys.readouterr().err

@@ -10,6 +10,8 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
+import numpy as np
+
 from dpc_jax.data import base, coop, folder, registry
 
 SOURCES = ("coop", "tfds")
@@ -55,7 +57,21 @@ def load_dataset(name: str, root: Optional[str], source: str = "coop", shots: in
         data, prov = tfds_source.load(info, root, shots, seed, cache_dir=cache_dir,
                                       decode=decode, classnames_file=classnames_file)
     prov.update(shots=shots, seed=seed, subsample=subsample)
+    if shots >= 1 and info.layout != "folder":  # the folder source says so itself
+        short = short_classes(data, shots)
+        if short:
+            listed = ", ".join(f"{c!r} {n}" for c, n in short[:10])
+            prov.setdefault("warnings", []).append(
+                f"{info.name}: {len(short)} class(es) have fewer than {shots} training images "
+                f"(shots); all of theirs are used: {listed}{', ...' if len(short) > 10 else ''}")
     return base.subsample_classes(data, subsample), prov
+
+
+def short_classes(data: base.BaseToNewData, shots: int) -> list:
+    """[(class name, training images)] of the classes of a few-shot sampled dataset that hold
+    fewer than `shots`."""
+    counts = np.bincount(np.asarray(data.train.labels), minlength=len(data.classnames))
+    return [(data.classnames[y], int(n)) for y, n in enumerate(counts) if n < shots]
 
 
 def build_dataset(name: str, root: Optional[str], source: str = "coop", shots: int = 16,
@@ -69,7 +85,7 @@ def build_dataset(name: str, root: Optional[str], source: str = "coop", shots: i
       `shots` per class and val min(shots, 4); ImageNet's val is its test set.
     subsample: 'all' | 'base' | 'new' (Dassl's halving of the sorted labels, re-numbered).
     kwargs: use_fewshot_pickle (coop), cache_dir / decode / classnames_file (tfds).
-    What the provenance warns about (a folder's classes with fewer images than `shots`) is
+    What the provenance warns about (classes with fewer training images than `shots`) is
     printed, one line each.
     """
     data, prov = load_dataset(name, root, source, shots, seed, subsample, **kwargs)
