@@ -4,7 +4,7 @@
 training would, with the same messages), then checks that every file of the selected splits
 exists (CoOp source, your own folder), optionally decodes every image, and returns a JSON-able
 report: `ok`, `classnames` (label order after subsampling), `counts` {train, val, test}, the
-few-shot provenance (with its `warnings`: a folder's classes with fewer images than `shots`),
+few-shot provenance (with its `warnings`: classes with fewer training images than `shots`),
 missing / unreadable files, and with `list_files` the few-shot `train_files` ([path relative to
 the dataset's image folder, label]; TFDS: '<split>[<record>]').
 """

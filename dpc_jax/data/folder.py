@@ -228,25 +228,17 @@ def read(root: str) -> tuple:
 
 
 def load(root: str, shots: int, seed: int) -> tuple:
-    """(BaseToNewData with the few-shot train/val and all classes, provenance dict).
-
-    Provenance 'warnings' lists what the caller should print: classes with fewer training
-    images than `shots`, which keep all of theirs."""
+    """(BaseToNewData with the few-shot train/val and all classes, provenance dict). A class
+    with fewer training images than `shots` keeps all of them (`sources.load_dataset` says
+    so)."""
     classnames, templates, splits, prov = read(root)
     root = prov["root"]
     train, val, test = (FileImageSplit(root, splits[k].relpaths, splits[k].labels)
                         for k in ("train", "val", "test"))
     data = base.BaseToNewData(registry.FOLDER.name, classnames, templates, train, val, test)
-    prov.update(fewshot="none", fewshot_path=None, warnings=[])
+    prov.update(fewshot="none", fewshot_path=None)
     if shots < 1:
         return data, prov
-    counts = np.bincount(train.labels, minlength=len(classnames))
-    short = [(classnames[y], int(n)) for y, n in enumerate(counts) if n < shots]
-    if short:
-        listed = ", ".join(f"{c!r} {n}" for c, n in short[:10])
-        prov["warnings"].append(
-            f"folder {root}: {len(short)} class(es) have fewer than {shots} training images "
-            f"(shots); all of theirs are used: {listed}{', ...' if len(short) > 10 else ''}")
     train_idx, val_idx = coop.fewshot_indices(registry.FOLDER, train.labels, val.labels, shots,
                                               seed)
     prov["fewshot"] = "dassl"

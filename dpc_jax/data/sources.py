@@ -57,13 +57,13 @@ def load_dataset(name: str, root: Optional[str], source: str = "coop", shots: in
         data, prov = tfds_source.load(info, root, shots, seed, cache_dir=cache_dir,
                                       decode=decode, classnames_file=classnames_file)
     prov.update(shots=shots, seed=seed, subsample=subsample)
-    if shots >= 1 and info.layout != "folder":  # the folder source says so itself
-        short = short_classes(data, shots)
-        if short:
-            listed = ", ".join(f"{c!r} {n}" for c, n in short[:10])
-            prov.setdefault("warnings", []).append(
-                f"{info.name}: {len(short)} class(es) have fewer than {shots} training images "
-                f"(shots); all of theirs are used: {listed}{', ...' if len(short) > 10 else ''}")
+    short = short_classes(data, shots) if shots >= 1 else []
+    if short:
+        where = f"folder {prov['root']}" if info.layout == "folder" else info.name
+        listed = ", ".join(f"{c!r} {n}" for c, n in short[:10])
+        prov.setdefault("warnings", []).append(
+            f"{where}: {len(short)} class(es) have fewer than {shots} training images "
+            f"(shots); all of theirs are used: {listed}{', ...' if len(short) > 10 else ''}")
     return base.subsample_classes(data, subsample), prov
 
 
