@@ -3,6 +3,7 @@
 stage with changed settings are one `Error:` line (exit 2), and no stage has run."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -105,3 +106,19 @@ def test_changed_settings_are_refused_before_any_seed_runs(tmp_path, clip_dir):
     assert "config.backbone.lr" in errors[0] and "-> 0.5" in errors[0]
     assert not (tmp_path / "w" / "seed_1").exists()  # seed 1 never ran
     assert not (tmp_path / "w" / "seed_2" / "zeroshot").exists()
+
+
+def test_a_resumed_teachers_changed_settings_are_refused_up_front(tmp_path):
+    """The teacher's stage 1 sits in seed_N/teacher/backbone: its settings are compared with
+    the rest before any stage runs."""
+    from dpc_jax.training import checkpoints, checks, teacher, train_lib
+    from helpers import REPO
+
+    config = train_lib.load_config(os.path.join(REPO, "configs", "dpc_promptkd.py"))
+    stage_dir = str(tmp_path / "seed_1" / "teacher" / "backbone")
+    checkpoints.check_stage_settings(stage_dir, 1, teacher.teacher_config(config))
+    checks.check_resumed_settings(config, str(tmp_path), [1], ["teacher", "backbone"], True)
+    config.backbone.teacher.lr = 0.5
+    with pytest.raises(ValueError, match=r"teacher/backbone was trained with other settings; "
+                                         r"changed: config\.backbone\.lr 0\.001 -> 0\.5"):
+        checks.check_resumed_settings(config, str(tmp_path), [1], ["teacher", "backbone"], True)

@@ -17,6 +17,7 @@ from dpc_jax.prompts import capabilities, get_learner
 from dpc_jax.prompts import dpc as dpc_lib
 from dpc_jax.training import checkpoints, dhno, stage1, stage2, teacher
 from dpc_jax.training.loop import check_batch_fits
+from dpc_jax.training.run import BACKBONE, DPC, STAGE_FOLDERS
 from dpc_jax.training.seed import SeedRun
 from dpc_jax.training.stages import STAGE_RUNNERS
 
@@ -192,12 +193,15 @@ def check_resumed_settings(config, workdir: str, seeds, stages, train: bool) -> 
         return
     dirs = []  # (folder in the seed's directory, stage id, the config it trains with)
     if "backbone" in stages and not config.backbone.init_from:
-        dirs.append(("backbone", 1, config))
+        dirs.append((STAGE_FOLDERS[BACKBONE], BACKBONE, config))
     if "dpc" in stages and not config.dpc.get("init_from", ""):
-        dirs.append(("dpc", 2, config))
-    if ({"teacher", "backbone"} & set(stages) and "teacher" in config.backbone
+        dirs.append((STAGE_FOLDERS[DPC], DPC, config))
+    if ({"teacher", "backbone"} & set(stages)
+            and capabilities.distils(get_learner(config.backbone.name))
             and not config.backbone.teacher.get("init_from", "")):
-        dirs.append(("teacher", 1, teacher.teacher_config(config)))
+        # The teacher's seed directory is seed_N/teacher (`teacher.teacher_seed`).
+        dirs.append((os.path.join("teacher", STAGE_FOLDERS[BACKBONE]), BACKBONE,
+                     teacher.teacher_config(config)))
     for seed in seeds:
         for name, stage_id, cfg in dirs:
             stage_dir = os.path.join(workdir, f"seed_{seed}", name)

@@ -22,6 +22,7 @@ from dpc_jax.training.loop import check_batch_fits, steps_per_epoch
 from dpc_jax.training.step import make_per_device_step, map_step, map_steps
 
 BACKBONE, DPC = 1, 2  # stage ids of stage 1 and stage 2 (they seed the epoch order and keys)
+STAGE_FOLDERS = {BACKBONE: "backbone", DPC: "dpc"}  # a training stage's folder in its seed run
 TRAIN_SPLITS = ("fewshot", "unlabeled")
 
 

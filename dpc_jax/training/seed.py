@@ -16,7 +16,7 @@ from dpc_jax.mesh import replicate
 from dpc_jax.prompts import LearnerContext, ZeroShotCLIP, capabilities
 from dpc_jax.training.checkpoints import StageDir, host
 from dpc_jax.training.loop import Stage, run_stage
-from dpc_jax.training.run import BACKBONE, Run
+from dpc_jax.training.run import BACKBONE, STAGE_FOLDERS, Run
 
 
 @dataclasses.dataclass
@@ -167,8 +167,8 @@ class SeedRun:
         return {"accuracy": out}
 
     def stage_dir(self, stage_id: int) -> StageDir:
-        name = "backbone" if stage_id == BACKBONE else "dpc"
-        return StageDir(os.path.join(self.seed_dir, name), stage_id, self.run.config)
+        return StageDir(os.path.join(self.seed_dir, STAGE_FOLDERS[stage_id]), stage_id,
+                        self.run.config)
 
     def stage(self, stage_id: int, params, state, *, name: str, batch_size: int,
               batch_field: str, epochs: int, extra_consts: Optional[dict] = None,
