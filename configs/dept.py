@@ -40,9 +40,9 @@ def _backbone_config(name, arg):
 def get_config(arg=None):
     args = common.parse_arguments(arg)
     name = args.pop("backbone", "coop")
-    if name not in inner_learners():
-        raise ValueError(f"config argument backbone={name!r}; DePT wraps one of "
-                         f"{inner_learners()}")
+    wrappable = inner_learners()
+    if name not in wrappable:
+        raise ValueError(f"config argument backbone={name!r}; DePT wraps one of {wrappable}")
     c = _backbone_config(name, ",".join(f"{k}={v}" for k, v in args.items()))
     c.stages = "zeroshot,backbone"
     inner = c.backbone

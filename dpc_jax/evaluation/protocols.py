@@ -155,6 +155,8 @@ class Protocol:
         value = config.get("targets", "")
         if value:
             names = [dataset_name(s, "targets") for s in str(value).split(",") if s.strip()]
+        elif is_world(source):
+            names = list(WORLD_TARGETS[self.name])
         else:
             names = self.default_targets(source)
         if not names:
@@ -175,6 +177,7 @@ class Protocol:
         return names
 
     def default_targets(self, source: str) -> list:
+        """A real source's targets when config.targets is empty (the world's: WORLD_TARGETS)."""
         return []
 
     def check_shots(self) -> None:
@@ -354,8 +357,6 @@ class CrossDataset(Protocol):
     transfer = True
 
     def default_targets(self, source: str) -> list:
-        if is_world(source):
-            return list(WORLD_TARGETS[self.name])
         return [d for d in registry.BASE_TO_NEW if d != source]
 
     def check_target(self, name: str) -> None:
@@ -371,8 +372,6 @@ class DomainGeneralisation(Protocol):
     transfer = True
 
     def default_targets(self, source: str) -> list:
-        if is_world(source):
-            return list(WORLD_TARGETS[self.name])
         if source in DG_TARGETS:
             return list(DG_TARGETS[source])
         raise ValueError(f"config.targets is empty and source config.dataset={source!r} has no "

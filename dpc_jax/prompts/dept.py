@@ -109,10 +109,10 @@ class DePT(capabilities.Stateful, capabilities.EpochHooks, capabilities.TorchFor
         super().__init__(clip_config, tokenizer, config)
         from dpc_jax.prompts import registry
 
-        inner = config_field(config, "inner", _WHERE)
-        if inner.get("name") not in inner_learners():
+        inner, wrappable = config_field(config, "inner", _WHERE), inner_learners()
+        if inner.get("name") not in wrappable:
             raise ValueError(f"{_WHERE}.inner.name={inner.get('name')!r}; DePT wraps one of "
-                             f"{inner_learners()}")
+                             f"{wrappable}")
         self.inner = registry.build_learner(clip_config, tokenizer, inner)
         self.uses_image_prompts = self.inner.uses_image_prompts
         self.text_needs_image = getattr(self.inner, "text_needs_image", False)

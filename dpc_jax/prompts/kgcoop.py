@@ -57,10 +57,8 @@ class KgCoOp(CoOp):
     """CoOp with a knowledge-guided term toward the hand-crafted prompt's text features."""
 
     name = "kgcoop"
-    # The world schedule is CoOp's; the weight is the released one.
     info = LearnerInfo(
-        display_name="KgCoOp", order=25,
-        world={"backbone.epochs": 10, "backbone.batch_size": 32, "backbone.lr": 0.003},
+        display_name="KgCoOp", order=25, world=CoOp.info.world,
         field_help={**CoOp.info.field_help,
                     "kg_weight": "weight of 1 - mean cos(learned, hand-crafted) text features"})
 

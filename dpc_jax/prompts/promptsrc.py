@@ -90,9 +90,7 @@ class PromptSRC(EpochHooks, IVLP):
 
     name = "promptsrc"
     info = LearnerInfo(
-        display_name="PromptSRC", order=50, dept_inner=True,
-        world={"backbone.depth_text": 2, "backbone.depth_vision": 3, "backbone.epochs": 20,
-               "backbone.batch_size": 32, "backbone.lr": 0.001},
+        display_name="PromptSRC", order=50, dept_inner=True, world=IVLP.info.world,
         field_help={**IVLP.info.field_help,
                     "text_loss_weight": "weight of the text self-regulating term",
                     "image_loss_weight": "weight of the image self-regulating term",
