@@ -53,7 +53,7 @@ def print_error(text: str) -> int:
 
 
 def missing_extra(error: BaseException) -> Optional[str]:
-    """For an optional dependency that is not installed, what to install ('' otherwise)."""
+    """For an optional dependency that is not installed, what to install (None otherwise)."""
     if not isinstance(error, ModuleNotFoundError):
         return None
     package = (error.name or "").split(".")[0]
@@ -73,9 +73,10 @@ def run_cli(fn: Callable, *args, **kwargs) -> int:
             raise
         return print_error(message(e))
     except ModuleNotFoundError as e:
-        if missing_extra(e) is None or show_tracebacks():
+        text = missing_extra(e)
+        if text is None or show_tracebacks():
             raise
-        return print_error(missing_extra(e))
+        return print_error(text)
     return 0
 
 

@@ -28,9 +28,10 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:  # a wrong source or file: the message says what and why
         parser.exit(2, f"Error: {e}\n")
     except ModuleNotFoundError as e:  # a PyTorch file without torch installed
-        if cli.missing_extra(e) is None or cli.show_tracebacks():
+        text = cli.missing_extra(e)
+        if text is None or cli.show_tracebacks():
             raise
-        parser.exit(2, f"Error: {cli.missing_extra(e)}\n")
+        parser.exit(2, f"Error: {text}\n")
     cfg = summary["config"]
     print(f"converted {summary['source']} ({summary['kind']}) -> {summary['out_dir']}")
     print(f"  ViT: width {cfg['vision_width']}, {cfg['vision_layers']} layers, patch "
