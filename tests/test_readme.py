@@ -6,7 +6,7 @@
 - The README's table of the paper's numbers is paper_results.json's average row.
 - docs/configs.md's field table is generated from the config files and their field help.
 - Every relative link of README.md and docs/ points to a file that exists (and to a heading
-  that exists, where it names one).
+  that exists, where it names one), and docs/index.md links every page of docs/.
 - The README fits a screen or two, and no tracked file refers to notes outside the repository.
 
 `python tests/test_readme.py --write` rewrites the generated blocks from their sources (after a
@@ -230,6 +230,15 @@ def test_config_field_table_is_generated():
 @pytest.mark.parametrize("page", pages(), ids=lambda p: os.path.relpath(p, REPO))
 def test_relative_links_resolve(page):
     assert broken_links(page) == [], f"{os.path.relpath(page, REPO)}: broken links"
+
+
+def test_index_links_every_page():
+    index = os.path.join(DOCS, "index.md")
+    linked = {os.path.normpath(os.path.join(DOCS, m.group(2).partition("#")[0]))
+              for m in _LINK.finditer(_without_code(_read(index))) if _is_relative(m.group(2))}
+    unlinked = [os.path.relpath(p, REPO) for p in pages()
+                if p not in (README, index) and os.path.dirname(p) == DOCS and p not in linked]
+    assert unlinked == [], f"docs/index.md does not link {unlinked}"
 
 
 def test_readme_fits_a_screen_or_two():
