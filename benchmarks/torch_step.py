@@ -11,7 +11,7 @@ warm-up call, median of `--repeats`, on the same random CLIP weights (dpc_jax's
 images per class) and the same B anchors, float32 on the CPU:
 
 - released: the released code's algorithm (JREion/DPC sple_coop.py `parse_sple_batch_train` and
-  `forward_backward`; DPC_PROTOCOL.md §3, §7), written anew. The frozen stage-1 model (in the
+  `forward_backward`; docs/reference/method.md#dhno), written anew. The frozen stage-1 model (in the
   released code a second CLIP, CoOpStats `model_inference`) encodes the B anchors and the texts
   of ALL C base classes with P (77 tokens) and ranks the classes; per anchor, in a Python loop:
   the top-K minus y_i, the non-repeat rule, the randint(1, C-2) fallback, the negative JSON

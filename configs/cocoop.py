@@ -1,4 +1,4 @@
-"""CoCoOp backbone (BACKBONES.md §6); DPC's stage 2 is not offered on it (see
+"""CoCoOp backbone (docs/reference/backbones.md#cocoop); DPC's stage 2 is not offered on it (see
 `dpc_jax/prompts/cocoop.py`), so the stages are zero-shot and backbone.
 
 Default: the embedded offline world and its shipped CLIP. On a real dataset

@@ -1,4 +1,5 @@
-"""DePT around a backbone (BACKBONES.md §7): `--config configs/dept.py:backbone=maple`.
+"""DePT around a backbone: `--config configs/dept.py:backbone=maple`
+(docs/reference/backbones.md#dept).
 
 The inner learner and its settings are those of `configs/dpc_<backbone>.py` (`configs/cocoop.py`
 for CoCoOp, which has no DPC config), so on the world DePT wraps exactly the learner its baseline

@@ -1,4 +1,5 @@
-"""CoOp backbone + DPC (DPC_PROTOCOL.md §4, §5).
+"""CoOp backbone + DPC (docs/reference/method.md#stage-2-settings,
+docs/reference/backbones.md#coop).
 
 Default: the embedded offline world and its shipped CLIP (runs in a few minutes on a CPU).
 `--config configs/dpc_coop.py:dataset=oxford_pets,root=/data` switches to a real dataset in the

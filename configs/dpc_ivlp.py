@@ -1,4 +1,4 @@
-"""IVLP backbone + DPC (BACKBONES.md §2, §8).
+"""IVLP backbone + DPC (docs/reference/backbones.md#ivlp, #dpc-on-each-backbone).
 
 Default: the embedded offline world and its shipped CLIP (minutes on a CPU). Its towers have 2
 text and 3 image blocks, so the prompt depths there are 2/3 (the learner's `info.world`).

@@ -1,11 +1,11 @@
-"""MaPLe backbone + DPC (BACKBONES.md §3, §8).
+"""MaPLe backbone + DPC (docs/reference/backbones.md#maple, #dpc-on-each-backbone).
 
 Default: the embedded offline world and its shipped CLIP (minutes on a CPU). Its text tower has
 2 blocks, so the coupling depth there is J = 2 (the learner's `info.world`).
 `--config configs/dpc_maple.py:dataset=oxford_pets,root=/data` switches to a real dataset with
 MaPLe's published settings (J 9, 2 context tokens from "a photo of a", B 4, LR 0.0035, 5 epochs)
-and DPC's stage 2 at the values BACKBONES.md §8 gives for backbones without a released DPC config
-(B 4, K 8, 20 epochs, LR .002, w_b .2, w_n 0).
+and DPC's stage 2 at the values used for backbones without a released DPC config
+(B 4, K 8, 20 epochs, LR .002, w_b .2, w_n 0; docs/reference/backbones.md#dpc-on-each-backbone).
 
 Arguments (comma-separated key=value): dataset, root, source (coop|tfds), clip.
 """

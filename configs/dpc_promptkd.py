@@ -1,4 +1,5 @@
-"""PromptKD backbone + DPC (BACKBONES.md §5, §8, §10).
+"""PromptKD backbone + DPC (docs/reference/backbones.md#promptkd, #dpc-on-each-backbone,
+#released-code-defects).
 
 Default: the embedded offline world. The student is the shipped world CLIP; the teacher is
 the larger shipped `world_teacher` CLIP with a PromptSRC prompt that the run trains per seed

@@ -1,4 +1,4 @@
-"""PromptSRC backbone + DPC (BACKBONES.md §4, §8).
+"""PromptSRC backbone + DPC (docs/reference/backbones.md#promptsrc, #dpc-on-each-backbone).
 
 Default: the embedded offline world and its shipped CLIP (minutes on a CPU): IVLP's world
 prompts (depth 2/3), 20 epochs at B 32, LR 0.001, GPA (15, 1). On a real dataset
@@ -12,8 +12,8 @@ chosen by `variant=`:
 These variants set the schedule and prompt settings; every run here follows the base-to-new
 protocol (stages zero-shot, backbone, DPC on base and new classes).
 Stage 2 (DPC) is the contrastive loss only, no self-regulating terms and no GPA, as released;
-no PromptSRC+DPC config was released, so it takes the values BACKBONES.md §8 gives for such
-backbones (B 4, K 8, 20 epochs, LR .002, w_b .2, w_n 0).
+no PromptSRC+DPC config was released, so it takes the values used for such backbones (B 4,
+K 8, 20 epochs, LR .002, w_b .2, w_n 0; docs/reference/backbones.md#dpc-on-each-backbone).
 
 Arguments (comma-separated key=value): dataset, root, source (coop|tfds), clip, variant.
 """

@@ -29,7 +29,8 @@ def test_every_dataset_builds_with_the_paper_settings(name):
     c = get_config(f"dataset={name},root=/data")
     train_lib.check_config(c)
     assert c.dataset == name and c.root == "/data" and c.clip.source == "ViT-B/16"
-    # CoOp/vit_b16_ep20 of the released configs (DPC_PROTOCOL.md §4) and CoOp's stage 1 (§5).
+    # CoOp/vit_b16_ep20 of the released configs (docs/reference/method.md#stage-2-settings) and
+    # CoOp's stage 1 (docs/reference/backbones.md#coop).
     assert (c.batch_size, c.dpc.epochs, c.dpc.lr, c.dpc.w_base, c.dpc.w_new) == \
         (4, 20, 0.002, 0.5, 0.0)
     assert (c.backbone.n_ctx, c.backbone.ctx_init, c.backbone.epochs, c.backbone.batch_size,

@@ -1,11 +1,12 @@
 """Import and export of PyTorch DePT checkpoints (dept_torch, DePT.load/export_torch_prompt).
 
 The checkpoints are written here by torch itself in the layout of Koorye/DePT's trainers
-(trainers/elp_coop.py, elp_maple.py; BACKBONES.md §7, §9): the whole `CustomCLIP` registered as
-'PromptLearner' (CoOp) or 'MultiModalPromptLearner' (MaPLe) and saved in one Dassl file: the
-'prompt_learner.'-prefixed prompt and its buffers, frozen CLIP tensors, logit_scale, and the
-unprefixed head film_lp_img / film_lp_text (upstream's FiLM, fp32) and linear_probe_proj (fp16
-under PREC 'fp16'), beside an optimizer state and a pickled scheduler object.
+(trainers/elp_coop.py, elp_maple.py; docs/reference/backbones.md#dept, #pytorch-checkpoints): the
+whole `CustomCLIP` registered as 'PromptLearner' (CoOp) or 'MultiModalPromptLearner' (MaPLe) and
+saved in one Dassl file: the 'prompt_learner.'-prefixed prompt and its buffers, frozen CLIP
+tensors, logit_scale, and the unprefixed head film_lp_img / film_lp_text (upstream's FiLM, fp32)
+and linear_probe_proj (fp16 under PREC 'fp16'), beside an optimizer state and a pickled scheduler
+object.
 """
 
 from __future__ import annotations

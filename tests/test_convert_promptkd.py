@@ -1,6 +1,7 @@
 """Import and export of PyTorch PromptKD student checkpoints (promptkd_torch).
 
-The checkpoints are written here by torch itself in the upstream layout (BACKBONES.md §1, §5, §9):
+The checkpoints are written here by torch itself in the upstream layout
+(docs/reference/backbones.md#promptkd, #pytorch-checkpoints):
 the student `CustomCLIP` saved whole (its image tower with the visual prompts, frozen CLIP
 tensors, logit_scale, and the projector `VPT_image_trans.conv1 = Sequential(Conv2d, BatchNorm2d,
 ReLU, Conv2d)` with fp16 convs and trained BN statistics), plus text-side tensors and prompt

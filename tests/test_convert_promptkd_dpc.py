@@ -1,13 +1,14 @@
 """Import and export of PyTorch PromptKD+DPC stage-2 checkpoints (StackSPLE_PromptKD).
 
 The stage-2 files are written here by torch itself in the released layout (JREion/DPC
-trainers/sple_promptkd.py, BACKBONES.md §8, §9): the whole `CustomSPLECLIP` saved by Dassl, i.e.
-the student image tower with its visual prompts, `logit_scale`, the projector `VPT_image_trans`
-(fp16 convs, BatchNorm statistics moved by stage 2's train-mode forwards), the prompt learner
-with theta as `prompt_learner.ctx` (fp16), its prefix/suffix buffers and the teacher-width text
-tower `prompt_learner.text_encoder` (deep prompts `VPT_shallow` in blocks 1..J-1) registered a
-second time as `text_encoder`, and `clip_model` (the student CLIP again, with its unused 512-wide
-text tower and that tower's random deep prompts), inside a Dassl dict with a pickled scheduler.
+trainers/sple_promptkd.py; docs/reference/backbones.md#dpc-on-each-backbone, #pytorch-checkpoints):
+the whole `CustomSPLECLIP` saved by Dassl, i.e. the student image tower with its visual prompts,
+`logit_scale`, the projector `VPT_image_trans` (fp16 convs, BatchNorm statistics moved by stage 2's
+train-mode forwards), the prompt learner with theta as `prompt_learner.ctx` (fp16), its
+prefix/suffix buffers and the teacher-width text tower `prompt_learner.text_encoder` (deep prompts
+`VPT_shallow` in blocks 1..J-1) registered a second time as `text_encoder`, and `clip_model` (the
+student CLIP again, with its unused 512-wide text tower and that tower's random deep prompts),
+inside a Dassl dict with a pickled scheduler.
 """
 
 from __future__ import annotations

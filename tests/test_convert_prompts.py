@@ -1,6 +1,7 @@
 """Import and export of PyTorch IVLP/PromptSRC and MaPLe stage-1 checkpoints (vlp_torch).
 
-The checkpoints are written here with torch in the upstream layout (BACKBONES.md §1, §9): the
+The checkpoints are written here with torch in the upstream layout
+(docs/reference/backbones.md#common-ground, #pytorch-checkpoints): the
 whole model (prompt keys, frozen CLIP copies, token_prefix/suffix buffers) inside a Dassl dict
 whose scheduler entry is a pickled object the loader must not build.
 """

@@ -1,4 +1,5 @@
-"""The dataset registry (dpc_jax.data.registry) against DPC_PROTOCOL.md §6 and CoOp's readers."""
+"""The dataset registry (dpc_jax.data.registry) against docs/reference/method.md#data-protocol and
+CoOp's readers."""
 
 import pytest
 

@@ -1,4 +1,5 @@
-"""DHNO (dpc_jax.training.dhno) against plain-Python transcriptions of DPC_PROTOCOL.md §3."""
+"""DHNO (dpc_jax.training.dhno) against plain-Python transcriptions of
+docs/reference/method.md#dhno."""
 
 import jax
 import jax.numpy as jnp

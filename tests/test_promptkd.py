@@ -206,7 +206,7 @@ def test_dpc_backbone_adds_the_teachers_text_branch_and_new_classes_stay_promptk
 def test_new_classes_at_w_new_mix_the_prompts_and_restore_the_projector(kd):
     """Reference mode, w_n = 0.3: for new classes the prompt leaves are w_n-mixed (ctx through
     the released converse arithmetic), while the projector, not a prompt, is stage 1's
-    (BACKBONES.md §8); base classes use the trained projector."""
+    (docs/reference/backbones.md#dpc-on-each-backbone); base classes use the trained projector."""
     learner, params, consts = kd
     prompt = jax.tree_util.tree_map(np.asarray, learner.init(jax.random.key(0), params))
     backbone = learner.dpc_backbone(prompt, consts)

@@ -56,7 +56,8 @@ def test_world_defaults_fit_the_world_clip():
     ivlp, maple = (train_lib.load_config(CONFIGS[n]) for n in ("ivlp", "maple"))
     assert (ivlp.backbone.depth_text, ivlp.backbone.depth_vision) == (2, 3)
     assert maple.backbone.depth == 2
-    # The published settings on a real dataset (BACKBONES.md §2, §3, §8).
+    # The published settings on a real dataset (docs/reference/backbones.md#ivlp, #maple,
+    # #dpc-on-each-backbone).
     ivlp, maple = (train_lib.load_config(CONFIGS[n] + ":dataset=dtd,root=/data")
                    for n in ("ivlp", "maple"))
     b = ivlp.backbone

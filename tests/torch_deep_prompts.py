@@ -1,8 +1,8 @@
 """A PyTorch reference for prompted CLIP, on OpenAI's own clip/model.py.
 
 The forward passes below iterate over OpenAI's residual blocks by hand and insert prompts the
-way the upstream IVLP and MaPLe code does (BACKBONES.md §1-3, read from
-multimodal-prompt-learning's clip/model.py, ResidualAttentionBlock_IVLP / _MaPLe):
+way the upstream IVLP and MaPLe code does (docs/reference/backbones.md#common-ground, #ivlp,
+#maple, read from multimodal-prompt-learning's clip/model.py, ResidualAttentionBlock_IVLP / _MaPLe):
 - image: [CLS; patches] + positional embedding, then the n_v visual prompt tokens appended (no
   positional embedding), ln_pre; before block i (1 <= i <= J-1) the LAST n_v tokens are
   overwritten by deep prompt i-1; CLS after ln_post, times proj.

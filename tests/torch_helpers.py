@@ -40,7 +40,8 @@ def randomize_(model, seed: int):
     return model
 
 
-# -- an upstream-shaped PromptKD student (BACKBONES.md §1, §5, §9) ---------------------------------
+# -- an upstream-shaped PromptKD student -------------------------------------------------------
+# (docs/reference/backbones.md#promptkd, #pytorch-checkpoints)
 
 
 CONV = "VPT_image_trans.conv1."

@@ -1,4 +1,4 @@
-"""The base-to-new protocol (DPC_PROTOCOL.md §4-§6): every field a run reads, with the paper's
+"""The base-to-new protocol (docs/reference/method.md): every field a run reads, with the paper's
 values for real datasets (ViT-B/16; DPC: the released CoOp/vit_b16_ep20 config). A method's
 config file sets `config.backbone` and calls `common.apply_settings`."""
 
@@ -76,7 +76,7 @@ def get_config(arg=None, variants=("base_to_new",)) -> ml_collections.ConfigDict
     # Stage 2: DPC (released CoOp/vit_b16_ep20).
     c.batch_size = 4  # per-device B of the reference; the global batch is B * devices
     c.dpc = ml_collections.ConfigDict()
-    c.dpc.mode = "reference"  # reference | paper (DPC_PROTOCOL.md §2)
+    c.dpc.mode = "reference"  # reference | paper (docs/reference/method.md#modes)
     c.dpc.w_base = 0.5
     c.dpc.w_new = 0.0
     # The prompt a transfer target (cross_dataset, domain_generalisation) is evaluated with:

@@ -1,7 +1,8 @@
 """PyTorch DePT checkpoints (Koorye/DePT @d4ff416) <-> dpc_jax DePT prompts {'inner', 'head'}.
 
 Import starts an evaluation from a DePT model trained by the released code; export writes a DePT
-model trained here as the file the released trainers' `load_model` reads. BACKBONES.md §7, §9.
+model trained here as the file the released trainers' `load_model` reads
+(docs/reference/backbones.md#dept, #pytorch-checkpoints).
 
     load_dept_head(path, embed_dim, num_classes) -> head
     load_dept_coop_ctx(path, expected_shape) -> ctx

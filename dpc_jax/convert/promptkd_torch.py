@@ -2,7 +2,8 @@
 PromptKD+DPC stage-2 checkpoints <-> DPC's parallel prompt and stage-2 BatchNorm state.
 
 Import starts an evaluation or DPC's stage 2 from a student distilled by the released PromptKD
-code; export writes a student trained here as a file its trainer loads (BACKBONES.md §1, §5, §9).
+code; export writes a student trained here as a file its trainer loads
+(docs/reference/backbones.md#promptkd, #pytorch-checkpoints).
 The stage-2 pair does the same for the released StackSPLE_PromptKD trainer (JREion/DPC
 trainers/sple_promptkd.py; layout below). torch is imported only inside the functions that read
 or write a file.
@@ -54,7 +55,8 @@ student keys above, with the BatchNorm statistics of stage 2 (the released stage
 train mode and moves them; its base classes are evaluated with them), plus
 
     'prompt_learner.ctx' [n_t, W_t] (fp16 upstream)     -> parallel 'ctx': theta, the stored
-                                                            weighted mix (DPC_PROTOCOL.md §2)
+                                                            weighted mix (reference mode,
+                                                            docs/reference/method.md#modes)
     'prompt_learner.text_encoder.transformer.resblocks.{i}.VPT_shallow' (i = 1..J_t-1)
                                                         -> parallel 'text_deep'[i-1]
     'text_encoder.transformer.resblocks.{i}.VPT_shallow' -> the same tower under its second
@@ -150,7 +152,8 @@ _DPC_EXAMPLE = os.path.join("<DPC run>", MODEL_DIR, "model-best.pth.tar")
 def student_checkpoint_path(run_dir: str, epoch: int) -> str:
     """Where the upstream student trainer saves (and its `load_model` looks for) epoch `epoch`
     (1-based): `<run_dir>/VLPromptLearner/model.pth.tar-<epoch>`. (The released code's model
-    selection also writes `VLPromptLearner/model-best.pth.tar`, the file BACKBONES.md §9 names.)
+    selection also writes `VLPromptLearner/model-best.pth.tar`, the file
+    docs/reference/backbones.md#pytorch-checkpoints names.)
     """
     return os.path.join(run_dir, MODEL_DIR, f"model.pth.tar-{int(epoch)}")
 
@@ -188,7 +191,7 @@ def load_promptkd_dpc(path: str, expected: Mapping) -> Tuple[dict, dict]:
     `parallel` is dpc_jax's reference-mode parallel prompt of a PromptKD backbone (the
     'parallel' subtree of `DualPrompt` parameters): the student's leaves as in
     `load_promptkd_student` plus 'ctx' [n_t, W_t] = theta, the stored weighted mix (the
-    converse map of DPC_PROTOCOL.md §2 turns it into the context used for base classes, given
+    converse map, docs/reference/method.md#modes, turns it into the base-class context, given
     the stage-1 ctx P and w_b, neither of which the file holds), and 'text_deep' [J_t-1, n_t,
     W_t] (the trainable teacher-width text tower's deep prompts, block i -> index i-1). `state`
     is {'bn': {'mean', 'var'}}: the projector's BatchNorm statistics after stage 2 (the released

@@ -1,8 +1,9 @@
 """PyTorch IVLP, PromptSRC and MaPLe stage-1 checkpoints <-> dpc_jax prompt pytrees.
 
 Import starts DPC's stage 2 (or an evaluation) from a prompt trained by the PyTorch code; export
-writes a prompt trained here as a file the upstream trainers load. BACKBONES.md §1 and §9 give
-the layout; torch is imported only inside the functions that read or write a file.
+writes a prompt trained here as a file the upstream trainers load.
+docs/reference/backbones.md#common-ground and #pytorch-checkpoints give the layout; torch is
+imported only inside the functions that read or write a file.
 
     load_vlp_torch_checkpoint(path, kind, expected) -> prompt
     export_vlp_torch_checkpoint(prompt, path, kind, epoch) -> path

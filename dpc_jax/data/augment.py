@@ -1,4 +1,5 @@
-"""On-device image transforms of the CoOp/Dassl protocol (DPC_PROTOCOL.md §6), jit-able.
+"""On-device image transforms of the CoOp/Dassl protocol (docs/reference/method.md#data-protocol),
+jit-able.
 
 Training: torchvision's RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3), bicubic),
 RandomHorizontalFlip(0.5), ToTensor, Normalize(CLIP mean/std). Evaluation: bicubic resize of the

@@ -6,7 +6,7 @@ CLIP test transform (bicubic resize of the shorter side to `size`, centre crop);
 normalisation is applied on device (`dpc_jax.data.transforms`). The training code decodes the
 few-shot training split once at a stored resolution and augments it on device.
 
-The protocol helpers here follow Dassl/CoOp exactly (DPC_PROTOCOL.md §6):
+The protocol helpers here follow Dassl/CoOp exactly (docs/reference/method.md#data-protocol):
 `dassl_fewshot_indices` reproduces `generate_fewshot_dataset`, `subsample_classes` the
 base/new halving with re-labelling, and `carve` the per-class validation (and test) split CoOp's
 readers make where a dataset has none (the TFDS source and your own folder use it).

@@ -1,6 +1,7 @@
 """The CoOp/Dassl folder layout: split files, few-shot pickles, ImageNet and its variants.
 
-Reads `root/<dataset_dir>/` exactly as CoOp's dataset readers do (DPC_PROTOCOL.md §6):
+Reads `root/<dataset_dir>/` exactly as CoOp's dataset readers do
+(docs/reference/method.md#data-protocol):
 - `split_zhou_<Name>.json`: {"train"|"val"|"test": [[path relative to the image folder, label,
   class name], ...]}, validated (one name per label, labels 0..n-1, the registry's class count);
 - ImageNet: `preprocessed.pkl` (CoOp's cache of Datum lists) or classnames.txt + the

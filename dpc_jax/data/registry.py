@@ -1,8 +1,9 @@
 """The benchmark datasets of the CoOp/DPC protocol: where they live, how CoOp names their classes.
 
-One `DatasetInfo` per dataset holds the CoOp folder layout (`root/<dataset_dir>/<image_dir>`,
-the split file), the zero-shot template (zsclip.py CUSTOM_TEMPLATES, DPC_PROTOCOL.md §6), the
-class count, the TFDS counterpart, and where the data comes from (CoOp's DATASETS.md).
+One `DatasetInfo` per dataset holds the CoOp folder layout (`root/<dataset_dir>/<image_dir>`, the
+split file), the zero-shot template (zsclip.py CUSTOM_TEMPLATES,
+docs/reference/method.md#templates), the class count, the TFDS counterpart, and where the data
+comes from (CoOp's DATASETS.md).
 
 Class lists are never shipped here: the CoOp sources read them from the split files / class files
 on disk, and the TFDS source derives them from the TFDS label names with CoOp's renaming rules
@@ -122,7 +123,8 @@ class DatasetInfo:
     val_is_test: bool = False  # CoOp ImageNet evaluates on val = test
     known_classnames: Optional[tuple] = None  # only where CoOp's code fixes the whole list
     forbidden_classnames: tuple = ()  # raw names CoOp renames or drops
-    promptkd_kd_weight: Optional[float] = None  # PromptKD KD_W (DPC_PROTOCOL.md §5)
+    # PromptKD KD_W (docs/reference/backbones.md#promptkd)
+    promptkd_kd_weight: Optional[float] = None
     notes: str = ""
 
     @property

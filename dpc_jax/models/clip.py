@@ -16,7 +16,7 @@ picks the attention kernel ('einsum': the explicit einsum/softmax below; 'dot_pr
 cuDNN flash attention, GPU with float16/bfloat16 only). `config.remat` recomputes each residual
 block's activations in the backward pass (`nn.remat`) instead of storing them.
 
-Prompt hooks (DPC_PROTOCOL.md §5):
+Prompt hooks (docs/reference/backbones.md#common-ground):
 - `encode_text_embeddings(x, eot_indices, deep_prompts)` takes token embeddings [N, L, W] instead
   of ids, so prompt learners can replace the embeddings of placeholder tokens with context
   vectors; the text feature is read at `eot_indices`.

@@ -5,9 +5,9 @@ prompts are plain pytrees (dicts of float32 arrays), so DPC (`dpc_jax.prompts.dp
 and checkpoints treat every learner alike. All array methods are pure functions of their inputs
 and can be jitted (the learner object itself is static configuration).
 
-Text side, common to the CoOp family (DPC_PROTOCOL.md §5): each class is the text
-"X X ... X {name}." with '_' in names replaced by ' '; the n_ctx placeholder tokens at positions
-1..n_ctx are replaced by context vectors, and the text feature is read at the EOT token.
+Text side, common to the CoOp family (docs/reference/backbones.md#common-ground): each class is the
+text "X X ... X {name}." with '_' in names replaced by ' '; the n_ctx placeholder tokens at
+positions 1..n_ctx are replaced by context vectors, and the text feature is read at the EOT token.
 `prepare` embeds these texts once per class list with the frozen token embedding (`ClassTexts`);
 `text_features` then encodes only the requested class ids, so a training step that encodes the
 labels present in its batch costs the same whatever the number of classes.
@@ -112,14 +112,16 @@ class DualRules:
     match decides, every leaf must be matched). A leaf that is not doubled is shared: P's value
     serves both prompts and it never trains in stage 2. The released trainers apply the converse
     map (and its lr/w_b^2 amplification) to the layer-0 text context `ctx` only; every other
-    doubled leaf is trained as itself (DPC_PROTOCOL.md §2, BACKBONES.md §8).
+    doubled leaf is trained as itself (docs/reference/method.md#modes,
+    docs/reference/backbones.md#dpc-on-each-backbone).
     """
 
     double: Tuple[Tuple[str, bool], ...] = ((".*", True),)
     converse: Tuple[Tuple[str, bool], ...] = (("ctx", True), (".*", False))
     # Doubled leaves that reference mode gives back to P for new classes instead of mixing
     # them with w_n: the modules that are not prompts (PromptKD's projector), which the
-    # released loaders restore from stage 1 (BACKBONES.md §8). Only matters for w_n > 0.
+    # released loaders restore from stage 1 (docs/reference/method.md#modes). Only matters
+    # for w_n > 0.
     new_from_backbone: Tuple[Tuple[str, bool], ...] = ((".*", False),)
     # Optional map from a prompt to the prompts that enter the towers (MaPLe: its vision prompts
     # are coupled from the text prompts). When given, the weighting-decoupling mix

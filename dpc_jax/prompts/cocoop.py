@@ -1,5 +1,5 @@
 """CoCoOp (Zhou et al., "Conditional Prompt Learning"): CoOp's context shifted per image by a
-meta-net (BACKBONES.md §6).
+meta-net (docs/reference/backbones.md#cocoop).
 
 The prompt pytree (float32): 'ctx' [n, W_t] (from "a photo of a") and 'meta_net' {'linear1'
 {'kernel' [E, E/16], 'bias'}, 'linear2' {'kernel' [E/16, W_t], 'bias'}}: the meta-net

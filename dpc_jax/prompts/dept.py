@@ -1,5 +1,5 @@
 """DePT (Zhang et al., "DePT: Decoupled Prompt Tuning"): feature-level decoupling, trained
-jointly with any inner prompt learner (BACKBONES.md §7).
+jointly with any inner prompt learner (docs/reference/backbones.md#dept).
 
 The prompt is {'inner': the inner learner's prompt, 'head': the channel-wise attention head}:
 - 'film_img' {'scale', 'bias'} [E] and 'film_text' {'scale', 'bias'} [E] (init 1 and 0): a

@@ -1,4 +1,4 @@
-"""DPC's dual prompts (DPC_PROTOCOL.md §2) over any prompt learner's prompt pytree.
+"""DPC's dual prompts (docs/reference/method.md#modes) over any prompt learner's prompt pytree.
 
 The parameter tree is `{'backbone': P, 'parallel': theta}`: P is the stage-1 prompt (a frozen
 leaf; `trainable_rules` keeps it out of the optimizer) and theta the trainable parallel prompt,
@@ -7,11 +7,11 @@ prompt are doubled (theta holds only those; the others are P's, shared and froze
 doubled leaves get reference mode's converse map below. The default, and CoOp's: every leaf is
 doubled, the converse map acts on `ctx`. Doubled leaves without the map are trained as
 themselves, used as trained for base classes and mixed w_n*P' + (1-w_n)*P for new classes, as
-the released multi-prompt trainers do (DPC_PROTOCOL.md §2). A learner whose tower prompts are
+the released multi-prompt trainers do. A learner whose tower prompts are
 computed from its leaves (MaPLe's coupled vision prompts) gives `DualRules.towers`: mixes with
 0 < w < 1 are then taken over the prompts entering the towers, after coupling, which keeps the
-decoupling at the prompt level (BACKBONES.md §8); w = 0 and w = 1 still return P and the trained
-prompt themselves.
+decoupling at the prompt level; w = 0 and w = 1 still return P and the trained prompt
+themselves (docs/reference/backbones.md#dpc-on-each-backbone).
 
 `config.dpc` fields (see `default_config`):
 - mode: 'reference' (default) reproduces the released code ('converse' mode of sple_coop.py);

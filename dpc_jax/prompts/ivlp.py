@@ -1,5 +1,5 @@
-"""IVLP: independent deep prompts on both CLIP towers (BACKBONES.md §1-2; the base of PromptSRC
-and PromptKD).
+"""IVLP: independent deep prompts on both CLIP towers (the base of PromptSRC and PromptKD;
+docs/reference/backbones.md#common-ground, #ivlp).
 
 The prompt pytree (all float32):
 - 'ctx' [n, W_t]: the text context at token positions 1..n, initialised from the first n tokens

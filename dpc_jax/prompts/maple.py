@@ -1,5 +1,5 @@
 """MaPLe (Khattak et al., "Multi-modal Prompt Learning"): text prompts coupled to the image tower
-(BACKBONES.md §1, §3).
+(docs/reference/backbones.md#common-ground, #maple).
 
 The prompt pytree (all float32):
 - 'ctx' [n, W_t]: the text context (n = 2: the first two tokens of "a photo of a"); the class text
@@ -17,8 +17,8 @@ The prompt pytree (all float32):
 vision_ctx, vision_deep); the feature methods accept either form. DPC doubles every leaf (ctx,
 deep text prompts, coupling maps), applies reference mode's converse map to ctx only, and mixes
 two prompts (0 < w < 1) after coupling: w*F'(T') + (1-w)*F(T) on the vision side, so the
-decoupling stays at the prompt level. MaPLe has no released DPC code; this is the reading
-BACKBONES.md §8 recommends.
+decoupling stays at the prompt level. MaPLe has no released DPC code; this is our reading
+(docs/reference/backbones.md#dpc-on-each-backbone).
 
 `config.backbone` fields (see `MaPLe.default_config`; upstream names in brackets):
 - name: 'maple'

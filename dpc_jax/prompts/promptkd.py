@@ -1,5 +1,6 @@
 """PromptKD (Li et al., "PromptKD: Unsupervised Prompt Distillation"): a visually prompted
-student CLIP distilled from a frozen PromptSRC teacher on a larger CLIP (BACKBONES.md §5, §8).
+student CLIP distilled from a frozen PromptSRC teacher on a larger CLIP
+(docs/reference/backbones.md#promptkd, #dpc-on-each-backbone).
 
 Teacher: a PromptSRC learner (`dpc_jax.prompts.promptsrc`) on its own CLIP (ViT-L/14 for real
 data; the shipped `world_teacher` CLIP on the embedded world), built by the trainer from
@@ -42,7 +43,7 @@ contrastive only; the scorer is the teacher (image and text towers) over the bas
 negatives take the test transform; BatchNorm normalises with the frozen stage-1 statistics. New
 classes at w_n = 0 are the teacher's text and the stage-1 student, so new accuracy is PromptKD's
 exactly. `config.dpc.released` reproduces the released code's defects, one option each
-(BACKBONES.md §10), all False by default:
+(docs/reference/backbones.md#released-code-defects), all False by default:
 - random_vision_deep: the parallel visual deep prompts restart from N(0, 0.02) (released: they
   are assigned into a Python list, not the blocks).
 - random_text_deep: the parallel text deep prompts restart from N(0, 0.02) (released: they go to

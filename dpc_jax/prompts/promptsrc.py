@@ -1,5 +1,5 @@
 """PromptSRC (Khattak et al., "Self-regulating Prompts"): IVLP's prompts with self-regulating
-losses towards frozen CLIP and Gaussian prompt aggregation (BACKBONES.md §4).
+losses towards frozen CLIP and Gaussian prompt aggregation (docs/reference/backbones.md#promptsrc).
 
 Prompts, insertion points and the PyTorch checkpoint layout are IVLP's (`dpc_jax.prompts.ivlp`;
 the upstream file adds a frozen image-encoder copy `prompt_learner.ZS_image_encoder.*`, ignored

@@ -1,4 +1,5 @@
-"""DPC stage 2: the Dynamic Hard Negative Optimizer (DHNO) with static shapes (DPC_PROTOCOL.md §3).
+"""DPC stage 2: the Dynamic Hard Negative Optimizer (DHNO) with static shapes
+(docs/reference/method.md#dhno).
 
 Everything here runs inside the jitted per-device step. The released code builds a batch whose
 size changes every step; here every anchor owns K negative slots and a validity mask, so the
@@ -130,7 +131,8 @@ def select_hard_negatives(scores: Array, labels: Array, k: int, key: Array,
     same C-2 tries, so an anchor may still end with fewer than 2 (as there, e.g. when
     'objects' covers [1, C-2]).
 
-    'hardest' (the improved policy of §3): the K-1 highest-scoring classes not in 'objects',
+    'hardest' (the improved policy of docs/reference/method.md#dhno): the K-1 highest-scoring
+    classes not in 'objects',
     fewer only when fewer classes are left; slot K is always invalid. No randomness.
     """
     b, c = _check_selection_args(scores, labels, k, policy)
@@ -182,7 +184,8 @@ def sample_negative_images(key: Array, class_table: Array, class_counts: Array,
     """int32 [B, K]: one uniformly random training image of each negative class.
 
     Like the released `random.choice` over the class's image list, but over the few-shot
-    training set (§3: the reference JSON probably lists the whole train split). Invalid slots
+    training set (the released JSON probably lists the whole train split;
+    docs/reference/method.md#dhno). Invalid slots
     get index 0.
     """
     if negative_labels.shape != valid.shape:

@@ -35,8 +35,8 @@ def backbone_objective(learner, res: int, crop_scale=(0.08, 1.0)):
 
 def dpc_objective(learner, dual, res: int, top_k: int, policy: str, crop_scale=(0.08, 1.0),
                   dedupe_text: bool = True, compact_negatives: bool = True):
-    """Stage 2: DHNO inside the step (DPC_PROTOCOL.md §3), on B anchors of this device. The
-    learner's state is frozen (passed through unchanged).
+    """Stage 2: DHNO inside the step (docs/reference/method.md#dhno), on B anchors of this device.
+    The learner's state is frozen (passed through unchanged).
 
     Two exact eliminations of work, the same loss and gradients up to float32 rounding
     (`tests/test_dpc_elimination.py`; both False: the plain step, the A/B baseline that

@@ -1,4 +1,5 @@
-"""Dassl's optimiser and learning-rate schedule (DPC_PROTOCOL.md §4) as optax transformations.
+"""Dassl's optimiser and learning-rate schedule (docs/reference/method.md#optimiser-and-schedule)
+as optax transformations.
 
 Optimiser: torch.optim.SGD(momentum, weight_decay, nesterov=False), i.e. per step
     g <- grad + weight_decay * p;  buf <- momentum * buf + g  (buf = g at the first step);
