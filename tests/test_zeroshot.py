@@ -111,11 +111,11 @@ def test_shipped_world_clip_reaches_its_recorded_accuracy():
         acc = zeroshot.evaluate(model, params, weights, data.test.subset(keep), 32, 100)
         assert abs(acc - recorded[half]) <= 0.5, (half, acc, recorded[half])
         chance = 100.0 / len(data.classnames)
-        assert acc > 5 * chance  # far above chance, as the README claims
+        assert acc > 5 * chance  # far above chance, as docs/data.md says
 
 
 def test_shipped_world_gap_is_on_the_text_side_of_base_only():
-    """README: on base, the hand-written old-photo prompt recovers what zero-shot loses to the
+    """docs/data.md: on base, the hand-written old-photo prompt recovers what zero-shot loses to the
     convention; on new (no red or orange classes) it changes next to nothing."""
     config, params = checkpoint.load_clip_checkpoint(ASSETS)
     model, tok = CLIP(config), Tokenizer.from_pretrained(ASSETS)

@@ -59,7 +59,7 @@ def get_config(arg=None, variants=("base_to_new",)) -> ml_collections.ConfigDict
     # fewer text-tower FLOPs for ~10-token class texts). False encodes all 77 positions: the
     # A/B baseline of the exactness tests and benchmarks, not a setting to train with.
     c.clip.trim_text = True
-    # Accelerator options, the same numbers up to rounding (README, Devices): the attention
+    # Accelerator options, the same numbers up to rounding (docs/devices.md): the attention
     # kernel einsum | dot_product (jax.nn.dot_product_attention) | cudnn (its flash attention,
     # GPU, float16/bfloat16); remat recomputes block activations in the backward pass.
     c.clip.attention = "einsum"

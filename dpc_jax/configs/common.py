@@ -18,7 +18,7 @@ WORLD = {
     "crop_scale": (0.5, 1.0),
     "log_every_steps": 20,
     # Its step is small: a stretch of steps per call saves the per-step dispatch and host read
-    # (the same numbers, bitwise; README "Benchmarks").
+    # (the same numbers, bitwise; docs/benchmarks.md).
     "steps_per_call": 64,
 }
 

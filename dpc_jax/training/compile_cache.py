@@ -4,7 +4,7 @@ A run compiles each program once (`run.Run` builds the stage programs once for a
 cache, a later run of the same shapes on the same machine (a rerun, a resumed run, the next
 config of a grid, the notebooks) loads the compiled programs from disk instead of compiling
 them again. The world's DPC stage spends about half of its wall time compiling on a 2-core
-CPU (README "Benchmarks"), and a ViT-B/16 step takes tens of seconds to compile.
+CPU (docs/benchmarks.md), and a ViT-B/16 step takes tens of seconds to compile.
 
 Cache entries are native executables for the machine that compiled them. XLA:CPU runs an entry
 built for another CPU after only logging "Target machine feature ... is not supported", so on a

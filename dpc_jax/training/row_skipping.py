@@ -109,7 +109,7 @@ def chunked_rows(fn, rows: Array, count: Array, chunk: int, diff=None):
     scan would keep every chunk's residuals, the tower's weights included, stacked per chunk and
     zero-filled in the skipped chunks' branch (jax merges a cond's residuals by shape): at
     ViT-B/16 with 9 text chunks its backward pass took 0.9-1.6 s, against 0.17-0.19 s with the
-    custom VJP (README, Devices). Recomputing costs one more
+    custom VJP (docs/dpc.md). Recomputing costs one more
     forward pass of the chunks that ran, and the backward keeps one chunk's activations at a
     time. Without `diff`, the plain scan is differentiated (the A/B baseline of the
     benchmarks).
