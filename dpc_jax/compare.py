@@ -8,7 +8,10 @@ W/dept_B (`configs/dept.py:backbone=B`: B+DePT). A run whose `results.json` alre
 requested seeds is reused as it is; otherwise it is trained (resuming whatever it saved). Then it
 writes W/comparison.json (the numbers), W/comparison.md (the table) and W/comparison.png (bars
 of the harmonic mean H per backbone, mean and population std over seeds, in the style of the
-paper's plug-and-play figure).
+paper's plug-and-play figure, the dataset named in its title).
+
+The chart needs matplotlib (pip install -e ".[plot]"): without it the command stops in one line
+before training anything.
 """
 
 from __future__ import annotations
@@ -66,11 +69,15 @@ def markdown(table: dict) -> str:
 
 
 def main(argv: List[str] = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--backbones", default="coop,maple,promptsrc")
-    p.add_argument("--seeds", default="1,2,3")
-    p.add_argument("--args", default="", help="config arguments, e.g. dataset=dtd,root=/data")
+    p = argparse.ArgumentParser(prog="python -m dpc_jax.compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True,
+                   help="folder of the runs and of comparison.json, .md and .png")
+    p.add_argument("--backbones", default="coop,maple,promptsrc",
+                   help=f"comma list among {','.join(BACKBONES)} (default coop,maple,promptsrc)")
+    p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default 1,2,3)")
+    p.add_argument("--args", default="", help="config arguments for every run, e.g. "
+                                               "dataset=dtd,root=/data (default: the world)")
     p.add_argument("--progress", action="store_true", help="progress bars while training")
     a = p.parse_args(argv)
     backbones = [b.strip() for b in a.backbones.split(",") if b.strip()]
@@ -83,6 +90,8 @@ def main(argv: List[str] = None) -> dict:
         p.error(f"--seeds={a.seeds!r}: expected comma-separated integers")
     if not seeds:
         p.error("--seeds is empty")
+    import matplotlib  # noqa: F401  (the chart's: missing, say so before hours of training)
+
     runs = {}
     for b in backbones:
         for name, spec in run_specs(b, a.args).items():
