@@ -84,6 +84,40 @@ def test_table_numbers_are_h_of_seed_means_and_the_dataset_average(synthetic_roo
     assert coop["rows"]["world"]["+DePT"]["base"] == 36.0
 
 
+def summary_table(text, heading):
+    """The rows under `heading` in summary.md: [[cell, ...], ...] without the header."""
+    block = text.split(heading + "\n", 1)[1].lstrip("\n").split("\n\n", 1)[0]
+    lines = [l for l in block.splitlines() if l.startswith("|")]
+    assert lines[0] == ("| learner | zero-shot B/N/H | learner B/N/H | +DPC B/N/H | ΔH DPC | "
+                        "seeds |")
+    return [[c.strip() for c in l.strip("|").split("|")] for l in lines[2:]]
+
+
+def bnh(base, new):
+    return f"{base:.2f}/{new:.2f}/{harmonic_mean(base, new):.2f}"
+
+
+def test_summary_md_has_a_row_per_learner_in_registry_order_and_dept_rows(synthetic_root):
+    """summary.md (the README's results table): per dataset, the seed means and the H of the
+    means of zero-shot, the learner and +DPC, ΔH, the seeds; learners in registry order
+    (CoOp before CoCoOp, which sorts first by name), DePT runs after them as 'DePT (CoOp)'
+    without +DPC."""
+    write_run(os.path.join(synthetic_root, "world", "cocoop"), "world", "cocoop",
+              {"zeroshot": {3: (37.0, 62.0)}, "backbone": {3: (50.0, 60.0)}})
+    report.write_report(synthetic_root, notice=lambda s: None)
+    text = open(os.path.join(synthetic_root, "summary.md")).read()
+    assert summary_table(text, "**DTD**, seeds 1,2") == [
+        ["CoOp", bnh(50, 60), bnh(70, 45), bnh(75, 45),
+         f"{harmonic_mean(75, 45) - harmonic_mean(70, 45):+.2f}", "1,2"]]
+    assert summary_table(text, "**world**, seeds 1,3") == [
+        ["CoOp", bnh(37, 62), bnh(61, 59), bnh(64, 59),
+         f"{harmonic_mean(64, 59) - harmonic_mean(61, 59):+.2f}", "1"],
+        ["CoCoOp", bnh(37, 62), bnh(50, 60), "–", "–", "3"],
+        ["MaPLe", bnh(37, 62), bnh(45, 56), bnh(58, 56),
+         f"{harmonic_mean(58, 56) - harmonic_mean(45, 56):+.2f}", "1"],
+        ["DePT (CoOp)", bnh(37, 62), bnh(36, 61), "–", "–", "1"]]
+
+
 def test_average_row_over_datasets(tmp_path):
     root = str(tmp_path)
     write_run(os.path.join(root, "dtd", "dpc_coop"), "dtd", "coop", COOP_DTD)

@@ -1,8 +1,9 @@
 """The results report: every run under a ROOT as the paper's base-to-new table, and its plots.
 
 `write_report(root)` (what `python -m dpc_jax.benchmark report ROOT` calls) writes ROOT/table.md,
-ROOT/table.csv and ROOT/plots/*.png; `collect`, `build_table`, `markdown`, `csv_rows` and the
-plot functions are the pieces, for notebooks.
+ROOT/table.csv, ROOT/summary.md (one compact table per dataset: a row per learner and per DePT
+run) and ROOT/plots/*.png; `collect`, `build_table`, `markdown`, `summary_markdown`, `csv_rows`
+and the plot functions are the pieces, for notebooks.
 
 A run is a directory holding results.json and config.json (what `train_and_evaluate` writes),
 wherever it sits under ROOT: the dataset and the method come from config.json, so the runner's
@@ -404,6 +405,67 @@ def markdown(table: dict, plots: Sequence[str] = ()) -> str:
     return "\n".join(out)
 
 
+# ---------------------------------------------------------------- the summary
+
+def _seed_row(pooled: dict, dataset: str, method: str, stage: str) -> Optional[dict]:
+    """The table row (seed means, H of the means) of one method's stage, or None."""
+    by_seed = pooled.get(dataset, {}).get(method, {}).get(stage)
+    return row(summarize({stage: by_seed})[stage]) if by_seed else None
+
+
+def _seeds(*rows) -> List[str]:
+    return sorted({s for r in rows if r for s in r["per_seed"]}, key=int)
+
+
+def summary_rows(runs: Sequence[Run]) -> Dict[str, List[dict]]:
+    """dataset -> one row per learner (registry order), then one per DePT run (as
+    'DePT (CoOp)'): {'learner', 'zeroshot', 'backbone', '+DPC' (rows or None), 'delta_hm'
+    (+DPC minus the learner's H, or None), 'seeds'}."""
+    pooled = pool(runs)
+    out = {}
+    for d in dataset_order(pooled):
+        methods = pooled[d]
+        plain = [m for m in methods if not m.startswith("dept_")]
+        dept = [m for m in methods if m.startswith("dept_")]
+        order = sorted(plain, key=method_sort) + sorted(dept, key=method_sort)
+        rows = []
+        for m in order:
+            is_dept = m.startswith("dept_")
+            own_zs = zs = _seed_row(pooled, d, m, "zeroshot")
+            if zs is None and is_dept:  # DePT's zero-shot is its CLIP's: the plain run's
+                zs = _seed_row(pooled, d, m[len("dept_"):], "zeroshot")
+            learner = _seed_row(pooled, d, m, "backbone")
+            dpc = None if is_dept else _seed_row(pooled, d, m, "dpc")
+            name = (f"{display_name('dept')} ({display_name(m[len('dept_'):])})" if is_dept
+                    else display_name(m))
+            rows.append({"learner": name, "method": m, "zeroshot": zs, "backbone": learner,
+                         "+DPC": dpc,
+                         "delta_hm": dpc["hm"] - learner["hm"] if dpc and learner else None,
+                         "seeds": _seeds(own_zs, learner, dpc)})
+        out[d] = rows
+    return out
+
+
+def summary_markdown(runs: Sequence[Run]) -> str:
+    """ROOT/summary.md: one compact table per dataset of the base-to-new runs (the README
+    embeds it)."""
+    out = ["Cells are base/new/H accuracy (%): B and N the means over the seeds, H the harmonic "
+           "mean of those means; ΔH = H of +DPC minus H of the learner. Written by `python -m "
+           "dpc_jax.benchmark report ROOT`.", ""]
+    for d, rows in summary_rows(runs).items():
+        seeds = sorted({s for r in rows for s in r["seeds"]}, key=int)
+        out += [f"**{PAPER_NAMES.get(d, d)}**, seeds {','.join(seeds)}", "",
+                "| learner | zero-shot B/N/H | learner B/N/H | +DPC B/N/H | ΔH DPC | seeds |",
+                "|---|---|---|---|---|---|"]
+        for r in rows:
+            delta = "–" if r["delta_hm"] is None else f"{r['delta_hm']:+.2f}"
+            out.append(f"| {r['learner']} | {_cell(_bnh(r['zeroshot']))} | "
+                       f"{_cell(_bnh(r['backbone']))} | {_cell(_bnh(r['+DPC']))} | {delta} | "
+                       f"{','.join(r['seeds'])} |")
+        out.append("")
+    return "\n".join(out)
+
+
 CSV_FIELDS = ("dataset", "learner", "method", "seeds_or_datasets", "base", "new", "hm",
               "base_std", "new_std", "hm_std", "paper_base", "paper_new", "paper_hm",
               "diff_base", "diff_new", "diff_hm")
@@ -649,9 +711,12 @@ def write_report(root: str, notice: Callable[[str], None] = print) -> dict:
         text = markdown(table, plots)
         with open(os.path.join(root, "table.md"), "w") as f:
             f.write(text)
+        with open(os.path.join(root, "summary.md"), "w") as f:
+            f.write(summary_markdown(runs))
         write_csv(table, os.path.join(root, "table.csv"))
-        notice(f"wrote {os.path.join(root, 'table.md')}, table.csv and {len(plots)} plots")
-        files += ["table.md", "table.csv"] + plots
+        notice(f"wrote {os.path.join(root, 'table.md')}, table.csv, summary.md and "
+               f"{len(plots)} plots")
+        files += ["table.md", "table.csv", "summary.md"] + plots
     others = protocol_tables(collect_protocol_runs(root))
     for protocol, tables in others.items():
         with open(os.path.join(root, f"table_{protocol}.md"), "w") as f:
