@@ -23,7 +23,8 @@ from typing import Dict, List, Sequence
 
 from dpc_jax.benchmark import REPO_CONFIGS
 from dpc_jax.benchmark import has_seeds, run_or_reuse  # noqa: F401 (the shared reuse rule)
-from dpc_jax.evaluation.report import bar_chart as _bar_chart, row as _row
+from dpc_jax.configs import common
+from dpc_jax.evaluation.report import PAPER_NAMES, bar_chart as _bar_chart, row as _row
 from dpc_jax.prompts import capabilities, display_name, get_learner, learner_names
 
 # The learners both methods plug into: DePT wraps them and DPC's stage 2 runs on them.
@@ -106,8 +107,10 @@ def main(argv: List[str] = None) -> dict:
     text = markdown(table)
     with open(os.path.join(a.workdir, "comparison.md"), "w") as f:
         f.write(text)
+    dataset = common.dataset_key(common.parse_arguments(a.args).get("dataset", "world"))
     bar_chart(table, os.path.join(a.workdir, "comparison.png"),
-              f"backbone / +DePT / +DPC, seeds {a.seeds}")
+              f"{PAPER_NAMES.get(dataset, dataset)}: H of each learner alone, with DePT and "
+              f"with DPC")
     print(text, flush=True)
     return table
 
