@@ -10,8 +10,8 @@ writes W/comparison.json (the numbers), W/comparison.md (the table) and W/compar
 of the harmonic mean H per backbone, mean and population std over seeds, in the style of the
 paper's plug-and-play figure, the dataset named in its title).
 
-The chart needs matplotlib (pip install -e ".[plot]"): without it the command stops in one line
-before training anything.
+The chart needs matplotlib (pip install -e ".[plot]"): without it the command stops with one line
+saying so, before training anything.
 """
 
 from __future__ import annotations
@@ -91,7 +91,9 @@ def main(argv: List[str] = None) -> dict:
         p.error(f"--seeds={a.seeds!r}: expected comma-separated integers")
     if not seeds:
         p.error("--seeds is empty")
-    import matplotlib  # noqa: F401  (the chart's: missing, say so before hours of training)
+    from dpc_jax import cli
+
+    cli.require_extra("matplotlib", "the chart of python -m dpc_jax.compare")  # before training
 
     runs = {}
     for b in backbones:

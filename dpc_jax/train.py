@@ -50,7 +50,24 @@ def main(argv):
         sys.exit(status)
 
 
+def torch_needed_by(config) -> List[str]:
+    """What in `config` reads or writes PyTorch files: export mode, every `*init_from` set,
+    and a CLIP given as an OpenAI model name or .pt/.pth file."""
+    from dpc_jax.convert.openai import OPENAI_MODELS
+
+    needs = ["--config.mode=export"] if config.mode == "export" else []
+    for k, v in _flatten(config.to_dict()).items():
+        leaf = k.split(".")[-1]
+        if (leaf == "init_from" and v) or (leaf == "source" and k.endswith("clip.source") and (
+                v in OPENAI_MODELS or str(v).endswith((".pt", ".pth")))):
+            needs.append(f"config.{k}={v!r}")
+    return needs
+
+
 def _run(config, workdir):
+    needs = torch_needed_by(config)
+    if needs:  # before the data and the model: not after an hour of training
+        cli.require_extra("torch", " and ".join(needs))
     if config.mode == "export":
         train_lib.export_backbone(config, workdir)
         if train_lib.exports_dpc(config):

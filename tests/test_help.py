@@ -1,7 +1,13 @@
-"""`--help` of every `python -m dpc_jax.*` command, through the real command line: exit 0, a
-`usage: python -m dpc_jax.X` line, every option and positional argument explained, and for
-`python -m dpc_jax.train` every config field of every config file listed with its help and the
-accepted values of the enumerated fields (dtype, precision) listed in full."""
+"""What the commands tell a user, through the real command line.
+
+`--help` of every `python -m dpc_jax.*` command: exit 0, a `usage: python -m dpc_jax.X` line,
+every option and positional argument explained, and for `python -m dpc_jax.train` every config
+field of every config file listed with its help and the accepted values of the enumerated fields
+(dtype, precision) listed in full.
+
+A command that needs an optional dependency (torch: `.[torch]`, matplotlib: `.[plot]`) which is
+not installed stops before any work with one `Error:` line naming what needs it and the extra
+to install, exit 2, no traceback."""
 
 import glob
 import os
@@ -122,3 +128,52 @@ def test_train_help_without_a_config_shows_the_default_config():
     assert text.startswith("usage: python -m dpc_jax.train --config ")
     assert "config fields (defaults of configs/dpc_coop.py)" in text
     assert 'pip install -e ".[torch]"' in text
+
+
+# ---------------------------------------------------------------- optional dependencies
+
+def without(packages, *argv, cwd=REPO):
+    """`python -m argv...` with `packages` not importable (`import torch` raises
+    ModuleNotFoundError, and importlib finds no spec, as when the package is not installed)."""
+    code = ("import runpy, sys\n"
+            f"for name in {list(packages)!r}:\n"
+            "    sys.modules[name] = None\n"
+            f"sys.argv = {list(argv)!r}\n"
+            "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
+    env = {k: v for k, v in os.environ.items() if k != cli.TRACEBACK_ENV}
+    env["PYTHONPATH"] = REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def assert_needs(out, what, package, extra):
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip() == (f"Error: {what} needs {package}, which is not installed: pip "
+                                  f"install -e \".[{extra}]\" (from the repository folder)")
+
+
+@pytest.mark.parametrize("args,what", [
+    (["--config", "configs/dpc_maple.py", "--config.mode=export"], "--config.mode=export"),
+    (["--config", "configs/dpc_coop.py", "--config.backbone.init_from=/x/model.pth.tar-10"],
+     "config.backbone.init_from='/x/model.pth.tar-10'"),
+    (["--config", "configs/dpc_coop.py:dataset=dtd,root=/nowhere,clip=ViT-B/16"],
+     "config.clip.source='ViT-B/16'"),
+], ids=["export", "init_from", "openai_clip"])
+def test_train_without_torch_says_which_extra_before_any_work(tmp_path, args, what):
+    out = without(["torch"], "dpc_jax.train", "--workdir", str(tmp_path / "w"), *args)
+    assert_needs(out, what, "torch", "torch")
+    assert not (tmp_path / "w").exists()  # stopped before the run made its folder
+
+
+def test_convert_of_an_openai_name_without_torch_stops_before_downloading(tmp_path):
+    out = without(["torch"], "dpc_jax.convert", "ViT-B/16", str(tmp_path / "out"))
+    assert_needs(out, "reading OpenAI's CLIP 'ViT-B/16'", "torch", "torch")
+    assert not (tmp_path / "out").exists()
+
+
+def test_compare_without_matplotlib_stops_before_training(tmp_path):
+    out = without(["matplotlib"], "dpc_jax.compare", "--workdir", str(tmp_path / "w"),
+                  "--backbones", "coop", "--seeds", "1")
+    assert_needs(out, "the chart of python -m dpc_jax.compare", "matplotlib", "plot")
+    assert not (tmp_path / "w").exists()
