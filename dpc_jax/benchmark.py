@@ -18,6 +18,10 @@ and otherwise trained by `train_lib.train_and_evaluate`, which resumes from the 
 run directory holds. After each point the run's results.json is rebuilt from the per-seed stage
 results (seed_N/<stage>/results.json), so seeds trained by different tasks end up in one file.
 
+`report` writes ROOT/table.md and table.csv (every run, the paper's layout), ROOT/summary.md (one
+compact table per dataset) and ROOT/plots/*.png; the plots need matplotlib (pip install -e
+".[plot]"): without it the tables are written and one line says so.
+
 A grid file (JSON) may give any of: configs, datasets, seeds (lists), args, stages (strings),
 set (an object of field: value); flags given on the command line replace its entries.
 """

@@ -328,4 +328,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from dpc_jax import cli
+
+    sys.exit(cli.run_cli(main))
