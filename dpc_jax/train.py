@@ -91,8 +91,9 @@ def print_config_help(argv: List[str], name: str = "config") -> None:
         print(f"(--{name} {spec} did not load: {cli.message(e)}; showing configs/dpc_coop.py)")
         config, shown = train_lib.load_config(default), os.path.relpath(default)
     print("flags:\n"
-          f"  --{name} FILE[:key=val,...]  a config file (configs/*.py) and its arguments "
-          f"(dataset=, root=, source=, clip=, variant=; configs/dept.py: backbone=)\n"
+          f"  --{name} FILE[:key=val,...]  a config file (configs/*.py) and its arguments:\n"
+          "                               dataset=, root=, source=, clip=, variant=\n"
+          "                               (configs/dept.py: backbone=)\n"
           "  --workdir DIR                checkpoints, logs, results.json (a rerun resumes)\n"
           f"  --{name}.FIELD=VALUE         set one field (the list below)\n")
     print(f"config fields (defaults of {shown}):")
