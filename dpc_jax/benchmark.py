@@ -18,6 +18,10 @@ and otherwise trained by `train_lib.train_and_evaluate`, which resumes from the 
 run directory holds. After each point the run's results.json is rebuilt from the per-seed stage
 results (seed_N/<stage>/results.json), so seeds trained by different tasks end up in one file.
 
+`report` writes ROOT/table.md and table.csv (every run, the paper's layout), ROOT/summary.md (one
+compact table per dataset) and ROOT/plots/*.png; the plots need matplotlib (pip install -e
+".[plot]"): without it the tables are written and one line says so.
+
 A grid file (JSON) may give any of: configs, datasets, seeds (lists), args, stages (strings),
 set (an object of field: value); flags given on the command line replace its entries.
 """
@@ -336,10 +340,13 @@ def _grid_file(path: str) -> dict:
 
 
 def main(argv: Optional[List[str]] = None):
-    p = _Parser(prog="python -m dpc_jax.benchmark", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    p = _Parser(prog="python -m dpc_jax.benchmark", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", parser_class=_Parser,
+                           help="the command (`python -m dpc_jax.benchmark COMMAND --help` for "
+                                "its options)")
     r = sub.add_parser("run", help="train the grid into ROOT (skipping finished runs)")
-    r.add_argument("root")
+    r.add_argument("root", help="folder the runs are written to (ROOT/<dataset>/<run>)")
     r.add_argument("--grid", help="a JSON grid file (configs, datasets, seeds, args, stages, "
                                   "set)")
     r.add_argument("--configs", help="config names, e.g. dpc_coop,dpc_maple,dept:backbone=coop")
@@ -352,8 +359,9 @@ def main(argv: Optional[List[str]] = None):
     r.add_argument("--shard", help="i/n: run the i-th of n disjoint parts of the grid")
     r.add_argument("--dry-run", action="store_true", help="list the runs and their state only")
     r.add_argument("--progress", action="store_true", help="progress bars while training")
-    rep = sub.add_parser("report", help="ROOT/table.md, table.csv and plots/ from ROOT's runs")
-    rep.add_argument("root")
+    rep = sub.add_parser("report", help="ROOT/table.md, table.csv, summary.md and plots/ from "
+                                        "ROOT's runs (plots need matplotlib: .[plot])")
+    rep.add_argument("root", help="the folder `run` wrote (every run under it is read)")
     a = p.parse_args(argv)
     if a.command is None:
         raise UsageError("expected a command: run or report")

@@ -8,6 +8,8 @@ PermissionError). Anything else is a bug and keeps its traceback. Set DPC_JAX_TR
 the traceback of a user error too.
 
     run_cli(fn, *args)          -> 0, or 2 after one `Error:` line on a user error
+    require_extra(package, what) raises, before any work, the error run_cli reports as
+                                   "WHAT needs PACKAGE, which is not installed: pip install ..."
     absl_flags_parser(flag, print_help)
                                 -> a `flags_parser` for absl's `app.run`: a misspelt
                                    `--config.field` gives one line with the closest fields;
@@ -19,6 +21,7 @@ Nothing here imports the rest of dpc_jax: every layer's command line may use it.
 from __future__ import annotations
 
 import difflib
+import importlib
 import os
 import sys
 from typing import Callable, List, Optional
@@ -52,6 +55,25 @@ def print_error(text: str) -> int:
     return EXIT_USER_ERROR
 
 
+class MissingExtra(ModuleNotFoundError):
+    """An optional dependency `what` needs is not installed (`require_extra`)."""
+
+    def __init__(self, package: str, what: str):
+        super().__init__(f"{what} needs {package}", name=package)
+        self.what = what
+
+
+def require_extra(package: str, what: str) -> None:
+    """Import `package` (an optional dependency) now, so that a command that will need it
+    stops before any work when it is missing: MissingExtra naming `what` needs it."""
+    try:
+        importlib.import_module(package)
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != package:
+            raise  # the package is there; something it imports is not
+        raise MissingExtra(package, what) from None
+
+
 def missing_extra(error: BaseException) -> Optional[str]:
     """For an optional dependency that is not installed, what to install (None otherwise)."""
     if not isinstance(error, ModuleNotFoundError):
@@ -59,7 +81,8 @@ def missing_extra(error: BaseException) -> Optional[str]:
     package = (error.name or "").split(".")[0]
     if package not in OPTIONAL_EXTRAS:
         return None
-    return (f"this command needs {package}, which is not installed: pip install -e "
+    what = getattr(error, "what", "this command")
+    return (f"{what} needs {package}, which is not installed: pip install -e "
             f"\".[{OPTIONAL_EXTRAS[package]}]\" (from the repository folder)")
 
 

@@ -8,7 +8,10 @@ W/dept_B (`configs/dept.py:backbone=B`: B+DePT). A run whose `results.json` alre
 requested seeds is reused as it is; otherwise it is trained (resuming whatever it saved). Then it
 writes W/comparison.json (the numbers), W/comparison.md (the table) and W/comparison.png (bars
 of the harmonic mean H per backbone, mean and population std over seeds, in the style of the
-paper's plug-and-play figure).
+paper's plug-and-play figure, the dataset named in its title).
+
+The chart needs matplotlib (pip install -e ".[plot]"): without it the command stops with one line
+saying so, before training anything.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from typing import Dict, List, Sequence
 
 from dpc_jax.benchmark import REPO_CONFIGS
 from dpc_jax.benchmark import has_seeds, run_or_reuse  # noqa: F401 (the shared reuse rule)
-from dpc_jax.evaluation.report import bar_chart as _bar_chart, row as _row
+from dpc_jax.configs import common
+from dpc_jax.evaluation.report import PAPER_NAMES, bar_chart as _bar_chart, row as _row
 from dpc_jax.prompts import capabilities, display_name, get_learner, learner_names
 
 # The learners both methods plug into: DePT wraps them and DPC's stage 2 runs on them.
@@ -66,11 +70,15 @@ def markdown(table: dict) -> str:
 
 
 def main(argv: List[str] = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--backbones", default="coop,maple,promptsrc")
-    p.add_argument("--seeds", default="1,2,3")
-    p.add_argument("--args", default="", help="config arguments, e.g. dataset=dtd,root=/data")
+    p = argparse.ArgumentParser(prog="python -m dpc_jax.compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True,
+                   help="folder of the runs and of comparison.json, .md and .png")
+    p.add_argument("--backbones", default="coop,maple,promptsrc",
+                   help=f"comma list among {','.join(BACKBONES)} (default coop,maple,promptsrc)")
+    p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default 1,2,3)")
+    p.add_argument("--args", default="", help="config arguments for every run, e.g. "
+                                               "dataset=dtd,root=/data (default: the world)")
     p.add_argument("--progress", action="store_true", help="progress bars while training")
     a = p.parse_args(argv)
     backbones = [b.strip() for b in a.backbones.split(",") if b.strip()]
@@ -83,6 +91,10 @@ def main(argv: List[str] = None) -> dict:
         p.error(f"--seeds={a.seeds!r}: expected comma-separated integers")
     if not seeds:
         p.error("--seeds is empty")
+    from dpc_jax import cli
+
+    cli.require_extra("matplotlib", "the chart of python -m dpc_jax.compare")  # before training
+
     runs = {}
     for b in backbones:
         for name, spec in run_specs(b, a.args).items():
@@ -97,8 +109,10 @@ def main(argv: List[str] = None) -> dict:
     text = markdown(table)
     with open(os.path.join(a.workdir, "comparison.md"), "w") as f:
         f.write(text)
+    dataset = common.dataset_key(common.parse_arguments(a.args).get("dataset", "world"))
     bar_chart(table, os.path.join(a.workdir, "comparison.png"),
-              f"backbone / +DePT / +DPC, seeds {a.seeds}")
+              f"{PAPER_NAMES.get(dataset, dataset)}: H of each learner alone, with DePT and "
+              f"with DPC")
     print(text, flush=True)
     return table
 

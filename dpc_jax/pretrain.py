@@ -280,13 +280,38 @@ def pretrain(cfg: PretrainConfig, command: str = "") -> dict:
     return card
 
 
+# One line per PretrainConfig field for --help.
+FIELD_HELP = {
+    "out": "output directory (checkpoint, tokenizer, card)",
+    "steps": "training steps",
+    "batch_size": "image-caption pairs per step",
+    "seed": "seed of the initialisation and of the rendered batches",
+    "lr": "peak AdamW learning rate (cosine decay after the warm-up)",
+    "warmup_steps": "steps of linear learning-rate warm-up",
+    "weight_decay": "AdamW weight decay",
+    "text_context": "caption positions the text tower runs on (exact for captions that fit)",
+    "embed_dim": "joint embedding width",
+    "vision_width": "image tower width",
+    "vision_layers": "image tower blocks",
+    "vision_patch_size": "patch side in pixels",
+    "vision_head_width": "image tower width per attention head",
+    "text_width": "text tower width",
+    "text_heads": "text tower attention heads",
+    "text_layers": "text tower blocks",
+    "fixed_logit_scale": "fixed temperature exp(logit_scale) (0: learnt)",
+    "log_every": "a log line every this many steps",
+}
+
+
 def parse_args(argv=None) -> PretrainConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="output directory (checkpoint, tokenizer, card)")
+    p = argparse.ArgumentParser(prog="python -m dpc_jax.pretrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help=FIELD_HELP["out"])
     for field in dataclasses.fields(PretrainConfig):
         if field.name == "out":
             continue
-        p.add_argument(f"--{field.name}", type=type(field.default), default=field.default)
+        p.add_argument(f"--{field.name}", type=type(field.default), default=field.default,
+                       help=f"{FIELD_HELP[field.name]} (default {field.default})")
     return PretrainConfig(**vars(p.parse_args(argv)))
 
 
@@ -303,4 +328,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from dpc_jax import cli
+
+    sys.exit(cli.run_cli(main))

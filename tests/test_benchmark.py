@@ -84,6 +84,40 @@ def test_table_numbers_are_h_of_seed_means_and_the_dataset_average(synthetic_roo
     assert coop["rows"]["world"]["+DePT"]["base"] == 36.0
 
 
+def summary_table(text, heading):
+    """The rows under `heading` in summary.md: [[cell, ...], ...] without the header."""
+    block = text.split(heading + "\n", 1)[1].lstrip("\n").split("\n\n", 1)[0]
+    lines = [l for l in block.splitlines() if l.startswith("|")]
+    assert lines[0] == ("| learner | zero-shot B/N/H | learner B/N/H | +DPC B/N/H | ΔH DPC | "
+                        "seeds |")
+    return [[c.strip() for c in l.strip("|").split("|")] for l in lines[2:]]
+
+
+def bnh(base, new):
+    return f"{base:.2f}/{new:.2f}/{harmonic_mean(base, new):.2f}"
+
+
+def test_summary_md_has_a_row_per_learner_in_registry_order_and_dept_rows(synthetic_root):
+    """summary.md (the README's results table): per dataset, the seed means and the H of the
+    means of zero-shot, the learner and +DPC, ΔH, the seeds; learners in registry order
+    (CoOp before CoCoOp, which sorts first by name), DePT runs after them as 'DePT (CoOp)'
+    without +DPC."""
+    write_run(os.path.join(synthetic_root, "world", "cocoop"), "world", "cocoop",
+              {"zeroshot": {3: (37.0, 62.0)}, "backbone": {3: (50.0, 60.0)}})
+    report.write_report(synthetic_root, notice=lambda s: None)
+    text = open(os.path.join(synthetic_root, "summary.md")).read()
+    assert summary_table(text, "**DTD**, seeds 1,2") == [
+        ["CoOp", bnh(50, 60), bnh(70, 45), bnh(75, 45),
+         f"{harmonic_mean(75, 45) - harmonic_mean(70, 45):+.2f}", "1,2"]]
+    assert summary_table(text, "**world**, seeds 1,3") == [
+        ["CoOp", bnh(37, 62), bnh(61, 59), bnh(64, 59),
+         f"{harmonic_mean(64, 59) - harmonic_mean(61, 59):+.2f}", "1"],
+        ["CoCoOp", bnh(37, 62), bnh(50, 60), "–", "–", "3"],
+        ["MaPLe", bnh(37, 62), bnh(45, 56), bnh(58, 56),
+         f"{harmonic_mean(58, 56) - harmonic_mean(45, 56):+.2f}", "1"],
+        ["DePT (CoOp)", bnh(37, 62), bnh(36, 61), "–", "–", "1"]]
+
+
 def test_average_row_over_datasets(tmp_path):
     root = str(tmp_path)
     write_run(os.path.join(root, "dtd", "dpc_coop"), "dtd", "coop", COOP_DTD)
@@ -397,6 +431,100 @@ def test_report_of_a_real_run_draws_its_training_curves(tiny_root):
     text = open(os.path.join(tiny_root["root"], "table.md")).read()
     r = results["dpc"]
     assert f"{r['base']:.2f}/{r['new']:.2f}/{r['hm']:.2f}" in text
+
+
+# ---------------------------------------------------------------- what the plots show
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures the report's plot functions draw, by file name, instead of PNG files (their
+    texts and positions are then checked as drawn)."""
+    pytest.importorskip("matplotlib")
+    drawn = {}
+    monkeypatch.setattr(report, "_save", lambda fig, path: drawn.setdefault(
+        os.path.basename(path), fig))
+    yield drawn
+    import matplotlib.pyplot as plt
+
+    for fig in drawn.values():
+        plt.close(fig)
+
+
+def _extents(fig, artists):
+    renderer = fig.canvas.get_renderer()
+    return [a.get_window_extent(renderer) for a in artists]
+
+
+def _visible_bars(fig, ax):
+    """The drawn part of each bar: a bar below a cut y-axis is clipped at the axes."""
+    from matplotlib.transforms import Bbox
+
+    return [b for b in (Bbox.intersection(e, ax.bbox) for e in _extents(fig, ax.patches))
+            if b is not None]
+
+
+def _overlapping(boxes):
+    return [(i, j) for i in range(len(boxes)) for j in range(i + 1, len(boxes))
+            if boxes[i].overlaps(boxes[j])]
+
+
+def write_logs(workdir, stage, steps, lr, extra=None, seed=1):
+    os.makedirs(os.path.join(workdir, f"seed_{seed}", stage))
+    with open(os.path.join(workdir, f"seed_{seed}", stage, "log.jsonl"), "w") as f:
+        for step in steps:
+            f.write(json.dumps({"step": step, "loss": 1.0 + 1 / step, "lr": lr(step),
+                                **(extra or {})}) + "\n")
+
+
+def test_training_curves_name_every_stage_apart_and_show_the_warm_up(tmp_path, figures):
+    """A short stage (PromptKD's teacher, 2 logged steps of 302) still gets its own readable
+    name, apart from the next stage's; the learning rate is drawn on a log scale, so the
+    constant warm-up (1e-5 against 2e-3) is visible, not flat on the axis."""
+    w = str(tmp_path / "run")
+    write_logs(w, "teacher", [1, 2], lambda s: 1e-3)
+    write_logs(w, "backbone", range(10, 101, 10), lambda s: 2e-3)
+    write_logs(w, "dpc", range(10, 201, 10), lambda s: 1e-5 if s <= 50 else 2e-3,
+               {"valid_negatives": 16.0})
+    assert report.training_curves(w, "curves.png", "title")
+    fig = figures["curves.png"]
+    fig.canvas.draw()
+    for ax in fig.axes:
+        labels = [t for t in ax.texts if t.get_text()]
+        assert [t.get_text() for t in labels] == ["teacher", "stage 1", "stage 2: DPC"]
+        assert _overlapping(_extents(fig, labels)) == []
+    lr = next(ax for ax in fig.axes if "learning rate" in ax.get_title())
+    assert lr.get_yscale() == "log" and lr.get_ylim()[0] < 1e-5
+
+
+def test_bar_charts_say_where_a_cut_axis_starts_and_keep_legends_off_the_bars(tmp_path,
+                                                                              figures):
+    row = lambda h: {"base": h, "new": h, "hm": h, "hm_std": 0.5,
+                     "per_seed": {"1": {}, "2": {}}}
+    report.bar_chart({"coop": {"backbone": row(60.4), "+DPC": row(61.5)},
+                      "maple": {"backbone": row(50.3), "+DPC": row(59.0)}}, "cut.png",
+                     "world", ("backbone", "+DPC"))
+    report.bar_chart({"coop": {"backbone": row(4.0), "+DPC": row(6.0)}}, "whole.png", "world",
+                     ("backbone", "+DPC"))
+    cut, whole = figures["cut.png"].axes[0], figures["whole.png"].axes[0]
+    assert cut.get_ylim()[0] == 45.0 and "y-axis starts at 45, not 0" in cut.get_ylabel()
+    assert whole.get_ylim()[0] == 0.0 and "starts at" not in whole.get_ylabel()
+    assert "mean of seeds 1,2; error bars: population std over seeds" in cut.get_title()
+    for name in ("cut.png", "whole.png"):
+        fig = figures[name]
+        fig.canvas.draw()
+        legend = _extents(fig, [fig.axes[0].get_legend()])[0]
+        assert not any(legend.overlaps(b) for b in _visible_bars(fig, fig.axes[0]))
+
+
+def test_dataset_bars_keep_legends_off_the_bars_and_name_the_dataset(synthetic_root, figures):
+    table = report.build_table(report.collect(synthetic_root, notice=lambda s: None))
+    report.dataset_bars(table, "world", "bars.png")
+    fig = figures["bars.png"]
+    fig.canvas.draw()
+    assert fig._suptitle.get_text().startswith("world: base-to-new accuracy")
+    for ax in fig.axes:
+        legend = _extents(fig, [ax.get_legend()])[0]
+        assert not any(legend.overlaps(b) for b in _visible_bars(fig, ax))
 
 
 def test_a_few_shot_grid_point_is_summarised_by_its_own_protocol(tmp_path):

@@ -50,3 +50,30 @@ def test_bad_arguments_exit_with_a_message(tmp_path, capsys):
         compare.main(["--workdir", str(tmp_path), "--backbones", "coop,cocoop"])
     assert e.value.code == 2
     assert "expected some of coop, ivlp, maple, promptsrc" in capsys.readouterr().err
+
+
+def test_the_chart_names_the_dataset_and_says_where_its_axis_starts(tmp_path, monkeypatch):
+    """comparison.png as drawn: its title names the dataset of --args (the world without
+    it) and the seeds; its y-axis, cut to show the differences, says where it starts."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from dpc_jax.evaluation import report
+
+    drawn = {}
+    monkeypatch.setattr(report, "_save", lambda fig, path: drawn.setdefault(path, fig))
+    w = str(tmp_path)
+    zs = [(37.0, 62.0)] * 3
+    write_run(os.path.join(w, "coop"), {"zeroshot": zs, "backbone": [(60, 58), (62, 59), (61, 58)],
+                                        "dpc": [(64, 58), (65, 59), (63, 58)]})
+    write_run(os.path.join(w, "dept_coop"), {"zeroshot": zs,
+                                             "backbone": [(40, 61), (41, 61), (39, 60)]})
+    for args, name in (([], "world"), (["--args", "dataset=dtd"], "DTD")):
+        drawn.clear()
+        compare.main(["--workdir", w, "--backbones", "coop", *args])
+        ax = drawn[os.path.join(w, "comparison.png")].axes[0]
+        assert ax.get_title().startswith(f"{name}: H of each learner alone, with DePT and with "
+                                         f"DPC\n(mean of seeds 1,2,3; error bars"), ax.get_title()
+        bottom = ax.get_ylim()[0]
+        assert bottom > 0 and f"y-axis starts at {bottom:.0f}, not 0" in ax.get_ylabel()
+        plt.close("all")

@@ -53,7 +53,7 @@ def get_config(arg=None, variants=("base_to_new",)) -> ml_collections.ConfigDict
                          f"run your CLIP, give a real dataset or your own folder "
                          f"(dataset=NAME,root=DIR,clip={args['clip']})")
     c.clip.tokenizer = "openai/clip-vit-base-patch16"
-    c.clip.dtype = "float32"  # compute dtype: float32 | bfloat16
+    c.clip.dtype = "float32"  # compute dtype: float32 | bfloat16 | float16
     c.clip.precision = "highest"
     # Encode class texts up to their last EOT only: exact under the causal mask (about 5x
     # fewer text-tower FLOPs for ~10-token class texts). False encodes all 77 positions: the
@@ -131,7 +131,8 @@ def get_config(arg=None, variants=("base_to_new",)) -> ml_collections.ConfigDict
 
 # One line per field for `python -m dpc_jax.train --help`; `field_help` adds the learner's own.
 FIELD_HELP = {
-    "mode": "train | eval (re-evaluate the saved checkpoints) | export (PyTorch files)",
+    "mode": "train | eval (re-evaluate the saved checkpoints) | export (stage 1, and PromptKD's "
+            "stage 2, as the released PyTorch files; needs torch)",
     "stages": "comma list of zeroshot, teacher, backbone, dpc, run in this order",
     "seeds": "comma list of seeds; 1,2,3 is the papers' protocol",
     "protocol": "base_to_new | few_shot | cross_dataset | domain_generalisation",
@@ -148,17 +149,20 @@ FIELD_HELP = {
     "max_resident_mb": "a transductive split larger than this is streamed from the host",
     "eval_batch_size": "images per evaluation batch",
     "num_workers": "image decoding threads",
-    "clip.source": "world, an OpenAI name (ViT-B/16), a Hugging Face id or a checkpoint dir",
+    "clip.source": "world, an OpenAI name (ViT-B/16), a Hugging Face id or a checkpoint dir "
+                   "(config argument clip=; torch for OpenAI names and .pt files)",
     "clip.tokenizer": "the CLIP's tokenizer: world, a hub id or a directory",
-    "clip.dtype": "compute dtype: float32 | bfloat16",
+    "clip.dtype": "compute dtype: float32 | bfloat16 | float16 (parameters stay float32)",
     "clip.precision": "matmul precision: default | high | highest",
     "clip.trim_text": "encode class texts up to their last EOT only (exact; False: A/B only)",
-    "clip.attention": "einsum | dot_product (jax.nn.dot_product_attention) | cudnn (GPU)",
+    "clip.attention": "einsum | dot_product (jax.nn.dot_product_attention) | cudnn (GPU, "
+                      "float16/bfloat16)",
     "clip.remat": "recompute each tower block in the backward pass (less memory)",
     "backbone.epochs": "stage-1 epochs",
     "backbone.lr": "stage-1 learning rate (SGD, cosine, Dassl warm-up)",
     "backbone.batch_size": "stage-1 per-device batch",
-    "backbone.init_from": "a PyTorch stage-1 checkpoint to use as P instead of training",
+    "backbone.init_from": "a PyTorch stage-1 checkpoint to use as P instead of training "
+                          "(needs torch)",
     "batch_size": "stage-2 per-device batch B (the global batch is B x devices)",
     "dpc.mode": "reference (the released converse map) | paper",
     "dpc.w_base": "weight of the parallel prompt for base classes",
@@ -168,7 +172,14 @@ FIELD_HELP = {
     "dpc.lr": "stage-2 learning rate",
     "dpc.dedupe_text": "encode each distinct slot label's text once (exact; False: A/B only)",
     "dpc.compact_negatives": "only valid negatives enter the image tower (exact; False: A/B only)",
-    "dpc.init_from": "a released stage-2 checkpoint to evaluate (PromptKD) instead of training",
+    "dpc.init_from": "a released stage-2 checkpoint to evaluate (PromptKD) instead of training "
+                     "(needs torch)",
+    "dpc.released.random_vision_deep": "PromptKD stage 2 as released: the parallel image deep "
+                                       "prompts restart from N(0, 0.02)",
+    "dpc.released.random_text_deep": "PromptKD stage 2 as released: the parallel text deep "
+                                     "prompts restart from N(0, 0.02)",
+    "dpc.released.scorer_ctx_unloaded": "PromptKD stage 2 as released: the scorer's text "
+                                        "context is the init phrase's, not the teacher's",
     "dhno.top_k": "K: hard negatives per anchor",
     "dhno.policy": "reference (the released selection rule) | hardest",
     "optim.momentum": "SGD momentum",
@@ -186,17 +197,52 @@ FIELD_HELP = {
     "num_processes": "distributed: number of processes (0 = detect)",
     "process_id": "distributed: this process's index (-1 = detect)",
 }
+# A stage-1 group's fields every learner reads (config.backbone's, and a nested learner's such
+# as PromptKD's teacher): their help is config.backbone's, said of that group.
+STAGE_FIELDS = ("name", "epochs", "lr", "batch_size", "init_from")
+# Groups inside config.backbone that hold another learner's config, and what they are.
+NESTED = {"inner": "DePT's inner learner", "teacher": "PromptKD's teacher"}
+NESTED_HELP = {
+    "backbone.inner.name": "the learner DePT wraps (set it with configs/dept.py's argument "
+                           "backbone=)",
+    "backbone.teacher.name": "PromptKD's teacher learner: promptsrc",
+    "backbone.teacher_clip.source": "PromptKD's teacher CLIP: world_teacher, an OpenAI name "
+                                    "(ViT-L/14), a Hugging Face id or a checkpoint dir",
+}
+
+
+def _learner_help(name: str) -> dict:
+    """`LearnerInfo.field_help` of learner `name` and of the learners it derives from (a
+    subclass's entry wins): CoCoOp keeps CoOp's fields and their help."""
+    from dpc_jax.prompts import get_learner  # imported here: config files stay light
+
+    out: dict = {}
+    for cls in reversed(type.mro(get_learner(name))):
+        info = getattr(cls, "info", None)
+        out.update(getattr(info, "field_help", None) or {})
+    return out
 
 
 def field_help(config: ml_collections.ConfigDict) -> dict:
     """One line per field of `config`: the run's fields, then the learner's own
-    (`LearnerInfo.field_help` of `config.backbone.name`, and of DePT's inner learner)."""
-    from dpc_jax.prompts import get_learner, learner_names
+    (`LearnerInfo.field_help` of `config.backbone.name` and of a learner nested in it: DePT's
+    inner learner, PromptKD's teacher), then a nested CLIP's (PromptKD's teacher_clip)."""
+    from dpc_jax.prompts import learner_names
 
-    out = {**FIELD_HELP, "backbone.name": f"the stage-1 learner ({', '.join(learner_names())})"}
+    out = {**FIELD_HELP, **NESTED_HELP, "backbone.name": f"the stage-1 learner ({', '.join(learner_names())})"}
     backbone = config.get("backbone", ml_collections.ConfigDict())
-    for prefix, sub in (("backbone.", backbone), ("backbone.inner.", backbone.get("inner"))):
-        if sub is not None and sub.get("name") in learner_names():
-            for field, text in get_learner(sub.name).info.field_help.items():
-                out.setdefault(prefix + field, text)
+    groups = [("backbone.", backbone, "")]
+    groups += [(f"backbone.{k}.", backbone.get(k), what) for k, what in NESTED.items()]
+    for prefix, sub, what in groups:
+        if sub is None or sub.get("name") not in learner_names():
+            continue
+        for field, text in _learner_help(sub.name).items():
+            out.setdefault(prefix + field, f"{what}: {text}" if what else text)
+        for field in STAGE_FIELDS:
+            text = out["backbone." + field].replace("stage-1 ", "")
+            out.setdefault(prefix + field, f"{what}: {text}" if what else text)
+    if "teacher_clip" in backbone:
+        for field in backbone.teacher_clip:
+            out.setdefault(f"backbone.teacher_clip.{field}",
+                           "PromptKD's teacher CLIP: " + FIELD_HELP[f"clip.{field}"])
     return out

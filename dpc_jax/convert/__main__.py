@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from dpc_jax import cli
-from dpc_jax.convert.load import convert_checkpoint
+from dpc_jax.convert.load import convert_checkpoint, resolve_source
 
 
 def main(argv=None) -> int:
@@ -24,6 +24,10 @@ def main(argv=None) -> int:
                         help="directory or hub id whose tokenizer files are copied to OUT_DIR")
     args = parser.parse_args(argv)
     try:
+        if resolve_source(args.source)[0] == "openai_name":
+            # Before a download of hundreds of MB that torch would then be needed to read (a
+            # .pt file is read first thing: its missing torch is reported there).
+            cli.require_extra("torch", f"reading OpenAI's CLIP {args.source!r}")
         summary = convert_checkpoint(args.source, args.out_dir, tokenizer=args.tokenizer)
     except (OSError, ValueError) as e:  # a wrong source or file: the message says what and why
         parser.exit(2, f"Error: {e}\n")

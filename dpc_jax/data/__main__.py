@@ -26,8 +26,10 @@ from dpc_jax.data import base, folder, registry, sources
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dpc_jax.data", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog="python -m dpc_jax.data", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{check,synth,list,diagnose}",
+                           help="the tool (`python -m dpc_jax.data TOOL --help` for its options)")
     c = sub.add_parser("check", help="validate one dataset and print its splits and classes")
     c.add_argument("--dataset", required=True,
                    help=f"one of {sorted(registry.DATASETS)}, or folder (your own images)")
@@ -35,9 +37,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="CoOp data folder ($DATA), the TFDS data_dir with --source tfds, or "
                         "the folder of --dataset folder")
     c.add_argument("--shots", type=int, default=16, help="few-shot k (< 1: full train split)")
-    c.add_argument("--seed", type=int, default=1)
-    c.add_argument("--subsample", choices=base.SUBSAMPLES, default="all")
-    c.add_argument("--source", choices=sources.SOURCES, default="coop")
+    c.add_argument("--seed", type=int, default=1, help="seed of the few-shot sample (default 1)")
+    c.add_argument("--subsample", choices=base.SUBSAMPLES, default="all",
+                   help="the classes to check: base half, new half or all (default all)")
+    c.add_argument("--source", choices=sources.SOURCES, default="coop",
+                   help="how the dataset is read: the CoOp layout or TFDS (default coop)")
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.add_argument("--list-files", action="store_true",
                    help="include the few-shot train files ([path, label]) in the report")
@@ -47,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="ignore split_fewshot/*.pkl and use the Dassl algorithm")
     c.add_argument("--classnames-file", default=None,
                    help="CoOp's ImageNet classnames.txt (TFDS ImageNet)")
-    c.add_argument("--threads", type=int, default=8)
+    c.add_argument("--threads", type=int, default=8,
+                   help="image decoding threads for --verify-images (default 8)")
     sy = sub.add_parser("synth", help="write a stand-in of a dataset in the CoOp layout, with "
                                       "world images (offline end-to-end checks)")
     sy.add_argument("--dataset", required=True, help="a split-file dataset, e.g. oxford_pets")
@@ -57,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     sy.add_argument("--test", type=int, default=4, help="test images per class")
     sy.add_argument("--image-size", type=int, default=32, help="pixels (square JPEGs)")
     ls = sub.add_parser("list", help="list the registered datasets")
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--json", action="store_true", help="print one JSON list")
     # Its arguments are parsed by dpc_jax.diagnose_world (main below hands them over).
     sub.add_parser("diagnose", help="the world's headroom: zero-shot, hand-written prompts and a "
                                     "linear-probe ceiling (diagnose --help)", add_help=False)

@@ -1,8 +1,9 @@
 """The results report: every run under a ROOT as the paper's base-to-new table, and its plots.
 
 `write_report(root)` (what `python -m dpc_jax.benchmark report ROOT` calls) writes ROOT/table.md,
-ROOT/table.csv and ROOT/plots/*.png; `collect`, `build_table`, `markdown`, `csv_rows` and the
-plot functions are the pieces, for notebooks.
+ROOT/table.csv, ROOT/summary.md (one compact table per dataset: a row per learner and per DePT
+run) and ROOT/plots/*.png; `collect`, `build_table`, `markdown`, `summary_markdown`, `csv_rows`
+and the plot functions are the pieces, for notebooks.
 
 A run is a directory holding results.json and config.json (what `train_and_evaluate` writes),
 wherever it sits under ROOT: the dataset and the method come from config.json, so the runner's
@@ -404,6 +405,67 @@ def markdown(table: dict, plots: Sequence[str] = ()) -> str:
     return "\n".join(out)
 
 
+# ---------------------------------------------------------------- the summary
+
+def _seed_row(pooled: dict, dataset: str, method: str, stage: str) -> Optional[dict]:
+    """The table row (seed means, H of the means) of one method's stage, or None."""
+    by_seed = pooled.get(dataset, {}).get(method, {}).get(stage)
+    return row(summarize({stage: by_seed})[stage]) if by_seed else None
+
+
+def _seeds(*rows) -> List[str]:
+    return sorted({s for r in rows if r for s in r["per_seed"]}, key=int)
+
+
+def summary_rows(runs: Sequence[Run]) -> Dict[str, List[dict]]:
+    """dataset -> one row per learner (registry order), then one per DePT run (as
+    'DePT (CoOp)'): {'learner', 'zeroshot', 'backbone', '+DPC' (rows or None), 'delta_hm'
+    (+DPC minus the learner's H, or None), 'seeds'}."""
+    pooled = pool(runs)
+    out = {}
+    for d in dataset_order(pooled):
+        methods = pooled[d]
+        plain = [m for m in methods if not m.startswith("dept_")]
+        dept = [m for m in methods if m.startswith("dept_")]
+        order = sorted(plain, key=method_sort) + sorted(dept, key=method_sort)
+        rows = []
+        for m in order:
+            is_dept = m.startswith("dept_")
+            own_zs = zs = _seed_row(pooled, d, m, "zeroshot")
+            if zs is None and is_dept:  # DePT's zero-shot is its CLIP's: the plain run's
+                zs = _seed_row(pooled, d, m[len("dept_"):], "zeroshot")
+            learner = _seed_row(pooled, d, m, "backbone")
+            dpc = None if is_dept else _seed_row(pooled, d, m, "dpc")
+            name = (f"{display_name('dept')} ({display_name(m[len('dept_'):])})" if is_dept
+                    else display_name(m))
+            rows.append({"learner": name, "method": m, "zeroshot": zs, "backbone": learner,
+                         "+DPC": dpc,
+                         "delta_hm": dpc["hm"] - learner["hm"] if dpc and learner else None,
+                         "seeds": _seeds(own_zs, learner, dpc)})
+        out[d] = rows
+    return out
+
+
+def summary_markdown(runs: Sequence[Run]) -> str:
+    """ROOT/summary.md: one compact table per dataset of the base-to-new runs (the README
+    embeds it)."""
+    out = ["Cells are base/new/H accuracy (%): B and N the means over the seeds, H the harmonic "
+           "mean of those means; ΔH = H of +DPC minus H of the learner. Written by `python -m "
+           "dpc_jax.benchmark report ROOT`.", ""]
+    for d, rows in summary_rows(runs).items():
+        seeds = sorted({s for r in rows for s in r["seeds"]}, key=int)
+        out += [f"**{PAPER_NAMES.get(d, d)}**, seeds {','.join(seeds)}", "",
+                "| learner | zero-shot B/N/H | learner B/N/H | +DPC B/N/H | ΔH DPC | seeds |",
+                "|---|---|---|---|---|---|"]
+        for r in rows:
+            delta = "–" if r["delta_hm"] is None else f"{r['delta_hm']:+.2f}"
+            out.append(f"| {r['learner']} | {_cell(_bnh(r['zeroshot']))} | "
+                       f"{_cell(_bnh(r['backbone']))} | {_cell(_bnh(r['+DPC']))} | {delta} | "
+                       f"{','.join(r['seeds'])} |")
+        out.append("")
+    return "\n".join(out)
+
+
 CSV_FIELDS = ("dataset", "learner", "method", "seeds_or_datasets", "base", "new", "hm",
               "base_std", "new_std", "hm_std", "paper_base", "paper_new", "paper_hm",
               "diff_base", "diff_new", "diff_hm")
@@ -458,38 +520,65 @@ def _pyplot():
 def _save(fig, path: str) -> None:
     plt = _pyplot()
     tmp = path + ".tmp.png"
-    fig.savefig(tmp)
+    # bbox 'tight': legends placed outside the axes (so that they cover no bar) stay in the file.
+    fig.savefig(tmp, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
     os.replace(tmp, path)
 
 
 COLOURS = {"zeroshot": "#d9d9d9", "backbone": "#9e9e9e", "+DePT": "#6fa8dc", "+DPC": "#e06666"}
+# The plug-and-play charts' legend: what each bar is, for a reader who has not read the paper.
+METHOD_LEGEND = {"backbone": "learner alone", "+DePT": "learner + DePT", "+DPC": "learner + DPC"}
+
+
+def method_label(method: str) -> str:
+    """A run's method key as a reader names it: 'coop' -> 'CoOp', 'dept_coop' -> 'DePT (CoOp)'."""
+    if method.startswith("dept_"):
+        return f"{display_name('dept')} ({display_name(method[len('dept_'):])})"
+    return display_name(method)
+
+
+def seeds_note(rows: Sequence[dict]) -> str:
+    """What the bars of `rows` are: the mean over which seeds, and what an error bar is."""
+    seeds = sorted({s for r in rows for s in r.get("per_seed", {})}, key=int)
+    if not seeds:  # an average row: means over datasets, no seed spread
+        return "means over datasets"
+    if len(seeds) == 1:
+        return f"seed {seeds[0]}"
+    return f"mean of seeds {','.join(seeds)}; error bars: population std over seeds"
 
 
 def bar_chart(table: dict, path: str, title: str = "",
               methods: Sequence[str] = ("backbone", "+DePT", "+DPC")) -> None:
     """Grouped bars of H per backbone ({backbone: {method: row}}), std as error bars: the
-    paper's plug-and-play figure."""
+    paper's plug-and-play figure. The y-axis starts near the lowest bar so that the
+    differences show; where it does not start at 0 the axis label says so."""
     plt = _pyplot()
     backbones = list(table)
     x = np.arange(len(backbones))
     width = 0.78 / len(methods)
-    fig, ax = plt.subplots(figsize=(1.9 * len(backbones) + 1.5, 3.6), dpi=120)
+    fig, ax = plt.subplots(figsize=(1.9 * len(backbones) + 2.0, 3.8), dpi=120)
     for i, m in enumerate(methods):
         h = [table[b][m]["hm"] for b in backbones]
         err = [table[b][m].get("hm_std", 0.0) for b in backbones]
         bars = ax.bar(x + (i - (len(methods) - 1) / 2) * width, h, width, yerr=err, capsize=3,
-                      label=m, color=COLOURS.get(m, None), edgecolor="black", linewidth=0.5)
+                      label=METHOD_LEGEND.get(m, m), color=COLOURS.get(m, None),
+                      edgecolor="black", linewidth=0.5)
         for bar, v, e in zip(bars, h, err):
             ax.text(bar.get_x() + bar.get_width() / 2, v + e + 0.3, f"{v:.1f}", ha="center",
                     va="bottom", fontsize=7)
     values = [(table[b][m]["hm"], table[b][m].get("hm_std", 0.0))
               for b in backbones for m in methods]
-    ax.set_ylim(max(0.0, min(v - e for v, e in values) - 5), max(v + e for v, e in values) + 4)
+    bottom = max(0.0, 5.0 * np.floor((min(v - e for v, e in values) - 3) / 5))
+    ax.set_ylim(bottom, max(v + e for v, e in values) + 4)
     ax.set_xticks(x, [display_name(b) for b in backbones])
-    ax.set_ylabel("harmonic mean H (%)")
-    ax.set_title(title or "Plug-and-play: " + ", ".join(methods))
-    ax.legend(frameon=False, fontsize=8, ncol=len(methods), loc="upper left")
+    ax.set_ylabel("harmonic mean H (%)" + (f"\ny-axis starts at {bottom:.0f}, not 0" if bottom
+                                           else ""))
+    note = seeds_note([table[b][m] for b in backbones for m in methods])
+    ax.set_title((title or "Plug-and-play: " + ", ".join(methods)) + f"\n({note})",
+                 fontsize=10)
+    ax.legend(frameon=False, fontsize=8, ncol=len(methods), loc="upper center",
+              bbox_to_anchor=(0.5, -0.1))
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     _save(fig, path)
@@ -500,11 +589,13 @@ def dataset_bars(table: dict, dataset: str, path: str) -> None:
     dataset (or 'average'), seed std as error bars."""
     plt = _pyplot()
     fams = [(l, f) for l, f in table["families"].items() if dataset in f["rows"]]
-    fig, axes = plt.subplots(1, len(fams), figsize=(3.4 * len(fams) + 0.6, 3.3), dpi=100,
+    fig, axes = plt.subplots(1, len(fams), figsize=(3.6 * len(fams) + 0.6, 3.6), dpi=100,
                              squeeze=False)
+    shown = []
     for ax, (l, fam) in zip(axes[0], fams):
         r = fam["rows"][dataset]
         cols = [c for c in fam["columns"] if c in r]
+        shown += [r[c] for c in cols]
         width = 0.8 / len(cols)
         for i, c in enumerate(cols):
             vals = [r[c][k] for k in ("base", "new", "hm")]
@@ -512,15 +603,18 @@ def dataset_bars(table: dict, dataset: str, path: str) -> None:
             ax.bar(np.arange(3) + (i - (len(cols) - 1) / 2) * width, vals, width, yerr=errs,
                    capsize=2, label=label(l, c), color=COLOURS.get(c), edgecolor="black",
                    linewidth=0.5)
-        ax.set_xticks(np.arange(3), ["base", "new", "H"])
+        ax.set_xticks(np.arange(3), ["base classes", "new classes", "harmonic mean H"])
         ax.set_ylim(0, 100)
         ax.set_title(display_name(l), fontsize=10)
-        ax.legend(frameon=False, fontsize=7, loc="lower right")
+        # Below the axes: inside, it would cover the bars.
+        ax.legend(frameon=False, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1),
+                  ncol=2)
         ax.spines[["top", "right"]].set_visible(False)
-    axes[0][0].set_ylabel("accuracy (%)")
+    axes[0][0].set_ylabel("test accuracy (%)")
     name = f"average over {len(fams[0][1]['average_over'])} datasets" if dataset == "average" \
         else PAPER_NAMES.get(dataset, dataset)
-    fig.suptitle(name, fontsize=11)
+    fig.suptitle(f"{name}: base-to-new accuracy per learner ({seeds_note(shown)})",
+                 fontsize=10)
     fig.tight_layout()
     _save(fig, path)
 
@@ -551,48 +645,73 @@ def read_logs(workdir: str) -> Dict[str, Dict[int, List[dict]]]:
     return out
 
 
-CURVES = (("loss", "loss"), ("lr", "learning rate"), ("valid_negatives", "valid negatives"))
+# (log field, panel title, y scale). The learning rate on a log scale: the constant warm-up
+# (1e-5 against 2e-3) would otherwise lie flat on the axis.
+CURVES = (("loss", "training loss", "linear"),
+          ("lr", "learning rate (log scale)", "log"),
+          ("valid_negatives", "valid negative slots per step (DPC)", "linear"))
 STAGE_ORDER = ("teacher", "backbone", "dpc")
+STAGE_LABELS = {"teacher": "teacher", "backbone": "stage 1", "dpc": "stage 2: DPC"}
+STAGE_LABEL_GAP = 0.06
 
 
 def training_curves(workdir: str, path: str, title: str = "") -> bool:
     """Loss, learning rate and valid negatives against the step of one run (stages one after
-    the other, a dotted line where the next starts; one line per seed). False when the run has
-    no logs."""
+    the other, each named at its start, a dotted line where the next starts; one line per
+    seed). False when the run has no logs."""
     logs = read_logs(workdir)
     if not logs:
         return False
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(11, 3.0), dpi=100)
+    # A panel per logged quantity: no empty valid-negatives panel for a run without DPC.
+    curves = [c for c in CURVES if any(c[0] in r for by_seed in logs.values()
+                                       for recs in by_seed.values() for r in recs)]
+    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.4), dpi=100,
+                             squeeze=False)
+    axes = axes[0]
     stages = [s for s in STAGE_ORDER if s in logs] + sorted(s for s in logs
                                                             if s not in STAGE_ORDER)
     seeds = sorted({s for by_seed in logs.values() for s in by_seed})
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    offset = 0
-    for stage in stages:
-        last = max(rec["step"] for recs in logs[stage].values() for rec in recs)
+    lengths = [max(rec["step"] for recs in logs[stage].values() for rec in recs)
+               for stage in stages]
+    starts = [int(x) for x in np.cumsum([0] + lengths[:-1])]
+    total = sum(lengths)
+    for stage, offset in zip(stages, starts):
         for seed in seeds:
             recs = logs[stage].get(seed, [])
-            for ax, (field, _) in zip(axes, CURVES):
+            for ax, (field, _, _) in zip(axes, curves):
                 pts = [(offset + r["step"], r[field]) for r in recs if field in r]
                 if pts:
                     xs, ys = zip(*pts)
                     ax.plot(xs, ys, color=colours[seeds.index(seed) % len(colours)],
-                            linewidth=1, label=f"seed {seed}" if stage == stages[0] else None)
-        for ax in axes:
+                            linewidth=1, marker=".", markersize=3,
+                            label=f"seed {seed}" if stage == stages[0] else None)
+    # Each stage is named upwards beside its start; a label closer than STAGE_LABEL_GAP (of
+    # the axis width) to the previous one moves right, so a short stage's name never runs into
+    # the next one's.
+    where, last = [], -1.0
+    for offset in starts:
+        last = max(offset / max(total, 1), last + STAGE_LABEL_GAP)
+        where.append(last)
+    for ax in axes:
+        for stage, offset, x in zip(stages, starts, where):
             if offset:
                 ax.axvline(offset, color="grey", linestyle=":", linewidth=0.8)
-            ax.text(offset, 1.0, f" {stage}", transform=ax.get_xaxis_transform(), fontsize=7,
-                    va="top")
-        offset += last
-    for ax, (field, name) in zip(axes, CURVES):
+            ax.annotate(STAGE_LABELS.get(stage, stage), (x, 0.98), xytext=(3, 0),
+                        textcoords="offset points", rotation=90, xycoords="axes fraction",
+                        fontsize=7, va="top", ha="left", color="dimgrey",
+                        bbox=dict(facecolor="white", alpha=0.7, pad=0.5, edgecolor="none"))
+    offset = total
+    for ax, (field, name, scale) in zip(axes, curves):
         ax.set_xlim(0, offset)  # one step axis for every panel (valid negatives: DPC only)
+        ax.set_yscale(scale)
         ax.set_title(name, fontsize=9)
-        ax.set_xlabel("step (stages in order)", fontsize=8)
+        ax.set_xlabel("training step (stages one after another)", fontsize=8)
         ax.spines[["top", "right"]].set_visible(False)
-        if field == "lr":
-            ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-    axes[0].legend(frameon=False, fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, frameon=False, fontsize=8, ncol=len(seeds),
+               loc="lower center", bbox_to_anchor=(0.5, -0.06))
     fig.suptitle(title or workdir, fontsize=10)
     fig.tight_layout()
     _save(fig, path)
@@ -621,13 +740,16 @@ def write_plots(table: dict, runs: Sequence[Run], root: str) -> List[str]:
         if len(pp) >= 2:
             name = f"plug_and_play_{_slug(d)}.png"
             bar_chart(pp, os.path.join(out_dir, name),
-                      f"{PAPER_NAMES.get(d, d)}: " + ", ".join(methods) + " (H)", methods)
+                      f"{PAPER_NAMES.get(d, d)}: H of each learner alone and with "
+                      + " / ".join(m.lstrip("+") for m in methods[1:]), methods)
             written.append(name)
     for run in runs:
         name = f"curves_{_slug(run.dataset)}_{_slug(run.method)}.png"
         if name not in written and training_curves(
-                run.workdir, os.path.join(out_dir, name), f"{run.dataset} / {run.method}: "
-                f"{os.path.relpath(run.workdir, root)}"):
+                run.workdir, os.path.join(out_dir, name),
+                f"Training curves of {method_label(run.method)} on "
+                f"{PAPER_NAMES.get(run.dataset, run.dataset)} (run "
+                f"{os.path.relpath(run.workdir, root)})"):
             written.append(name)
     return [os.path.join("plots", n) for n in written]
 
@@ -649,9 +771,12 @@ def write_report(root: str, notice: Callable[[str], None] = print) -> dict:
         text = markdown(table, plots)
         with open(os.path.join(root, "table.md"), "w") as f:
             f.write(text)
+        with open(os.path.join(root, "summary.md"), "w") as f:
+            f.write(summary_markdown(runs))
         write_csv(table, os.path.join(root, "table.csv"))
-        notice(f"wrote {os.path.join(root, 'table.md')}, table.csv and {len(plots)} plots")
-        files += ["table.md", "table.csv"] + plots
+        notice(f"wrote {os.path.join(root, 'table.md')}, table.csv, summary.md and "
+               f"{len(plots)} plots")
+        files += ["table.md", "table.csv", "summary.md"] + plots
     others = protocol_tables(collect_protocol_runs(root))
     for protocol, tables in others.items():
         with open(os.path.join(root, f"table_{protocol}.md"), "w") as f:

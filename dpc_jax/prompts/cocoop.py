@@ -43,7 +43,9 @@ class CoCoOp(CoOp):
                        world={"backbone.epochs": 10, "backbone.batch_size": 8,
                               "backbone.lr": 0.003},
                        field_help={"n_ctx": "context tokens (ctx_init's BPE token count)",
-                                   "ctx_init": "words that initialise the context"})
+                                   "ctx_init": "words that initialise the context",
+                                   "csc": "False only (one shared, image-conditioned "
+                                          "context)"})
     # Its class texts depend on the image: `classify` conditions them on each image, and a
     # wrapper (DePT) must ask for each image's own label text.
     text_needs_image = True
