@@ -6,7 +6,7 @@ The prompt pytree (all float32), K tokens, d_r the representation width, L_r = b
 - 'rep_tokens' [K, d_r]: the shared representation tokens R, N(0, 0.02).
 - 'text_maps' {'kernel' [L_r, d_r, W_t], 'bias' [L_r, W_t]} and 'vision_maps' {'kernel'
   [L_r, d_r, W_v], 'bias' [L_r, W_v]}: the affine maps F_t^i, F_v^i of the blocks J..last
-  (1-based J). PyTorch's nn.Linear init U(-1/sqrt(d_r), 1/sqrt(d_r)); all L_r maps start as
+  (1-based J; "last" is the shallower tower's last block). PyTorch's nn.Linear init U(-1/sqrt(d_r), 1/sqrt(d_r)); all L_r maps start as
   copies of one draw (the released code deep-copies one module).
 - 'proj_rep' [W_v, E]: the representation branch's image projection, used as x @ proj_rep,
   N(0, 1/W_v) (the released code draws it and never loads CLIP's proj into it);
@@ -139,8 +139,9 @@ class MMRL(Dual, TorchFormat, PromptLearner):
     """Multi-modal representation learning: shared tokens in both towers, two image heads."""
 
     name = "mmrl"
-    # The world CLIP has 2 text and 2 image blocks: J = 2 puts the tokens into the last block of
-    # each tower (MMRL's J = 6 of 12 leaves half the blocks plain; the world has too few).
+    # The world CLIP has 2 text and 3 image blocks: J = 2 puts the tokens into the text tower's
+    # last block and the image tower's last two (MMRL's J = 6 of 12 leaves the first half of the
+    # blocks plain; the world's towers are too shallow for that ratio).
     info = LearnerInfo(
         display_name="MMRL", order=60,
         world={"backbone.first_layer": 2, "backbone.rep_dim": 32, "backbone.epochs": 20,
@@ -152,6 +153,7 @@ class MMRL(Dual, TorchFormat, PromptLearner):
                     "reg_weight": "lam: weight of the two cosine terms toward frozen CLIP",
                     "template": "class text, '{}' = the class name (the dataset's template)",
                     "proj_rep_init": "random (released) | clip: start proj_rep at CLIP's proj",
+                    "optimizer": "stage-1 optimiser: adamw (MMRL's) | sgd",
                     "dpc_mix": "DPC mixing: tokens (entering the towers) | parameters",
                     "dpc_loss": "DPC stage-2 loss: branches (a InfoNCE_cls + (1-a) "
                                 "InfoNCE_rep) | fused"})
@@ -161,16 +163,16 @@ class MMRL(Dual, TorchFormat, PromptLearner):
     def __init__(self, clip_config, tokenizer, config: ml_collections.ConfigDict):
         super().__init__(clip_config, tokenizer, config)
         cc = clip_config
-        if cc.transformer_layers != cc.vision_layers:
-            raise ValueError(f"MMRL puts its tokens into the same blocks of both towers; this "
-                             f"CLIP has {cc.transformer_layers} text and {cc.vision_layers} "
-                             f"image blocks")
-        self.layers = cc.transformer_layers
+        # The same blocks J..last of both towers take tokens (REP_LAYERS is one list upstream);
+        # with towers of different depth "last" is the shallower tower's last block, and the
+        # deeper tower's remaining blocks carry the tokens on without overwriting them.
+        self.layers = min(cc.transformer_layers, cc.vision_layers)
         self.n_rep = positive_int(config_field(config, "n_rep_tokens", _WHERE), "n_rep_tokens")
         self.rep_dim = positive_int(config_field(config, "rep_dim", _WHERE), "rep_dim")
         self.first_layer = positive_int(config_field(config, "first_layer", _WHERE),
                                         "first_layer", 1, self.layers,
-                                        f" (1-based; the towers have {self.layers} blocks)")
+                                        f" (1-based; the shallower tower has {self.layers} "
+                                        f"blocks)")
         self.rep_layers = self.layers - self.first_layer + 1
         self.alpha = _number(config_field(config, "alpha", _WHERE), "alpha", 0.0, 1.0)
         self.reg_weight = _number(config_field(config, "reg_weight", _WHERE), "reg_weight", 0.0)
@@ -199,6 +201,7 @@ class MMRL(Dual, TorchFormat, PromptLearner):
         config.proj_rep_init = "random"
         config.dpc_mix = "tokens"
         config.dpc_loss = "branches"
+        config.optimizer = "adamw"  # read by the trainer (stage 1's optimiser)
         return config
 
     # -- parameters ---------------------------------------------------------------------------
@@ -264,8 +267,8 @@ class MMRL(Dual, TorchFormat, PromptLearner):
         n = x.shape[0]
         j = self.first_layer - 1
         tokens = tokens.astype(x.dtype)
-        for i in range(self.layers):
-            if i >= j:
+        for i in range(len(blocks)):
+            if j <= i < j + self.rep_layers:
                 t = jnp.broadcast_to(tokens[i - j][None], (n,) + tokens.shape[1:])
                 rest = x[:, 1:] if i == j else x[:, 1 + self.n_rep:]
                 x = jnp.concatenate([x[:, :1], t, rest], axis=1)
