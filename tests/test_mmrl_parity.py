@@ -125,7 +125,7 @@ def test_features_of_both_branches_match_the_released_forward(setup):
         other = reference(model, perturbed(prompt, path, index), images, ids)
         effects["/".join(path) + ("" if index is None else f"[{index}]")] = max(
             max_rel_err(other[k], ref[k]) for k in (3, 4, 5))
-    print(f"\n[MMRL parity] max relative error: "
+    print("\n[MMRL parity] max relative error: "
           + ", ".join(f"{k} {v:.2e}" for k, v in errors.items())
           + "; smallest move of the reference by a perturbed leaf: "
           + f"{min(effects.values()):.2e}")
