@@ -144,8 +144,10 @@ class MMRL(Dual, TorchFormat, PromptLearner):
     # blocks plain; the world's towers are too shallow for that ratio).
     info = LearnerInfo(
         display_name="MMRL", order=60,
+        # Stage 2's LR from a seed-1 sweep (dpc.lr .002/.005/.02 x w_b .2/.5; docs/mmrl.md).
         world={"backbone.first_layer": 2, "backbone.rep_dim": 32, "backbone.epochs": 20,
-               "backbone.batch_size": 32, "backbone.lr": 0.002, "backbone.reg_weight": 1.0},
+               "backbone.batch_size": 32, "backbone.lr": 0.002, "backbone.reg_weight": 1.0,
+               "dpc.lr": 0.02},
         field_help={"n_rep_tokens": "representation tokens K",
                     "rep_dim": "width d_r of the representation space",
                     "first_layer": "first block (1-based) that takes the tokens, both towers",
