@@ -77,7 +77,6 @@ COS_EPS = 1e-8  # torch.nn.functional.cosine_similarity's eps in the released lo
 PROJ_REP_INITS = ("random", "clip")
 DPC_MIXES = ("tokens", "parameters")
 DPC_LOSSES = ("branches", "fused")
-TOWER_LEAVES = ("text_tokens", "vision_tokens", "proj_rep")
 TORCH_FOLDER = "MultiModalRepresentationLearner"
 _RL = "representation_learner."
 
@@ -144,9 +143,10 @@ class MMRL(Dual, TorchFormat, PromptLearner):
     # blocks plain; the world's towers are too shallow for that ratio).
     info = LearnerInfo(
         display_name="MMRL", order=60,
-        # Stage 2's LR from a seed-1 sweep (dpc.lr .002/.005/.02 x w_b .2/.5; docs/mmrl.md).
+        # Batch 8 from a seed-2 sweep of stage 1 (at B 32 that seed's CLS branch stalled near
+        # 43% base); stage 2's LR from a seed-1 sweep of (dpc.lr, w_b) (docs/mmrl.md).
         world={"backbone.first_layer": 2, "backbone.rep_dim": 32, "backbone.epochs": 20,
-               "backbone.batch_size": 32, "backbone.lr": 0.002, "backbone.reg_weight": 1.0,
+               "backbone.batch_size": 8, "backbone.lr": 0.002, "backbone.reg_weight": 1.0,
                "dpc.lr": 0.02},
         field_help={"n_rep_tokens": "representation tokens K",
                     "rep_dim": "width d_r of the representation space",
