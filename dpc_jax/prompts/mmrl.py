@@ -138,9 +138,9 @@ class MMRL(Dual, TorchFormat, PromptLearner):
     """Multi-modal representation learning: shared tokens in both towers, two image heads."""
 
     name = "mmrl"
-    # The world CLIP has 2 text and 3 image blocks: J = 2 puts the tokens into the text tower's
-    # last block and the image tower's last two (MMRL's J = 6 of 12 leaves the first half of the
-    # blocks plain; the world's towers are too shallow for that ratio).
+    # The world CLIP has 2 text and 3 image blocks: J = 2 inserts the tokens at block 2 of both
+    # towers (the image tower's third block carries them on), leaving the first block plain as
+    # MMRL's J = 6 of 12 leaves the first half.
     info = LearnerInfo(
         display_name="MMRL", order=60,
         # Batch 8 from a seed-2 sweep of stage 1 (at B 32 that seed's CLS branch stalled near
