@@ -128,5 +128,5 @@ def stage_optimizer(cfg, stage: str, lr, epochs, epoch_steps, mask, lr_scales=No
                                      momentum=cfg.optim.momentum,
                                      weight_decay=cfg.optim.weight_decay, field_names=names,
                                      lr_scales=lr_scales,
-                                     kind=cfg.get(stage).get("optimizer", "sgd"), **kw)
+                                     kind=(cfg.get(stage) or {}).get("optimizer", "sgd"), **kw)
     return optimizer, optim.dassl_schedule(lr, epochs, epoch_steps, **kw)
