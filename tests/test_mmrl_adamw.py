@@ -47,3 +47,17 @@ def test_an_unknown_optimiser_is_refused_with_its_field():
                                          r"\['sgd', 'adamw'\]"):
         optim.make_optimizer(LR, 2, 1, mask=mask, kind="adam",
                              field_names={"kind": "config.backbone.optimizer"})
+
+
+def test_the_run_refuses_an_unknown_optimiser_before_training():
+    import os
+
+    from dpc_jax.training import train_lib
+    from dpc_jax.training.checks import check_config
+    from helpers import REPO
+
+    c = train_lib.load_config(os.path.join(REPO, "configs", "dpc_mmrl.py"))
+    check_config(c)
+    c.backbone.optimizer = "adam"
+    with pytest.raises(ValueError, match=r"config\.backbone\.optimizer='adam'; allowed values"):
+        check_config(c)
