@@ -6,8 +6,9 @@ The prompt pytree (all float32), K tokens, d_r the representation width, L_r = b
 - 'rep_tokens' [K, d_r]: the shared representation tokens R, N(0, 0.02).
 - 'text_maps' {'kernel' [L_r, d_r, W_t], 'bias' [L_r, W_t]} and 'vision_maps' {'kernel'
   [L_r, d_r, W_v], 'bias' [L_r, W_v]}: the affine maps F_t^i, F_v^i of the blocks J..last
-  (1-based J; "last" is the shallower tower's last block). PyTorch's nn.Linear init U(-1/sqrt(d_r), 1/sqrt(d_r)); all L_r maps start as
-  copies of one draw (the released code deep-copies one module).
+  (1-based J; "last" is the shallower tower's last block). PyTorch's nn.Linear init
+  U(-1/sqrt(d_r), 1/sqrt(d_r)); all L_r maps start as copies of one draw (the released code
+  deep-copies one module).
 - 'proj_rep' [W_v, E]: the representation branch's image projection, used as x @ proj_rep,
   N(0, 1/W_v) (the released code draws it and never loads CLIP's proj into it);
   `proj_rep_init='clip'` starts it at CLIP's proj instead.
@@ -30,7 +31,8 @@ Arrays between the methods: `image_features` -> [N, 2E] = [v_c | v_r] (un-normal
 Stage-1 loss (the released `forward_backward`; z = frozen CLIP's normalised image feature of
 the same augmented image, g_c = frozen CLIP's normalised feature of the class's template text):
 
-    L = a CE(L_cls, y) + (1-a) CE(L_rep, y) + lam (1 - mean_b cos(v_c, z)) + lam (1 - mean_c cos(t_c, g_c))
+    L = a CE(L_cls, y) + (1-a) CE(L_rep, y)
+        + lam (1 - mean_b cos(v_c, z)) + lam (1 - mean_c cos(t_c, g_c))
 
 DPC on MMRL (docs/mmrl.md): every leaf is doubled; mixes w P' + (1-w) P are taken over the
 tokens entering the towers, R^i(w) = w F'^i(R') + (1-w) F^i(R), and proj_rep linearly
@@ -46,6 +48,7 @@ acts on R here (MMRL has no text context); paper mode is the default of configs/
   [REP_LAYERS[0]] (6, 1-based: blocks J..last take tokens, in both towers), alpha [SCALE] (0.7),
   reg_weight lam [REG_WEIGHT] (per dataset), template (the class text, '{}' = the class name).
 - proj_rep_init: 'random' (released) | 'clip'.
+- optimizer: 'adamw' (MMRL's) | 'sgd': stage 1's optimiser, read by the trainer.
 - dpc_mix: 'tokens' | 'parameters'; dpc_loss: 'branches' | 'fused'.
 - init_from: a PyTorch MMRL checkpoint (`MultiModalRepresentationLearner/model.pth.tar-N`).
 """
