@@ -107,6 +107,14 @@ class Dual:
         return logit_scale(clip_params) * cosine_logits(
             image_features, slot_classifier, 1.0, self.clip_config.matmul_precision)
 
+    def pair_loss(self, clip_params, prompt: Prompt, image_features: Array,
+                  slot_classifier: Array, valid: Array, consts: Optional[dict], infonce):
+        """Stage 2's loss over DHNO's slots; `infonce(logits [M, M], valid [M])` is the
+        trainer's symmetric InfoNCE. Default: InfoNCE of `pair_logits` (a learner with several
+        heads may combine one InfoNCE per head)."""
+        return infonce(self.pair_logits(clip_params, prompt, image_features, slot_classifier,
+                                        consts), valid)
+
 
 class TorchFormat:
     """Stage-1 prompts in the released PyTorch code's checkpoint layout.

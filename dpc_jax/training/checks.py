@@ -15,7 +15,7 @@ from dpc_jax.data.transforms import ImageLoadError
 from dpc_jax.evaluation import protocols
 from dpc_jax.prompts import capabilities, get_learner
 from dpc_jax.prompts import dpc as dpc_lib
-from dpc_jax.training import checkpoints, dhno, stage1, stage2, teacher
+from dpc_jax.training import checkpoints, dhno, optim, stage1, stage2, teacher
 from dpc_jax.training.loop import check_batch_fits
 from dpc_jax.training.run import BACKBONE, DPC, STAGE_FOLDERS
 from dpc_jax.training.seed import SeedRun
@@ -139,6 +139,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.dhno.top_k < 2:
         raise ValueError(f"config.dhno.top_k={config.dhno.top_k}; expected >= 2 (the released "
                          f"rule keeps K-1 candidates and its fallback adds 2 negatives)")
+    for stage in ("backbone", "dpc"):
+        kind = config[stage].get("optimizer", "sgd")
+        if kind not in optim.OPTIMIZERS:
+            raise ValueError(f"config.{stage}.optimizer={kind!r}; allowed values: "
+                             f"{list(optim.OPTIMIZERS)}")
     for field in ("backbone.lr", "dpc.lr", "optim.warmup_lr"):
         value = _field(config, field)
         if not isinstance(value, (int, float)) or not value > 0:

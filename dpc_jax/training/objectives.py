@@ -112,8 +112,9 @@ def dpc_objective(learner, dual, res: int, top_k: int, policy: str, crop_scale=(
                                                    texts.num_classes, b, diff=prompt)
         else:
             slot_text = encode_texts(prompt, slot_labels)
-        logits = hooks.pair_logits(clip_params, prompt, slot_images, slot_text, lconsts)
-        return {"loss": dhno.symmetric_infonce(logits, slot_valid), "scores": scores,
+        loss = hooks.pair_loss(clip_params, prompt, slot_images, slot_text, slot_valid, lconsts,
+                               dhno.symmetric_infonce)
+        return {"loss": loss, "scores": scores,
                 "negatives": negatives, "valid": valid}
 
     def objective(params, state, consts, batch, key):

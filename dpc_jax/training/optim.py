@@ -36,6 +36,8 @@ import optax
 
 from dpc_jax.training.masks import FROZEN, TRAINABLE, optax_labels
 
+OPTIMIZERS = ("sgd", "adamw")
+
 
 def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
@@ -91,8 +93,9 @@ def dassl_schedule(lr: float, max_epoch: int, steps_per_epoch: int, warmup_epoch
 def make_optimizer(lr: float, max_epoch: int, steps_per_epoch: int, *, mask,
                    momentum: float = 0.9, weight_decay: float = 5e-4, warmup_epochs: int = 1,
                    warmup_lr: float = 1e-5, field_names: Optional[Dict[str, str]] = None,
-                   lr_scales=None) -> optax.GradientTransformation:
-    """SGD with L2 weight decay and Dassl's schedule; leaves where `mask` is False (see
+                   lr_scales=None, kind: str = "sgd") -> optax.GradientTransformation:
+    """SGD with L2 weight decay (`kind='adamw'`: Dassl's AdamW, betas 0.9/0.999, decoupled
+    weight decay, as torch.optim.AdamW) and Dassl's schedule; leaves where `mask` is False (see
     `dpc_jax.training.masks.trainable_mask`) get zero updates and no optimiser state.
     `lr_scales`: an optional pytree of floats shaped like the parameters, multiplying each
     leaf's update (its learning rate: SGD's update is linear in it; e.g. a head at 6.5x).
@@ -102,11 +105,18 @@ def make_optimizer(lr: float, max_epoch: int, steps_per_epoch: int, *, mask,
     """
     _validate(field_names or {}, lr, max_epoch, steps_per_epoch, momentum, weight_decay,
               warmup_epochs, warmup_lr)
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"{(field_names or {}).get('kind', 'optimizer')}={kind!r}; allowed "
+                         f"values: {list(OPTIMIZERS)}")
     schedule = dassl_schedule(lr, max_epoch, steps_per_epoch, warmup_epochs, warmup_lr)
     parts = []
-    if weight_decay:
-        parts.append(optax.add_decayed_weights(weight_decay))  # added to the gradient, as torch
-    parts.append(optax.sgd(schedule, momentum=momentum or None, nesterov=False))
+    if kind == "adamw":  # torch: p *= 1 - lr*wd, then the Adam step; optax's adamw is the same
+        parts.append(optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8,
+                                 weight_decay=weight_decay))
+    else:
+        if weight_decay:
+            parts.append(optax.add_decayed_weights(weight_decay))  # added to the gradient
+        parts.append(optax.sgd(schedule, momentum=momentum or None, nesterov=False))
     tx = optax.multi_transform({TRAINABLE: optax.chain(*parts), FROZEN: optax.set_to_zero()},
                                optax_labels(mask))
     if lr_scales is not None and any(f != 1.0 for f in jax.tree_util.tree_leaves(lr_scales)):

@@ -117,13 +117,16 @@ class Run:
 
 
 def stage_optimizer(cfg, stage: str, lr, epochs, epoch_steps, mask, lr_scales=None):
-    """The stage's SGD (Dassl schedule) and its learning-rate schedule (for logging)."""
+    """The stage's optimiser (SGD, or the AdamW a stage config names in `optimizer`; Dassl
+    schedule) and its learning-rate schedule (for logging)."""
     kw = dict(warmup_epochs=cfg.optim.warmup_epochs, warmup_lr=cfg.optim.warmup_lr)
     names = {"lr": f"config.{stage}.lr", "max_epoch": f"config.{stage}.epochs",
+             "kind": f"config.{stage}.optimizer",
              **{k: f"config.optim.{k}" for k in ("momentum", "weight_decay", "warmup_epochs",
                                                  "warmup_lr")}}
     optimizer = optim.make_optimizer(lr, epochs, epoch_steps, mask=mask,
                                      momentum=cfg.optim.momentum,
                                      weight_decay=cfg.optim.weight_decay, field_names=names,
-                                     lr_scales=lr_scales, **kw)
+                                     lr_scales=lr_scales,
+                                     kind=(cfg.get(stage) or {}).get("optimizer", "sgd"), **kw)
     return optimizer, optim.dassl_schedule(lr, epochs, epoch_steps, **kw)
