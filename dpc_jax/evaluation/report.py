@@ -589,10 +589,15 @@ def dataset_bars(table: dict, dataset: str, path: str) -> None:
     dataset (or 'average'), seed std as error bars."""
     plt = _pyplot()
     fams = [(l, f) for l, f in table["families"].items() if dataset in f["rows"]]
-    fig, axes = plt.subplots(1, len(fams), figsize=(3.6 * len(fams) + 0.6, 3.6), dpi=100,
+    # At most four learners a row: one long row shrinks every panel past reading.
+    ncols = min(4, len(fams))
+    nrows = -(-len(fams) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols + 0.6, 3.9 * nrows), dpi=100,
                              squeeze=False)
+    for ax in axes.flat[len(fams):]:
+        ax.set_visible(False)
     shown = []
-    for ax, (l, fam) in zip(axes[0], fams):
+    for ax, (l, fam) in zip(axes.flat, fams):
         r = fam["rows"][dataset]
         cols = [c for c in fam["columns"] if c in r]
         shown += [r[c] for c in cols]
@@ -603,17 +608,19 @@ def dataset_bars(table: dict, dataset: str, path: str) -> None:
             ax.bar(np.arange(3) + (i - (len(cols) - 1) / 2) * width, vals, width, yerr=errs,
                    capsize=2, label=label(l, c), color=COLOURS.get(c), edgecolor="black",
                    linewidth=0.5)
-        ax.set_xticks(np.arange(3), ["base classes", "new classes", "harmonic mean H"])
+        ax.set_xticks(np.arange(3), ["base", "new", "H"])
         ax.set_ylim(0, 100)
         ax.set_title(display_name(l), fontsize=10)
         # Below the axes: inside, it would cover the bars.
         ax.legend(frameon=False, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1),
                   ncol=2)
         ax.spines[["top", "right"]].set_visible(False)
-    axes[0][0].set_ylabel("test accuracy (%)")
+    for row_axes in axes:
+        row_axes[0].set_ylabel("test accuracy (%)")
     name = f"average over {len(fams[0][1]['average_over'])} datasets" if dataset == "average" \
         else PAPER_NAMES.get(dataset, dataset)
-    fig.suptitle(f"{name}: base-to-new accuracy per learner ({seeds_note(shown)})",
+    fig.suptitle(f"{name}: base-to-new accuracy per learner (H: harmonic mean of base and "
+                 f"new; {seeds_note(shown)})",
                  fontsize=10)
     fig.tight_layout()
     _save(fig, path)
