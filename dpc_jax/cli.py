@@ -19,6 +19,7 @@ Nothing here imports the rest of dpc_jax: every layer's command line may use it.
 from __future__ import annotations
 
 import difflib
+import errno
 import os
 import sys
 from typing import Callable, List, Optional
@@ -29,6 +30,9 @@ TRACEBACK_ENV = "DPC_JAX_TRACEBACK"
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
                FileExistsError, PermissionError, FloatingPointError)
 EXIT_USER_ERROR = 2
+# A write that fails for lack of room (a full disk, a quota, a file-size limit) is the user's
+# to fix too; other OSErrors may be our bugs.
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # Optional dependencies (pyproject.toml extras): the package a command may need -> its extra.
 OPTIONAL_EXTRAS = {"torch": "torch", "matplotlib": "plot"}
 
@@ -77,7 +81,26 @@ def run_cli(fn: Callable, *args, **kwargs) -> int:
         if text is None or show_tracebacks():
             raise
         return print_error(text)
+    except OSError as e:
+        room = no_room(e)
+        if room is None or show_tracebacks():
+            raise
+        return print_error(message(room))
     return 0
+
+
+def no_room(error: BaseException) -> Optional[OSError]:
+    """The OSError of a write that failed for lack of room in `error` or what it happened
+    while handling (a log file closed after a checkpoint failed), the one naming a file
+    first; None when there is none."""
+    found, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in NO_ROOM:
+            found.append(error)
+        error = error.__cause__ or error.__context__
+    named = [e for e in found if e.filename]
+    return (named or found or [None])[0]
 
 
 # ----------------------------------------------------------------------------------------------

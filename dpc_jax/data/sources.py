@@ -74,6 +74,20 @@ def short_classes(data: base.BaseToNewData, shots: int) -> list:
     return [(data.classnames[y], int(n)) for y, n in enumerate(counts) if n < shots]
 
 
+def shots_used(data: base.BaseToNewData, shots: int) -> Optional[dict]:
+    """What a run records when some class of its few-shot training split holds fewer than
+    `shots` images: {"requested", "min", "max" (images per class), "short_classes": {class
+    name: images}}; None when every class has `shots` (or `shots` < 1, the full split)."""
+    if shots < 1:
+        return None
+    short = short_classes(data, shots)
+    if not short:
+        return None
+    counts = np.bincount(np.asarray(data.train.labels), minlength=len(data.classnames))
+    return {"requested": int(shots), "min": int(counts.min()), "max": int(counts.max()),
+            "short_classes": dict(short)}
+
+
 def build_dataset(name: str, root: Optional[str], source: str = "coop", shots: int = 16,
                   seed: int = 1, subsample: str = "all", **kwargs) -> base.BaseToNewData:
     """A benchmark as the training code uses it.

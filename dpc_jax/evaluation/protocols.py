@@ -254,9 +254,15 @@ class Protocol:
             if self.transfer:
                 stages[stage]["target_average"] = float(np.mean([acc[t]["mean"]
                                                                  for t in names]))
-        return {"protocol": self.name, "source": config.dataset, "targets": names,
-                "shots": int(config.shots), "transfer_prompt": transfer_prompt(config),
-                "stages": stages}
+        out = {"protocol": self.name, "source": config.dataset, "targets": names,
+               "shots": int(config.shots), "transfer_prompt": transfer_prompt(config),
+               "stages": stages}
+        # Seeds whose source had classes with fewer training images than `shots`.
+        used = {str(seed): r["shots_used"] for by_seed in per_seed.values()
+                for seed, r in by_seed.items() if "shots_used" in r}
+        if used:
+            out["shots_used"] = dict(sorted(used.items(), key=lambda kv: int(kv[0])))
+        return out
 
     def holds(self, result) -> bool:
         """Whether one seed's stage result (W/seed_N/<stage>/results.json) has this
