@@ -204,8 +204,8 @@ def read_torch_state_dict(path: str) -> dict:
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"PyTorch checkpoint {path!r} does not exist")
-    expected = (f"expected an OpenAI CLIP .pt (a TorchScript archive as clip.load downloads, or "
-                f"a state dict torch.save wrote): download or copy it again")
+    expected = ("expected an OpenAI CLIP .pt (a TorchScript archive as clip.load downloads, or "
+                "a state dict torch.save wrote): download or copy it again")
     if _is_cut_zip(path):
         raise ValueError(f"{path!r} is cut short (a zip archive without its end, as an "
                          f"interrupted download or copy leaves); {expected}")
