@@ -71,6 +71,24 @@ def _quiet_orbax_threads() -> None:
         logger.addFilter(_OrbaxThreadReports())
 
 
+def _quiet_closed_loop_reports() -> None:
+    """After a failed save, tensorstore still completes the writes Orbax had started and
+    reports each to the event loop Orbax has closed meanwhile; Python prints every such
+    'Event loop is closed' RuntimeError through sys.excepthook. Those are echoes of the
+    failure the save raises: leave them out."""
+    previous = sys.excepthook
+    if getattr(previous, "_dpc_jax_quiet", False):
+        return
+
+    def hook(kind, value, tb):
+        if kind is RuntimeError and str(value) == "Event loop is closed":
+            return
+        previous(kind, value, tb)
+
+    hook._dpc_jax_quiet = True
+    sys.excepthook = hook
+
+
 def checkpoint_manager(directory: str) -> ocp.CheckpointManager:
     _quiet_orbax_threads()
     options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
@@ -291,10 +309,13 @@ class StageDir:
             room = _no_room(e)
             if room is None:
                 raise
+            _quiet_closed_loop_reports()
             kept = [s for s in self.manager.all_steps() if s != step]
             before = f"steps {sorted(kept)} are kept" if kept else "none was saved before"
+            fix = ("raise the file-size limit (ulimit -f)" if room == errno.EFBIG
+                   else "make room on that disk")
             raise OSError(room, f"{os.strerror(room)} while saving checkpoint step {step} "
-                          f"(not kept; {before}); make room and rerun the same command to "
+                          f"(not kept; {before}); {fix} and rerun the same command to "
                           f"resume",
                           os.path.join(self.path, "checkpoints")) from None
 
