@@ -72,25 +72,29 @@ def _quiet_orbax_threads() -> None:
 
 
 def _quiet_closed_loop_reports() -> None:
-    """After a failed save, tensorstore still completes the writes Orbax had started and
-    reports each to the event loop Orbax has closed meanwhile; Python prints every such
-    'Event loop is closed' RuntimeError through sys.excepthook. Those are echoes of the
-    failure the save raises: leave them out."""
-    previous = sys.excepthook
+    """When a save fails, tensorstore still completes the writes Orbax had started and
+    reports each to the event loop Orbax has closed meanwhile; each such 'Event loop is
+    closed' RuntimeError (raised inside asyncio's call_soon_threadsafe) reaches Python's
+    sys.unraisablehook, which prints its traceback. Those are echoes of the failure the
+    save raises: leave them out, and nothing else."""
+    previous = sys.unraisablehook
     if getattr(previous, "_dpc_jax_quiet", False):
         return
 
-    def hook(kind, value, tb):
-        if kind is RuntimeError and str(value) == "Event loop is closed":
+    def hook(unraisable):
+        tb, value = unraisable.exc_traceback, unraisable.exc_value
+        if (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+                and tb is not None and tb.tb_frame.f_code.co_name == "call_soon_threadsafe"):
             return
-        previous(kind, value, tb)
+        previous(unraisable)
 
     hook._dpc_jax_quiet = True
-    sys.excepthook = hook
+    sys.unraisablehook = hook
 
 
 def checkpoint_manager(directory: str) -> ocp.CheckpointManager:
     _quiet_orbax_threads()
+    _quiet_closed_loop_reports()
     options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
                                            enable_async_checkpointing=False)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options,
@@ -309,7 +313,6 @@ class StageDir:
             room = _no_room(e)
             if room is None:
                 raise
-            _quiet_closed_loop_reports()
             kept = [s for s in self.manager.all_steps() if s != step]
             before = f"steps {sorted(kept)} are kept" if kept else "none was saved before"
             fix = ("raise the file-size limit (ulimit -f)" if room == errno.EFBIG
