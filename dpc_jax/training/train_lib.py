@@ -143,8 +143,8 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str, hooks) -> dict:
         # last finished one in place.
         record = json.loads(config.to_json_best_effort())
         record["seeds"] = ",".join(str(s) for s in seeds_held)
+        write_json(results_path, merged)  # first: config.json describes the results it holds
         write_json(os.path.join(workdir, "config.json"), record)
-        write_json(results_path, merged)
         if seeds_held != sorted(seeds):
             print(f"{results_path} holds seeds {record['seeds']} (this run: {config.seeds})",
                   flush=True)
