@@ -7,7 +7,8 @@ paths (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError
 PermissionError). Anything else is a bug and keeps its traceback. Set DPC_JAX_TRACEBACK=1 to see
 the traceback of a user error too.
 
-    run_cli(fn, *args)          -> 0, or 2 after one `Error:` line on a user error
+    run_cli(fn, *args)          -> 0, or 2 after one `Error:` line on a user error (130
+                                   after one line on Ctrl-C)
     absl_flags_parser(flag, print_help)
                                 -> a `flags_parser` for absl's `app.run`: a misspelt
                                    `--config.field` gives one line with the closest fields;
@@ -30,6 +31,7 @@ TRACEBACK_ENV = "DPC_JAX_TRACEBACK"
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
                FileExistsError, PermissionError, FloatingPointError)
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command Ctrl-C ended
 # A write that fails for lack of room (a full disk, a quota, a file-size limit) is the user's
 # to fix too; other OSErrors may be our bugs.
 NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -86,6 +88,12 @@ def run_cli(fn: Callable, *args, **kwargs) -> int:
         if room is None or show_tracebacks():
             raise
         return print_error(message(room))
+    except KeyboardInterrupt:  # Ctrl-C: the user's choice, not a fault; say what stays
+        if show_tracebacks():
+            raise
+        print("interrupted (Ctrl-C): what was saved stays (a training run resumes from its "
+              "last checkpoint when the same command runs again)", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     return 0
 
 

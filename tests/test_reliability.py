@@ -230,3 +230,43 @@ def test_a_cut_or_damaged_openai_pt_is_one_line(tmp_path):
                    f"{DPC_COOP}:dataset=eurosat,root={tmp_path},clip={path}")
     assert_refused(proc, repr(path), "is cut short")
     assert not (tmp_path / "w").exists()
+
+
+# -- Ctrl-C ------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_during_stage_1_is_one_line_and_the_rerun_resumes(tmp_path):
+    import time
+
+    workdir = tmp_path / "w"
+    args = [sys.executable, "-m", "dpc_jax.train", "--workdir", str(workdir), "--config",
+            DPC_COOP, *small_flags(), "--config.stages=zeroshot,backbone",
+            "--config.backbone.epochs=30", "--config.checkpoint_every_steps=2"]
+    env = {k: v for k, v in os.environ.items() if k != cli.TRACEBACK_ENV}
+    env["PYTHONPATH"] = REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    checkpoints = workdir / "seed_1" / "backbone" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:  # past compilation: 2 saved
+        if checkpoints.is_dir() and sum(d.isdigit() for d in os.listdir(checkpoints)) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"no exit 120 s after SIGINT: {out[-2000:]} {err[-2000:]}")
+    assert proc.returncode == cli.EXIT_INTERRUPTED, err[-3000:]
+    assert err.strip().splitlines() == [
+        "interrupted (Ctrl-C): what was saved stays (a training run resumes from its last "
+        "checkpoint when the same command runs again)"], err[-3000:]
+    saved = max(int(d) for d in os.listdir(checkpoints) if d.isdigit())
+    rerun = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    log = [json.loads(line)["step"] for line in
+           (workdir / "seed_1" / "backbone" / "log.jsonl").read_text().splitlines()]
+    assert log == list(range(1, log[-1] + 1)) and log[-1] > saved  # resumed, none twice
+    assert json.loads((workdir / "results.json").read_text())["backbone"]["per_seed"]["1"]
