@@ -241,7 +241,7 @@ def test_ctrl_c_during_stage_1_is_one_line_and_the_rerun_resumes(tmp_path):
     workdir = tmp_path / "w"
     args = [sys.executable, "-m", "dpc_jax.train", "--workdir", str(workdir), "--config",
             DPC_COOP, *small_flags(), "--config.stages=zeroshot,backbone",
-            "--config.backbone.epochs=30", "--config.checkpoint_every_steps=2"]
+            "--config.backbone.epochs=200", "--config.checkpoint_every_steps=10"]
     env = {k: v for k, v in os.environ.items() if k != cli.TRACEBACK_ENV}
     env["PYTHONPATH"] = REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
