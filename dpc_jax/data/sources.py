@@ -100,9 +100,15 @@ def build_dataset(name: str, root: Optional[str], source: str = "coop", shots: i
     subsample: 'all' | 'base' | 'new' (Dassl's halving of the sorted labels, re-numbered).
     kwargs: use_fewshot_pickle (coop), cache_dir / decode / classnames_file (tfds).
     What the provenance warns about (classes with fewer training images than `shots`) is
-    printed, one line each.
+    printed, one line each, once per process (a run reads its data once per seed); the run
+    records it in its results (`shots_used`).
     """
     data, prov = load_dataset(name, root, source, shots, seed, subsample, **kwargs)
     for line in prov.get("warnings", ()):
-        print(f"warning: {line}", file=sys.stderr)
+        if (root, line) not in _SAID:  # a run reads its data once per seed: say it once
+            _SAID.add((root, line))
+            print(f"warning: {line}", file=sys.stderr)
     return data
+
+
+_SAID: set = set()  # (root, warning) lines printed by this process
