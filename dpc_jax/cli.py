@@ -7,7 +7,8 @@ paths (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError
 PermissionError). Anything else is a bug and keeps its traceback. Set DPC_JAX_TRACEBACK=1 to see
 the traceback of a user error too.
 
-    run_cli(fn, *args)          -> 0, or 2 after one `Error:` line on a user error
+    run_cli(fn, *args)          -> 0, or 2 after one `Error:` line on a user error (130
+                                   after one line on Ctrl-C)
     require_extra(package, what) raises, before any work, the error run_cli reports as
                                    "WHAT needs PACKAGE, which is not installed: pip install ..."
     absl_flags_parser(flag, print_help)
@@ -21,6 +22,7 @@ Nothing here imports the rest of dpc_jax: every layer's command line may use it.
 from __future__ import annotations
 
 import difflib
+import errno
 import importlib
 import os
 import sys
@@ -32,6 +34,10 @@ TRACEBACK_ENV = "DPC_JAX_TRACEBACK"
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
                FileExistsError, PermissionError, FloatingPointError)
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command Ctrl-C ended
+# A write that fails for lack of room (a full disk, a quota, a file-size limit) is the user's
+# to fix too; other OSErrors may be our bugs.
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # Optional dependencies (pyproject.toml extras): the package a command may need -> its extra.
 OPTIONAL_EXTRAS = {"torch": "torch", "matplotlib": "plot"}
 
@@ -100,7 +106,32 @@ def run_cli(fn: Callable, *args, **kwargs) -> int:
         if text is None or show_tracebacks():
             raise
         return print_error(text)
+    except OSError as e:
+        room = no_room(e)
+        if room is None or show_tracebacks():
+            raise
+        return print_error(message(room))
+    except KeyboardInterrupt:  # Ctrl-C: the user's choice, not a fault; say what stays
+        if show_tracebacks():
+            raise
+        print("interrupted (Ctrl-C): what was saved stays (a training run resumes from its "
+              "last checkpoint when the same command runs again)", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     return 0
+
+
+def no_room(error: BaseException) -> Optional[OSError]:
+    """The OSError of a write that failed for lack of room in `error` or what it happened
+    while handling (a log file closed after a checkpoint failed), the one naming a file
+    first; None when there is none."""
+    found, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in NO_ROOM:
+            found.append(error)
+        error = error.__cause__ or error.__context__
+    named = [e for e in found if e.filename]
+    return (named or found or [None])[0]
 
 
 # ----------------------------------------------------------------------------------------------

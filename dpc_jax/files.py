@@ -16,4 +16,9 @@ def write_json(path: str, obj, **kw) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, **kw)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except OSError as e:  # name the file that could not be replaced, not the temporary one
+        os.remove(tmp)
+        raise type(e)(e.errno, f"{e.strerror} (this file cannot be replaced: is it "
+                      f"read-only?)", path) from None

@@ -187,20 +187,41 @@ def _is_torchscript(path: str) -> bool:
         return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
 
 
+def _is_cut_zip(path: str) -> bool:
+    """A file that starts as a zip archive (as torch.save and TorchScript files do) but has no
+    end record: cut short."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04" and not zipfile.is_zipfile(path)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
 def read_torch_state_dict(path: str) -> dict:
     """{name: float32 np.ndarray} from a TorchScript archive or a `torch.save`d state dict."""
     import torch  # only here: reading a torch file needs it (STYLE rule 8)
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"PyTorch checkpoint {path!r} does not exist")
+    expected = ("expected an OpenAI CLIP .pt (a TorchScript archive as clip.load downloads, or "
+                "a state dict torch.save wrote): download or copy it again")
+    if _is_cut_zip(path):
+        raise ValueError(f"{path!r} is cut short (a zip archive without its end, as an "
+                         f"interrupted download or copy leaves); {expected}")
     if _is_torchscript(path):
-        state = torch.jit.load(path, map_location="cpu").state_dict()
+        try:
+            state = torch.jit.load(path, map_location="cpu").state_dict()
+        except Exception as e:  # torch reports a damaged archive as RuntimeError and others
+            raise ValueError(f"{path!r} is a damaged TorchScript archive (torch.jit.load: "
+                             f"{_first_line(e)}); {expected}") from e
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"{path!r} is neither a TorchScript archive nor a state dict that "
-                             f"torch.load(weights_only=True) can read: {e}") from e
+                             f"torch.load(weights_only=True) can read ({_first_line(e)}); "
+                             f"{expected}") from e
         if isinstance(state, dict) and set(state) == {"state_dict"}:
             state = state["state_dict"]
         if not isinstance(state, dict):

@@ -74,6 +74,20 @@ def short_classes(data: base.BaseToNewData, shots: int) -> list:
     return [(data.classnames[y], int(n)) for y, n in enumerate(counts) if n < shots]
 
 
+def shots_used(data: base.BaseToNewData, shots: int) -> Optional[dict]:
+    """What a run records when some class of its few-shot training split holds fewer than
+    `shots` images: {"requested", "min", "max" (images per class), "short_classes": {class
+    name: images}}; None when every class has `shots` (or `shots` < 1, the full split)."""
+    if shots < 1:
+        return None
+    short = short_classes(data, shots)
+    if not short:
+        return None
+    counts = np.bincount(np.asarray(data.train.labels), minlength=len(data.classnames))
+    return {"requested": int(shots), "min": int(counts.min()), "max": int(counts.max()),
+            "short_classes": dict(short)}
+
+
 def build_dataset(name: str, root: Optional[str], source: str = "coop", shots: int = 16,
                   seed: int = 1, subsample: str = "all", **kwargs) -> base.BaseToNewData:
     """A benchmark as the training code uses it.
@@ -86,9 +100,15 @@ def build_dataset(name: str, root: Optional[str], source: str = "coop", shots: i
     subsample: 'all' | 'base' | 'new' (Dassl's halving of the sorted labels, re-numbered).
     kwargs: use_fewshot_pickle (coop), cache_dir / decode / classnames_file (tfds).
     What the provenance warns about (classes with fewer training images than `shots`) is
-    printed, one line each.
+    printed, one line each, once per process (a run reads its data once per seed); the run
+    records it in its results (`shots_used`).
     """
     data, prov = load_dataset(name, root, source, shots, seed, subsample, **kwargs)
     for line in prov.get("warnings", ()):
-        print(f"warning: {line}", file=sys.stderr)
+        if (root, line) not in _SAID:  # a run reads its data once per seed: say it once
+            _SAID.add((root, line))
+            print(f"warning: {line}", file=sys.stderr)
     return data
+
+
+_SAID: set = set()  # (root, warning) lines printed by this process

@@ -7,7 +7,8 @@
 - `cross_dataset`: train on all classes of the source `config.dataset` (the papers: ImageNet,
   16 shots); evaluate on the full test sets of the target datasets `config.targets` (a comma
   list; default: the other ten datasets of the paper for a real source, `world_studio,
-  world_night` for the world), each with a classifier over its own classes.
+  world_night` for the world; a source `folder` has none), each with a classifier over its own
+  classes. A target `folder:DIR` is a folder dataset of your own (`dpc_jax/data/folder.py`).
 - `domain_generalisation`: train as for cross_dataset; evaluate on target domains that share
   the source's classes (default: ImageNet-V2, -Sketch, -A, -R for ImageNet; `world_v2,
   world_clean, world_a, world_r` for the world). A target covering a subset of the source's
@@ -40,6 +41,7 @@ W/seed_N/<stage>/results.json holds {"accuracy": {"<eval set>": %}}.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional, Sequence
 
 import numpy as np
@@ -81,6 +83,21 @@ def transfer_prompt(config) -> str:
     return value
 
 
+# A transfer target that is a folder dataset of your own (`dpc_jax/data/folder.py`):
+# 'folder:DIR' in config.targets.
+FOLDER_TARGET = "folder:"
+
+
+def folder_target(name: str) -> Optional[str]:
+    """The folder of a 'folder:DIR' target, else None."""
+    return name[len(FOLDER_TARGET):] if name.startswith(FOLDER_TARGET) else None
+
+
+def is_folder(name: str) -> bool:
+    """Whether dataset `name` is your own folder (config.dataset='folder')."""
+    return not is_world(name) and registry.get(name).layout == "folder"
+
+
 def is_world(name: str) -> bool:
     from dpc_jax.data import world
 
@@ -94,6 +111,12 @@ def dataset_name(name: str, field: str) -> str:
     name = name.strip()
     if is_world(name):
         return name
+    if field == "targets" and folder_target(name) is not None:
+        root = folder_target(name)
+        if not os.path.isdir(root):
+            raise ValueError(f"config.targets: {name!r}: no folder {root!r}; expected a folder "
+                             f"dataset (DIR/test/<class>/<image>, or DIR/split.json)")
+        return FOLDER_TARGET + os.path.abspath(root)
     try:
         return registry.get(name).name
     except KeyError:
@@ -105,8 +128,10 @@ def dataset_name(name: str, field: str) -> str:
 def load_dataset(config, name: str, seed: int, shots: int) -> BaseToNewData:
     """All classes of world or registry dataset `name`, few-shot sampled with `shots` (< 1:
     full splits) for `seed`."""
-    from dpc_jax.data import train_sets
+    from dpc_jax.data import sources, train_sets
 
+    if folder_target(name) is not None:
+        return sources.build_dataset("folder", folder_target(name), shots=shots, seed=seed)
     return train_sets.load_named(config, name, seed, shots)
 
 
@@ -157,12 +182,22 @@ class Protocol:
             names = [dataset_name(s, "targets") for s in str(value).split(",") if s.strip()]
         elif is_world(source):
             names = list(WORLD_TARGETS[self.name])
+        elif is_folder(source):
+            raise ValueError(f"config.targets is empty and the source is config.dataset="
+                             f"{source!r}, which has no default targets; set config.targets "
+                             f"to your other folder datasets as folder:DIR (comma-separated), "
+                             f"or to registered datasets read from config.root")
         else:
             names = self.default_targets(source)
         if not names:
             raise ValueError(f"config.targets={value!r} is empty; expected a comma-separated "
                              f"list")
         for name in names:
+            if (is_folder(source) and folder_target(name) is not None
+                    and os.path.abspath(str(config.root)) == folder_target(name)):
+                raise ValueError(f"config.targets lists the source's folder {name!r} "
+                                 f"(config.root); its test set is always reported as the "
+                                 f"source")
             if name == source:
                 raise ValueError(f"config.targets lists the source {name!r} (config.dataset); "
                                  f"its test set is always reported as the source")
@@ -254,9 +289,15 @@ class Protocol:
             if self.transfer:
                 stages[stage]["target_average"] = float(np.mean([acc[t]["mean"]
                                                                  for t in names]))
-        return {"protocol": self.name, "source": config.dataset, "targets": names,
-                "shots": int(config.shots), "transfer_prompt": transfer_prompt(config),
-                "stages": stages}
+        out = {"protocol": self.name, "source": config.dataset, "targets": names,
+               "shots": int(config.shots), "transfer_prompt": transfer_prompt(config),
+               "stages": stages}
+        # Seeds whose source had classes with fewer training images than `shots`.
+        used = {str(seed): r["shots_used"] for by_seed in per_seed.values()
+                for seed, r in by_seed.items() if "shots_used" in r}
+        if used:
+            out["shots_used"] = dict(sorted(used.items(), key=lambda kv: int(kv[0])))
+        return out
 
     def holds(self, result) -> bool:
         """Whether one seed's stage result (W/seed_N/<stage>/results.json) has this
@@ -360,7 +401,7 @@ class CrossDataset(Protocol):
         return [d for d in registry.BASE_TO_NEW if d != source]
 
     def check_target(self, name: str) -> None:
-        if not is_world(name) and registry.get(name).test_only:
+        if folder_target(name) is None and not is_world(name) and registry.get(name).test_only:
             raise ValueError(f"config.targets: {name!r} is a domain-shift set of ImageNet's "
                              f"classes; it belongs to config.protocol='domain_generalisation'")
 

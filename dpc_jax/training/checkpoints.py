@@ -10,8 +10,11 @@ Checkpoints hold the prompt parameters and the optimiser state, never the CLIP.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+import sys
 from typing import Optional
 
 import jax
@@ -47,7 +50,51 @@ def has_leaves(tree) -> bool:
     return bool(jax.tree_util.tree_leaves(tree))
 
 
+# A write that fails for lack of room: a full disk, a quota, a file-size limit.
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class _OrbaxThreadReports(logging.Filter):
+    """Drops Orbax's log record of an exception in one of its save threads: Orbax raises the
+    same exception again in the thread that called `save` (where we report it once), and
+    each thread's record carries a whole traceback (a full disk gave ~200 lines)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.pathname.replace(os.sep, "/").endswith("orbax/checkpoint/_src/"
+                                                                  "futures/future.py")
+                    and record.levelno >= logging.ERROR and record.exc_info is not None)
+
+
+def _quiet_orbax_threads() -> None:
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, _OrbaxThreadReports) for f in logger.filters):
+        logger.addFilter(_OrbaxThreadReports())
+
+
+def _quiet_closed_loop_reports() -> None:
+    """When a save fails, tensorstore still completes the writes Orbax had started and
+    reports each to the event loop Orbax has closed meanwhile; each such 'Event loop is
+    closed' RuntimeError (raised inside asyncio's call_soon_threadsafe) reaches Python's
+    sys.unraisablehook, which prints its traceback. Those are echoes of the failure the
+    save raises: leave them out, and nothing else."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_dpc_jax_quiet", False):
+        return
+
+    def hook(unraisable):
+        tb, value = unraisable.exc_traceback, unraisable.exc_value
+        if (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+                and tb is not None and tb.tb_frame.f_code.co_name == "call_soon_threadsafe"):
+            return
+        previous(unraisable)
+
+    hook._dpc_jax_quiet = True
+    sys.unraisablehook = hook
+
+
 def checkpoint_manager(directory: str) -> ocp.CheckpointManager:
+    _quiet_orbax_threads()
+    _quiet_closed_loop_reports()
     options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
                                            enable_async_checkpointing=False)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options,
@@ -194,6 +241,47 @@ class WorkdirLock:
         return False
 
 
+def _no_room(error: BaseException) -> Optional[int]:
+    """The errno of a failed write for lack of room in `error` or what caused it, else None
+    (tensorstore reports it as a ValueError 'RESOURCE_EXHAUSTED' or with the OS's text)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in NO_ROOM:
+            return error.errno
+        text = str(error)
+        if "RESOURCE_EXHAUSTED" in text or os.strerror(errno.ENOSPC) in text:
+            return errno.ENOSPC
+        if os.strerror(errno.EFBIG) in text:
+            return errno.EFBIG
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _check_readable(path: str, top: bool = False) -> None:
+    """Raise PermissionError naming the first file or folder under `path` (only `path`
+    itself with `top`) that this user cannot read."""
+    def refuse(error: OSError):
+        raise PermissionError(errno.EACCES, f"permission denied: this user cannot read this "
+                              f"part of a checkpoint (it is not damaged and nothing was "
+                              f"moved); give it read permission (chmod -R u+rwX "
+                              f"{os.path.dirname(os.path.abspath(path)) if not top else path})"
+                              f" or run as its owner", error.filename or path) from None
+
+    if not os.path.isdir(path):
+        return
+    try:
+        if top:
+            os.listdir(path)
+            return
+        for folder, _, files in os.walk(path, onerror=refuse):
+            for name in files:
+                with open(os.path.join(folder, name), "rb"):
+                    pass
+    except PermissionError as e:
+        refuse(e)
+
+
 class StageDir:
     """One training stage's directory (see the module docstring)."""
 
@@ -218,8 +306,21 @@ class StageDir:
         items = {k: ocp.args.StandardSave(host(train_state[k])) for k in ("params", "opt_state")}
         if has_leaves(train_state["aux"]):
             items["aux"] = ocp.args.StandardSave(host(train_state["aux"]))
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
-        self.manager.wait_until_finished()
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+            self.manager.wait_until_finished()
+        except Exception as e:  # orbax/tensorstore report a full disk as several kinds
+            room = _no_room(e)
+            if room is None:
+                raise
+            kept = [s for s in self.manager.all_steps() if s != step]
+            before = f"steps {sorted(kept)} are kept" if kept else "none was saved before"
+            fix = ("raise the file-size limit (ulimit -f)" if room == errno.EFBIG
+                   else "make room on that disk")
+            raise OSError(room, f"{os.strerror(room)} while saving checkpoint step {step} "
+                          f"(not kept; {before}); {fix} and rerun the same command to "
+                          f"resume",
+                          os.path.join(self.path, "checkpoints")) from None
 
     def restore_latest(self, like: dict) -> tuple:
         """(step, items) of the newest checkpoint that restores and holds finite values, or
@@ -227,9 +328,12 @@ class StageDir:
         non-finite values) is moved to `<stage>/damaged_checkpoints/<step>` with a warning
         naming it, and the previous one is used; when every checkpoint is damaged, a
         ValueError names the directory and what to delete."""
+        _check_readable(os.path.join(self.path, "checkpoints"), top=True)
         steps = sorted(self.manager.all_steps(), reverse=True)
         problems, damaged = [], []
         for step in steps:
+            # A checkpoint this user cannot read is not damaged: say so, and move nothing.
+            _check_readable(os.path.join(self.path, "checkpoints", str(step)))
             try:
                 restored = self.restore(step, like)
                 bad = nonfinite_leaves(restored)
@@ -252,7 +356,6 @@ class StageDir:
 
     def _set_aside(self, steps, problems) -> None:
         import shutil
-        import warnings
 
         target = os.path.join(self.path, "damaged_checkpoints")
         os.makedirs(target, exist_ok=True)
@@ -262,11 +365,9 @@ class StageDir:
                 shutil.move(source, os.path.join(target, str(step)))
         self.manager.close()
         self._mngr = None  # re-read the remaining steps
-        warnings.warn(f"{self.path}: damaged checkpoint(s) moved to {target} ("
-                      + "; ".join(problems) + "); resuming from the previous one",
-                      RuntimeWarning, stacklevel=3)
-        print(f"warning: {self.path}: damaged checkpoint(s) {steps} moved to {target}; "
-              f"resuming from the previous one", flush=True)
+        print(f"warning: {self.path}: damaged checkpoint(s) {steps} moved to {target} ("
+              + "; ".join(problems) + "); resuming from the previous one", file=sys.stderr,
+              flush=True)
 
     def restore(self, step: int, like: dict, items=("params", "opt_state", "aux")) -> dict:
         """The items of checkpoint `step`, shaped like `like`; an empty `aux` is not stored."""
@@ -296,8 +397,10 @@ class StageDir:
                 f"of training): run that stage first, or for stage 2 set "
                 f"config.backbone.init_from")
         step = meta["final_step"]
+        _check_readable(os.path.join(self.path, "checkpoints"), top=True)
         if step not in self.manager.all_steps():
             raise FileNotFoundError(
                 f"checkpoint step {step} named in {self.path}/stage.json is missing from "
                 f"{self.path}/checkpoints (found {self.manager.all_steps()})")
+        _check_readable(os.path.join(self.path, "checkpoints", str(step)))
         return self.restore(step, like, items=("params", "aux"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import ml_collections
 
@@ -262,6 +263,19 @@ def decode_train_set(seed_run: SeedRun, stages) -> None:
                              ) from e
 
 
+def warmup_notes(cfg, stages) -> list:
+    """`optim.warmup_note` of each stage the run trains whose warm-up takes half of its
+    epochs or more."""
+    trained = []
+    if "backbone" in stages and not cfg.backbone.init_from:
+        trained.append("backbone")
+    if "dpc" in stages and not cfg.dpc.get("init_from", ""):
+        trained.append("dpc")
+    notes = [optim.warmup_note(g, _field(cfg, f"{g}.lr"), _field(cfg, f"{g}.epochs"),
+                               cfg.optim.warmup_epochs, cfg.optim.warmup_lr) for g in trained]
+    return [n for n in notes if n]
+
+
 def preflight(seed_run: SeedRun, stages, train: bool) -> None:
     """Checks that need the data, run before any stage trains (nothing is half-done on error)."""
     cfg, n, devices = seed_run.run.config, len(seed_run.base.train), seed_run.run.mesh.size
@@ -292,6 +306,9 @@ def preflight(seed_run: SeedRun, stages, train: bool) -> None:
     check_files(seed_run, train)
     if not train:
         return
+    if seed_run.seed == parse_list(cfg.seeds, "seeds", cast=int)[0]:  # once per run
+        for line in warmup_notes(cfg, stages):
+            print(f"warning: {line}", file=sys.stderr, flush=True)
     decode_train_set(seed_run, stages)
     checks = []
     if "backbone" in stages and not cfg.backbone.init_from:

@@ -173,6 +173,44 @@ class Stage:
     epoch_hook: Optional[Callable] = None
 
 
+class DeferredInterrupt:
+    """Ctrl-C (SIGINT) while a stage trains stops it at the end of the current stretch of
+    steps (after its checkpoint, if one is due) rather than wherever the signal lands: a
+    KeyboardInterrupt inside TensorBoard's writer left its queue without the item its
+    thread waits for, and closing the writer then waited forever. A second Ctrl-C
+    interrupts at once. Only where Python's own handler is in place (the main thread of a
+    command; a notebook kernel keeps its own)."""
+
+    def __init__(self):
+        self.pending, self._previous = False, None
+
+    def start(self) -> None:
+        import signal
+        import threading
+
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        import signal
+
+        self.pending = True
+        signal.signal(signal.SIGINT, self._previous)
+
+    def check(self) -> None:
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+    def stop(self) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
 def run_stage(stage: Stage, train_state: dict, extra: dict, *, seed: int, mesh: Mesh, config,
               hooks: Sequence[Callable] = ()):
     """Run (or resume) one training stage. `train_state` {'params', 'opt_state', 'state'} and
@@ -217,7 +255,9 @@ def run_stage(stage: Stage, train_state: dict, extra: dict, *, seed: int, mesh: 
     order, order_epoch = None, -1
     t0 = time.time()
     step = start
+    interrupt = DeferredInterrupt()
     try:
+        interrupt.start()
         while step < total:
             end = stretch_end(step, total, capacity, epoch_steps, config.checkpoint_every_steps,
                               at_epoch_ends)
@@ -282,7 +322,9 @@ def run_stage(stage: Stage, train_state: dict, extra: dict, *, seed: int, mesh: 
                                   "aux": {"state": device_state["state"], "extra": extra}})
             for hook in hooks:
                 hook(name=name, step=step, start=start, total=total)
+            interrupt.check()
     finally:
+        interrupt.stop()
         bar.close()
         log.close()
     directory.finish({"final_step": total, "steps_per_epoch": epoch_steps,

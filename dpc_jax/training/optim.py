@@ -77,6 +77,21 @@ def dassl_epoch_lrs(lr: float, max_epoch: int, warmup_epochs: int = 1,
     return np.asarray(lrs, np.float64)
 
 
+def warmup_note(stage: str, lr: float, epochs: int, warmup_epochs: int,
+                warmup_lr: float) -> Optional[str]:
+    """A line saying so when the warm-up takes half of a stage's epochs or more (a short smoke
+    run, whose prompt then barely moves from where it starts); None otherwise. `stage` is the
+    config group of the stage's lr and epochs ('backbone', 'dpc')."""
+    if warmup_epochs < 1 or 2 * warmup_epochs < epochs:
+        return None
+    lrs = dassl_epoch_lrs(lr, epochs, warmup_epochs, warmup_lr)
+    shown = ", ".join(f"{x:.3g}" for x in lrs[:8]) + (", ..." if len(lrs) > 8 else "")
+    return (f"config.optim.warmup_epochs={warmup_epochs} of config.{stage}.epochs={epochs}: "
+            f"{warmup_epochs} of the stage's {epochs} epoch(s) train at config.optim.warmup_lr="
+            f"{warmup_lr:g} instead of config.{stage}.lr={lr:g} (its epochs' learning rates: "
+            f"{shown}); for a short run, set more epochs or --config.optim.warmup_epochs=0")
+
+
 def dassl_schedule(lr: float, max_epoch: int, steps_per_epoch: int, warmup_epochs: int = 1,
                    warmup_lr: float = 1e-5) -> Callable[[Any], jax.Array]:
     """optax schedule of the update count: Dassl's per-epoch lr, constant within an epoch."""

@@ -19,6 +19,7 @@ from ml_collections.config_flags import config_flags
 from tqdm import tqdm
 
 from dpc_jax.convert.load import load_clip_and_tokenizer
+from dpc_jax.data.sources import shots_used
 from dpc_jax.evaluation import protocols
 from dpc_jax.files import write_json
 from dpc_jax.mesh import make_mesh, replicate
@@ -125,6 +126,9 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str, hooks) -> dict:
             seed_run.before_stage1 = stage2.compile_ahead
         for stage in stages:
             result = STAGE_RUNNERS[stage](seed_run, train)
+            used = shots_used(seed_run.base, config.shots) if stage != "zeroshot" else None
+            if used:  # what a short class trained on, beside the requested config.shots
+                result = {**result, "shots_used": used}
             per_seed[stage][seed] = result
             if jax.process_index() == 0:
                 os.makedirs(os.path.join(seed_run.seed_dir, stage), exist_ok=True)
@@ -139,8 +143,8 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str, hooks) -> dict:
         # last finished one in place.
         record = json.loads(config.to_json_best_effort())
         record["seeds"] = ",".join(str(s) for s in seeds_held)
+        write_json(results_path, merged)  # first: config.json describes the results it holds
         write_json(os.path.join(workdir, "config.json"), record)
-        write_json(results_path, merged)
         if seeds_held != sorted(seeds):
             print(f"{results_path} holds seeds {record['seeds']} (this run: {config.seeds})",
                   flush=True)
