@@ -7,6 +7,7 @@ Used to start DPC's stage 2 from a stage-1 prompt trained by the PyTorch code
 
 from __future__ import annotations
 
+import collections
 from typing import Optional, Sequence
 
 import numpy as np
@@ -111,8 +112,6 @@ def cocoop_from_state_dict(state: dict, path: str, expected: dict, prefix: str =
 
 def cocoop_state_dict(prompt: dict, prefix: str = "") -> "collections.OrderedDict":
     """The upstream keys (float32 torch tensors, `prefix` + COCOOP_KEYS) of a CoCoOp prompt."""
-    import collections
-
     import torch
 
     from dpc_jax import tree as tree_lib

@@ -13,7 +13,6 @@ import dataclasses
 import functools
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
-import jax
 import numpy as np
 
 from dpc_jax.models.checkpoint import check_tree
