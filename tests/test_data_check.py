@@ -69,8 +69,10 @@ def test_missing_dataset_says_where_and_where_from(tmp_path, capsys):
     assert "robots.ox.ac.uk/~vgg/data/pets" in report["error"]
     assert main(["check", "--dataset", "oxford_pets", "--root", str(tmp_path)]) == 1
     assert "FAILED" in capsys.readouterr().err
-    assert main(["check", "--dataset", "nope", "--root", str(tmp_path), "--json"]) == 1
-    assert "unknown dataset 'nope'" in json.loads(capsys.readouterr().out)["error"]
+    # Not a dataset at all: a bad argument (exit 2, one Error line), not a failed check.
+    assert main(["check", "--dataset", "nope", "--root", str(tmp_path), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Error: --dataset: unknown dataset 'nope'") and err.count("\n") == 1
 
 
 def test_missing_and_unreadable_files_are_reported(tmp_path, capsys):

@@ -136,7 +136,9 @@ FIELD_HELP = {
     "stages": "comma list of zeroshot, teacher, backbone, dpc, run in this order",
     "seeds": "comma list of seeds; 1,2,3 is the papers' protocol",
     "protocol": "base_to_new | few_shot | cross_dataset | domain_generalisation",
-    "targets": "transfer protocols: comma list of target datasets ('' = the default set)",
+    "targets": "transfer protocols: comma list of target datasets, a registered name or "
+               "folder:DIR for a folder of your own ('' = the source's default set; a folder "
+               "source has none)",
     "dataset": "world (offline), a dataset name, or folder (your own images); set it with the "
                "config argument dataset=",
     "root": "folder of the CoOp-layout data, TFDS data_dir, or your own images' folder "

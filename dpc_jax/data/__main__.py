@@ -112,7 +112,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cli.print_error(cli.message(e))
         print(synth.describe(folder, args.dataset))
         return 0
+    from dpc_jax import cli
     from dpc_jax.data.check import check_dataset, format_report
+
+    # A name that is no dataset is a mistake in the command, not a dataset that fails its
+    # check (exit 1): one Error line, exit 2, as every command answers a bad argument.
+    try:
+        registry.get(args.dataset)
+    except KeyError as e:
+        return cli.print_error(f"--dataset: {e.args[0] if e.args else e}")
 
     kwargs = {"classnames_file": args.classnames_file} if args.source == "tfds" else {
         "use_fewshot_pickle": not args.no_fewshot_pickle}
