@@ -31,8 +31,10 @@ from typing import Callable, List, Optional
 TRACEBACK_ENV = "DPC_JAX_TRACEBACK"
 # FloatingPointError: a diverged run (non-finite loss or update); its message names the step,
 # the leaves and the last good checkpoint, which is all the user needs.
+# ConnectionError: a download (OpenAI's CLIP, the hub) with no network; its message says what
+# to pass instead.
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-               FileExistsError, PermissionError, FloatingPointError)
+               FileExistsError, PermissionError, FloatingPointError, ConnectionError)
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command Ctrl-C ended
 # A write that fails for lack of room (a full disk, a quota, a file-size limit) is the user's

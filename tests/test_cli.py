@@ -54,8 +54,12 @@ def test_run_cli_reports_user_errors_and_keeps_bugs(capsys, tmp_path):
     def unknown():
         raise KeyError("unknown dataset 'x'; expected one of ['dtd']")
 
+    def offline():  # what openai.download_openai_model raises without network
+        raise ConnectionError("could not download OpenAI CLIP 'ViT-B/16'; pass its path")
+
     assert cli.run_cli(lambda: None) == 0
     for fn, text in ((bad_value, "config.shots=0; expected a positive integer"),
+                     (offline, "could not download OpenAI CLIP 'ViT-B/16'; pass its path"),
                      (missing, f"{tmp_path / 'absent.json'}: No such file or directory"),
                      (unknown, "unknown dataset 'x'; expected one of ['dtd']")):
         assert cli.run_cli(fn) == 2

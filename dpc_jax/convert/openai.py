@@ -272,7 +272,8 @@ def download_openai_model(name: str, root: Optional[str] = None) -> str:
             os.remove(partial)
         raise ConnectionError(
             f"could not download OpenAI CLIP {name!r} from {url}: {e}. Without network access, "
-            f"download that file elsewhere and pass its path (or place it at {target})") from e
+            f"download that file elsewhere and pass its path (`clip=PATH` in --config's arguments, or "
+            f"to `python -m dpc_jax.convert`), or place it at {target}") from e
     if _sha256(partial) != sha256:
         os.remove(partial)
         raise ValueError(f"downloaded OpenAI CLIP {name!r} from {url} but its SHA256 does not "
