@@ -92,6 +92,34 @@ def insert_context(embeddings: Array, ctx: Array) -> Array:
     return jnp.concatenate([embeddings[:, :1], ctx, embeddings[:, 1 + n_ctx:]], axis=1)
 
 
+def encode_class_texts(model: CLIP, clip_params, embeddings: Array, eot_indices: Array,
+                       deep_prompts: Optional[Array] = None) -> Array:
+    """Text features [N, E] of prompted class texts (token embeddings [N, L, W], EOT positions
+    [N], optional deep text prompts shared by all N): the one place a learner's class texts
+    enter the text tower.
+
+    With `model.config.text_chunk` = n > 0 and N > n, the texts run through the tower n at a
+    time (`lax.map` over chunks; the last chunk padded with copies of the first text and cut),
+    each chunk under `jax.checkpoint`: a gradient stores one chunk's activations, not N
+    texts', and recomputes them in the backward pass. Every text is encoded by itself (no op
+    mixes texts), so the features are the unchunked program's; the gradient sums the chunks'
+    contributions in another order (float32 rounding)."""
+    n, chunk = embeddings.shape[0], model.config.text_chunk
+
+    def encode(cp, emb, eot, deep):
+        return model.apply({"params": cp}, emb, eot, deep, method="encode_text_embeddings")
+
+    if not chunk or n <= chunk:
+        return encode(clip_params, embeddings, eot_indices, deep_prompts)
+    count = -(-n // chunk)
+    rows = jnp.concatenate([jnp.arange(n), jnp.zeros(count * chunk - n, jnp.int32)])
+    rows = rows.reshape(count, chunk)
+    encode_chunk = jax.checkpoint(encode)
+    out = jax.lax.map(lambda r: encode_chunk(clip_params, embeddings[r], eot_indices[r],
+                                             deep_prompts), rows)
+    return out.reshape(count * chunk, -1)[:n]
+
+
 def cross_entropy(logits: Array, labels: Array, weights: Optional[Array] = None) -> Array:
     """Mean softmax cross-entropy (in float32) with integer labels; `weights` (a 0/1 validity
     mask) restricts the mean to the valid rows."""

@@ -1,0 +1,146 @@
+"""Class-chunked text encoding (`config.clip.text_chunk`, `prompts.base.encode_class_texts`):
+the stage-1 loss and its gradients with the class texts encoded a few at a time under
+`jax.checkpoint` equal the plain program's, for every learner family, with a class count
+that is not a multiple of the chunk (the last chunk is padded and cut)."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from helpers import random_clip_params
+from dpc_jax.data.world import CLASSNAMES
+from dpc_jax.models.clip import get_config
+from dpc_jax.prompts import LearnerContext, PromptKD, PromptSRC, capabilities, get_learner
+from dpc_jax.prompts.base import encode_class_texts, insert_context
+
+NAMES = tuple(CLASSNAMES[:7])  # 7 classes, chunks of 3: 3 + 3 + 1 (padded)
+CHUNK = 3
+# Each text is encoded on its own, so chunking changes only which texts share a matmul (and
+# the features and losses come out equal to float32 rounding); the gradient adds the chunks'
+# contributions in another order, so an element that is a sum of cancelling terms differs
+# relatively much. The tolerance is on the leaf's scale: max |chunked - plain| <= REL x
+# max |plain| per leaf (seen on the 2-core CPU: at most ~3e-5 of it... see the report).
+REL = 5e-5
+LEARNERS = ["coop", "cocoop", "kgcoop", "ivlp", "maple", "promptsrc", "dept"]
+
+
+def world_config(name: str) -> ml_collections.ConfigDict:
+    """The learner's default config with its world depths, at most the tiny CLIP's 2 blocks."""
+    cfg = get_learner(name).default_config()
+    for field, value in get_learner(name).info.world.items():
+        parts = field.split(".")
+        if parts[0] == "backbone" and parts[-1] not in ("epochs", "lr", "batch_size"):
+            node = cfg
+            for p in parts[1:-1]:
+                node = node[p]
+            node[parts[-1]] = value
+    for field in ("depth", "depth_text", "depth_vision"):  # the tiny CLIP has 2 blocks a tower
+        if field in cfg:
+            cfg[field] = min(cfg[field], 2)
+    return cfg
+
+
+def build(name, tiny_config, tok, chunk):
+    return get_learner(name)(tiny_config.replace(text_chunk=chunk), tok, world_config(name))
+
+
+def perturbed(prompt, seed=0):
+    """The initial prompt moved off its init (so every leaf's gradient is non-trivial)."""
+    leaves, treedef = jax.tree_util.tree_flatten(prompt)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return treedef.unflatten([x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
+                              for x, k in zip(leaves, keys)])
+
+
+def loss_and_grads(learner, params, prompt, state, consts, texts, images, labels):
+    def f(p):
+        loss, _, _ = learner.loss(params, p, state, consts, texts, images, labels,
+                                  jax.random.key(3))
+        return loss
+
+    return jax.jit(jax.value_and_grad(f))(prompt)
+
+
+def assert_close(chunked, plain):
+    """Every leaf non-trivial and within REL of its scale (see REL); returns the worst ratio."""
+    worst = 0.0
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(chunked),
+                            jax.tree_util.tree_leaves(plain)):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        scale = np.max(np.abs(b))
+        assert np.all(np.isfinite(a)) and scale > 0, jax.tree_util.keystr(path)
+        ratio = np.max(np.abs(a - b)) / scale
+        assert ratio <= REL, f"{jax.tree_util.keystr(path)}: {ratio:.2e} of the leaf's scale"
+        worst = max(worst, ratio)
+    return worst
+
+
+@pytest.mark.parametrize("name", LEARNERS)
+def test_chunked_loss_and_gradients_equal_the_plain_program(name, tiny_config, tiny_params,
+                                                            tok):
+    plain, chunked = (build(name, tiny_config, tok, c) for c in (0, CHUNK))
+    context = LearnerContext(dataset="world", classnames=NAMES, templates=("a photo of a {}.",))
+    consts = plain.constants(tiny_params, context)
+    texts = plain.prepare(tiny_params, list(NAMES))
+    prompt = perturbed(plain.init(jax.random.key(0), tiny_params, len(NAMES)))
+    state = capabilities.init_state(plain, tiny_params)
+    rng = np.random.RandomState(0)
+    images = jnp.asarray(rng.randn(5, 32, 32, 3).astype(np.float32))
+    labels = jnp.asarray([0, 6, 3, 4, 6], jnp.int32)
+    loss_p, grads_p = loss_and_grads(plain, tiny_params, prompt, state, consts, texts, images,
+                                     labels)
+    loss_c, grads_c = loss_and_grads(chunked, tiny_params, prompt, state, consts, texts, images,
+                                     labels)
+    np.testing.assert_allclose(float(loss_c), float(loss_p), rtol=REL)
+    print(name, "loss", abs(float(loss_c) / float(loss_p) - 1), "grads", assert_close(grads_c, grads_p))
+
+
+def test_promptkd_teacher_text_branch_chunked_equals_plain(tiny_config, tiny_params, tok):
+    """PromptKD's class texts go through the teacher's text tower (DPC's stage 2 trains its
+    text branch): the teacher CLIP's own text_chunk applies."""
+    teacher_clip = get_config("tiny", embed_dim=48, vision_width=96, vision_head_width=16,
+                              vocab_size=tiny_config.vocab_size)
+    tcfg = ml_collections.ConfigDict({**PromptSRC.default_config().to_dict(), "depth_text": 2,
+                                      "depth_vision": 2})
+    tparams = random_clip_params(teacher_clip, seed=1)
+    out = {}
+    for chunk in (0, CHUNK):
+        teacher = PromptSRC(teacher_clip.replace(text_chunk=chunk), tok, tcfg)
+        cfg = PromptKD.default_config()
+        cfg.depth_vision = 2
+        learner = PromptKD(tiny_config.replace(text_chunk=chunk), tok, cfg, teacher=teacher)
+        tprompt = perturbed(teacher.init(jax.random.key(1), tparams), seed=1)
+        consts = learner.constants(tiny_params, LearnerContext(
+            dataset="world", classnames=NAMES, teacher={"clip": tparams, "prompt": tprompt}))
+        texts = learner.prepare(tiny_params, list(NAMES))
+        branch = {k: tprompt[k] for k in ("ctx", "text_deep")}
+        ids = jnp.arange(len(NAMES))
+
+        def f(p):
+            w = learner.classifier(tiny_params, p, texts, ids, consts)
+            return jnp.sum(jnp.sin(3.0 * w))
+
+        out[chunk] = jax.jit(jax.value_and_grad(f))(branch)
+    np.testing.assert_allclose(float(out[CHUNK][0]), float(out[0][0]), rtol=REL)
+    assert_close(out[CHUNK][1], out[0][1])
+
+
+def test_encode_class_texts_chunks_rows_in_order(tiny_config, tiny_params, tok):
+    """The features of every text, chunked or not, in the input order (the padded rows cut)."""
+    learner = build("coop", tiny_config, tok, 0)
+    texts = learner.prepare(tiny_params, list(NAMES))
+    emb = insert_context(texts.embeddings, learner.init(jax.random.key(0), tiny_params)["ctx"])
+    plain = np.asarray(encode_class_texts(learner.model, tiny_params, emb, texts.eot_indices))
+    for chunk in (1, 2, CHUNK, 6, 7, 8):
+        model = build("coop", tiny_config, tok, chunk).model
+        got = np.asarray(encode_class_texts(model, tiny_params, emb, texts.eot_indices))
+        assert got.shape == plain.shape
+        assert assert_close(got, plain) <= REL, f"chunk {chunk}"
+
+
+def test_text_chunk_must_be_a_non_negative_integer(tiny_config):
+    for bad in (-1, 1.5, True, "8"):
+        with pytest.raises(ValueError, match="text_chunk"):
+            tiny_config.replace(text_chunk=bad)
