@@ -312,13 +312,20 @@ def classifier_rows(learner: PromptLearner, clip_params, prompt: Prompt, class_t
     if fn is None:
         fn = jax.jit(lambda cp, p, t, ids, c: learner.classifier(cp, p, t, ids, c))
     n = int(jax.tree_util.tree_leaves(class_texts)[0].shape[0])
+    xp = jnp if traced(clip_params) else np  # traced: under `jax.eval_shape` (shapes only)
     out = []
     for start in range(0, n, chunk):
         ids = np.arange(start, start + chunk) % n
         keep = min(chunk, n - start)
-        out.append(jax.tree_util.tree_map(lambda x: np.asarray(x)[:keep],
+        out.append(jax.tree_util.tree_map(lambda x: xp.asarray(x)[:keep],
                                           fn(clip_params, prompt, class_texts, ids, consts)))
-    return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *out)
+    return jax.tree_util.tree_map(lambda *xs: xp.concatenate(xs), *out)
+
+
+def traced(tree) -> bool:
+    """Whether any leaf of `tree` is a tracer (host-side code then stays in jnp, so that a
+    learner's constants can be built abstractly by `jax.eval_shape`)."""
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
 
 
 def check_class_ids(class_ids: Array) -> Array:
