@@ -17,11 +17,12 @@ from dpc_jax.prompts.base import encode_class_texts, insert_context
 
 NAMES = tuple(CLASSNAMES[:7])  # 7 classes, chunks of 3: 3 + 3 + 1 (padded)
 CHUNK = 3
-# Each text is encoded on its own, so chunking changes only which texts share a matmul (and
-# the features and losses come out equal to float32 rounding); the gradient adds the chunks'
-# contributions in another order, so an element that is a sum of cancelling terms differs
-# relatively much. The tolerance is on the leaf's scale: max |chunked - plain| <= REL x
-# max |plain| per leaf (seen on the 2-core CPU: at most ~3e-5 of it... see the report).
+# Each text is encoded on its own, so chunking changes only which texts share a matmul, and
+# the gradient adds the chunks' contributions in another order: float32 rounding, which an
+# element that is a sum of cancelling terms shows relatively large. So the tolerance is on each
+# leaf's scale: max |chunked - plain| <= REL x max |plain|, and the loss within REL relative.
+# Seen on the 2-core CPU: gradients at most 1.1e-5 of their scale (IVLP's vision_deep), losses
+# within 1.1e-6; a chunking that mixes up rows is off by O(1).
 REL = 5e-5
 LEARNERS = ["coop", "cocoop", "kgcoop", "ivlp", "maple", "promptsrc", "dept"]
 
@@ -94,7 +95,7 @@ def test_chunked_loss_and_gradients_equal_the_plain_program(name, tiny_config, t
     loss_c, grads_c = loss_and_grads(chunked, tiny_params, prompt, state, consts, texts, images,
                                      labels)
     np.testing.assert_allclose(float(loss_c), float(loss_p), rtol=REL)
-    print(name, "loss", abs(float(loss_c) / float(loss_p) - 1), "grads", assert_close(grads_c, grads_p))
+    assert_close(grads_c, grads_p)
 
 
 def test_promptkd_teacher_text_branch_chunked_equals_plain(tiny_config, tiny_params, tok):

@@ -9,7 +9,9 @@ CLIP's, unprompted (its features are cached at evaluation).
 
 Cost: every image encodes the text of every class, B x C text encodings per training step and
 N x C per evaluation (CoOp: C once per class list). `classify` runs them in chunks of about
-`TEXTS_PER_CALL` texts (`jax.lax.map` over image chunks) to bound memory; README "Backbones"
+`TEXTS_PER_CALL` texts (`jax.lax.map` over image chunks) to bound memory, and with
+`config.clip.text_chunk` > 0 recomputes each chunk's texts in the backward pass, so a training
+step stores no text-tower activations beyond one chunk's (docs/memory.md); README "Backbones"
 gives the measured cost on the world.
 
 DPC's stage 2 is not offered on CoCoOp (`dpc_unsupported`): the paper does not run it, and its
