@@ -65,8 +65,8 @@ def get_config(arg=None, variants=("base_to_new",)) -> ml_collections.ConfigDict
     c.clip.attention = "einsum"
     c.clip.remat = False
     # Class texts encoded with gradients in chunks of this many, each recomputed in the
-    # backward pass: the same numbers in a fraction of the memory (docs/memory.md); 0: all
-    # classes at once.
+    # backward pass: the same numbers up to rounding in a fraction of the memory
+    # (docs/memory.md); 0: all classes at once.
     c.clip.text_chunk = 128
 
     # Stage 1: the prompt learner; its own fields are set by the method's config file.

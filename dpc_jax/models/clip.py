@@ -79,8 +79,9 @@ class CLIPConfig:
     # Recompute each residual block's activations in the backward pass (less memory).
     remat: bool = False
     # Class texts encoded with gradients at most this many at a time, each chunk recomputed in
-    # the backward pass (`dpc_jax.prompts.base.encode_class_texts`): the same numbers, a text
-    # tower's stored activations for one chunk instead of every class. 0: all at once.
+    # the backward pass (`dpc_jax.prompts.base.encode_class_texts`): the same numbers up to
+    # rounding, a text tower's stored activations for one chunk instead of every class.
+    # 0: all at once.
     text_chunk: int = 128
 
     def __post_init__(self):

@@ -102,8 +102,9 @@ def encode_class_texts(model: CLIP, clip_params, embeddings: Array, eot_indices:
     time (`lax.map` over chunks; the last chunk padded with copies of the first text and cut),
     each chunk under `jax.checkpoint`: a gradient stores one chunk's activations, not N
     texts', and recomputes them in the backward pass. Every text is encoded by itself (no op
-    mixes texts), so the features are the unchunked program's; the gradient sums the chunks'
-    contributions in another order (float32 rounding)."""
+    mixes texts), so the features are the unchunked program's up to float32 rounding (matmuls
+    of another shape), and the gradient sums the chunks' contributions in another order
+    (`tests/test_memory_chunking.py`)."""
     n, chunk = embeddings.shape[0], model.config.text_chunk
 
     def encode(cp, emb, eot, deep):
