@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from helpers import random_clip_params
+from helpers import random_clip_params, small_config
 from dpc_jax.data.world import CLASSNAMES
 from dpc_jax.models.clip import get_config
 from dpc_jax.prompts import LearnerContext, PromptKD, PromptSRC, capabilities, get_learner
@@ -145,3 +145,18 @@ def test_text_chunk_must_be_a_non_negative_integer(tiny_config):
     for bad in (-1, 1.5, True, "8"):
         with pytest.raises(ValueError, match="text_chunk"):
             tiny_config.replace(text_chunk=bad)
+
+
+def test_a_stage_resumes_with_another_text_chunk(tmp_path):
+    """text_chunk changes memory only: it is not a recorded setting, so a stage trained with
+    one chunk resumes with another (say, on a smaller GPU)."""
+    from dpc_jax.training import checkpoints
+
+    config = small_config()
+    path = str(tmp_path / "stage")
+    checkpoints.check_stage_settings(path, 1, config)
+    config.clip.text_chunk = 0
+    assert checkpoints.compare_stage_settings(path, 1, config)
+    config.clip.remat = True  # a recorded field still refuses
+    with pytest.raises(ValueError, match=r"config\.clip\.remat"):
+        checkpoints.compare_stage_settings(path, 1, config)
