@@ -37,7 +37,7 @@ how it is checked on a GPU: `benchmarks/accelerator_check.py --memory`).
 Class names: ImageNet's are not shipped; `--classnames` reads CoOp's `classnames.txt`
 ('<folder> <name>' per line) or one name per line. Without it, every class is named by a
 stand-in phrase of `STANDIN_TOKENS` BPE tokens (the text length, hence the trimmed text
-shapes, of ImageNet's longer names). Progress is printed as each program compiles; prints a
+shapes; an assumed length for ImageNet's longer names). Progress is printed as each program compiles; prints a
 table learner x part x dtype with the peak in GiB and the smallest of 16/24/40/80 GiB it fits.
 """
 
@@ -48,6 +48,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -125,8 +126,8 @@ def standin_names(tokenizer, count: int) -> list:
 def read_classnames(path: str) -> list:
     with open(path) as f:
         lines = [line.strip() for line in f if line.strip()]
-    # CoOp's classnames.txt: '<folder> <name with spaces>'.
-    return [line.split(" ", 1)[1] if line.split(" ", 1)[0].startswith("n0") else line
+    # CoOp's classnames.txt: '<wnid> <name with spaces>'; otherwise one name per line.
+    return [line.split(" ", 1)[1] if re.fullmatch(r"n\d{8} .+", line) else line
             for line in lines]
 
 
