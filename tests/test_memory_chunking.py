@@ -183,3 +183,32 @@ def test_chunked_gradient_stores_a_fraction_of_the_activations(name, tiny_config
         compiled = jax.jit(jax.grad(f)).lower(prompt).compile()
         temps[chunk] = compiled.memory_analysis().temp_size_in_bytes
     assert temps[4] < temps[0] / 4, temps
+
+
+def test_memory_benchmark_writes_each_parts_peak_and_sees_the_chunking(tmp_path):
+    """benchmarks/memory.py on the tiny CLIP: per learner and part, peak_bytes = arguments +
+    outputs - aliased + temporaries, and the unchunked stage-1 step needs more."""
+    import importlib.util
+    import json
+    import os
+
+    from helpers import REPO
+
+    spec = importlib.util.spec_from_file_location(
+        "memory_benchmark", os.path.join(REPO, "benchmarks", "memory.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    temps = {}
+    for chunk in (0, 16):
+        out = str(tmp_path / f"chunk{chunk}.json")
+        assert bench.main(["--arch", "tiny", "--learners", "coop", "--dtype", "float32",
+                           "--parts", "stage1,eval_features", "--text-chunk", str(chunk),
+                           "--json", out]) == 0
+        rows = {r["part"]: r for r in json.load(open(out))["results"]}
+        assert set(rows) == {"stage1", "eval_features"}
+        for r in rows.values():
+            assert r["peak_bytes"] == (r["argument_bytes"] + r["output_bytes"]
+                                       - r["alias_bytes"] + r["temp_bytes"]) > 0
+        temps[chunk] = rows["stage1"]["temp_bytes"]
+    assert temps[16] < temps[0], temps
+    assert bench.main(["--learners", "coop", "--dtype", "float16"]) == 2
