@@ -17,6 +17,15 @@ combination that fails (e.g. 'cudnn' off GPU) prints its error and the others st
 
 A manual check for an accelerator, never run in CI. On a CPU, `--arch tiny --repeats 1` checks
 that it runs (the default attentions there are einsum and dot_product).
+
+    python benchmarks/accelerator_check.py --memory LEARNER:PART:DTYPE [--arch ViT-B/16]
+        [--dataset imagenet] [--text-chunk N]
+
+checks one row of `benchmarks/memory.py`'s table instead: the same program (its `Setup`) is
+compiled for the device, its compiled peak printed, then run once on zero-filled inputs and the
+device's `peak_bytes_in_use` printed beside it. Run one row per process (the device's peak
+only grows within a process), e.g. `for r in coop:stage1:bfloat16 maple:stage1:float32; do
+python benchmarks/accelerator_check.py --memory $r; done`.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dpc_step  # noqa: E402  (the benchmark next to this file)
+from dpc_jax import cli  # noqa: E402
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
@@ -59,6 +69,36 @@ def check(arch: str, num_classes: int, batch: int, top_k: int, dtype: str, atten
                 valid=valid, step_bytes=step_bytes, peak_bytes=stats.get("peak_bytes_in_use"))
 
 
+def memory_check(spec: str, arch: str, dataset: str, text_chunk) -> None:
+    """One `benchmarks/memory.py` row: compiled peak beside the device's measured peak."""
+    import memory  # the benchmark beside this file
+
+    fields = spec.split(":")
+    if len(fields) != 3 or fields[1] not in memory.PARTS:
+        sys.exit(cli.print_error(f"--memory {spec!r}; expected LEARNER:PART:DTYPE with PART "
+                                 f"one of {', '.join(memory.PARTS)}"))
+    learner, part, dtype = fields
+    tokenizer = memory._tokenizer()
+    names = memory.standin_names(tokenizer, memory.data_registry.get(dataset).num_classes)
+    setup = memory.Setup(learner, arch, dataset, "base_to_new", dtype, text_chunk, tokenizer,
+                         names)
+    built = setup.program(part)
+    if built is None:
+        sys.exit(cli.print_error(f"--memory {spec!r}: DPC does not run on {learner!r}"))
+    fn, args = built
+    compiled = fn.lower(*args).compile()
+    figures = memory.memory(compiled)
+    real = jax.tree_util.tree_map(
+        lambda x: jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x,
+        args)
+    jax.block_until_ready(compiled(*real))
+    stats = jax.devices()[0].memory_stats() or {}
+    print(f"{spec}: compiled peak {_gib(figures.get('peak_bytes'))} GiB (args "
+          f"{_gib(figures.get('argument_bytes'))}, temp {_gib(figures.get('temp_bytes'))}); "
+          f"device peak_bytes_in_use {_gib(stats.get('peak_bytes_in_use'))} GiB "
+          f"({jax.devices()[0].device_kind})", flush=True)
+
+
 def _gib(n) -> str:
     return "n/a" if n is None else f"{n / 2 ** 30:.2f}"
 
@@ -79,7 +119,15 @@ def main():
                         help="config.dpc.dedupe_text and compact_negatives off")
     parser.add_argument("--matmul-size", type=int, default=None,
                         help="n of the throughput matmul (default 8192, 1024 on CPU)")
+    parser.add_argument("--memory", default="",
+                        help="LEARNER:PART:DTYPE: check one benchmarks/memory.py row instead")
+    parser.add_argument("--dataset", default="imagenet", help="with --memory")
+    parser.add_argument("--text-chunk", type=int, default=None,
+                        help="with --memory: config.clip.text_chunk (default: the config's)")
     args = parser.parse_args()
+    if args.memory:
+        memory_check(args.memory, args.arch, args.dataset, args.text_chunk)
+        return
     device = jax.devices()[0]
     gpu = device.platform == "gpu"
     attentions = (args.attention or ("einsum,dot_product,cudnn" if gpu

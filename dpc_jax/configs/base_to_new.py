@@ -64,6 +64,10 @@ def get_config(arg=None, variants=("base_to_new",)) -> ml_collections.ConfigDict
     # GPU, float16/bfloat16); remat recomputes block activations in the backward pass.
     c.clip.attention = "einsum"
     c.clip.remat = False
+    # Class texts encoded with gradients in chunks of this many, each recomputed in the
+    # backward pass: the same numbers up to rounding in a fraction of the memory
+    # (docs/memory.md); 0: all classes at once.
+    c.clip.text_chunk = 128
 
     # Stage 1: the prompt learner; its own fields are set by the method's config file.
     c.backbone = ml_collections.ConfigDict()
@@ -160,6 +164,8 @@ FIELD_HELP = {
     "clip.attention": "einsum | dot_product (jax.nn.dot_product_attention) | cudnn (GPU, "
                       "float16/bfloat16)",
     "clip.remat": "recompute each tower block in the backward pass (less memory)",
+    "clip.text_chunk": "class texts encoded this many at a time, recomputed in the backward "
+                       "pass (same numbers, less memory; 0: all at once)",
     "backbone.epochs": "stage-1 epochs",
     "backbone.lr": "stage-1 learning rate (SGD, cosine, Dassl warm-up)",
     "backbone.batch_size": "stage-1 per-device batch",

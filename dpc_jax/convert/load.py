@@ -90,7 +90,8 @@ def load_clip_from_config(clip_config, field: str = "config.clip") -> tuple[CLIP
     overrides = dict(dtype=clip_config.dtype, precision=clip_config.precision,
                      trim_text=bool(clip_config.get("trim_text", True)),
                      attention=clip_config.get("attention", "einsum"),
-                     remat=bool(clip_config.get("remat", False)))
+                     remat=bool(clip_config.get("remat", False)),
+                     text_chunk=clip_config.get("text_chunk", 128))
     if overrides["attention"] not in ATTENTIONS:  # before a download or a load
         raise ValueError(f"{field}.attention={overrides['attention']!r}; expected one of "
                          f"{sorted(ATTENTIONS)}")

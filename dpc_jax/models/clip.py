@@ -78,6 +78,11 @@ class CLIPConfig:
     attention: str = "einsum"
     # Recompute each residual block's activations in the backward pass (less memory).
     remat: bool = False
+    # Class texts encoded with gradients at most this many at a time, each chunk recomputed in
+    # the backward pass (`dpc_jax.prompts.base.encode_class_texts`): the same numbers up to
+    # rounding, a text tower's stored activations for one chunk instead of every class.
+    # 0: all at once.
+    text_chunk: int = 128
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
@@ -87,6 +92,10 @@ class CLIPConfig:
                              f"{sorted(ATTENTIONS)}")
         if not isinstance(self.remat, bool):
             raise ValueError(f"CLIPConfig.remat={self.remat!r}; expected True or False")
+        if (not isinstance(self.text_chunk, int) or isinstance(self.text_chunk, bool)
+                or self.text_chunk < 0):
+            raise ValueError(f"CLIPConfig.text_chunk={self.text_chunk!r}; expected an integer "
+                             f">= 0 (0: every class text at once)")
         if self.precision not in _PRECISIONS:
             raise ValueError(
                 f"CLIPConfig.precision={self.precision!r}; expected one of {sorted(_PRECISIONS)}")

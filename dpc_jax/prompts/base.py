@@ -92,6 +92,35 @@ def insert_context(embeddings: Array, ctx: Array) -> Array:
     return jnp.concatenate([embeddings[:, :1], ctx, embeddings[:, 1 + n_ctx:]], axis=1)
 
 
+def encode_class_texts(model: CLIP, clip_params, embeddings: Array, eot_indices: Array,
+                       deep_prompts: Optional[Array] = None) -> Array:
+    """Text features [N, E] of prompted class texts (token embeddings [N, L, W], EOT positions
+    [N], optional deep text prompts shared by all N): the one place a learner's class texts
+    enter the text tower.
+
+    With `model.config.text_chunk` = n > 0 and N > n, the texts run through the tower n at a
+    time (`lax.map` over chunks; the last chunk padded with copies of the first text and cut),
+    each chunk under `jax.checkpoint`: a gradient stores one chunk's activations, not N
+    texts', and recomputes them in the backward pass. Every text is encoded by itself (no op
+    mixes texts), so the features are the unchunked program's up to float32 rounding (matmuls
+    of another shape), and the gradient sums the chunks' contributions in another order
+    (`tests/test_memory_chunking.py`)."""
+    n, chunk = embeddings.shape[0], model.config.text_chunk
+
+    def encode(cp, emb, eot, deep):
+        return model.apply({"params": cp}, emb, eot, deep, method="encode_text_embeddings")
+
+    if not chunk or n <= chunk:
+        return encode(clip_params, embeddings, eot_indices, deep_prompts)
+    count = -(-n // chunk)
+    rows = jnp.concatenate([jnp.arange(n), jnp.zeros(count * chunk - n, jnp.int32)])
+    rows = rows.reshape(count, chunk)
+    encode_chunk = jax.checkpoint(encode)
+    out = jax.lax.map(lambda r: encode_chunk(clip_params, embeddings[r], eot_indices[r],
+                                             deep_prompts), rows)
+    return out.reshape(count * chunk, -1)[:n]
+
+
 def cross_entropy(logits: Array, labels: Array, weights: Optional[Array] = None) -> Array:
     """Mean softmax cross-entropy (in float32) with integer labels; `weights` (a 0/1 validity
     mask) restricts the mean to the valid rows."""
@@ -286,13 +315,20 @@ def classifier_rows(learner: PromptLearner, clip_params, prompt: Prompt, class_t
     if fn is None:
         fn = jax.jit(lambda cp, p, t, ids, c: learner.classifier(cp, p, t, ids, c))
     n = int(jax.tree_util.tree_leaves(class_texts)[0].shape[0])
+    xp = jnp if traced(clip_params) else np  # traced: under `jax.eval_shape` (shapes only)
     out = []
     for start in range(0, n, chunk):
         ids = np.arange(start, start + chunk) % n
         keep = min(chunk, n - start)
-        out.append(jax.tree_util.tree_map(lambda x: np.asarray(x)[:keep],
+        out.append(jax.tree_util.tree_map(lambda x: xp.asarray(x)[:keep],
                                           fn(clip_params, prompt, class_texts, ids, consts)))
-    return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *out)
+    return jax.tree_util.tree_map(lambda *xs: xp.concatenate(xs), *out)
+
+
+def traced(tree) -> bool:
+    """Whether any leaf of `tree` is a tracer (host-side code then stays in jnp, so that a
+    learner's constants can be built abstractly by `jax.eval_shape`)."""
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
 
 
 def check_class_ids(class_ids: Array) -> Array:

@@ -9,7 +9,9 @@ CLIP's, unprompted (its features are cached at evaluation).
 
 Cost: every image encodes the text of every class, B x C text encodings per training step and
 N x C per evaluation (CoOp: C once per class list). `classify` runs them in chunks of about
-`TEXTS_PER_CALL` texts (`jax.lax.map` over image chunks) to bound memory; README "Backbones"
+`TEXTS_PER_CALL` texts (`jax.lax.map` over image chunks) to bound memory, and with
+`config.clip.text_chunk` > 0 recomputes each chunk's texts in the backward pass, so a training
+step stores no text-tower activations beyond one chunk's (docs/memory.md); README "Backbones"
 gives the measured cost on the world.
 
 DPC's stage 2 is not offered on CoCoOp (`dpc_unsupported`): the paper does not run it, and its
@@ -28,7 +30,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from dpc_jax.models.clip import cosine_logits, logit_scale, normalize
-from dpc_jax.prompts.base import ClassTexts, LearnerInfo, Prompt, check_class_ids, insert_context
+from dpc_jax.prompts.base import (ClassTexts, LearnerInfo, Prompt, check_class_ids,
+                                  encode_class_texts, insert_context)
 from dpc_jax.prompts.coop import CoOp
 
 _WHERE = "config.backbone"
@@ -109,15 +112,18 @@ class CoCoOp(CoOp):
         scale = logit_scale(clip_params)
         precision = self.clip_config.matmul_precision
 
-        def one(args):
-            c, f = args
+        def one(cp, c, f):
             emb = insert_context(classifier.embeddings, c)
-            text = self.model.apply({"params": clip_params}, emb, classifier.eot_indices,
-                                    method="encode_text_embeddings")
+            text = encode_class_texts(self.model, cp, emb, classifier.eot_indices)
             return cosine_logits(f[None], normalize(text), scale, precision)[0]
 
+        # Streamed: with config.clip.text_chunk > 0 each image's texts are recomputed in the
+        # backward pass, so a gradient stores no text activations of the other images.
+        if self.clip_config.text_chunk:
+            one = jax.checkpoint(one)
         per_call = max(1, TEXTS_PER_CALL // classifier.num_classes)
-        return jax.lax.map(one, (ctx, feats), batch_size=min(per_call, feats.shape[0]))
+        return jax.lax.map(lambda a: one(clip_params, *a), (ctx, feats),
+                           batch_size=min(per_call, feats.shape[0]))
 
     def conditioned_text_features(self, clip_params, prompt: Prompt, class_texts: ClassTexts,
                                   image_features, class_ids) -> jax.Array:
@@ -127,8 +133,7 @@ class CoCoOp(CoOp):
         class_ids = jnp.asarray(class_ids, jnp.int32)
         ctx = prompt["ctx"][None] + self.context_shift(prompt, normalize(image_features))[:, None]
         emb = insert_context(class_texts.embeddings[class_ids], ctx)
-        return self.model.apply({"params": clip_params}, emb, class_texts.eot_indices[class_ids],
-                                method="encode_text_embeddings")
+        return encode_class_texts(self.model, clip_params, emb, class_texts.eot_indices[class_ids])
 
     def load_torch_prompt(self, path: str, num_classes: Optional[int] = None) -> Prompt:
         """The prompt of a PyTorch CoCoOp checkpoint (`prompt_learner/model.pth.tar-N`)."""

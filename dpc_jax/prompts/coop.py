@@ -29,7 +29,7 @@ import numpy as np
 
 from dpc_jax.prompts.base import (PLACEHOLDER, ClassTexts, LearnerInfo, Prompt, PromptLearner,
                                   check_class_ids, class_texts_from_names, config_field,
-                                  insert_context)
+                                  encode_class_texts, insert_context)
 from dpc_jax.prompts.capabilities import Dual, TorchFormat
 
 _WHERE = "config.backbone"
@@ -144,9 +144,8 @@ class CoOp(Dual, TorchFormat, PromptLearner):
             raise ValueError(f"prompt['ctx'] of shape {ctx.shape}; {_WHERE}.csc=False expects "
                              f"[{self.n_ctx}, {self.clip_config.transformer_width}]")
         embeddings = insert_context(class_texts.embeddings[class_ids], ctx)
-        return self.model.apply({"params": clip_params}, embeddings,
-                                class_texts.eot_indices[class_ids],
-                                method="encode_text_embeddings")
+        return encode_class_texts(self.model, clip_params, embeddings,
+                                  class_texts.eot_indices[class_ids])
 
     def image_features(self, clip_params, prompt: Prompt, images, state=None) -> jax.Array:
         del prompt, state  # CoOp does not prompt the image encoder

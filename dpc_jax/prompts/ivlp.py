@@ -34,7 +34,7 @@ import numpy as np
 
 from dpc_jax.prompts.base import (PLACEHOLDER, ClassTexts, LearnerInfo, Prompt, PromptLearner,
                                   check_class_ids, class_texts_from_names, config_field,
-                                  insert_context)
+                                  encode_class_texts, insert_context)
 from dpc_jax.prompts.capabilities import Dual, TorchFormat
 
 _WHERE = "config.backbone"
@@ -111,9 +111,8 @@ class PhraseContextText:
                               (self.depth_text - 1, self.n_ctx, self.text_width),
                               "text prompt depth - 1, n_ctx, text width")
         embeddings = insert_context(class_texts.embeddings[class_ids], prompt["ctx"])
-        return self.model.apply({"params": clip_params}, embeddings,
-                                class_texts.eot_indices[class_ids], deep,
-                                method="encode_text_embeddings")
+        return encode_class_texts(self.model, clip_params, embeddings,
+                                  class_texts.eot_indices[class_ids], deep)
 
     def load_torch_prompt(self, path: str, num_classes: Optional[int] = None) -> Prompt:
         """The stage-1 prompt of a PyTorch checkpoint in the learner's upstream key layout

@@ -40,7 +40,8 @@ import numpy as np
 
 from dpc_jax.models.clip import cosine_logits, logit_scale, normalize
 from dpc_jax.models.tokenizer import trim_context
-from dpc_jax.prompts.base import LearnerContext, LearnerInfo, Prompt, config_field, cross_entropy
+from dpc_jax.prompts.base import (LearnerContext, LearnerInfo, Prompt, config_field,
+                                  cross_entropy, traced)
 from dpc_jax.prompts.capabilities import EpochHooks
 from dpc_jax.prompts.ivlp import IVLP
 
@@ -131,12 +132,13 @@ class PromptSRC(EpochHooks, IVLP):
         ids, eot = self.tokenizer(texts)
         ids = np.asarray(trim_context(ids, eot, enabled=self.clip_config.trim_text), np.int32)
         encode = _frozen_text_encoder(self)
+        xp = jnp if traced(clip_params) else np  # traced: shapes only (`jax.eval_shape`)
         feats = []
         for s in range(0, len(ids), _TEXT_CHUNK):
             chunk = ids[s:s + _TEXT_CHUNK]
             pad = np.concatenate([chunk, np.repeat(chunk[:1], _TEXT_CHUNK - len(chunk), 0)])
-            feats.append(np.asarray(encode(clip_params, pad))[:len(chunk)])
-        feats = np.concatenate(feats).reshape(len(names), len(self.templates), -1)
+            feats.append(xp.asarray(encode(clip_params, pad))[:len(chunk)])
+        feats = xp.concatenate(feats).reshape(len(names), len(self.templates), -1)
         return normalize(jnp.asarray(feats.mean(axis=1), jnp.float32))
 
     # -- stage 1 ------------------------------------------------------------------------------
