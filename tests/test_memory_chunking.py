@@ -24,7 +24,7 @@ CHUNK = 3
 # Seen on the 2-core CPU: gradients at most 1.1e-5 of their scale (IVLP's vision_deep), losses
 # within 1.1e-6; a chunking that mixes up rows is off by O(1).
 REL = 5e-5
-LEARNERS = ["coop", "cocoop", "kgcoop", "ivlp", "maple", "promptsrc", "dept"]
+LEARNERS = ["coop", "cocoop", "kgcoop", "ivlp", "maple", "promptsrc", "mmrl", "dept"]
 
 
 def world_config(name: str) -> ml_collections.ConfigDict:

@@ -96,29 +96,33 @@ def encode_class_texts(model: CLIP, clip_params, embeddings: Array, eot_indices:
                        deep_prompts: Optional[Array] = None) -> Array:
     """Text features [N, E] of prompted class texts (token embeddings [N, L, W], EOT positions
     [N], optional deep text prompts shared by all N): the one place a learner's class texts
-    enter the text tower.
+    enter CLIP's text tower, `model.config.text_chunk` texts at a time (`in_chunks`)."""
+    def encode(emb, eot):
+        return model.apply({"params": clip_params}, emb, eot, deep_prompts,
+                           method="encode_text_embeddings")
 
-    With `model.config.text_chunk` = n > 0 and N > n, the texts run through the tower n at a
-    time (`lax.map` over chunks; the last chunk padded with copies of the first text and cut),
-    each chunk under `jax.checkpoint`: a gradient stores one chunk's activations, not N
-    texts', and recomputes them in the backward pass. Every text is encoded by itself (no op
-    mixes texts), so the features are the unchunked program's up to float32 rounding (matmuls
-    of another shape), and the gradient sums the chunks' contributions in another order
+    return in_chunks(encode, model.config.text_chunk, embeddings, eot_indices)
+
+
+def in_chunks(fn, chunk: int, *rows: Array) -> Array:
+    """`fn(*rows)` [N, ...] for row-wise `fn` (row i of the output depends on row i of each
+    input only), computed `chunk` rows at a time when N > chunk > 0: `lax.map` over chunks (the
+    last padded with copies of row 0 and cut), each under `jax.checkpoint`, so a gradient
+    stores one chunk's activations, not N rows', and recomputes them in the backward pass. A
+    learner with its own text tower (MMRL) chunks its class texts through this too.
+
+    The output is the unchunked program's up to float32 rounding (matmuls of another shape),
+    and the gradient sums the chunks' contributions in another order
     (`tests/test_memory_chunking.py`)."""
-    n, chunk = embeddings.shape[0], model.config.text_chunk
-
-    def encode(cp, emb, eot, deep):
-        return model.apply({"params": cp}, emb, eot, deep, method="encode_text_embeddings")
-
+    n = rows[0].shape[0]
     if not chunk or n <= chunk:
-        return encode(clip_params, embeddings, eot_indices, deep_prompts)
+        return fn(*rows)
     count = -(-n // chunk)
-    rows = jnp.concatenate([jnp.arange(n), jnp.zeros(count * chunk - n, jnp.int32)])
-    rows = rows.reshape(count, chunk)
-    encode_chunk = jax.checkpoint(encode)
-    out = jax.lax.map(lambda r: encode_chunk(clip_params, embeddings[r], eot_indices[r],
-                                             deep_prompts), rows)
-    return out.reshape(count * chunk, -1)[:n]
+    index = jnp.concatenate([jnp.arange(n), jnp.zeros(count * chunk - n, jnp.int32)])
+    index = index.reshape(count, chunk)
+    fn_chunk = jax.checkpoint(fn)
+    out = jax.lax.map(lambda r: fn_chunk(*(x[r] for x in rows)), index)
+    return out.reshape((count * chunk,) + out.shape[2:])[:n]
 
 
 def cross_entropy(logits: Array, labels: Array, weights: Optional[Array] = None) -> Array:

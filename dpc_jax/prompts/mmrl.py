@@ -69,7 +69,7 @@ import numpy as np
 from dpc_jax.models.clip import LayerNorm, ResidualAttentionBlock, normalize
 from dpc_jax.models.tokenizer import trim_context
 from dpc_jax.prompts.base import (Array, DualRules, LearnerInfo, Prompt, PromptLearner,
-                                  check_class_ids, config_field, cross_entropy)
+                                  check_class_ids, config_field, cross_entropy, in_chunks)
 from dpc_jax.prompts.capabilities import Dual, TorchFormat
 from dpc_jax.prompts.ivlp import check_leaf, positive_int
 
@@ -339,9 +339,10 @@ class MMRL(Dual, TorchFormat, PromptLearner):
     def text_features(self, clip_params, prompt: Prompt, class_texts: RepTexts,
                       class_ids) -> Array:
         class_ids = check_class_ids(class_ids)
-        towers = self.towers(prompt)
-        return self._text(clip_params, towers["text_tokens"], class_texts.embeddings[class_ids],
-                          class_texts.eot_indices[class_ids])
+        tokens = self.towers(prompt)["text_tokens"]
+        return in_chunks(lambda emb, eot: self._text(clip_params, tokens, emb, eot),
+                         self.clip_config.text_chunk, class_texts.embeddings[class_ids],
+                         class_texts.eot_indices[class_ids])
 
     def branch_features(self, clip_params, prompt: Prompt, images) -> tuple:
         """(v_c, v_r), each [N, E] un-normalised."""
