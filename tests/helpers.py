@@ -260,3 +260,35 @@ def assert_tree_equal(actual, expected, where=""):
             assert got.dtype == np.float32, f"{where}{name}"
             assert got.shape == value.shape, f"{where}{name}"
             np.testing.assert_array_equal(got, value, err_msg=f"{where}{name}")
+
+
+def assert_refused(proc, *words):
+    """Exit status 2 and one line on stderr, `Error: ...`, holding every one of `words`."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), proc.stderr[-3000:]
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+# Class folders in an order that differs from the sorted one (labels follow sorted order).
+FOLDERS = ["golden_retriever", "ant", "Zebra", "cat", "tabby_cat"]
+
+
+def write_class_image(path, value):
+    """A 32x32 image, JPEG or PNG by its extension, one colour per class and item."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rgb = np.full((32, 32, 3), (value * 37 % 256, value * 11 % 256, 200), np.uint8)
+    Image.fromarray(rgb).save(path)
+
+
+def make_folder(root, counts=None, classes=FOLDERS):
+    """DIR/<split>/<class>/<k>.jpg|png; counts[split] = images per class (int or {class: n})."""
+    counts = counts or {"train": 5, "test": 2}
+    for split, n in counts.items():
+        for label, c in enumerate(classes):
+            for k in range(n[c] if isinstance(n, dict) else n):
+                ext = "png" if k % 2 else "jpg"
+                write_class_image(root / split / c / f"{k:02d}.{ext}", 10 * label + k)
+    return root

@@ -8,19 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from helpers import small_flags, train_cli
+from helpers import assert_refused, small_flags, train_cli
 
 CONFIG = ["--config", "configs/dpc_coop.py"]
-
-
-def assert_refused(proc, *words):
-    """Exit status 2 and one line on stderr, `Error: ...`, holding every one of `words`."""
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), proc.stderr[-3000:]
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-    return lines[0]
 
 
 @pytest.mark.parametrize("flag, words", [

@@ -7,35 +7,15 @@ import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from dpc_jax.data import base, registry, sources
 from dpc_jax.data.__main__ import main
 from dpc_jax.models.checkpoint import asset_dir
 from dpc_jax.training import train_lib
-from helpers import DPC_COOP, REPO, make_split_tree
+from helpers import DPC_COOP, FOLDERS, REPO, make_folder, make_split_tree, write_class_image
 
 # Sorted folder order is the label order: 'Zebra' < 'ant' (upper case first) < ... .
-FOLDERS = ["golden_retriever", "ant", "Zebra", "cat", "tabby_cat"]
 SORTED = ["Zebra", "ant", "cat", "golden_retriever", "tabby_cat"]
-
-
-def _write_image(path, value):
-    """A 32x32 image, JPEG or PNG by its extension, one colour per class and item."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rgb = np.full((32, 32, 3), (value * 37 % 256, value * 11 % 256, 200), np.uint8)
-    Image.fromarray(rgb).save(path)
-
-
-def make_folder(root, counts=None, classes=FOLDERS):
-    """DIR/<split>/<class>/<k>.jpg|png; counts[split] = images per class (int or {class: n})."""
-    counts = counts or {"train": 5, "test": 2}
-    for split, n in counts.items():
-        for label, c in enumerate(classes):
-            for k in range(n[c] if isinstance(n, dict) else n):
-                ext = "png" if k % 2 else "jpg"
-                _write_image(root / split / c / f"{k:02d}.{ext}", 10 * label + k)
-    return root
 
 
 def _names(split):
@@ -98,7 +78,7 @@ def test_split_json_replaces_the_folders(tmp_path):
         for label, cname in enumerate(["red fox", "owl"]):
             for k in range(n):
                 rel = f"images/{cname.replace(' ', '_')}_{part}{k}.png"
-                _write_image(root / rel, label + k)
+                write_class_image(root / rel, label + k)
                 split[part].append([rel, label, cname])
     (root / "split.json").write_text(json.dumps(split))
     data, prov = sources.load_dataset("folder", str(root), shots=2, seed=1)
@@ -166,7 +146,7 @@ def _break(root, what):
         for d in (root / "train").iterdir():
             shutil.rmtree(d)
     elif what == "test class not in train":
-        _write_image(root / "test" / "dog" / "0.jpg", 1)
+        write_class_image(root / "test" / "dog" / "0.jpg", 1)
     elif what == "unknown classnames folder":
         (root / "classnames.txt").write_text("cat house cat\ndgo dog\n")
     elif what == "classnames line without a name":

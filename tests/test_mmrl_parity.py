@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 
 from dpc_jax.prompts.mmrl import MMRL, RepTexts  # noqa: E402
 from helpers import max_rel_err  # noqa: E402
-from test_parity_deep_prompts import TINY, converted, prompted_token_ids  # noqa: E402
+from torch_deep_prompts import TINY, converted, prompted_token_ids  # noqa: E402
 import torch_mmrl  # noqa: E402
 
 TOLERANCE = 1e-5

