@@ -251,7 +251,7 @@ def test_ctrl_c_during_stage_1_is_one_line_and_the_rerun_resumes(tmp_path):
     deadline = time.time() + 240
     # Signalled once the first checkpoint is saved, of 2000 steps: the signal lands mid-stage
     # however slow the machine (with 800 steps and a wait for two checkpoints, one run of the
-    # full suite on a loaded CPU ended the stage before the signal and exited 0).
+    # full suite on a loaded CPU exited 0: the stage had likely ended before the signal).
     while time.time() < deadline and proc.poll() is None:
         if checkpoints.is_dir() and any(d.isdigit() for d in os.listdir(checkpoints)):
             break
