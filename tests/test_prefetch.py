@@ -1,0 +1,114 @@
+"""The streamed training set (`train_sets.StreamSource`, PromptKD's unlabeled split when it is too
+large to hold on device) decodes the next batches while the consumer holds the current one, gives
+the same batches as decoding each image in turn, and hands a producer's error to the consumer."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dpc_jax.data import base, train_sets
+from dpc_jax.data.transforms import FileImageSplit, ImageLoadError, iterate_batches
+
+SIZE, BATCH = 12, 4
+
+
+def _split(tmp_path, n=14):
+    rng = np.random.default_rng(0)
+    shapes = [(40, 30), (30, 41), (33, 33), (57, 20)]
+    names = []
+    for i in range(n):
+        w, h = shapes[i % len(shapes)]
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i}.jpg", quality=90)
+        names.append(f"{i}.jpg")
+    return FileImageSplit(str(tmp_path), names, [i % 3 for i in range(n)])
+
+
+class Recording(base.ImageSplit):
+    """A split that records which images have been decoded and can fail on chosen ones."""
+
+    def __init__(self, inner, fail=(), error=ImageLoadError):
+        self.inner, self.fail, self.error = inner, set(fail), error
+        self.done, self.lock = set(), threading.Lock()
+
+    @property
+    def labels(self):
+        return self.inner.labels
+
+    def describe(self, index):
+        return self.inner.describe(index)
+
+    def load_image(self, index, size):
+        if index in self.fail:
+            if self.error is ImageLoadError:
+                raise ImageLoadError(self.describe(index), "broken on purpose")
+            raise self.error(f"bug at image {index}")
+        image = self.inner.load_image(index, size)
+        with self.lock:
+            self.done.add(index)
+        return image
+
+
+def _wait_for(condition, seconds=10.0):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()
+
+
+def test_streamed_batches_equal_sequential_decode(tmp_path):
+    split = _split(tmp_path)
+    order = np.random.default_rng(1).permutation(len(split))[:12]
+    expected = np.stack([split.load_image(int(i), SIZE) for i in order])
+    for threads in (1, 3):
+        source = train_sets.StreamSource(split, SIZE, threads, False)
+        batches = list(source.batches(order, BATCH))
+        assert len(batches) == 3 and all(b.shape == (BATCH, SIZE, SIZE, 3) for b in batches)
+        np.testing.assert_array_equal(np.concatenate(batches), expected)
+    # How far the loader decodes ahead does not change what it yields.
+    view = split.subset(order)
+    for prefetch in (1, 2, 5):
+        got = [b for b, _, _ in iterate_batches(view, SIZE, BATCH, num_threads=3,
+                                                progress=False, prefetch=prefetch)]
+        np.testing.assert_array_equal(np.concatenate(got), expected)
+
+
+def test_next_batch_is_decoded_while_the_consumer_holds_this_one(tmp_path):
+    split = Recording(_split(tmp_path))
+    order = np.arange(12)
+    batches = train_sets.StreamSource(split, SIZE, 2, False).batches(order, BATCH)
+    first = next(batches)
+    assert first.shape == (BATCH, SIZE, SIZE, 3)
+    # The consumer has not asked for batch 1: its images are decoded in the background anyway.
+    following = set(range(BATCH, 2 * BATCH))
+    assert _wait_for(lambda: following <= split.done), sorted(split.done)
+    # ...but no further than the window (2 batches here, the loader's default prefetch).
+    assert not split.done & set(range(2 * BATCH, 3 * BATCH))
+    batches.close()
+
+
+@pytest.mark.parametrize("skip_bad", [False, True])
+def test_producer_error_reaches_the_consumer(tmp_path, skip_bad):
+    # An unreadable image raises at its batch unless skip_bad; any other exception (a bug in a
+    # decoder) always does, with its own type, and the batches before it arrive intact.
+    for error in (ImageLoadError, RuntimeError):
+        split = Recording(_split(tmp_path), fail={9}, error=error)
+        before = threading.active_count()
+        batches = train_sets.StreamSource(split, SIZE, 3, skip_bad).batches(np.arange(12), BATCH)
+        got = [next(batches), next(batches)]
+        np.testing.assert_array_equal(got[1][0], split.inner.load_image(4, SIZE))
+        if skip_bad and error is ImageLoadError:
+            third = next(batches)
+            assert not third[1].any() and third[0].any()  # image 9 is the zero slot
+            continue
+        with pytest.raises(error, match="9"):
+            next(batches)
+        with pytest.raises(StopIteration):
+            next(batches)
+        # The loader's threads are gone once the error has been raised.
+        assert _wait_for(lambda: threading.active_count() <= before)
