@@ -33,7 +33,6 @@ import argparse
 import concurrent.futures
 import datetime
 import json
-import math
 import os
 import platform
 import shutil

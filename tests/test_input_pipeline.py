@@ -1,7 +1,12 @@
-"""The streamed training set (`train_sets.StreamSource`, PromptKD's unlabeled split when it is too
-large to hold on device) decodes the next batches while the consumer holds the current one, gives
-the same batches as decoding each image in turn, and hands a producer's error to the consumer."""
+"""The host input pipeline. The streamed training set (`train_sets.StreamSource`, PromptKD's
+unlabeled split when it is too large to hold on device) decodes the next batches while the
+consumer holds the current one, gives the same batches as decoding each image in turn, and hands
+a producer's error to the consumer. And benchmarks/input_pipeline.py: its FLOP count, its figures'
+arithmetic and its refusals."""
 
+import importlib.util
+import json
+import os
 import threading
 import time
 
@@ -11,6 +16,7 @@ from PIL import Image
 
 from dpc_jax.data import base, train_sets
 from dpc_jax.data.transforms import FileImageSplit, ImageLoadError, iterate_batches
+from helpers import REPO
 
 SIZE, BATCH = 12, 4
 
@@ -112,3 +118,61 @@ def test_producer_error_reaches_the_consumer(tmp_path, skip_bad):
             next(batches)
         # The loader's threads are gone once the error has been raised.
         assert _wait_for(lambda: threading.active_count() <= before)
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location(
+        "input_pipeline_benchmark", os.path.join(REPO, "benchmarks", "input_pipeline.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_vit_b16_flops_match_the_published_count():
+    # ViT-B/16 at 224: 17.6 G multiply-accumulates (DeiT's table, timm's and fvcore's "FLOPs").
+    macs = load_benchmark().vit_macs(224, 16, 768, 12)
+    assert abs(macs / 17.6e9 - 1) < 0.01
+
+
+def test_benchmark_runs_and_its_figures_add_up(tmp_path, capsys):
+    bench = load_benchmark()
+    images, out = tmp_path / "jpegs", tmp_path / "out.json"
+    args = ["--images", "16", "--repeats", "1", "--threads", "1,2", "--processes",
+            "--dir", str(images), "--json", str(out)]
+    assert bench.main(args) == 0
+    result = json.loads(out.read_text())
+    names = [r["what"] for r in result["rows"]]
+    for t in (1, 2):
+        for what in ("eval loader", "few-shot decode", f"stream (batch {bench.STREAM_BATCH})"):
+            assert f"{what}, {t} thread(s)" in names
+    first = [r for r in result["rows"] if r["what"] == "eval loader, 1 thread(s)"][0]
+    assert result["host_images_per_s_per_core"] == first["images_per_s"]
+    for row in result["projection"]:
+        assert row["host_cores"] == pytest.approx(
+            row["assumed_images_per_s"] / first["images_per_s"])
+    assert result["imagenet_epoch_hours_host"] == pytest.approx(
+        bench.IMAGENET_TRAIN / result["stream_images_per_s"] / 3600)
+    sizes = {Image.open(images / f).size for f in sorted(os.listdir(images)) if f.endswith("jpg")}
+    assert sizes <= {s for s, _ in bench.SHAPES}
+    # A rerun reuses the images it wrote.
+    before = {f: os.path.getmtime(images / f) for f in os.listdir(images)}
+    assert bench.main(args[:-2]) == 0
+    assert {f: os.path.getmtime(images / f) for f in os.listdir(images)} == before
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--threads", "0"], "--threads '0'; expected a comma list of positive integers"),
+    (["--threads", "a"], "--threads 'a'; expected"),
+    (["--images", "3"], "--images 3; expected at least 8"),
+    (["--mfu", "2"], "--mfu 2.0; expected a fraction"),
+    (["--dir", "FOREIGN"], "holds files this benchmark did not write"),
+])
+def test_benchmark_refuses_bad_input(tmp_path, capsys, args, message):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "photo.jpg").write_bytes(b"mine")
+    args = [str(foreign) if a == "FOREIGN" else a for a in args]
+    assert load_benchmark().main(["--repeats", "1", "--processes"] + args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("Error: ") and message in err[0]
+    assert (foreign / "photo.jpg").read_bytes() == b"mine"
