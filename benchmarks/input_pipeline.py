@@ -116,6 +116,34 @@ def write_images(directory: str, count: int, seed: int) -> list:
 
 # --- timing -----------------------------------------------------------------------------------
 
+def busy_cpu_seconds():
+    """CPU seconds the whole machine has spent busy since boot (Linux), or None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle and iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """Cores that OTHER processes kept busy while the block ran: the machine's busy CPU time
+    less this process's own (threads, and process-pool children once reaped), over the wall
+    time. On a shared machine it says which figures were taken beside other work."""
+
+    def __enter__(self):
+        self.busy, self.own, self.wall = busy_cpu_seconds(), sum(os.times()[:4]), time.time()
+        return self
+
+    def __exit__(self, *exc):
+        busy = busy_cpu_seconds()
+        wall = time.time() - self.wall
+        own = sum(os.times()[:4]) - self.own
+        self.cores = None if busy is None else max(0.0, (busy - self.busy - own) / wall)
+        return False
+
+
 def median_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -134,9 +162,12 @@ def per_image_parts(split: transforms.FileImageSplit, repeats: int) -> dict:
     sizes = [transforms.resized_size(im.width, im.height, SIZE) for im in decoded]
     resize = median_time(lambda: [im.resize(s, Image.BICUBIC) for im, s in zip(decoded, sizes)],
                          repeats)
+    resized = [im.resize(s, Image.BICUBIC) for im, s in zip(decoded, sizes)]
+    crop = median_time(lambda: [transforms.clip_test_transform(im, SIZE) for im in resized],
+                       repeats)  # already at size: only the centre crop and the uint8 array
     transform = median_time(lambda: [transforms.clip_test_transform(im, SIZE) for im in decoded],
                             repeats)
-    return {"decode": decode / n, "resize": resize / n, "crop_to_array": (transform - resize) / n,
+    return {"decode": decode / n, "resize": resize / n, "crop_to_array": crop / n,
             "transform": transform / n}
 
 
@@ -248,40 +279,52 @@ def run(args) -> dict:
               f"{np.mean([h for _, h in pixels]):.0f} px, mean {np.mean(kbytes):.0f} kB; "
               f"{start['cpus']} CPUs, load {start['load_1_5_15']}, {start['date']}; "
               f"median of {args.repeats}")
-        parts = per_image_parts(split, args.repeats)
-        rows = [{"what": f"{k} (1 thread)", "ms_per_image": 1e3 * v, "images_per_s": 1 / v}
-                for k, v in parts.items()]
+        with OtherLoad() as other:
+            parts = per_image_parts(split, args.repeats)
+        rows = [{"what": f"{k} (1 thread)", "ms_per_image": 1e3 * v, "images_per_s": 1 / v,
+                 "other_cores": other.cores} for k, v in parts.items()]
         rates = {}
         for t in threads:
-            rate = loader_rate(lambda: transforms.iterate_batches(
-                split, SIZE, EVAL_BATCH, num_threads=t, progress=False), n, args.repeats)
+            with OtherLoad() as other:
+                rate = loader_rate(lambda: transforms.iterate_batches(
+                    split, SIZE, EVAL_BATCH, num_threads=t, progress=False), n, args.repeats)
             rates[t] = rate
             rows.append({"what": f"eval loader, {t} thread(s)", "threads": t,
-                         "images_per_s": rate, "ms_per_image": 1e3 / rate})
+                         "images_per_s": rate, "ms_per_image": 1e3 / rate,
+                         "other_cores": other.cores})
         for t in threads:
             config = types.SimpleNamespace(num_workers=t, progress=False, skip_bad_images=False)
-            seconds = median_time(lambda: train_sets.decode_split(split, SIZE, config, "bench"),
-                                  args.repeats)
+            with OtherLoad() as other:
+                seconds = median_time(
+                    lambda: train_sets.decode_split(split, SIZE, config, "bench"), args.repeats)
             rows.append({"what": f"few-shot decode, {t} thread(s)", "threads": t,
-                         "images_per_s": n / seconds, "ms_per_image": 1e3 * seconds / n})
+                         "images_per_s": n / seconds, "ms_per_image": 1e3 * seconds / n,
+                         "other_cores": other.cores})
         overlap = {}
         for t in threads:
-            o = stream_overlap(split, t, args.repeats)
+            with OtherLoad() as other:
+                o = stream_overlap(split, t, args.repeats)
             overlap[t] = o
             rows.append({"what": f"stream (batch {STREAM_BATCH}), {t} thread(s)", "threads": t,
-                         "images_per_s": o["rate"], "ms_per_image": 1e3 / o["rate"]})
+                         "images_per_s": o["rate"], "ms_per_image": 1e3 / o["rate"],
+                         "other_cores": other.cores})
         for w in args.processes:
-            rate = process_rate(split, w, args.repeats)
+            with OtherLoad() as other:
+                rate = process_rate(split, w, args.repeats)
             rows.append({"what": f"eval transform, {w} process(es)", "processes": w,
-                         "images_per_s": rate, "ms_per_image": 1e3 / rate})
+                         "images_per_s": rate, "ms_per_image": 1e3 / rate,
+                         "other_cores": other.cores})
     finally:
         if not args.dir:
             shutil.rmtree(directory, ignore_errors=True)
     print()
-    print(f"| {'what':<36} | {'ms/image':>9} | {'images/s':>9} |")
-    print(f"|{'-' * 38}|{'-' * 11}|{'-' * 11}|")
+    print(f"| {'what':<36} | {'ms/image':>9} | {'images/s':>9} | {'other load':>10} |")
+    print(f"|{'-' * 38}|{'-' * 11}|{'-' * 11}|{'-' * 12}|")
     for r in rows:
-        print(f"| {r['what']:<36} | {r['ms_per_image']:>9.2f} | {r['images_per_s']:>9.1f} |")
+        other = "-" if r["other_cores"] is None else f"{r['other_cores']:.2f}"
+        print(f"| {r['what']:<36} | {r['ms_per_image']:>9.2f} | {r['images_per_s']:>9.1f} | "
+              f"{other:>10} |")
+    print("(other load: cores other processes kept busy while the row was measured)")
     print()
     print(f"stream beside a consumer sleeping {1e3 * overlap[threads[0]]['step_s']:.1f} ms per "
           f"batch (one batch's decode), per thread count:")
