@@ -326,11 +326,10 @@ def run(args) -> dict:
               f"{other:>10} |")
     print("(other load: cores other processes kept busy while the row was measured)")
     print()
-    print(f"stream beside a consumer sleeping {1e3 * overlap[threads[0]]['step_s']:.1f} ms per "
-          f"batch (one batch's decode), per thread count:")
+    print("stream beside a consumer that sleeps one batch's decode time per batch:")
     for t, o in overlap.items():
-        print(f"  {t} thread(s): {o['paired_s']:.2f} s; overlapped would be "
-              f"{o['overlapped_s']:.2f} s, serial {o['serial_s']:.2f} s")
+        print(f"  {t} thread(s), {1e3 * o['step_s']:.1f} ms per batch: {o['paired_s']:.2f} s; "
+              f"overlapped would be {o['overlapped_s']:.2f} s, serial {o['serial_s']:.2f} s")
     per_core = rates[min(rates)] / min(rates)
     scaling = {t: rates[t] / (t * per_core) for t in rates}
     print()
