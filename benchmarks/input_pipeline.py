@@ -84,6 +84,11 @@ def synthetic_photo(rng: np.random.Generator, width: int, height: int) -> Image.
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
+def image_size(path: str) -> tuple:
+    with Image.open(path) as image:
+        return image.size
+
+
 def write_images(directory: str, count: int, seed: int) -> list:
     """Write `count` JPEGs into `directory` (or reuse those a previous run wrote there);
     returns their file names."""
@@ -273,7 +278,7 @@ def run(args) -> dict:
         files = write_images(directory, args.images, args.seed)
         split = transforms.FileImageSplit(directory, files, [0] * len(files))
         n = len(split)
-        pixels = [Image.open(split.path(i)).size for i in range(n)]
+        pixels = [image_size(split.path(i)) for i in range(n)]
         kbytes = [os.path.getsize(split.path(i)) / 1000 for i in range(n)]
         print(f"{n} JPEGs in {directory}: mean {np.mean([w for w, _ in pixels]):.0f}x"
               f"{np.mean([h for _, h in pixels]):.0f} px, mean {np.mean(kbytes):.0f} kB; "
