@@ -1,13 +1,13 @@
 """The host input pipeline at ImageNet's image sizes, and how many host cores feed a GPU.
 
     python benchmarks/input_pipeline.py [--images 300] [--dir DIR] [--threads 1,2]
-        [--repeats 3] [--json OUT]
+        [--processes 2] [--repeats 3] [--mfu 0.4] [--json OUT]
 
 Writes --images JPEGs of about ImageNet's typical size (500x375 and its common portrait and
 square variants; smooth colour gradients, shapes and Gaussian texture at several scales,
 quality 90, so that the files come near ImageNet's size: about 110 kB on average, 140 GB over
-1.28M images) under a temporary folder, or DIR (reused on a
-rerun), and times dpc_jax's own loaders on them:
+1.28M images) under a temporary folder, or DIR (reused on a rerun), and times dpc_jax's own
+loaders on them:
 
 - decode: `transforms.read_image` (PIL open + convert('RGB'), Dassl's read_image), per image;
 - resize: the bicubic resize of the shorter side to 224 inside `clip_test_transform`, per
@@ -24,7 +24,8 @@ rerun), and times dpc_jax's own loaders on them:
 Each figure is the median of --repeats passes over all the images. Then it projects the host
 cores that keep a GPU fed, from FLOP counts of the models' forward passes (counted here from
 the architecture) and an assumed sustained fraction of the GPU's dense bfloat16 peak (both
-printed). Not a test: the figures depend on the machine and on whatever else runs on it.
+printed). Not a test: the figures depend on the machine and on whatever else runs on it; each
+row says how many cores other processes kept busy while it was measured (Linux).
 """
 
 from __future__ import annotations
