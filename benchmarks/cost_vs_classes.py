@@ -201,6 +201,38 @@ def table(rows: list) -> str:
     return "\n".join(lines)
 
 
+def fits(rows: list) -> list:
+    """Per learner and stage, the least-squares line a + b*C through the median step times and
+    through the peaks, and the largest distance of a median from its line (relative)."""
+    out = []
+    for learner, stage in sorted({(r["learner"], r["stage"]) for r in rows},
+                                 key=lambda k: (k[0], k[1])):
+        rs = [r for r in rows if (r["learner"], r["stage"]) == (learner, stage)]
+        if len({r["classes"] for r in rs}) < 2:
+            continue
+        c = np.array([r["classes"] for r in rs], float)
+        t = np.array([r["median_s"] for r in rs])
+        b, a = np.polyfit(c, t, 1)
+        mb, ma = np.polyfit(c, [r["peak_bytes"] / MIB for r in rs], 1)
+        tb, ta = np.polyfit(c, [r["temp_bytes"] / MIB for r in rs], 1)
+        out.append({"learner": learner, "stage": stage, "time_intercept_s": float(a),
+                    "time_ms_per_class": float(1e3 * b),
+                    "time_max_residual": float(np.max(np.abs(t - (a + b * c)) / t)),
+                    "peak_intercept_mib": float(ma), "peak_mib_per_class": float(mb),
+                    "temp_mib_per_class": float(tb)})
+    return out
+
+
+def fits_table(lines: list) -> str:
+    out = [f"{'learner':<8} {'stage':<7} {'time = a + b*C':>24} {'max resid':>10} "
+           f"{'peak MiB/class':>15} {'temp MiB/class':>15}"]
+    for f in lines:
+        out.append(f"{f['learner']:<8} {f['stage']:<7} {f['time_intercept_s']:8.3f} s + "
+                   f"{f['time_ms_per_class']:6.3f} ms*C {100 * f['time_max_residual']:9.1f}% "
+                   f"{f['peak_mib_per_class']:15.3f} {f['temp_mib_per_class']:15.3f}")
+    return "\n".join(out)
+
+
 def plot(rows: list, title: str, path: str) -> None:
     import matplotlib
 
@@ -235,15 +267,17 @@ def plot(rows: list, title: str, path: str) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("classes C (log scale)")
         ax.set_xticks(sorted({r["classes"] for r in rows}))
-        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.get_yaxis().set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+        for axis in (ax.get_xaxis(), ax.get_yaxis()):
+            axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
     ax_t.set_ylabel("step time, s (median; bars: min-max)")
     ax_t.set_title("Step time")
     ax_m.set_ylabel("MiB (XLA compiled memory analysis)")
     ax_m.set_title("Peak memory and temporaries")
     ax_t.legend(fontsize=8)
-    ax_m.legend(fontsize=7)
+    ax_m.legend(fontsize=7, ncol=2, loc="upper left")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -328,14 +362,22 @@ def main(argv=None) -> int:
                           f"{row['temp_bytes'] / MIB:.1f} MiB [compile {row['compile_s']} s]",
                           flush=True)
     print(table(rows))
+    lines = fits(rows)
+    if lines:
+        print(fits_table(lines))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"shapes": head, "arch": arch, "layers": a.layers,
                        "image_size": shape.image_resolution, "dataset": dataset,
-                       "repeats": a.repeats, "load_average": os.getloadavg(), "rows": rows},
+                       "repeats": a.repeats, "load_average": os.getloadavg(), "rows": rows,
+                       "fits": lines},
                       f, indent=1)
     if a.plot:
-        plot(rows, head.split(";")[0] + f"; {a.repeats} timed steps", a.plot)
+        batches = ", ".join(sorted({f"{r['learner']} stage {r['stage'][-1]} B {r['batch']}"
+                                    for r in rows}))
+        plot(rows, f"{head.split(';')[0]}, float32, {jax.devices()[0].platform.upper()}\n"
+                   f"{batches}; K {rows[0]['top_k']}, {rows[0]['shots']} shots; median of "
+                   f"{a.repeats} steps", a.plot)
     return 0
 
 

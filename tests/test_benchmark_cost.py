@@ -38,8 +38,8 @@ def test_stage1_rows_and_temporaries_grow_with_classes(tmp_path, capsys):
                                    + r["temp_bytes"])
         assert r["batch"] == 32 and r["shots"] == 16
     small, large = rows
-    # Stage 1 encodes every class text: its temporaries grow with C; the few-shot images
-    # (shots * C) held on the device grow its arguments.
+    # Stage 1 encodes every class text: below the text chunk (config.clip.text_chunk 128) its
+    # temporaries grow with C; the few-shot images (shots * C) held on device grow its arguments.
     assert large["temp_bytes"] > small["temp_bytes"]
     assert large["argument_bytes"] - small["argument_bytes"] >= 84 * 16 * 32 * 32 * 3
     printed = capsys.readouterr().out
