@@ -286,8 +286,10 @@ def plot(rows: list, title: str, path: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--learners", default="coop,ivlp")
-    parser.add_argument("--classes", default="50,100,200,500,1000")
+    parser.add_argument("--learners", default="coop,ivlp",
+                        help="comma list of learners without a teacher that DPC runs on")
+    parser.add_argument("--classes", default="50,100,200,500,1000",
+                        help="comma list of class counts C (each more than DHNO's K)")
     parser.add_argument("--arch", default="ViT-B/16", help="a clip.CONFIGS name")
     parser.add_argument("--layers", type=int, default=2,
                         help="blocks of each tower (0: the architecture's)")
@@ -306,7 +308,10 @@ def main(argv=None) -> int:
             raise ValueError(f"--arch {a.arch!r}; expected one of {sorted(clip_lib.CONFIGS)}")
         learners = [n for n in a.learners.split(",") if n]
         for n in learners:
-            cls = get_learner(n)
+            try:
+                cls = get_learner(n)
+            except ValueError as e:
+                raise ValueError(f"--learners {n!r}: {cli.message(e)}") from None
             if capabilities.distils(cls) or capabilities.dpc_unsupported(cls):
                 raise ValueError(f"--learners {n!r}: expected a learner without a teacher that "
                                  f"DPC runs on (coop, ivlp, maple, ...)")
