@@ -180,7 +180,7 @@ def measure(setup: memory.Setup, stage: str, pieces: dict, repeats: int) -> dict
         state, losses, metrics = out
         if not np.all(np.isfinite(np.asarray(losses)[0])):
             raise FloatingPointError(f"{stage}: non-finite loss {np.asarray(losses)[0]}")
-        if "valid_negatives" in metrics:
+        if i and "valid_negatives" in metrics:
             valid.append(int(np.asarray(metrics["valid_negatives"])[0].sum()))
         args = (state,) + args[1:]
     row.update(median_s=statistics.median(times), min_s=min(times), max_s=max(times),
@@ -192,12 +192,14 @@ def measure(setup: memory.Setup, stage: str, pieces: dict, repeats: int) -> dict
 
 def table(rows: list) -> str:
     lines = [f"{'learner':<8} {'stage':<7} {'C':>5} {'median s':>9} {'min-max s':>15} "
-             f"{'peak MiB':>9} {'args MiB':>9} {'temp MiB':>9} {'XLA GFLOP':>10}"]
+             f"{'peak MiB':>9} {'args MiB':>9} {'temp MiB':>9} {'XLA GFLOP':>10} "
+             f"{'valid neg':>9}"]
     for r in rows:
         lines.append(f"{r['learner']:<8} {r['stage']:<7} {r['classes']:>5} "
                      f"{r['median_s']:9.3f} {r['min_s']:7.3f}-{r['max_s']:<7.3f} "
                      f"{r['peak_bytes'] / MIB:9.1f} {r['argument_bytes'] / MIB:9.1f} "
-                     f"{r['temp_bytes'] / MIB:9.1f} {r['xla_flops'] / 1e9:10.1f}")
+                     f"{r['temp_bytes'] / MIB:9.1f} {r['xla_flops'] / 1e9:10.1f} "
+                     f"{r.get('valid_negatives', '-'):>9}")
     return "\n".join(lines)
 
 
@@ -347,6 +349,10 @@ def main(argv=None) -> int:
             f"configs, float32; {device.platform} ({device.device_kind}), jax {jax.__version__}, "
             f"{os.cpu_count()} CPUs")
     print(head, flush=True)
+    load_before = os.getloadavg()
+    print(f"load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}",
+          flush=True)
+    t_all = time.perf_counter()
     rows = []
     with reduced_configs(shape):
         for name in learners:
@@ -367,6 +373,9 @@ def main(argv=None) -> int:
                           f"{row['temp_bytes'] / MIB:.1f} MiB [compile {row['compile_s']} s]",
                           flush=True)
     print(table(rows))
+    load_after = os.getloadavg()
+    print(f"load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}; "
+          f"{time.perf_counter() - t_all:.0f} s in all")
     lines = fits(rows)
     if lines:
         print(fits_table(lines))
@@ -374,7 +383,8 @@ def main(argv=None) -> int:
         with open(a.json, "w") as f:
             json.dump({"shapes": head, "arch": arch, "layers": a.layers,
                        "image_size": shape.image_resolution, "dataset": dataset,
-                       "repeats": a.repeats, "load_average": os.getloadavg(), "rows": rows,
+                       "repeats": a.repeats, "load_average_before": load_before, "load_average_after": load_after,
+                       "seconds": round(time.perf_counter() - t_all, 1), "rows": rows,
                        "fits": lines},
                       f, indent=1)
     if a.plot:
