@@ -21,14 +21,18 @@ def write_run(workdir, stages):
         json.dump(summarize(per_seed), f)
 
 
-def test_reuses_finished_runs_and_writes_table_json_and_chart(tmp_path):
-    pytest.importorskip("matplotlib")
-    w = str(tmp_path)
+def write_coop_runs(w):
+    """CoOp (+DPC) and DePT around CoOp, 3 seeds each, as finished runs under `w`."""
     zs = [(37.0, 62.0)] * 3
     write_run(os.path.join(w, "coop"), {"zeroshot": zs, "backbone": [(60, 58), (62, 59), (61, 58)],
                                         "dpc": [(64, 58), (65, 59), (63, 58)]})
     write_run(os.path.join(w, "dept_coop"), {"zeroshot": zs,
                                              "backbone": [(40, 61), (41, 61), (39, 60)]})
+
+def test_reuses_finished_runs_and_writes_table_json_and_chart(tmp_path):
+    pytest.importorskip("matplotlib")
+    w = str(tmp_path)
+    write_coop_runs(w)
     table = compare.main(["--workdir", w, "--backbones", "coop"])
     rows = table["coop"]
     assert rows["backbone"]["base"] == pytest.approx(61.0)
@@ -63,11 +67,7 @@ def test_the_chart_names_the_dataset_and_says_where_its_axis_starts(tmp_path, mo
     drawn = {}
     monkeypatch.setattr(report, "_save", lambda fig, path: drawn.setdefault(path, fig))
     w = str(tmp_path)
-    zs = [(37.0, 62.0)] * 3
-    write_run(os.path.join(w, "coop"), {"zeroshot": zs, "backbone": [(60, 58), (62, 59), (61, 58)],
-                                        "dpc": [(64, 58), (65, 59), (63, 58)]})
-    write_run(os.path.join(w, "dept_coop"), {"zeroshot": zs,
-                                             "backbone": [(40, 61), (41, 61), (39, 60)]})
+    write_coop_runs(w)
     for args, name in (([], "world"), (["--args", "dataset=dtd"], "DTD")):
         drawn.clear()
         compare.main(["--workdir", w, "--backbones", "coop", *args])

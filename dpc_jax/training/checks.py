@@ -141,10 +141,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.dhno.top_k={config.dhno.top_k}; expected >= 2 (the released "
                          f"rule keeps K-1 candidates and its fallback adds 2 negatives)")
     for stage in ("backbone", "dpc"):
-        kind = config[stage].get("optimizer", "sgd")
-        if kind not in optim.OPTIMIZERS:
-            raise ValueError(f"config.{stage}.optimizer={kind!r}; allowed values: "
-                             f"{list(optim.OPTIMIZERS)}")
+        optim.check_kind(config[stage].get("optimizer", "sgd"), f"config.{stage}.optimizer")
     for field in ("backbone.lr", "dpc.lr", "optim.warmup_lr"):
         value = _field(config, field)
         if not isinstance(value, (int, float)) or not value > 0:

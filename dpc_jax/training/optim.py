@@ -39,6 +39,12 @@ from dpc_jax.training.masks import FROZEN, TRAINABLE, optax_labels
 OPTIMIZERS = ("sgd", "adamw")
 
 
+def check_kind(kind: str, field: str) -> None:
+    """Refuse an optimiser other than those of OPTIMIZERS, naming the config field."""
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"{field}={kind!r}; allowed values: {list(OPTIMIZERS)}")
+
+
 def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
@@ -120,9 +126,7 @@ def make_optimizer(lr: float, max_epoch: int, steps_per_epoch: int, *, mask,
     """
     _validate(field_names or {}, lr, max_epoch, steps_per_epoch, momentum, weight_decay,
               warmup_epochs, warmup_lr)
-    if kind not in OPTIMIZERS:
-        raise ValueError(f"{(field_names or {}).get('kind', 'optimizer')}={kind!r}; allowed "
-                         f"values: {list(OPTIMIZERS)}")
+    check_kind(kind, (field_names or {}).get("kind", "optimizer"))
     schedule = dassl_schedule(lr, max_epoch, steps_per_epoch, warmup_epochs, warmup_lr)
     parts = []
     if kind == "adamw":  # torch: p *= 1 - lr*wd, then the Adam step; optax's adamw is the same
