@@ -2,14 +2,15 @@
 
     python benchmarks/accelerator_check.py [--arch ViT-B/16] [--classes 200,500] [--batch 32]
         [--top-k 8] [--dtype bfloat16] [--attention einsum,dot_product,cudnn] [--remat 0,1]
-        [--repeats 10] [--no-elimination] [--matmul-size 8192]
+        [--repeats 10] [--no-elimination] [--chunk-tail single,padded] [--matmul-size 8192]
 
 The training job's stage-2 step (`dpc_step.build`: CoOp+DPC, reference mode, DHNO 'reference',
 random weights, one device) for every combination of class count, attention kernel
-(`config.clip.attention`) and remat (`config.clip.remat`). Prints the device kind and the
+(`config.clip.attention`), remat (`config.clip.remat`) and the stage-2 step's chunk tail
+(`config.dpc.chunk_tail`: on an accelerator one row at a time may use the device poorly). Prints the device kind and the
 measured matmul throughput in the compute dtype (n x n @ n x n), then one line per combination:
-compile seconds, the median step time, the executed FLOPs (`dpc_step.executed_flops`: XLA's count
-with the eliminated work's loops counted as run), FLOP utilisation (FLOPs / step time /
+compile seconds, the median step time, the executed FLOPs (`dpc_step.flop_account`: XLA's count
+with the eliminated work's loops counted as run) and their ratio to the minimal work, FLOP utilisation (FLOPs / step time /
 measured matmul throughput), the valid negatives (of B*K), the compiled step's memory
 (`memory_analysis`: arguments + outputs + temporaries) and the device's peak bytes in use so far
 (`device.memory_stats()`, where the backend has it; it only grows within a process). A
@@ -48,11 +49,12 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 
 def check(arch: str, num_classes: int, batch: int, top_k: int, dtype: str, attention: str,
-          remat: bool, repeats: int, eliminate: bool, peak: float, tokenizer) -> dict:
+          remat: bool, repeats: int, eliminate: bool, peak: float, tokenizer,
+          chunk_tail: str = "single") -> dict:
     t0 = time.perf_counter()
     built = dpc_step.build(arch, num_classes, batch, top_k, tokenizer=tokenizer, dtype=dtype,
                            attention=attention, remat=remat, dedupe_text=eliminate,
-                           compact_negatives=eliminate)
+                           compact_negatives=eliminate, chunk_tail=chunk_tail)
     compiled = built.step.lower(*built.args).compile()
     compile_s = time.perf_counter() - t0
     step_s, (_, _, metrics) = dpc_step._time(compiled, *built.args, repeats=repeats,
@@ -60,12 +62,14 @@ def check(arch: str, num_classes: int, batch: int, top_k: int, dtype: str, atten
     valid = int(np.asarray(metrics["valid_negatives"])[0])
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = dpc_step.executed_flops(built, float(cost.get("flops", 0.0)), valid)
+    account = dpc_step.flop_account(built, float(cost.get("flops", 0.0)), valid)
+    flops = account["executed"]
     mem = compiled.memory_analysis()
     step_bytes = None if mem is None else (mem.argument_size_in_bytes
                                            + mem.output_size_in_bytes + mem.temp_size_in_bytes)
     stats = jax.devices()[0].memory_stats() or {}
     return dict(compile=compile_s, step=step_s, flops=flops, util=flops / step_s / peak,
+                minimal=account["minimal"],
                 valid=valid, step_bytes=step_bytes, peak_bytes=stats.get("peak_bytes_in_use"))
 
 
@@ -117,6 +121,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--no-elimination", action="store_true",
                         help="config.dpc.dedupe_text and compact_negatives off")
+    parser.add_argument("--chunk-tail", default="single,padded",
+                        help="comma list of config.dpc.chunk_tail values")
     parser.add_argument("--matmul-size", type=int, default=None,
                         help="n of the throughput matmul (default 8192, 1024 on CPU)")
     parser.add_argument("--memory", default="",
@@ -144,20 +150,22 @@ def main():
           f"dedupe_text={eliminate} compact_negatives={eliminate}, median of {args.repeats}")
     print(f"measured {args.dtype} matmul throughput ({n}^3): {peak / 1e12:.2f} TFLOP/s",
           flush=True)
-    print(f"{'classes':>7} {'attention':>11} {'remat':>5} {'compile s':>9} {'step ms':>9} "
-          f"{'GFLOP':>9} {'FLOP util':>9} {'valid neg':>9} {'step GiB':>8} {'peak GiB':>8}",
-          flush=True)
-    for c, attention, remat in itertools.product(
-            [int(x) for x in args.classes.split(",")], attentions, remats):
+    print(f"{'classes':>7} {'attention':>11} {'remat':>5} {'tail':>6} {'compile s':>9} "
+          f"{'step ms':>9} {'GFLOP':>9} {'/minimal':>8} {'FLOP util':>9} {'valid neg':>9} "
+          f"{'step GiB':>8} {'peak GiB':>8}", flush=True)
+    for c, attention, remat, tail in itertools.product(
+            [int(x) for x in args.classes.split(",")], attentions, remats,
+            args.chunk_tail.split(",")):
         try:
             r = check(args.arch, c, args.batch, args.top_k, args.dtype, attention, remat,
-                      args.repeats, eliminate, peak, tokenizer)
+                      args.repeats, eliminate, peak, tokenizer, tail)
         except Exception as e:  # noqa: BLE001  (report and go on with the next combination)
-            print(f"{c:>7} {attention:>11} {int(remat):>5} failed: {type(e).__name__}: "
-                  f"{str(e).splitlines()[0][:200]}", flush=True)
+            print(f"{c:>7} {attention:>11} {int(remat):>5} {tail:>6} failed: "
+                  f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
             continue
-        print(f"{c:>7} {attention:>11} {int(remat):>5} {r['compile']:9.1f} "
-              f"{r['step'] * 1e3:9.2f} {r['flops'] / 1e9:9.1f} {100 * r['util']:8.1f}% "
+        print(f"{c:>7} {attention:>11} {int(remat):>5} {tail:>6} {r['compile']:9.1f} "
+              f"{r['step'] * 1e3:9.2f} {r['flops'] / 1e9:9.1f} "
+              f"{r['flops'] / r['minimal']:7.3f}x {100 * r['util']:8.1f}% "
               f"{r['valid']:>4}/{args.batch * args.top_k:<4} {_gib(r['step_bytes']):>8} "
               f"{_gib(r['peak_bytes']):>8}", flush=True)
 

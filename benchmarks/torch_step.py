@@ -2,7 +2,7 @@
 
     python benchmarks/torch_step.py [--arch ViT-B/16|tiny] [--classes 50,200,500] [--batch 4]
         [--top-k 8] [--repeats 2] [--layers N] [--text-chunk 100]
-        [--steps released,same_algorithm,same_eliminated]
+        [--steps released,same_algorithm,same_eliminated] [--chunk-tail single|padded]
 
 For each number of base classes C, dpc_jax's step and the PyTorch steps named by `--steps` (all
 three by default; forward, backward, SGD update of the parallel context), each timed after one
@@ -569,19 +569,21 @@ def _read_image(root, path):
 # -------------------------------------------------------------------------------- harness
 
 def build_all(arch, num_classes, batch, top_k, layers=None, seed=0, shots=2, root=None,
-              text_chunk=100, model_py=None, same_steps=("same_algorithm", "same_eliminated")):
+              text_chunk=100, model_py=None, same_steps=("same_algorithm", "same_eliminated"),
+              chunk_tail="single"):
     """dpc_jax's step (`dpc_step.build_step`) and the PyTorch steps over its weights, data and
     anchors: {'dpc_jax': (step_fn, args), 'config': the CLIP config, 'same_algorithm':
     SameAlgorithmStep, 'same_eliminated': SameEliminatedStep, and, when `root` (a directory for
     the few-shot set's PNG files and negative JSON) is given, 'released': ReleasedStep}; of the
     two same_* steps, those named in `same_steps` (each computes its scorer at setup). Each
     PyTorch step has its own theta, optimizer and `TorchDraws(seed + 3)` (the same seed for
-    all: the two same_* steps draw the same numbers in the same order)."""
+    all: the two same_* steps draw the same numbers in the same order). `chunk_tail`: dpc_jax's
+    `config.dpc.chunk_tail`."""
     bench = load_dpc_step()
     cfg, tokenizer = clip_config_and_tokenizer(arch, layers)
     jax_tok = tokenizer if cfg.vocab_size == 49408 else None  # build_step picks the world's
     step_fn, args = bench.build_step(arch, num_classes, batch, top_k, layers=layers, seed=seed,
-                                     shots=shots, tokenizer=jax_tok)
+                                     shots=shots, tokenizer=jax_tok, chunk_tail=chunk_tail)
     state, consts, batch_in, _ = args
     model = torch_clip(cfg, consts["clip"], model_py)
     train = consts["train"]
@@ -668,13 +670,15 @@ def main():
     parser.add_argument("--steps", default=",".join(TORCH_STEPS),
                         help="comma list of the PyTorch steps to time, of "
                              f"{', '.join(TORCH_STEPS)} (dpc_jax always runs)")
+    parser.add_argument("--chunk-tail", default="single", choices=("single", "padded"),
+                        help="dpc_jax's config.dpc.chunk_tail")
     args = parser.parse_args()
     steps_run = parse_steps(args.steps, parser)
     torch.set_num_threads(os.cpu_count())
     layers = "all" if args.layers is None else args.layers
     print(f"{args.arch} random weights, layers {layers}, B={args.batch} K={args.top_k}, float32, "
           f"shots {args.shots}, median of {args.repeats} after one warm-up call; torch steps: "
-          f"{', '.join(steps_run)}")
+          f"{', '.join(steps_run)}; dpc_jax chunk_tail {args.chunk_tail}")
     print(f"torch {torch.__version__}: torch.set_num_threads(os.cpu_count()) = "
           f"{torch.get_num_threads()} threads; jax {jax.__version__} {jax.devices()}"
           + ("; released text pass: "
@@ -689,11 +693,14 @@ def main():
             steps = build_all(args.arch, c, args.batch, args.top_k, args.layers, shots=args.shots,
                               root=root if "released" in steps_run else None,
                               text_chunk=args.text_chunk, model_py=model_py,
+                              chunk_tail=args.chunk_tail,
                               same_steps=[n for n in steps_run if n.startswith("same_")])
             step_fn, jargs = steps["dpc_jax"]
             t = {"dpc_jax": _median_time(lambda: jax.block_until_ready(step_fn(*jargs)),
                                          args.repeats)[0]}
-            print(f"C={c}: dpc_jax {t['dpc_jax']:.2f} s", flush=True)
+            jax_length = int(jargs[1]["class_texts"].embeddings.shape[1])
+            print(f"C={c}: dpc_jax {t['dpc_jax']:.2f} s (class texts trimmed to {jax_length} "
+                  f"tokens)", flush=True)
             slots = {}
             for name in steps_run:
                 t[name], (_, info) = _median_time(steps[name].step, args.repeats)
@@ -701,7 +708,8 @@ def main():
                 rows_note = (f", image tower {info['image_rows']} rows, text tower "
                              f"{info['text_rows']} rows" if "image_rows" in info else "")
                 print(f"C={c}: torch {name} {t[name]:.2f} s ({info['slots']} slots, "
-                      f"{info['valid_negatives']} valid negatives{rows_note})", flush=True)
+                      f"{info['valid_negatives']} valid negatives{rows_note}, class texts of "
+                      f"{int(steps[name].texts[0].shape[1])} tokens)", flush=True)
             del steps
         rows.append((c, t, slots))
     print("\n" + format_table(rows))

@@ -1,5 +1,6 @@
 """Exact work elimination in DPC's stage-2 step (`config.dpc.dedupe_text`,
-`config.dpc.compact_negatives`): the step's loss and gradients against the step without them,
+`config.dpc.compact_negatives`, with either `config.dpc.chunk_tail`): the step's loss and
+gradients against the step without them,
 on a tiny CLIP with repeated anchor labels, invalid negative slots, and class counts below and
 above the B*(K+1) slots. The helpers' own outputs: tests/test_row_skipping.py.
 """
@@ -53,7 +54,8 @@ def dual_prompt(learner):
 
 
 def loss_and_grads(setup, name, num_classes, policy, variants):
-    """{(dedupe_text, compact_negatives): (loss, grads, valid, negatives)} of one step.
+    """{(dedupe_text, compact_negatives, chunk_tail): (loss, grads, valid, negatives)} of one
+    step.
 
     One jitted function builds the prompts and the scorer and runs every variant: eager ops
     would compile one by one, and XLA merges the variants' common parts (selection,
@@ -76,7 +78,8 @@ def loss_and_grads(setup, name, num_classes, policy, variants):
 
     def one(flags, params, consts):
         objective = objectives.dpc_objective(learner, dual, res, K, policy,
-                                             dedupe_text=flags[0], compact_negatives=flags[1])
+                                             dedupe_text=flags[0], compact_negatives=flags[1],
+                                             chunk_tail=flags[2])
 
         def loss(params):
             out = objective.forward(params, {}, consts, {"index": jnp.asarray(INDEX)},
@@ -99,11 +102,13 @@ def loss_and_grads(setup, name, num_classes, policy, variants):
 
 # (learner, C, policy, variants), each against (False, False): CoOp, whose image features carry
 # no gradient, C = 16 > M = 12 (the distinct labels of the valid slots, encoded in chunks of B),
-# each switch alone. `test_ivlp_gradients_through_both_eliminated_encodings` has both at once,
+# each switch alone, then both with the 'padded' tail (the rows past the last full chunk of B
+# run as a whole chunk instead of one by one). `test_ivlp_gradients_through_both_eliminated_encodings` has both at once,
 # gradients through both towers and C = 5 <= M (all classes once, then gathered). Few variants:
 # compiling a step is most of these tests' time.
-FF, TF, FT = (False, False), (True, False), (False, True)
-SCENARIOS = [("coop", 16, "reference", (TF, FT))]
+FF, TF, FT = (False, False, "single"), (True, False, "single"), (False, True, "single")
+TTP = (True, True, "padded")
+SCENARIOS = [("coop", 16, "reference", (TF, FT, TTP))]
 # float32 rounding of a reordered computation: towers on other batch shapes, gradient sums of
 # repeated labels taken before the text tower's backward pass instead of after it. The loss
 # agrees to a few ulps. The contrastive gradient is a sum of per-slot terms that nearly cancel
@@ -144,7 +149,7 @@ def test_eliminated_step_gives_the_same_loss_and_gradients(setup, name, num_clas
         np.testing.assert_array_equal(negatives_new, negatives)
         np.testing.assert_allclose(loss, base_loss, rtol=RTOL)
         worst = assert_same_gradients(grads, base_grads, flags)
-        print(f"{name} C={num_classes} {policy} (dedupe_text, compact_negatives)={flags}: "
+        print(f"{name} C={num_classes} {policy} (dedupe_text, compact_negatives, tail)={flags}: "
               f"loss {float(loss):.9g} vs {float(base_loss):.9g}, max |dg|/max|g| "
               f"{worst:.2g}, valid negatives {int(valid.sum())}/{valid.size}")
     print(f"  {time.perf_counter() - t0:.1f} s")
@@ -162,7 +167,8 @@ def test_ivlp_gradients_through_both_eliminated_encodings(setup):
     texts = learner.prepare(clip_params, [f"{w} {s}" for s in SHAPES for w in WORDS][:c])
     images = jnp.asarray(np.random.RandomState(1).normal(size=(B * (K + 1), res, res, 3)),
                          jnp.float32)
-    # Slots [anchor_i, negatives_i]: repeated labels, 5 invalid slots (negatives only).
+    # Slots [anchor_i, negatives_i]: repeated labels, 5 invalid slots (negatives only); the 7
+    # valid ones run as 2 chunks of B = 3 and 1 row alone ('single' tail) or 3 chunks ('padded').
     labels = jnp.array([2, 3, 1, 0, 2, 4, 0, 0, 3, 1, 0, 0], jnp.int32)
     valid = jnp.array([1, 1, 1, 0, 1, 1, 0, 0, 1, 1, 0, 0], bool)
 
@@ -174,9 +180,11 @@ def test_ivlp_gradients_through_both_eliminated_encodings(setup):
             return learner.classifier(clip_params, p, texts, ids)
 
         def loss(p, how):
-            if how == "prompt as diff":  # the objective's way: the chunks' custom VJP
-                img = row_skipping.encode_valid_rows(images_of, images, valid, B, diff=p)
-                txt = row_skipping.encode_labels(texts_of, labels, valid, c, B, diff=p)
+            if how.startswith("prompt as diff"):  # the objective's way: the chunks' custom VJP
+                tail = "padded" if how.endswith("padded tail") else "single"
+                img = row_skipping.encode_valid_rows(images_of, images, valid, B, diff=p,
+                                                     tail=tail)
+                txt = row_skipping.encode_labels(texts_of, labels, valid, c, B, diff=p, tail=tail)
             elif how == "closed over":  # the plain scan, differentiated through
                 img = row_skipping.encode_valid_rows(lambda x: images_of(p, x), images, valid, B)
                 txt = row_skipping.encode_labels(lambda i: texts_of(p, i), labels, valid, c, B)
@@ -187,7 +195,7 @@ def test_ivlp_gradients_through_both_eliminated_encodings(setup):
         p = perturbed(learner.init(jax.random.key(0), clip_params), 0.1, 1)
         return [jax.value_and_grad(loss)(p, how) for how in HOWS]
 
-    HOWS = ("every slot", "prompt as diff", "closed over")
+    HOWS = ("every slot", "prompt as diff", "prompt as diff, padded tail", "closed over")
     (base_loss, base_grads), *eliminated = jax.tree_util.tree_map(
         np.asarray, jax.jit(run)(clip_params, texts))
     assert sorted(base_grads) == ["ctx", "vision_ctx"]
@@ -205,3 +213,7 @@ def test_switches_must_be_bools(setup):
     with pytest.raises(ValueError, match=r"config\.dpc\.dedupe_text='yes'"):
         objectives.dpc_objective(learner, dual_prompt(learner), 32, K, "reference",
                                  dedupe_text="yes")
+    with pytest.raises(ValueError, match=r"config\.dpc\.chunk_tail='whole'; expected one of "
+                                         r"single, padded"):
+        objectives.dpc_objective(learner, dual_prompt(learner), 32, K, "reference",
+                                 chunk_tail="whole")

@@ -94,6 +94,11 @@ def get_config(arg=None, variants=("base_to_new",)) -> ml_collections.ConfigDict
     # benchmarks/dpc_step.py and the exactness tests.
     c.dpc.dedupe_text = True
     c.dpc.compact_negatives = True
+    # Both encodings run their rows in chunks of B. 'single': the rows past the last full chunk
+    # run one at a time, so the executed work is the needed rows' (docs/benchmarks.md);
+    # 'padded': that chunk runs whole (one tower copy in the program instead of two; on an
+    # accelerator a one-row pass may cost as much as a chunk).
+    c.dpc.chunk_tail = "single"
     # A released stage-2 checkpoint (PromptKD: StackSPLE_PromptKD's VLPromptLearner/
     # model-best.pth.tar) to evaluate instead of training stage 2; needs backbone.init_from
     # (and the teacher's) set to the stage-1 files it started from, and mode 'reference'.
@@ -180,6 +185,8 @@ FIELD_HELP = {
     "dpc.lr": "stage-2 learning rate",
     "dpc.dedupe_text": "encode each distinct slot label's text once (exact; False: A/B only)",
     "dpc.compact_negatives": "only valid negatives enter the image tower (exact; False: A/B only)",
+    "dpc.chunk_tail": "single (rows past the last full chunk of B run one by one: exact work) "
+                      "| padded (that chunk runs whole)",
     "dpc.init_from": "a released stage-2 checkpoint to evaluate (PromptKD) instead of training "
                      "(needs torch)",
     "dpc.released.random_vision_deep": "PromptKD stage 2 as released: the parallel image deep "

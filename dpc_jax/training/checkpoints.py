@@ -126,6 +126,8 @@ def stage_settings(stage_id: int, config) -> dict:
     flat.pop("dpc.transfer_prompt", None)
     # Memory only (the same numbers up to rounding): a stage may resume with another chunk.
     flat.pop("clip.text_chunk", None)
+    # Work only, likewise: how the stage-2 step's last partial chunk of rows runs.
+    flat.pop("dpc.chunk_tail", None)
     # Protocols other than base_to_new train on all classes of the source (the same training
     # for few_shot, cross_dataset and domain_generalisation); base_to_new on the base half.
     # (Absent for base_to_new: its training classes are the default.)

@@ -34,7 +34,8 @@ def backbone_objective(learner, res: int, crop_scale=(0.08, 1.0)):
 
 
 def dpc_objective(learner, dual, res: int, top_k: int, policy: str, crop_scale=(0.08, 1.0),
-                  dedupe_text: bool = True, compact_negatives: bool = True):
+                  dedupe_text: bool = True, compact_negatives: bool = True,
+                  chunk_tail: str = "single"):
     """Stage 2: DHNO inside the step (docs/reference/method.md#dhno), on B anchors of this device.
     The learner's state is frozen (passed through unchanged).
 
@@ -47,7 +48,13 @@ def dpc_objective(learner, dual, res: int, top_k: int, policy: str, crop_scale=(
     - compact_negatives (`config.dpc.compact_negatives`): only the valid negative slots go
       through the image tower (compacted to the front, in chunks of B; invalid slots reuse a
       real row, masked out of the loss).
+    Both run their rows in chunks of B; chunk_tail (`config.dpc.chunk_tail`, see
+    `row_skipping.chunked_rows`): 'single' runs the rows past the last full chunk one at a
+    time (exactly the needed rows), 'padded' runs that chunk whole.
     """
+    if chunk_tail not in row_skipping.TAILS:
+        raise ValueError(f"config.dpc.chunk_tail={chunk_tail!r}; expected one of "
+                         f"{', '.join(row_skipping.TAILS)}")
     for name, value in (("dedupe_text", dedupe_text), ("compact_negatives", compact_negatives)):
         if not isinstance(value, bool):
             raise ValueError(f"config.dpc.{name}={value!r}; expected True or False")
@@ -92,10 +99,11 @@ def dpc_objective(learner, dual, res: int, top_k: int, policy: str, crop_scale=(
 
         if compact_negatives and learner.uses_image_prompts:  # the same crops, augmented above
             neg_feats = row_skipping.encode_valid_rows(encode_images, neg_images, valid.reshape(-1),
-                                                       b, diff=prompt)
+                                                       b, diff=prompt, tail=chunk_tail)
         elif compact_negatives:  # an unprompted image tower: nothing in it to differentiate
             neg_feats = row_skipping.encode_valid_rows(
-                lambda images: encode_images(prompt, images), neg_images, valid.reshape(-1), b)
+                lambda images: encode_images(prompt, images), neg_images, valid.reshape(-1), b,
+                tail=chunk_tail)
         else:
             neg_feats = encode_images(prompt, neg_images)
         # 3. The enlarged batch [anchor_i, negatives_i] and its symmetric contrastive loss; text
@@ -109,7 +117,8 @@ def dpc_objective(learner, dual, res: int, top_k: int, policy: str, crop_scale=(
 
         if dedupe_text:
             slot_text = row_skipping.encode_labels(encode_texts, slot_labels, slot_valid,
-                                                   texts.num_classes, b, diff=prompt)
+                                                   texts.num_classes, b, diff=prompt,
+                                                   tail=chunk_tail)
         else:
             slot_text = encode_texts(prompt, slot_labels)
         loss = hooks.pair_loss(clip_params, prompt, slot_images, slot_text, slot_valid, lconsts,

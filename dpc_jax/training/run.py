@@ -102,7 +102,8 @@ class Run:
                 objective = objectives.dpc_objective(
                     self.learner, self.dual, self.res, cfg.dhno.top_k, cfg.dhno.policy,
                     tuple(cfg.crop_scale), dedupe_text=cfg.dpc.get("dedupe_text", True),
-                    compact_negatives=cfg.dpc.get("compact_negatives", True))
+                    compact_negatives=cfg.dpc.get("compact_negatives", True),
+                    chunk_tail=cfg.dpc.get("chunk_tail", "single"))
             scales = None
             if stage_id == BACKBONE and self.learner.lr_multipliers():
                 scales = masks.rule_values(params, self.learner.lr_multipliers(), float)
