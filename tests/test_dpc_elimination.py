@@ -18,7 +18,7 @@ from dpc_jax.models.checkpoint import asset_dir
 from dpc_jax.models.clip import get_config
 from dpc_jax.models.tokenizer import Tokenizer
 from dpc_jax.prompts import IVLP, CoOp, DualPrompt
-from dpc_jax.training import dhno, objectives, row_skipping, train_lib
+from dpc_jax.training import dhno, objectives, row_skipping
 
 from helpers import random_clip_params
 
