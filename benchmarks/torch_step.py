@@ -4,7 +4,8 @@
         [--top-k 8] [--repeats 2] [--layers N] [--text-chunk 100]
         [--steps released,same_algorithm,same_eliminated] [--chunk-tail single|padded]
 
-For each number of base classes C, dpc_jax's step and the PyTorch steps named by `--steps` (all
+First the float32 matmul throughput of each framework (2048^3), then, for each number of base
+classes C, dpc_jax's step and the PyTorch steps named by `--steps` (all
 three by default; forward, backward, SGD update of the parallel context), each timed after one
 warm-up call, median of `--repeats`, on the same random CLIP weights (dpc_jax's
 `clip.init_params`, loaded into OpenAI's clip/model.py), the same few-shot set (`--shots` uint8
@@ -34,14 +35,17 @@ images per class) and the same B anchors, float32 on the CPU:
   per slot (B*(K+1), repeats and invalid slots included) over the trimmed class texts
   (positions up to the last EOT, a multiple of 8), the masked symmetric InfoNCE.
 - same_eliminated: the same with `dedupe_text=True, compact_negatives=True` (the default,
-  which the dpc_jax column runs), the natural PyTorch way, with dynamic shapes: all B*K negative
+  which the dpc_jax column runs), on the same trimmed class texts as dpc_jax's (each step's
+  line prints both lengths), the natural PyTorch way, with dynamic shapes: all B*K negative
   slots are still augmented (the same random draws in the same order, so the same crops, loss
   and gradient), but only the valid negatives' images go through the image tower, and only
   the distinct labels of the valid slots (`torch.unique`; never more rows than dpc_jax's)
   through the text tower; the slots gather their rows back (an invalid slot gets a real row,
   masked out of the loss). dpc_jax does the same inside static shapes
-  (`row_skipping.encode_valid_rows`, `row_skipping.encode_labels`: chunks of B rows under
-  `lax.cond`, all C classes at once when C <= B*(K+1)).
+  (`row_skipping.encode_valid_rows`, `row_skipping.encode_labels`: chunks of B rows, then
+  the rest one row at a time, under `lax.cond`; all C classes at once when C <= B*(K+1)), so
+  both run the same rows when their draws choose the same negatives (their random draws differ
+  here: the rows each ran are printed).
 - dpc_jax: `benchmarks/dpc_step.py` `build_step` (the trainer's jitted step, one device, with
   the `config.dpc` defaults: both eliminations on).
 
@@ -616,6 +620,14 @@ def _median_time(fn, repeats: int):
     return statistics.median(times), out
 
 
+def torch_matmul_rate(n: int = 2048, repeats: int = 3) -> float:
+    """torch's float32 n x n @ n x n throughput in FLOP/s (median of `repeats` after a warm-up),
+    beside `dpc_step.matmul_flops_per_s`: the two frameworks' BLAS on this machine."""
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0))
+    seconds, _ = _median_time(lambda: a @ a, repeats)
+    return 2.0 * n ** 3 / seconds
+
+
 TORCH_STEPS = ("released", "same_algorithm", "same_eliminated")
 
 
@@ -685,6 +697,9 @@ def main():
              + ("one pass" if args.text_chunk <= 0 else f"chunks of <= {args.text_chunk} classes")
              if "released" in steps_run else ""),
           flush=True)
+    jax_rate = load_dpc_step().matmul_flops_per_s()
+    print(f"float32 matmul throughput (2048^3, median of 3): torch {torch_matmul_rate() / 1e9:.1f} "
+          f"GFLOP/s, jax {jax_rate / 1e9:.1f} GFLOP/s", flush=True)
     model_py = load_openai_model_py()
     rows = []
     for c in (int(x) for x in args.classes.split(",")):
