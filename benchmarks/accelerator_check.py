@@ -7,11 +7,12 @@
 The training job's stage-2 step (`dpc_step.build`: CoOp+DPC, reference mode, DHNO 'reference',
 random weights, one device) for every combination of class count, attention kernel
 (`config.clip.attention`), remat (`config.clip.remat`) and the stage-2 step's chunk tail
-(`config.dpc.chunk_tail`: on an accelerator one row at a time may use the device poorly). Prints the device kind and the
-measured matmul throughput in the compute dtype (n x n @ n x n), then one line per combination:
-compile seconds, the median step time, the executed FLOPs (`dpc_step.flop_account`: XLA's count
-with the eliminated work's loops counted as run) and their ratio to the minimal work, FLOP utilisation (FLOPs / step time /
-measured matmul throughput), the valid negatives (of B*K), the compiled step's memory
+(`config.dpc.chunk_tail`: on an accelerator one row at a time may use the device poorly).
+Prints the device kind and the measured matmul throughput in the compute dtype (n x n @ n x n),
+then one line per combination: compile seconds, the median step time, the executed FLOPs
+(`dpc_step.flop_account`: XLA's count with the eliminated work's loops counted as run) and
+their ratio to the minimal work, FLOP utilisation (FLOPs / step time / measured matmul
+throughput), the valid negatives (of B*K), the compiled step's memory
 (`memory_analysis`: arguments + outputs + temporaries) and the device's peak bytes in use so far
 (`device.memory_stats()`, where the backend has it; it only grows within a process). A
 combination that fails (e.g. 'cudnn' off GPU) prints its error and the others still run.

@@ -241,7 +241,7 @@ def plot(rows: list, title: str, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 6.4))
     keys = sorted({(r["learner"], r["stage"]) for r in rows})
     colors = dict(zip(sorted({k[0] for k in keys}), plt.rcParams["axes.prop_cycle"].by_key()
                       ["color"]))
@@ -278,8 +278,9 @@ def plot(rows: list, title: str, path: str) -> None:
     ax_t.set_title("Step time")
     ax_m.set_ylabel("MiB (XLA compiled memory analysis)")
     ax_m.set_title("Peak memory and temporaries")
-    ax_t.legend(fontsize=8)
-    ax_m.legend(fontsize=7, ncol=2, loc="upper left")
+    # Below the axes: inside, they cover the lines at some counts.
+    ax_t.legend(fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.13))
+    ax_m.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.13))
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -103,7 +103,7 @@ def loss_and_grads(setup, name, num_classes, policy, variants):
 # (learner, C, policy, variants), each against (False, False): CoOp, whose image features carry
 # no gradient, C = 16 > M = 12 (the distinct labels of the valid slots, encoded in chunks of B),
 # each switch alone, then both with the 'padded' tail (the rows past the last full chunk of B
-# run as a whole chunk instead of one by one). `test_ivlp_gradients_through_both_eliminated_encodings` has both at once,
+# run as a whole chunk instead of one by one). The IVLP test below has both switches at once,
 # gradients through both towers and C = 5 <= M (all classes once, then gathered). Few variants:
 # compiling a step is most of these tests' time.
 FF, TF, FT = (False, False, "single"), (True, False, "single"), (False, True, "single")

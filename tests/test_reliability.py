@@ -149,6 +149,19 @@ def world_run(workdir, *args, **kw):
                    *small_flags(), *args, **kw)
 
 
+def test_a_workdir_that_cannot_be_created_is_named(tmp_path):
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    os.chmod(parent, 0o555)
+    try:
+        proc = run_cli("dpc_jax.train", "--workdir", str(parent / "w"), "--config", DPC_COOP,
+                       *small_flags(), prefix=without_read_override())
+    finally:
+        os.chmod(parent, 0o755)
+    assert_refused(proc, "--workdir", str(parent / "w"), "cannot be created",
+                   "Permission denied", "choose a writable place")
+
+
 def test_an_unreadable_checkpoint_is_named_and_nothing_is_moved(finished_stage1, tmp_path):
     workdir = tmp_path / "w"
     shutil.copytree(finished_stage1, workdir)

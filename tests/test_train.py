@@ -129,6 +129,16 @@ def test_compile_ahead_must_be_a_bool(tmp_path):
         train_lib.train_and_evaluate(config, str(tmp_path))
 
 
+def test_stage2_work_fields_are_checked_before_any_stage(tmp_path):
+    config = small_config()
+    with config.ignore_type():
+        config.dpc.chunk_tail = "whole"
+    with pytest.raises(ValueError, match=re.escape(
+            "config.dpc.chunk_tail='whole'; expected one of single, padded")):
+        train_lib.train_and_evaluate(config, str(tmp_path))
+    assert not os.listdir(tmp_path)  # refused before any stage wrote anything
+
+
 def test_eval_mode_reproduces_results(full_run):
     workdir, results = full_run
     again = train_lib.train_and_evaluate(small_config(mode="eval"), workdir)

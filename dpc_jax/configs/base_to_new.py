@@ -185,8 +185,8 @@ FIELD_HELP = {
     "dpc.lr": "stage-2 learning rate",
     "dpc.dedupe_text": "encode each distinct slot label's text once (exact; False: A/B only)",
     "dpc.compact_negatives": "only valid negatives enter the image tower (exact; False: A/B only)",
-    "dpc.chunk_tail": "single (rows past the last full chunk of B run one by one: exact work) "
-                      "| padded (that chunk runs whole)",
+    "dpc.chunk_tail": "single (rows past the last full chunk of B run one by one: only the "
+                      "needed rows run) | padded (that chunk runs whole)",
     "dpc.init_from": "a released stage-2 checkpoint to evaluate (PromptKD) instead of training "
                      "(needs torch)",
     "dpc.released.random_vision_deep": "PromptKD stage 2 as released: the parallel image deep "

@@ -64,6 +64,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     except (NotADirectoryError, FileExistsError):
         raise ValueError(f"--workdir {workdir!r} cannot be created: a parent of it is a "
                          f"file") from None
+    except OSError as e:  # no permission, a read-only or full file system
+        raise ValueError(f"--workdir {workdir!r} cannot be created: {e.strerror or e} "
+                         f"({e.filename or workdir}); choose a writable place") from None
     try:
         with WorkdirLock(workdir):
             return _run_locked(config, workdir, hooks)
