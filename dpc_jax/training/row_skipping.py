@@ -6,15 +6,15 @@ that hold them run, in the forward and the backward pass:
   gathered for every slot that has it).
 - `compact`: the valid slots moved to the front, so that only they are encoded.
 - `chunked_rows`: a function applied to the first `count` rows only, in static chunks under a
-  `lax.scan` whose chunks past `count` are skipped by a `lax.cond`; the values to differentiate
-  (the prompt) are passed to it and differentiated through a custom VJP that recomputes each
-  chunk.
+  `lax.scan` whose chunks past `count` are skipped by a `lax.cond`, and the rows past the last
+  full chunk one at a time (`TAILS`); the values to differentiate (the prompt) are passed to it
+  and differentiated through a custom VJP that recomputes each chunk.
 - `encode_labels` / `encode_valid_rows`: the two encodings DPC's stage-2 step calls, built from
   the three above.
 
 The towers then see other batch shapes and the gradient sums run in another order, which moves
 float32 rounding, so each caller keeps its own switch (`config.dpc.dedupe_text`,
-`config.dpc.compact_negatives`).
+`config.dpc.compact_negatives`, `config.dpc.chunk_tail`).
 """
 
 from __future__ import annotations
