@@ -16,7 +16,8 @@ from dpc_jax.data.transforms import ImageLoadError
 from dpc_jax.evaluation import protocols
 from dpc_jax.prompts import capabilities, get_learner
 from dpc_jax.prompts import dpc as dpc_lib
-from dpc_jax.training import checkpoints, dhno, optim, row_skipping, stage1, stage2, teacher
+from dpc_jax.training import (checkpoints, dhno, objectives, optim, stage1, stage2,
+                              teacher)
 from dpc_jax.training.loop import check_batch_fits
 from dpc_jax.training.run import BACKBONE, DPC, STAGE_FOLDERS
 from dpc_jax.training.seed import SeedRun
@@ -133,12 +134,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not isinstance(config.get("compile_ahead", True), bool):
         raise ValueError(f"config.compile_ahead={config.compile_ahead!r}; expected True or "
                          f"False")
-    for field in ("dedupe_text", "compact_negatives"):
-        if not isinstance(config.dpc.get(field, True), bool):
-            raise ValueError(f"config.dpc.{field}={config.dpc[field]!r}; expected True or False")
-    if config.dpc.get("chunk_tail", "single") not in row_skipping.TAILS:
-        raise ValueError(f"config.dpc.chunk_tail={config.dpc.chunk_tail!r}; expected one of "
-                         f"{', '.join(row_skipping.TAILS)}")
+    objectives.check_work_fields(config.dpc.get("dedupe_text", True),
+                                 config.dpc.get("compact_negatives", True),
+                                 config.dpc.get("chunk_tail", "single"))
     scale = tuple(config.crop_scale)
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise ValueError(f"config.crop_scale={scale}; expected (min, max) with "

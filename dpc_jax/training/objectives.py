@@ -33,6 +33,17 @@ def backbone_objective(learner, res: int, crop_scale=(0.08, 1.0)):
     return objective
 
 
+def check_work_fields(dedupe_text, compact_negatives, chunk_tail) -> None:
+    """The `config.dpc` fields that choose how `dpc_objective` skips work, or a ValueError
+    naming the first one that is out of range (the trainer checks them before any stage)."""
+    for name, value in (("dedupe_text", dedupe_text), ("compact_negatives", compact_negatives)):
+        if not isinstance(value, bool):
+            raise ValueError(f"config.dpc.{name}={value!r}; expected True or False")
+    if chunk_tail not in row_skipping.TAILS:
+        raise ValueError(f"config.dpc.chunk_tail={chunk_tail!r}; expected one of "
+                         f"{', '.join(row_skipping.TAILS)}")
+
+
 def dpc_objective(learner, dual, res: int, top_k: int, policy: str, crop_scale=(0.08, 1.0),
                   dedupe_text: bool = True, compact_negatives: bool = True,
                   chunk_tail: str = "single"):
@@ -52,12 +63,7 @@ def dpc_objective(learner, dual, res: int, top_k: int, policy: str, crop_scale=(
     `row_skipping.chunked_rows`): 'single' runs the rows past the last full chunk one at a
     time (exactly the needed rows), 'padded' runs that chunk whole.
     """
-    if chunk_tail not in row_skipping.TAILS:
-        raise ValueError(f"config.dpc.chunk_tail={chunk_tail!r}; expected one of "
-                         f"{', '.join(row_skipping.TAILS)}")
-    for name, value in (("dedupe_text", dedupe_text), ("compact_negatives", compact_negatives)):
-        if not isinstance(value, bool):
-            raise ValueError(f"config.dpc.{name}={value!r}; expected True or False")
+    check_work_fields(dedupe_text, compact_negatives, chunk_tail)
     hooks = capabilities.dual(learner)
 
     def forward(params, state, consts, batch, key):
