@@ -96,10 +96,7 @@ def build(arch: str, num_classes: int, batch: int, top_k: int, layers=None, seed
                                                       ctx_init="a photo of a", csc=False))
     else:  # the learner's defaults, prompt depth capped at the towers' depth
         backbone_cfg = learner_cls.default_config()
-        if "depth" in backbone_cfg:
-            backbone_cfg.depth = min(backbone_cfg.depth, cfg.vision_layers,
-                                     cfg.transformer_layers)
-        for field in ("depth_text", "depth_vision"):
+        for field in ("depth", "depth_text", "depth_vision"):
             if field in backbone_cfg:
                 backbone_cfg[field] = min(backbone_cfg[field], cfg.vision_layers,
                                           cfg.transformer_layers)
@@ -172,13 +169,14 @@ def step_flops(step_fn, args) -> float:
 
 
 def _rows_run(needed: int, rows: int, chunk: int, tail: str):
-    """(chunks, single rows) that `row_skipping.chunked_rows` runs for `needed` of `rows` rows
-    (at least one runs), and the (chunk, single) loop bodies XLA's count holds."""
+    """(rows that `row_skipping.chunked_rows` runs for `needed` of `rows` rows (at least one
+    runs), how many of them XLA's count leaves out: it counts each loop body once, a chunk
+    and, with the 'single' tail, one row)."""
     needed = max(needed, 1)
     if tail == "padded":
-        return -(-needed // chunk), 0, (1, 0)
-    singles_scan = min(chunk - 1, rows) > 0
-    return needed // chunk, needed % chunk, (1, int(singles_scan))
+        return -(-needed // chunk) * chunk, -(-needed // chunk) * chunk - chunk
+    counted = chunk + (1 if min(chunk - 1, rows) > 0 else 0)
+    return needed, needed - counted
 
 
 def flop_account(built, flops: float, valid_negatives: int) -> dict:
@@ -228,19 +226,16 @@ def flop_account(built, flops: float, valid_negatives: int) -> dict:
 
     executed = float(flops)
     if built.compact_negatives:
-        chunks, singles, (chunk_bodies, single_bodies) = _rows_run(valid_negatives, b * k, b,
-                                                                   tail)
-        executed += ((chunks - chunk_bodies) * b + singles - single_bodies) * image_run
-        image_rows = chunks * b + singles
+        image_rows, uncounted = _rows_run(valid_negatives, b * k, b, tail)
+        executed += uncounted * image_run
         image_cost = image_rows * image_run
     else:  # every negative slot, plainly differentiated
         image_rows = b * k
         image_cost = image_rows * image_need
     if built.dedupe_text and built.class_texts.num_classes > slots:
-        chunks, singles, (chunk_bodies, single_bodies) = _rows_run(distinct, slots, b, tail)
+        text_rows, uncounted = _rows_run(distinct, slots, b, tail)
         per_row = text_forward + text_both  # forward, then recomputed forward and back
-        executed += ((chunks - chunk_bodies) * b + singles - single_bodies) * per_row
-        text_rows = chunks * b + singles
+        executed += uncounted * per_row
         text_run = text_rows * per_row
     else:  # every slot's text, or all C <= B(K+1) classes at once: plain forward and back
         text_rows = slots if not built.dedupe_text else built.class_texts.num_classes
