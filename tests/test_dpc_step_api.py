@@ -1,25 +1,16 @@
 """benchmarks/dpc_step.py's `build_step`: the stage-2 step for outside harnesses."""
 
-import importlib.util
-import os
 
 import jax
 import numpy as np
 import pytest
 
-from helpers import REPO
+from helpers import load_benchmark
 
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location(
-        "dpc_step_benchmark", os.path.join(REPO, "benchmarks", "dpc_step.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_build_step_gives_a_jitted_step_that_lowers_compiles_and_trains():
-    bench = load_benchmark()
+    bench = load_benchmark("dpc_step")
     step_fn, args = bench.build_step("tiny", num_classes=6, batch=2, top_k=3, layers=1)
     compiled = step_fn.lower(*args).compile()
     assert bench.step_flops(step_fn, args) > 0
@@ -39,7 +30,7 @@ def test_mapped_step_with_chunked_text_matches_the_step_without_elimination():
     slot labels' texts run in chunks through `row_skipping.chunked_rows`' custom VJP: its update
     of P' equals the step without the elimination (every slot's text, every slot's image),
     within float32 rounding (tests/test_dpc_elimination.py's tolerance)."""
-    bench = load_benchmark()
+    bench = load_benchmark("dpc_step")
     updates = {}
     for eliminate in (True, False):
         step_fn, args = bench.build_step("tiny", num_classes=12, batch=3, top_k=2, layers=1,
@@ -65,7 +56,7 @@ def test_flop_account_agrees_between_the_plain_and_the_eliminated_steps(learner)
     texts run in chunks too; the same key and anchors give the same negatives in all three:
     11 valid negatives and 15 distinct texts, each leaving a partial chunk of 3. IVLP: the
     negatives' images are differentiated too (through its image prompts)."""
-    bench = load_benchmark()
+    bench = load_benchmark("dpc_step")
     accounts = {}
     for name, kw in (("plain", dict(dedupe_text=False, compact_negatives=False)),
                      ("single", dict(chunk_tail="single")), ("padded", dict(chunk_tail="padded"))):

@@ -4,7 +4,6 @@ consumer holds the current one, gives the same batches as decoding each image in
 a producer's error to the consumer. And benchmarks/input_pipeline.py: its FLOP count, its figures'
 arithmetic and its refusals."""
 
-import importlib.util
 import json
 import os
 import threading
@@ -16,7 +15,7 @@ from PIL import Image
 
 from dpc_jax.data import base, train_sets
 from dpc_jax.data.transforms import FileImageSplit, ImageLoadError, iterate_batches
-from helpers import REPO
+from helpers import load_benchmark
 
 SIZE, BATCH = 12, 4
 
@@ -121,22 +120,15 @@ def test_producer_error_reaches_the_consumer(tmp_path, skip_bad):
         assert _wait_for(lambda: threading.active_count() <= before)
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location(
-        "input_pipeline_benchmark", os.path.join(REPO, "benchmarks", "input_pipeline.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_vit_b16_flops_match_the_published_count():
     # ViT-B/16 at 224: 17.6 G multiply-accumulates (timm's model card: 17.6 GMACs).
-    macs = load_benchmark().vit_macs(224, 16, 768, 12)
+    macs = load_benchmark("input_pipeline").vit_macs(224, 16, 768, 12)
     assert abs(macs / 17.6e9 - 1) < 0.01
 
 
 def test_benchmark_runs_and_its_figures_add_up(tmp_path, capsys):
-    bench = load_benchmark()
+    bench = load_benchmark("input_pipeline")
     images, out = tmp_path / "jpegs", tmp_path / "out.json"
     args = ["--images", "16", "--repeats", "1", "--threads", "1,2", "--processes",
             "--dir", str(images), "--json", str(out)]
@@ -173,7 +165,7 @@ def test_benchmark_refuses_bad_input(tmp_path, capsys, args, message):
     foreign.mkdir()
     (foreign / "photo.jpg").write_bytes(b"mine")
     args = [str(foreign) if a == "FOREIGN" else a for a in args]
-    assert load_benchmark().main(["--repeats", "1", "--processes"] + args) == 2
+    assert load_benchmark("input_pipeline").main(["--repeats", "1", "--processes"] + args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("Error: ") and message in err[0]
     assert (foreign / "photo.jpg").read_bytes() == b"mine"

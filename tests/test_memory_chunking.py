@@ -188,16 +188,11 @@ def test_chunked_gradient_stores_a_fraction_of_the_activations(name, tiny_config
 def test_memory_benchmark_writes_each_parts_peak_and_sees_the_chunking(tmp_path):
     """benchmarks/memory.py on the tiny CLIP: per learner and part, peak_bytes = arguments +
     outputs - aliased + temporaries, and the unchunked stage-1 step needs more."""
-    import importlib.util
     import json
-    import os
 
-    from helpers import REPO
+    from helpers import load_benchmark
 
-    spec = importlib.util.spec_from_file_location(
-        "memory_benchmark", os.path.join(REPO, "benchmarks", "memory.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("memory")
     temps = {}
     for chunk in (0, 16):
         out = str(tmp_path / f"chunk{chunk}.json")

@@ -11,8 +11,6 @@ to a relative 1e-5, gradient to a max relative error (max|a - b| / max|b|) of 5e
 reached are printed with `pytest -s`).
 """
 
-import importlib.util
-import os
 import types
 
 import jax
@@ -27,7 +25,7 @@ from dpc_jax.prompts import get_learner
 from dpc_jax.prompts.dpc import DualPrompt
 from dpc_jax.training import dhno, objectives
 
-from helpers import REPO, max_rel_err, random_clip_params
+from helpers import load_benchmark, max_rel_err, random_clip_params
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("PIL")
@@ -35,13 +33,6 @@ pytest.importorskip("PIL")
 C, B, K = 8, 3, 4
 LOSS_RTOL, GRAD_TOL = 1e-5, 5e-4
 
-
-def load_torch_step():
-    spec = importlib.util.spec_from_file_location(
-        "torch_step_benchmark", os.path.join(REPO, "benchmarks", "torch_step.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def nchw(x):
@@ -118,7 +109,7 @@ def stage2_inputs(bench, shots=2, seed=0):
 
 
 def test_torch_steps_compute_dpc_jax_stage2_loss_and_gradient(tmp_path):
-    bench = load_torch_step()
+    bench = load_benchmark("torch_step")
     cfg, tokenizer, learner, prompt, consts, batch = stage2_inputs(bench)
     res = cfg.image_resolution
     dual = DualPrompt(ml_collections.ConfigDict(dict(mode="reference", w_base=0.5, w_new=0.0)))
@@ -195,7 +186,7 @@ def test_torch_steps_compute_dpc_jax_stage2_loss_and_gradient(tmp_path):
 def test_torch_selection_matches_dhno_reference_policy():
     """select_hard_negatives in torch against dhno's on scores where anchors share their top
     classes (so the non-repeat rule and the fallback both act), with the same draws."""
-    bench = load_torch_step()
+    bench = load_benchmark("torch_step")
     rng = np.random.default_rng(0)
     c, b, k = 12, 5, 4
     base = rng.standard_normal(c)
@@ -217,7 +208,7 @@ def test_same_eliminated_encodes_only_valid_rows_and_distinct_labels(monkeypatch
     """SameEliminatedStep's two tower hooks on stand-in towers (a row-wise map): the valid rows
     equal the full encoding's, invalid rows are finite, only the valid negatives and each
     distinct valid label are encoded; with no valid negative, one row is."""
-    bench = load_torch_step()
+    bench = load_benchmark("torch_step")
     encoded = []
 
     def tower(x):
